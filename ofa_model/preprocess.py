@@ -1,0 +1,453 @@
+"""Pure preprocessing shared by training (Ray Data ``map_batches``), evaluation and serving.
+
+Images: bytes -> validated RGB ``PIL.Image`` -> ``(3, S, S)`` float tensor (bicubic square resize, aspect not kept,
+``(x - mean) / std``), as OFA does for caption / VQA / entailment / grounding. Text: OFA's caption, question and
+generic-text normalisation. Batches: padding and collation of already-tokenised samples.
+
+The parameters live in :class:`PreprocessConfig`, which is saved in model bundles so training and serving agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import re
+import string
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "SUPPORTED_FORMATS",
+    "EmptyImageError",
+    "ImageError",
+    "ImageTooLargeError",
+    "NotAnImageError",
+    "PreprocessConfig",
+    "TruncatedImageError",
+    "collate",
+    "decode_image",
+    "grounding_train_augment",
+    "image_to_tensor",
+    "load_image_tensor",
+    "normalize_caption",
+    "normalize_question",
+    "normalize_text",
+    "pad_sequences",
+    "resize_with_boxes",
+]
+
+# Pillow format names that decode_image accepts (multi-picture JPEGs, MPO, open through "JPEG"). An allow-list
+# keeps Pillow's magic-less plugins (e.g. TGA) from "recognising" arbitrary bytes and keeps exotic decoders (EPS
+# needs Ghostscript) out of a serving path.
+SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
+
+# Leading bytes of the supported formats; used to tell a cut-short image header from data that is not an image.
+_MAGIC_PREFIXES: tuple[bytes, ...] = (
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff",
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+    b"RIFF",
+)
+
+_BICUBIC = Image.Resampling.BICUBIC
+_QUESTION_LEAD = ",.!?*#:;~"
+_PUNCT_TABLE = str.maketrans("", "", string.punctuation)
+_WS = re.compile(r"\s+")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors
+
+
+class ImageError(ValueError):
+    """An image could not be used. ``source`` (example id or path) is kept and named in the message."""
+
+    def __init__(self, what: str, source: str | None = None) -> None:
+        self.what = what
+        self.source = source
+        super().__init__(what if source is None else f"{what} (source: {source})")
+
+
+class EmptyImageError(ImageError):
+    """The image payload has zero bytes."""
+
+
+class NotAnImageError(ImageError):
+    """The bytes are not an image in a supported format (bad magic, e.g. a text file)."""
+
+
+class TruncatedImageError(ImageError):
+    """The image header was recognised but the file is cut short or its stream is corrupt."""
+
+
+class ImageTooLargeError(ImageError):
+    """The payload exceeds ``max_image_bytes`` or the header declares more than ``max_image_pixels`` pixels."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Preprocessing parameters; saved with a model so training, evaluation and serving agree."""
+
+    patch_image_size: int = 480
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    max_image_bytes: int = 32 * 2**20
+    max_image_pixels: int = 64 * 2**20  # width * height limit, checked from the header before decoding
+    max_src_length: int = 80  # source text length in BPE tokens (OFA --max-src-length)
+    max_tgt_length: int = 30
+    max_object_length: int = 30
+
+    def __post_init__(self) -> None:
+        for name in ("patch_image_size", "max_image_bytes", "max_image_pixels", "max_src_length",
+                     "max_tgt_length", "max_object_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"PreprocessConfig.{name} must be a positive int, got {value!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)) or len(value) != 3:
+                raise ValueError(f"PreprocessConfig.{name} must have 3 values (R, G, B), got {value!r}")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+                raise ValueError(f"PreprocessConfig.{name} must hold finite numbers, got {value!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in value))
+        if any(v <= 0 for v in self.std):
+            raise ValueError(f"PreprocessConfig.std must be > 0, got {self.std!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-friendly dict (tuples become lists)."""
+        out = dataclasses.asdict(self)
+        out["mean"] = list(self.mean)
+        out["std"] = list(self.std)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
+        """Inverse of :meth:`to_dict`; missing keys take defaults, unknown keys raise ``ValueError``."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown PreprocessConfig keys: {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images
+
+
+def _looks_like_image_start(data: bytes) -> bool:
+    """True when ``data`` starts with (or is a prefix of) a supported format's magic bytes."""
+    for magic in _MAGIC_PREFIXES:
+        if data.startswith(magic) or (len(data) < len(magic) and magic.startswith(data)):
+            return True
+    return False
+
+
+def _gray16_to_rgb(img: Image.Image) -> Image.Image:
+    """16-bit grayscale ('I;16*', or 'I' holding 16-bit samples) -> 8-bit RGB by scaling 0..65535 to 0..255.
+
+    Pillow's own convert clips values above 255 instead of scaling them, which whitens almost every pixel.
+    """
+    arr = np.asarray(img).astype(np.float64)
+    if img.mode == "I" and arr.size and (arr.min() < 0 or arr.max() > 65535):
+        raise ValueError(f"32-bit integer image with values outside 0..65535 ({arr.min()}..{arr.max()})")
+    gray = np.rint(arr / 257.0).astype(np.uint8)  # 65535 / 257 == 255 exactly
+    return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2))
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any supported mode -> RGB; transparency (alpha band, palette or tRNS) is composited over white."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        if "transparency" in img.info:
+            raise ValueError(f"16-bit grayscale with transparency (mode {mode!r}) is not supported")
+        return _gray16_to_rgb(img)
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode == "RGB":
+        return img
+    if mode in ("L", "1", "P", "CMYK", "YCbCr"):
+        return img.convert("RGB")
+    raise ValueError(f"unsupported image mode {mode!r}")
+
+
+def decode_image(data: bytes, cfg: PreprocessConfig, source: str | None = None) -> Image.Image:
+    """Decode image bytes to an RGB ``PIL.Image`` with EXIF orientation applied.
+
+    Size limits are checked before any pixel is decoded: the payload length against ``cfg.max_image_bytes`` and
+    the header's width * height against ``cfg.max_image_pixels`` (Pillow's own decompression-bomb limit,
+    ``PIL.Image.MAX_IMAGE_PIXELS``, also applies). Transparent images are composited over white; palette, CMYK,
+    grayscale and 16-bit grayscale are converted to RGB. Raises an :class:`ImageError` subclass naming ``source``.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"image data must be bytes, got {type(data).__name__}"
+                        + ("" if source is None else f" (source: {source})"))
+    data = bytes(data)
+    if len(data) == 0:
+        raise EmptyImageError("image payload is empty (0 bytes)", source)
+    if len(data) > cfg.max_image_bytes:
+        raise ImageTooLargeError(
+            f"image payload is {len(data)} bytes, over max_image_bytes={cfg.max_image_bytes}", source)
+
+    try:
+        img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)  # reads the header only
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"image header declares too many pixels: {e}", source) from e
+    except UnidentifiedImageError as e:
+        if _looks_like_image_start(data):
+            raise TruncatedImageError(
+                f"image header is unreadable (cut short or corrupt; {len(data)} bytes)", source) from e
+        raise NotAnImageError(
+            f"bytes are not an image in a supported format {list(SUPPORTED_FORMATS)} "
+            f"(first bytes {data[:8]!r})", source) from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise TruncatedImageError(f"image header is cut short or corrupt: {type(e).__name__}: {e}", source) from e
+
+    with img:
+        width, height = img.size
+        if width <= 0 or height <= 0:
+            raise TruncatedImageError(f"image header declares an empty size {width}x{height}", source)
+        if width * height > cfg.max_image_pixels:
+            raise ImageTooLargeError(
+                f"image header declares {width}x{height} = {width * height} pixels, "
+                f"over max_image_pixels={cfg.max_image_pixels}", source)
+        try:
+            img.load()
+        except Image.DecompressionBombError as e:
+            raise ImageTooLargeError(f"image declares too many pixels: {e}", source) from e
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
+            raise TruncatedImageError(
+                f"{img.format} image is truncated or corrupt ({len(data)} bytes): {type(e).__name__}: {e}",
+                source) from e
+        try:
+            oriented = ImageOps.exif_transpose(img)  # always a new image
+        except Exception as e:  # malformed EXIF blocks raise a variety of errors inside Pillow
+            raise TruncatedImageError(f"{img.format} image has corrupt EXIF data: {e}", source) from e
+    try:
+        return _to_rgb(oriented)
+    except ValueError as e:
+        raise ImageError(f"{e} (format {img.format})", source) from e
+
+
+def image_to_tensor(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
+    """RGB image -> ``(3, S, S)`` float32, S = ``cfg.patch_image_size``: bicubic resize to S x S (aspect ratio not
+    kept, as OFA), scale to [0, 1], then ``(x - mean) / std`` per channel."""
+    if img.mode != "RGB":
+        raise ValueError(f"image_to_tensor expects an RGB image (see decode_image), got mode {img.mode!r}")
+    size = cfg.patch_image_size
+    if img.size != (size, size):
+        img = img.resize((size, size), _BICUBIC)
+    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)  # (3, S, S)
+    mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
+    return x.sub_(mean).div_(std).contiguous()
+
+
+def load_image_tensor(data: bytes, cfg: PreprocessConfig,
+                      source: str | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Bytes -> (``(3, S, S)`` tensor, decoded ``(width, height)`` before resizing, after EXIF orientation)."""
+    img = decode_image(data, cfg, source)
+    return image_to_tensor(img, cfg), img.size
+
+
+def _as_boxes(boxes: Any) -> np.ndarray:
+    arr = np.asarray(boxes, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 4:
+        raise ValueError(f"boxes must have shape (N, 4) as x0, y0, x1, y1; got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"boxes must be finite, got {arr.tolist()}")
+    return arr
+
+
+def resize_with_boxes(img: Image.Image, boxes: np.ndarray, size: int) -> tuple[Image.Image, np.ndarray]:
+    """Bicubic resize to ``size x size`` (aspect not kept); ``boxes`` (N, 4) x0, y0, x1, y1 in pixels are scaled
+    by (size / width, size / height). Returns the new image and a new float64 (N, 4) array."""
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    arr = _as_boxes(boxes)
+    width, height = img.size
+    scale = np.array([size / width, size / height, size / width, size / height])
+    return img.resize((size, size), _BICUBIC), arr * scale
+
+
+def grounding_train_augment(img: Image.Image, box: np.ndarray, cfg: PreprocessConfig,
+                            rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
+    """Scale-jitter + random crop for visual grounding that always keeps the whole box.
+
+    A crop window covering a random fraction s ~ U[0.8, 1.0] of each image side (widened where needed to contain
+    the box) is placed at a random integer offset that keeps the box inside, then resized bicubically to S x S,
+    S = ``cfg.patch_image_size``. Equivalently: resize by S/s (so the crop side is S) and crop S x S around the
+    box, as OFA's ObjectCenterCrop. No horizontal flip (the text may say left/right). ``box`` (4,) x0, y0, x1, y1
+    in ``img`` pixels; it may stick out of the image by at most 1 px (it is clipped). Returns the S x S image and
+    the (4,) float64 box in its pixels. Deterministic given ``rng``.
+    """
+    arr = _as_boxes(np.asarray(box, dtype=np.float64).reshape(1, -1) if np.ndim(box) == 1 else box)
+    if arr.shape[0] != 1:
+        raise ValueError(f"grounding_train_augment takes one box of 4 values, got shape {np.shape(box)}")
+    x0, y0, x1, y1 = arr[0]
+    width, height = img.size
+    if x0 < -1 or y0 < -1 or x1 > width + 1 or y1 > height + 1:
+        raise ValueError(f"box {arr[0].tolist()} lies outside the {width}x{height} image")
+    x0, x1 = max(x0, 0.0), min(x1, float(width))
+    y0, y1 = max(y0, 0.0), min(y1, float(height))
+    if not (x1 > x0 and y1 > y0):
+        raise ValueError(f"box {arr[0].tolist()} is empty inside the {width}x{height} image")
+
+    frac = rng.uniform(0.8, 1.0)
+
+    def window(lo: float, hi: float, side: int) -> tuple[int, int]:
+        """Integer crop (start, length) along one axis that contains [lo, hi] and spans ~frac of the side."""
+        need = math.ceil(hi) - math.floor(lo)
+        length = min(side, max(math.ceil(frac * side), need))
+        first = max(0, math.ceil(hi) - length)
+        last = min(math.floor(lo), side - length)
+        return int(rng.integers(first, last + 1)), length
+
+    left, crop_w = window(x0, x1, width)
+    top, crop_h = window(y0, y1, height)
+    size = cfg.patch_image_size
+    out = img.resize((size, size), _BICUBIC, box=(left, top, left + crop_w, top + crop_h))
+    sx, sy = size / crop_w, size / crop_h
+    new_box = np.array([(x0 - left) * sx, (y0 - top) * sy, (x1 - left) * sx, (y1 - top) * sy])
+    return out, np.clip(new_box, 0.0, float(size))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text
+
+
+def _check_max_words(max_words: int | None) -> None:
+    if max_words is not None and (isinstance(max_words, bool) or not isinstance(max_words, int) or max_words < 0):
+        raise ValueError(f"max_words must be a non-negative int or None, got {max_words!r}")
+
+
+def _first_words(text: str, max_words: int | None) -> str:
+    if max_words is None:
+        return text
+    return " ".join(text.split(" ")[:max_words]) if text else text
+
+
+def normalize_caption(text: str, max_words: int | None = None) -> str:
+    """OFA caption target text: lowercase, drop ``string.punctuation``, collapse whitespace, keep ``max_words``."""
+    _check_max_words(max_words)
+    words = text.lower().translate(_PUNCT_TABLE).split()
+    return " ".join(words if max_words is None else words[:max_words])
+
+
+def _pre_text(text: str) -> str:
+    """Shared body of OFA's pre_caption / pre_question: lowercase, strip leading ``,.!?*#:;~``, '-' and '/' to
+    spaces, whitespace runs to one space, trim."""
+    text = text.lower().lstrip(_QUESTION_LEAD).replace("-", " ").replace("/", " ")
+    return _WS.sub(" ", text).strip()
+
+
+def normalize_text(text: str, max_words: int | None = None) -> str:
+    """OFA ``pre_caption`` (grounding, entailment, GLUE text): see :func:`_pre_text`, then keep ``max_words``."""
+    _check_max_words(max_words)
+    return _first_words(_pre_text(text), max_words)
+
+
+def normalize_question(text: str, max_words: int | None = None) -> str:
+    """OFA VQA question: ``pre_question`` normalisation, keep ``max_words`` words, then append '?' if missing.
+
+    Raises ``ValueError`` when nothing is left of the question.
+    """
+    _check_max_words(max_words)
+    question = _first_words(_pre_text(text), max_words)
+    if not question:
+        raise ValueError(f"question is empty after normalisation: {text!r}")
+    return question if question.endswith("?") else question + "?"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batching
+
+
+def pad_sequences(seqs: list[list[int]], pad_id: int, max_len: int | None = None,
+                  left: bool = False) -> torch.Tensor:
+    """Pad token lists to ``(B, T)`` int64, T = ``max_len`` if given else the longest; ``left`` pads on the left.
+
+    A sequence longer than ``max_len`` raises ``ValueError`` (nothing is truncated silently).
+    """
+    if len(seqs) == 0:
+        raise ValueError("pad_sequences needs at least one sequence")
+    lengths = [len(s) for s in seqs]
+    width = max(lengths) if max_len is None else max_len
+    if max_len is not None and max(lengths) > max_len:
+        i = int(np.argmax(lengths))
+        raise ValueError(f"sequence {i} has {lengths[i]} tokens, over max_len={max_len}")
+    out = torch.full((len(seqs), width), pad_id, dtype=torch.int64)
+    for i, seq in enumerate(seqs):
+        if len(seq) == 0:
+            continue
+        values = torch.as_tensor(seq, dtype=torch.int64)
+        if left:
+            out[i, width - len(seq):] = values
+        else:
+            out[i, : len(seq)] = values
+    return out
+
+
+def collate(samples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Batch tokenised samples into model inputs.
+
+    Each sample has ``source`` (``<s> ... </s>`` ids), ``prev_output`` and ``target`` (same length), optionally
+    ``image`` (``(3, S, S)`` tensor or None), ``target_weight`` (float, default 1.0), ``code_mask`` (bool,
+    default False); other keys are ignored. Returns ``src_tokens`` (B, S_src), ``src_lengths`` (B,),
+    ``patch_images`` (B, 3, S, S) zeros where absent and ``patch_masks`` (B,) bool (both omitted when no sample has
+    an image), ``prev_output_tokens`` and ``target`` (B, T) right-padded with ``pad_id``, ``target_weights`` (B,)
+    float32, ``code_masks`` (B,) bool, ``ntokens`` (scalar int64: non-pad target tokens).
+    """
+    if len(samples) == 0:
+        raise ValueError("collate needs at least one sample")
+    for i, s in enumerate(samples):
+        missing = [k for k in ("source", "prev_output", "target") if k not in s]
+        if missing:
+            raise ValueError(f"sample {i} lacks {missing}; it has {sorted(s)}")
+        if len(s["prev_output"]) != len(s["target"]):
+            raise ValueError(f"sample {i}: prev_output has {len(s['prev_output'])} tokens but target has "
+                             f"{len(s['target'])}; they must align position by position")
+
+    batch: dict[str, torch.Tensor] = {
+        "src_tokens": pad_sequences([s["source"] for s in samples], pad_id),
+        "src_lengths": torch.tensor([len(s["source"]) for s in samples], dtype=torch.int64),
+    }
+
+    images = [s.get("image") for s in samples]
+    present = [i for i, im in enumerate(images) if im is not None]
+    if present:
+        ref = images[present[0]]
+        for i in present:
+            im = images[i]
+            if not isinstance(im, torch.Tensor) or im.ndim != 3 or im.shape[0] != 3:
+                raise ValueError(f"sample {i}: image must be a (3, S, S) tensor, got "
+                                 f"{tuple(im.shape) if isinstance(im, torch.Tensor) else type(im).__name__}")
+            if im.shape != ref.shape or im.dtype != ref.dtype:
+                raise ValueError(f"mixed image shapes/dtypes in one batch: sample {present[0]} has "
+                                 f"{tuple(ref.shape)} {ref.dtype}, sample {i} has {tuple(im.shape)} {im.dtype}")
+        zeros = torch.zeros_like(ref)
+        batch["patch_images"] = torch.stack([zeros if im is None else im for im in images])
+        batch["patch_masks"] = torch.tensor([im is not None for im in images], dtype=torch.bool)
+
+    target = pad_sequences([s["target"] for s in samples], pad_id)
+    batch["prev_output_tokens"] = pad_sequences([s["prev_output"] for s in samples], pad_id)
+    batch["target"] = target
+    batch["target_weights"] = torch.tensor([float(s.get("target_weight", 1.0)) for s in samples],
+                                           dtype=torch.float32)
+    batch["code_masks"] = torch.tensor([bool(s.get("code_mask", False)) for s in samples], dtype=torch.bool)
+    batch["ntokens"] = (target != pad_id).sum()
+    return batch

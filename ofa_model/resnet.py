@@ -1,0 +1,83 @@
+"""The truncated ResNet that turns an image into patch features (stem + stages 1-3, stride 16).
+
+Module names follow the official checkpoints (`conv1`, `bn1`, `layer1.0.conv1`, `downsample.0`, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero whole samples (dim 0) with probability `rate`, rescale the rest."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+def linspace(rate: float, n: int) -> list[float]:
+    """n rates rising linearly from 0 to `rate` (drop-path schedule across blocks or layers)."""
+    return [rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+
+
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck (stride on the 3x3 conv) with drop-path on the residual branch."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 drop_path_rate: float = 0.0):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(identity + drop_path(out, self.drop_path_rate, self.training))
+
+
+class ResNet(nn.Module):
+    """Stem + three bottleneck stages: (B, 3, H, W) -> (B, 1024, H/16, W/16)."""
+
+    def __init__(self, layers: tuple[int, ...], drop_path_rate: float = 0.0):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        inplanes = 64
+        for i, (planes, blocks) in enumerate(zip((64, 128, 256), layers, strict=True)):
+            stage, inplanes = self._stage(inplanes, planes, blocks, 1 if i == 0 else 2, drop_path_rate)
+            self.add_module(f"layer{i + 1}", stage)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    @staticmethod
+    def _stage(inplanes: int, planes: int, blocks: int, stride: int, rate: float) -> tuple[nn.Sequential, int]:
+        out = planes * Bottleneck.expansion
+        downsample = None
+        if stride != 1 or inplanes != out:
+            downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out))
+        rates = linspace(rate, blocks)
+        # As in the official model, the first block of a stage never gets drop-path.
+        mods = [Bottleneck(inplanes, planes, stride, downsample)]
+        mods += [Bottleneck(out, planes, drop_path_rate=rates[i]) for i in range(1, blocks)]
+        return nn.Sequential(*mods), out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer3(self.layer2(self.layer1(x)))

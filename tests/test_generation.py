@@ -1,0 +1,171 @@
+"""Decoding: beam vs greedy, constraints, n-gram blocking, sampling, candidate scoring."""
+
+import copy
+
+import pytest
+import torch
+
+from ofa_model.config import get_config
+from ofa_model.generation import (
+    Constraint,
+    GenerationConfig,
+    PrefixTrie,
+    SpecialIds,
+    generate,
+    score_candidates,
+)
+from ofa_model.model import OFAModel
+
+IDS = SpecialIds(bos=0, pad=1, eos=2)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = OFAModel(get_config("ofa-micro")).eval()
+    with torch.no_grad():  # sharpen the output distribution so searches make real choices
+        m.decoder.layer_norm.weight.mul_(8.0)
+    return m
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(1)
+    src = torch.randint(4, 3000, (4, 6), generator=g)
+    src[:, 0], src[:, -1] = 0, 2
+    src[3, 4:] = 1
+    return src, torch.randn(4, 3, 32, 32, generator=g)
+
+
+def test_beam_one_equals_greedy(model, batch):
+    src, img = batch
+    greedy = generate(model, src, img, cfg=GenerationConfig(beam_size=1, max_len_b=12), ids=IDS)
+    beam1 = generate(model, src, img, cfg=GenerationConfig(beam_size=2, max_len_b=12), ids=IDS)
+    from ofa_model import generation
+
+    res = generation._beam(model, model.encode(src, img), torch.zeros(4, 1, dtype=torch.long),
+                           None, generation._Stepper(GenerationConfig(beam_size=1, max_len_b=12), IDS, 59457, 12),
+                           [None] * 4)
+    assert [h[0].tokens for h in res] == [h[0].tokens for h in greedy]
+    assert all(len(h[0].tokens) > 0 for h in greedy)
+    # a wider beam never finds a worse sequence than greedy (scores normalised the same way)
+    assert all(b[0].score >= g[0].score - 1e-6 for b, g in zip(beam1, greedy, strict=True))
+
+
+def test_beam_scores_are_log_probabilities(model, batch):
+    src, img = batch
+    cfg = GenerationConfig(beam_size=3, max_len_b=8, num_return_sequences=3, normalize_scores=False)
+    hyps = generate(model, src, img, cfg=cfg, ids=IDS)
+    enc = model.encode(src, img)
+    for i, hs in enumerate(hyps):
+        assert len(hs) == 3 and [h.score for h in hs] == sorted((h.score for h in hs), reverse=True)
+        direct = score_candidates(model, enc.index_select(torch.tensor([i])), [[h.tokens for h in hs]], ids=IDS)[0]
+        for h, s in zip(hs, direct, strict=True):
+            # token-level scores include EOS; without a constraint the softmax is over the vocabulary
+            # minus <pad>/<s>, which barely moves the numbers
+            assert abs(sum(h.token_scores) - h.score) < 1e-4
+            assert abs(h.score - s) < 0.05
+
+
+@pytest.mark.parametrize("mode", ["greedy", "beam", "sample"])
+def test_constraints_never_violated(model, batch, mode):
+    src, img = batch
+    vocab = 59457
+    bins = (vocab - 1000, vocab)
+    answers = [[100, 101], [100, 102, 103], [200], [300, 301, 302, 303]]
+    trie = PrefixTrie(answers, IDS.eos)
+    base = dict(max_len_b=10, beam_size=1 if mode != "beam" else 4)
+    if mode == "sample":
+        base.update(sampling=True, top_k=50, num_return_sequences=3, seed=7)
+    model = copy.deepcopy(model)  # perturbed below; the shared fixture stays as it is
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.decoder.layers[0].fc2.parameters():
+                p.add_(torch.randn_like(p) * 0.05)  # different models, same guarantees
+        box = generate(model, src, img, ids=IDS, constraints=Constraint(allowed_ranges=(bins,)),
+                       cfg=GenerationConfig(**{**base, "min_len": 4, "max_len_b": 4}))
+        for hs in box:
+            for h in hs:
+                assert len(h.tokens) == 4 and all(bins[0] <= t < bins[1] for t in h.tokens)
+        closed = generate(model, src, img, ids=IDS, constraints=Constraint(trie=trie), cfg=GenerationConfig(**base))
+        for hs in closed:
+            for h in hs:
+                assert h.tokens in answers
+        per_example = [Constraint(trie=PrefixTrie([a], IDS.eos)) for a in answers]
+        forced = generate(model, src, img, ids=IDS, constraints=per_example, cfg=GenerationConfig(**base))
+        assert [hs[0].tokens for hs in forced] == answers
+
+
+def test_no_repeat_ngram(model, batch):
+    src, img = batch
+    plain = generate(model, src, img, cfg=GenerationConfig(beam_size=1, max_len_b=15), ids=IDS)
+    assert any(len(set(h[0].tokens)) < len(h[0].tokens) for h in plain)  # the model does repeat itself
+    for n in (1, 2, 3):
+        out = generate(model, src, img, cfg=GenerationConfig(beam_size=3, max_len_b=15, no_repeat_ngram_size=n), ids=IDS)
+        for hs in out:
+            seq = [IDS.bos] + hs[0].tokens
+            grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+            assert len(grams) == len(set(grams)), (n, seq)
+
+
+def test_prefix_tokens_are_forced_and_grouped(model, batch):
+    src, img = batch
+    prefixes = [[500, 501], [], [600], [500, 501]]
+    cfg = GenerationConfig(beam_size=2, max_len_b=5)
+    out = generate(model, src, img, cfg=cfg, ids=IDS, prefix_tokens=prefixes)
+    for i, p in enumerate(prefixes):
+        alone = generate(model, src[i:i + 1], img[i:i + 1], cfg=cfg, ids=IDS, prefix_tokens=[p])
+        assert out[i][0].tokens == alone[0][0].tokens
+        assert abs(out[i][0].score - alone[0][0].score) < 1e-4
+
+
+def test_length_limits(model, batch):
+    src, img = batch
+    out = generate(model, src, img, cfg=GenerationConfig(beam_size=2, min_len=6, max_len_b=6), ids=IDS)
+    assert all(len(hs[0].tokens) == 6 for hs in out)
+    out = generate(model, src, img, cfg=GenerationConfig(beam_size=1, max_len_a=1.0, max_len_b=1), ids=IDS)
+    assert all(len(hs[0].tokens) <= src.shape[1] + 1 for hs in out)
+
+
+def test_sampling_is_seeded_and_filtered(model, batch):
+    src, img = batch
+    cfg = GenerationConfig(sampling=True, top_k=3, max_len_b=6, num_return_sequences=4, seed=11, temperature=1.5)
+    a = generate(model, src, img, cfg=cfg, ids=IDS)
+    b = generate(model, src, img, cfg=cfg, ids=IDS)
+    assert [[h.tokens for h in hs] for hs in a] == [[h.tokens for h in hs] for hs in b]
+    assert len({tuple(h.tokens) for hs in a for h in hs}) > 4  # it really samples
+    # top-k=3: every sampled token is among the 3 most likely at its step
+    enc = model.encode(src, img)
+    h = a[0][0]
+    prev = torch.tensor([[IDS.bos] + h.tokens])
+    logits = model.decode(prev, enc.index_select(torch.tensor([0])))[0]
+    for t, tok in enumerate(h.tokens):
+        top = logits[t].topk(5).indices.tolist()
+        assert tok in top[:5]  # (pad/bos banned may shift the top 3 by up to two places)
+    nucleus = generate(model, src, img, ids=IDS,
+                       cfg=GenerationConfig(sampling=True, top_p=1e-6, max_len_b=6, num_return_sequences=2, seed=3))
+    greedy = generate(model, src, img, cfg=GenerationConfig(beam_size=1, max_len_b=6), ids=IDS)
+    assert [hs[0].tokens for hs in nucleus] == [hs[0].tokens for hs in greedy]  # tiny top_p = argmax
+
+
+def test_score_candidates_against_teacher_forcing(model, batch):
+    src, img = batch
+    enc = model.encode(src[:2], img[:2])
+    cands = [[[100, 101], [100, 102], [200]], [[7]]]
+    got = score_candidates(model, enc, cands, ids=IDS, chunk_size=2)
+    restricted = score_candidates(model, enc, cands, ids=IDS, restrict_to_candidates=True)
+    full = model(src[:1], img[:1], prev_output_tokens=torch.tensor([[0, 100, 101]])).log_softmax(-1)[0]
+    assert abs(got[0][0] - (full[0, 100] + full[1, 101] + full[2, 2]).item()) < 1e-4
+    logits = model(src[:1], img[:1], prev_output_tokens=torch.tensor([[0, 100, 102]]))[0]
+    want = (logits[0, [100, 200]].log_softmax(-1)[0] + logits[1, [101, 102]].log_softmax(-1)[1]
+            + logits[2, [2]].log_softmax(-1)[0]).item()
+    assert abs(restricted[0][1] - want) < 1e-4
+    assert restricted[1] == [0.0]  # a single candidate is certain once restricted
+    assert sum(torch.tensor(restricted[0]).exp().tolist()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        GenerationConfig(beam_size=2, num_return_sequences=3)
+    with pytest.raises(ValueError, match="temperature"):
+        GenerationConfig(temperature=0)

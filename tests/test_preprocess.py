@@ -1,0 +1,421 @@
+"""Tests for ofa_model.preprocess: image decoding and its errors, tensors, boxes, text normalisation, collation."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from ofa_model.preprocess import (
+    EmptyImageError,
+    ImageError,
+    ImageTooLargeError,
+    NotAnImageError,
+    PreprocessConfig,
+    TruncatedImageError,
+    collate,
+    decode_image,
+    grounding_train_augment,
+    image_to_tensor,
+    load_image_tensor,
+    normalize_caption,
+    normalize_question,
+    normalize_text,
+    pad_sequences,
+    resize_with_boxes,
+)
+
+CFG = PreprocessConfig(patch_image_size=8)
+
+
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def noise_image(size: tuple[int, int] = (32, 32), seed: int = 0) -> Image.Image:
+    arr = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(arr)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG with a valid signature, an IHDR (8-bit RGB) with a correct CRC, and IEND -- no pixel data at all."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def pixel(img: Image.Image, xy: tuple[int, int]) -> tuple[int, ...]:
+    return tuple(img.getpixel(xy))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad images
+
+
+def test_empty_bytes():
+    with pytest.raises(EmptyImageError, match="empty") as err:
+        decode_image(b"", CFG, source="ex-1")
+    assert err.value.source == "ex-1"
+    assert "ex-1" in str(err.value)
+
+
+def test_text_file_is_not_an_image():
+    with pytest.raises(NotAnImageError, match="not an image") as err:
+        decode_image(b"hello world, this is a text file\n", CFG, source="notes.txt")
+    assert "notes.txt" in str(err.value)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_stream(fmt):
+    data = encode(noise_image(), fmt)
+    with pytest.raises(TruncatedImageError, match="truncated or corrupt") as err:
+        decode_image(data[: len(data) // 2], CFG, source="id-9")
+    assert "id-9" in str(err.value)
+
+
+@pytest.mark.parametrize("fmt, keep", [("PNG", 20), ("PNG", 4), ("JPEG", 2)])
+def test_truncated_header(fmt, keep):
+    data = encode(noise_image(), fmt)
+    with pytest.raises(TruncatedImageError, match="header"):
+        decode_image(data[:keep], CFG)
+
+
+def test_corrupt_png_stream():
+    data = bytearray(encode(noise_image(), "PNG"))
+    start = data.index(b"IDAT") + 4
+    data[start: start + 40] = bytes(40)  # zero out the start of the deflate stream
+    with pytest.raises(TruncatedImageError):
+        decode_image(bytes(data), CFG)
+
+
+def test_bytes_over_limit():
+    data = encode(noise_image((8, 8)), "PNG")
+    cfg = PreprocessConfig(patch_image_size=8, max_image_bytes=len(data) - 1)
+    with pytest.raises(ImageTooLargeError, match=f"{len(data)} bytes"):
+        decode_image(data, cfg, source="big")
+    ok = PreprocessConfig(patch_image_size=8, max_image_bytes=len(data))
+    assert decode_image(data, ok).size == (8, 8)
+
+
+@pytest.mark.parametrize("side", [30000, 9000])
+def test_header_declared_pixel_bomb_fails_fast_without_decoding(side):
+    # 30000^2 trips Pillow's own bomb guard inside Image.open; 9000^2 = 81M passes Pillow's but not our 64 Mi limit.
+    # The file has no IDAT: reaching the decoder would give TruncatedImageError, so the type proves the order.
+    data = png_header_only(side, side)
+    t0 = time.perf_counter()
+    with pytest.raises(ImageTooLargeError, match="pixels") as err:
+        decode_image(data, PreprocessConfig(), source="bomb.png")
+    assert time.perf_counter() - t0 < 0.5
+    assert "bomb.png" in str(err.value)
+
+
+def test_pixel_limit_from_config():
+    data = encode(noise_image((20, 20)), "PNG")
+    with pytest.raises(ImageTooLargeError, match="20x20 = 400 pixels"):
+        decode_image(data, PreprocessConfig(patch_image_size=8, max_image_pixels=399))
+    assert decode_image(data, PreprocessConfig(patch_image_size=8, max_image_pixels=400)).size == (20, 20)
+
+
+def test_error_hierarchy():
+    for cls in (EmptyImageError, NotAnImageError, TruncatedImageError, ImageTooLargeError):
+        assert issubclass(cls, ImageError) and issubclass(cls, ValueError)
+    assert str(ImageError("bad")) == "bad"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Modes and orientation
+
+
+def test_exif_orientation_6_png():
+    img = Image.new("RGB", (4, 2), (0, 0, 255))
+    img.putpixel((0, 0), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored image must be rotated 90 degrees clockwise for display
+    out = decode_image(encode(img, "PNG", exif=exif), CFG)
+    assert out.size == (2, 4)
+    # (x, y) -> (H - 1 - y, x): the stored top-left pixel ends at the top-right.
+    assert pixel(out, (1, 0)) == (255, 0, 0)
+    for xy in [(0, 0), (0, 3), (1, 3), (1, 1)]:
+        assert pixel(out, xy) == (0, 0, 255)
+
+
+def test_exif_orientation_6_jpeg():
+    img = Image.new("RGB", (16, 8), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 8, 4))  # red block at x 0..7, y 0..3
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = decode_image(encode(img, "JPEG", exif=exif, quality=95), CFG)
+    assert out.size == (8, 16)
+    r, g, b = pixel(out, (6, 2))  # red block now at x 4..7, y 0..7
+    assert r > 200 and g < 60 and b < 60
+    for xy in [(1, 2), (6, 12)]:
+        r, g, b = pixel(out, xy)
+        assert b > 200 and r < 60
+
+
+def test_palette_with_transparency_over_white():
+    img = Image.new("P", (3, 1))
+    img.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 0])
+    img.putpixel((1, 0), 1)
+    img.putpixel((2, 0), 2)
+    out = decode_image(encode(img, "PNG", transparency=1), CFG)  # palette index 1 fully transparent
+    assert out.mode == "RGB"
+    assert [pixel(out, (x, 0)) for x in range(3)] == [(255, 0, 0), (255, 255, 255), (0, 0, 0)]
+
+
+def test_palette_with_alpha_table():
+    img = Image.new("P", (2, 1))
+    img.putpalette([255, 0, 0, 0, 255, 0])
+    img.putpixel((1, 0), 1)
+    out = decode_image(encode(img, "PNG", transparency=b"\xff\x80"), CFG)  # index 1 alpha 128
+    assert pixel(out, (0, 0)) == (255, 0, 0)
+    r, g, b = pixel(out, (1, 0))  # 0 * 128/255 + 255 * 127/255 = 127 for R and B
+    assert g == 255 and abs(r - 127) <= 1 and abs(b - 127) <= 1
+
+
+def test_rgba_and_la_over_white():
+    img = Image.new("RGBA", (3, 1))
+    img.putdata([(255, 0, 0, 255), (0, 0, 255, 0), (0, 0, 0, 128)])
+    out = decode_image(encode(img, "PNG"), CFG)
+    assert pixel(out, (0, 0)) == (255, 0, 0)
+    assert pixel(out, (1, 0)) == (255, 255, 255)
+    assert all(abs(v - 127) <= 1 for v in pixel(out, (2, 0)))
+    la = Image.new("LA", (2, 1))
+    la.putdata([(0, 0), (0, 255)])
+    out = decode_image(encode(la, "PNG"), CFG)
+    assert [pixel(out, (x, 0)) for x in range(2)] == [(255, 255, 255), (0, 0, 0)]
+
+
+def test_cmyk_to_rgb():
+    img = Image.new("CMYK", (2, 2), (0, 255, 255, 0))  # no cyan/key, full magenta+yellow = red
+    out = decode_image(encode(img, "TIFF"), CFG)
+    assert out.mode == "RGB" and pixel(out, (1, 1)) == (255, 0, 0)
+    out = decode_image(encode(img, "JPEG", quality=95), CFG)
+    r, g, b = pixel(out, (1, 1))
+    assert r > 240 and g < 15 and b < 15
+
+
+def test_16bit_grayscale_scaled_not_clipped():
+    arr = np.array([[0, 257 * 128, 65535, 257]], dtype=np.uint16)
+    img = Image.fromarray(arr)
+    assert img.mode == "I;16"
+    out = decode_image(encode(img, "PNG"), CFG)
+    assert out.mode == "RGB"
+    assert [pixel(out, (x, 0)) for x in range(4)] == [(0, 0, 0), (128, 128, 128), (255, 255, 255), (1, 1, 1)]
+
+
+def test_grayscale_and_bilevel_to_rgb():
+    gray = Image.new("L", (2, 1))
+    gray.putdata([10, 200])
+    out = decode_image(encode(gray, "PNG"), CFG)
+    assert [pixel(out, (x, 0)) for x in range(2)] == [(10, 10, 10), (200, 200, 200)]
+    bw = Image.new("1", (2, 1))
+    bw.putpixel((1, 0), 1)
+    out = decode_image(encode(bw, "PNG"), CFG)
+    assert [pixel(out, (x, 0)) for x in range(2)] == [(0, 0, 0), (255, 255, 255)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tensors and boxes
+
+
+def test_image_to_tensor_solid_red_exact():
+    t = image_to_tensor(Image.new("RGB", (10, 7), (255, 0, 0)), CFG)
+    assert t.shape == (3, 8, 8) and t.dtype == torch.float32
+    assert torch.equal(t[0], torch.ones(8, 8))
+    assert torch.equal(t[1:], -torch.ones(2, 8, 8))
+
+
+def test_image_to_tensor_layout_and_custom_mean_std():
+    arr = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3) * 5  # (H, W, C), no resize at S=4
+    cfg = PreprocessConfig(patch_image_size=4, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    t = image_to_tensor(Image.fromarray(arr), cfg)
+    expected = (arr.transpose(2, 0, 1) / 255.0 - np.array(cfg.mean)[:, None, None]) / np.array(cfg.std)[:, None, None]
+    np.testing.assert_allclose(t.numpy(), expected, rtol=0, atol=1e-6)
+    assert t[2, 1, 3].item() == pytest.approx((arr[1, 3, 2] / 255 - 0.406) / 0.225, abs=1e-6)
+
+
+def test_image_to_tensor_rejects_non_rgb():
+    with pytest.raises(ValueError, match="RGB"):
+        image_to_tensor(Image.new("L", (4, 4)), CFG)
+
+
+def test_load_image_tensor_returns_original_size():
+    t, size = load_image_tensor(encode(Image.new("RGB", (30, 20), (255, 0, 0)), "PNG"), CFG, source="x")
+    assert size == (30, 20)
+    assert torch.equal(t, torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 8, 8))
+
+
+def test_resize_with_boxes_hand_worked():
+    img = Image.new("RGB", (200, 100))
+    out, boxes = resize_with_boxes(img, np.array([[20, 10, 120, 60], [0, 0, 200, 100]]), 50)
+    assert out.size == (50, 50)
+    # x scale 50/200 = 0.25, y scale 50/100 = 0.5
+    np.testing.assert_allclose(boxes, [[5, 5, 30, 30], [0, 0, 50, 50]])
+    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+        resize_with_boxes(img, np.array([1, 2, 3, 4]), 50)
+
+
+def rect_canvas(size: tuple[int, int], box: tuple[int, int, int, int]) -> Image.Image:
+    img = Image.new("RGB", size, (255, 255, 255))
+    ImageDraw.Draw(img).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=(0, 0, 0))  # inclusive corners
+    return img
+
+
+def dark_extent(img: Image.Image) -> np.ndarray:
+    ys, xs = np.nonzero(np.asarray(img.convert("L")) < 128)
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
+
+
+@pytest.mark.parametrize("box", [(30, 20, 60, 50), (0, 0, 20, 15), (75, 60, 100, 80), (2, 3, 97, 78)])
+def test_grounding_augment_box_matches_pixels(box):
+    img = rect_canvas((100, 80), box)
+    cfg = PreprocessConfig(patch_image_size=64)
+    widths = set()
+    for seed in range(8):
+        out, new_box = grounding_train_augment(img, np.array(box, dtype=float), cfg, np.random.default_rng(seed))
+        assert out.size == (64, 64) and out.mode == "RGB"
+        assert new_box.shape == (4,)
+        assert (new_box >= 0).all() and (new_box <= 64).all()
+        np.testing.assert_allclose(new_box, dark_extent(out), atol=2)
+        widths.add(round(new_box[2] - new_box[0], 3))
+    if box != (2, 3, 97, 78):  # a near-full box leaves no room to jitter
+        assert len(widths) > 1
+
+
+def test_grounding_augment_deterministic_and_zooms():
+    img = rect_canvas((100, 80), (30, 20, 60, 50))
+    cfg = PreprocessConfig(patch_image_size=64)
+    a_img, a_box = grounding_train_augment(img, np.array([30, 20, 60, 50.0]), cfg, np.random.default_rng(3))
+    b_img, b_box = grounding_train_augment(img, np.array([30, 20, 60, 50.0]), cfg, np.random.default_rng(3))
+    assert np.array_equal(a_box, b_box) and a_img.tobytes() == b_img.tobytes()
+    # The crop spans 80..100 % of each side, so the box is scaled by S/side .. S/(0.8 side) (+1 px rounding).
+    for seed in range(10):
+        _, bx = grounding_train_augment(img, np.array([30, 20, 60, 50.0]), cfg, np.random.default_rng(seed))
+        assert 30 * 64 / 100 - 1e-9 <= bx[2] - bx[0] <= 30 * 64 / 79
+        assert 30 * 64 / 80 - 1e-9 <= bx[3] - bx[1] <= 30 * 64 / 63
+
+
+def test_grounding_augment_rejects_bad_boxes():
+    img = Image.new("RGB", (50, 40))
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="outside"):
+        grounding_train_augment(img, np.array([0, 0, 60, 10.0]), CFG, rng)
+    with pytest.raises(ValueError, match="empty"):
+        grounding_train_augment(img, np.array([10, 10, 10, 20.0]), CFG, rng)
+    # up to 1 px outside is clipped
+    _, b = grounding_train_augment(img, np.array([-0.5, 0, 50.5, 40]), CFG, rng)
+    np.testing.assert_allclose(b, [0, 0, 8, 8])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text
+
+
+def test_normalize_caption():
+    assert normalize_caption("  A man, riding a HORSE!\t On the  beach. ") == "a man riding a horse on the beach"
+    assert normalize_caption("Don't stop-the well-known car", max_words=3) == "dont stopthe wellknown"
+    assert normalize_caption("one two", max_words=0) == ""
+
+
+def test_normalize_question():
+    assert normalize_question("...What is ON the table") == "what is on the table?"
+    assert normalize_question("Is it black-and-white/gray?") == "is it black and white gray?"
+    assert normalize_question("How many dogs are there in the picture?", max_words=4) == "how many dogs are?"
+    assert normalize_question("what\tis   this\n") == "what is this?"
+    with pytest.raises(ValueError, match="empty"):
+        normalize_question("?!  ")
+
+
+def test_normalize_text():
+    assert normalize_text("#Man in RED shirt-left/side\n") == "man in red shirt left side"
+    assert normalize_text("the man, on the LEFT.") == "the man, on the left."  # inner punctuation kept
+    assert normalize_text("~~A  big   dog", max_words=2) == "a big"
+    assert normalize_text("  ,hello") == ",hello"  # OFA strips the prefix before trimming spaces
+    with pytest.raises(ValueError, match="max_words"):
+        normalize_text("x", max_words=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Padding and collation
+
+
+def test_pad_sequences():
+    seqs = [[5, 6, 7], [8], []]
+    assert pad_sequences(seqs, 1).tolist() == [[5, 6, 7], [8, 1, 1], [1, 1, 1]]
+    assert pad_sequences(seqs, 1, left=True).tolist() == [[5, 6, 7], [1, 1, 8], [1, 1, 1]]
+    out = pad_sequences(seqs, 0, max_len=5)
+    assert out.dtype == torch.int64 and out.tolist() == [[5, 6, 7, 0, 0], [8, 0, 0, 0, 0], [0] * 5]
+    with pytest.raises(ValueError, match="sequence 0 has 3 tokens"):
+        pad_sequences(seqs, 1, max_len=2)
+
+
+def test_collate_values():
+    img = torch.full((3, 4, 4), 0.5)
+    samples = [
+        {"source": [0, 10, 11, 2], "image": img, "prev_output": [0, 20, 21], "target": [20, 21, 2],
+         "target_weight": 0.5, "id": "a"},
+        {"source": [0, 12, 2], "image": None, "prev_output": [0, 22], "target": [22, 2], "code_mask": True},
+    ]
+    b = collate(samples, pad_id=1)
+    assert b["src_tokens"].tolist() == [[0, 10, 11, 2], [0, 12, 2, 1]]
+    assert b["src_lengths"].tolist() == [4, 3]
+    assert b["prev_output_tokens"].tolist() == [[0, 20, 21], [0, 22, 1]]
+    assert b["target"].tolist() == [[20, 21, 2], [22, 2, 1]]
+    assert b["patch_masks"].tolist() == [True, False]
+    assert torch.equal(b["patch_images"][0], img) and torch.equal(b["patch_images"][1], torch.zeros(3, 4, 4))
+    assert b["target_weights"].dtype == torch.float32 and b["target_weights"].tolist() == [0.5, 1.0]
+    assert b["code_masks"].tolist() == [False, True]
+    assert b["ntokens"].item() == 5 and b["src_tokens"].dtype == torch.int64
+
+
+def test_collate_without_images_omits_image_keys():
+    b = collate([{"source": [0, 2], "prev_output": [0], "target": [2]}], pad_id=1)
+    assert "patch_images" not in b and "patch_masks" not in b
+    assert b["ntokens"].item() == 1
+
+
+def test_collate_errors():
+    base = {"source": [0, 2], "prev_output": [0], "target": [2]}
+    with pytest.raises(ValueError, match="mixed image"):
+        collate([{**base, "image": torch.zeros(3, 4, 4)}, {**base, "image": torch.zeros(3, 8, 8)}], pad_id=1)
+    with pytest.raises(ValueError, match="align"):
+        collate([{**base, "target": [5, 2]}], pad_id=1)
+    with pytest.raises(ValueError, match="lacks"):
+        collate([{"source": [0, 2]}], pad_id=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+
+
+def test_config_round_trip():
+    cfg = PreprocessConfig(patch_image_size=512, mean=(0.485, 0.456, 0.406), max_src_length=64)
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert d["mean"] == [0.485, 0.456, 0.406] and d["patch_image_size"] == 512
+    back = PreprocessConfig.from_dict(d)
+    assert back == cfg and isinstance(back.mean, tuple)
+    assert PreprocessConfig.from_dict({}) == PreprocessConfig()
+
+
+def test_config_rejects_unknown_and_bad_values():
+    with pytest.raises(ValueError, match=r"\['image_size', 'zzz'\]"):
+        PreprocessConfig.from_dict({"zzz": 1, "image_size": 3, "max_tgt_length": 4})
+    with pytest.raises(ValueError, match="patch_image_size"):
+        PreprocessConfig(patch_image_size=0)
+    with pytest.raises(ValueError, match="std"):
+        PreprocessConfig(std=(0.5, 0.0, 0.5))
+    with pytest.raises(ValueError, match="mean"):
+        PreprocessConfig(mean=(0.5, 0.5))
