@@ -384,7 +384,8 @@ class Decoder(nn.Module):
 
         rows = ar[start:]
         tok_bucket = token_bucket_matrix(rows, ar, cfg.token_bucket_size, cfg.max_target_positions)  # (Tn, T)
-        img_bucket = image_rel_bucket(img_ids[start:], img_ids, cfg.image_bucket_size)  # (Tn, T)
+        any_code = code_masks is not None and bool(code_masks.any())
+        img_bucket = image_rel_bucket(img_ids[start:], img_ids, cfg.image_bucket_size) if any_code else None  # (Tn, T)
         masked = (ar[None, :] > rows[:, None])[None, None]  # causal (1, 1, Tn, T)
         if bool(prev_output_tokens.eq(cfg.pad_id).any()):
             masked = masked | prev_output_tokens.eq(cfg.pad_id)[:, None, None, :]
@@ -401,7 +402,16 @@ class Decoder(nn.Module):
             x = layer(x, self_bias, cross_bias, state.layers[i], enc)
         state.length = t
         x = self.layer_norm(x)
-        return x if features_only else self.output_projection(x)
+        return x if features_only else self.project(x)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits (..., V) of hidden states (..., D) through the tied output projection."""
+        if x.device.type == "cpu" and not torch.is_grad_enabled():
+            # CPU inference: W @ x^T runs 1.5-4x faster than x @ W^T (MKL's small-M GEMM path), measured in
+            # bench/model.py; same numbers up to float rounding.
+            w = self.output_projection.weight
+            return (w @ x.reshape(-1, x.shape[-1]).T).T.reshape(*x.shape[:-1], w.shape[0])
+        return self.output_projection(x)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,504 @@
+"""Every OFA task as data: prompt, how a row becomes model inputs, how output becomes an answer.
+
+`TASKS` is a plain dict of frozen `TaskSpec`s. A row is a plain dict with the canonical fields of
+`pipelines/schema.py` (`image`, `text`, `text2`, `target`, `targets`, `target_weights`, `box`,
+`object_boxes`, `object_labels`, `codes`) or, for custom tasks, any column names.
+
+`build_example(spec, row, ...)` gives one training/evaluation sample (the input of
+`preprocess.collate`); `inference_request(...)` gives what the predictor decodes, and
+`parse_output(...)` turns generated tokens into a JSON-ready answer. Prompts are OFA's exact
+wording, leading space included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ofa_model.generation import Constraint, GenerationConfig, PrefixTrie
+from ofa_model.preprocess import (
+    PreprocessConfig,
+    decode_image,
+    grounding_train_augment,
+    image_to_tensor,
+    normalize_caption,
+    normalize_question,
+    normalize_text,
+)
+
+TARGET_KINDS = ("text", "label", "box", "codes", "objects", "infill_text")
+PROMPT_TYPES = ("none", "prev_output", "src")
+INFERENCE_KINDS = ("generate", "candidates", "last_token")
+NORMALIZERS = {
+    "caption": normalize_caption,
+    "question": normalize_question,
+    "text": normalize_text,
+    "lower": lambda s, max_words=None: " ".join(s.lower().split()[:max_words] if max_words else s.lower().split()),
+    "none": lambda s, max_words=None: s,
+}
+
+
+class TaskInputError(ValueError):
+    """A row or request does not fit its task; says which field and why."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task: prompt, inputs, target, decoding defaults and metric."""
+
+    name: str
+    prompt: str  # OFA wording with "{slot}" placeholders
+    slots: tuple[tuple[str, str], ...] = ()  # (placeholder, row field)
+    slot_norm: str = "text"  # normaliser of slot text (see NORMALIZERS)
+    image_field: str | None = "image"  # None: text-only task
+    target_kind: str = "text"
+    target_field: str = "target"
+    target_norm: str = "caption"
+    target_space: bool = True  # " {target}" (all but summarisation)
+    labels: tuple[str, ...] = ()  # closed label set, as words without the leading space
+    prompt_type: str = "none"  # decoder input: "none" <s> target, "prev_output" <s> source target, "src" whole source
+    inference: str = "generate"
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(beam_size=5, max_len_b=16,
+                                                                                  no_repeat_ngram_size=3))
+    metric: str = "caption"
+    region_field: str | None = None  # grounded captioning: a box rendered as 4 bins after the prompt
+    prev_noise: float = 0.0  # fraction of decoder-input tokens replaced at random in training (summarisation)
+    image_infill: bool = False  # zero the centre of the image (image infilling)
+    code_target: bool = False  # decoder emits image codes (code positions / layernorm)
+
+    def __post_init__(self) -> None:
+        for attr, allowed in (("target_kind", TARGET_KINDS), ("prompt_type", PROMPT_TYPES),
+                              ("inference", INFERENCE_KINDS), ("slot_norm", tuple(NORMALIZERS)),
+                              ("target_norm", tuple(NORMALIZERS))):
+            if getattr(self, attr) not in allowed:
+                raise ValueError(f"task {self.name}: {attr}={getattr(self, attr)!r}, expected one of {allowed}")
+        names = set(re.findall(r"{(\w+)}", self.prompt))
+        if names != {p for p, _ in self.slots}:
+            raise ValueError(f"task {self.name}: prompt placeholders {sorted(names)} != slots {self.slots}")
+        if self.inference == "candidates" and self.target_kind not in ("label", "text"):
+            raise ValueError(f"task {self.name}: candidate scoring needs text or label targets")
+
+    def replace(self, **changes) -> TaskSpec:
+        return dataclasses.replace(self, **changes)
+
+
+def _gen(**kw) -> GenerationConfig:
+    return GenerationConfig(**kw)
+
+
+_YES_NO = ("yes", "no")
+_LABEL_GEN = _gen(beam_size=1, max_len_b=8)  # unused by candidate scoring, kept for open generation
+_GLUE = dict(image_field=None, slot_norm="text", target_kind="label", prompt_type="src", inference="last_token",
+             generation=_LABEL_GEN, metric="classification")
+
+TASKS: dict[str, TaskSpec] = {
+    "caption": TaskSpec("caption", " what does the image describe?"),
+    "vqa": TaskSpec("vqa", " {question}", slots=(("question", "text"),), slot_norm="question",
+                    target_norm="lower", prompt_type="prev_output", metric="vqa",
+                    generation=_gen(beam_size=5, max_len_b=10, normalize_scores=False)),
+    "grounding": TaskSpec("grounding", ' which region does the text " {text} " describe?', slots=(("text", "text"),),
+                          target_kind="box", target_field="box", metric="grounding",
+                          generation=_gen(beam_size=5, min_len=4, max_len_b=4, no_repeat_ngram_size=3)),
+    "visual_entailment": TaskSpec("visual_entailment", ' does the image describe " {text} "?', slots=(("text", "text"),),
+                                  target_kind="label", labels=("no", "yes", "maybe"), prompt_type="prev_output",
+                                  inference="candidates", generation=_LABEL_GEN, metric="classification"),
+    "image_classification": TaskSpec("image_classification", " what does the image describe?", target_norm="lower",
+                                     inference="candidates", generation=_LABEL_GEN, metric="classification"),
+    "itm": TaskSpec("itm", ' does the image describe " {text} "?', slots=(("text", "text"),), target_kind="label",
+                    labels=_YES_NO, inference="candidates", generation=_LABEL_GEN, metric="classification"),
+    "qa_matching": TaskSpec("qa_matching", ' what is the answer to question " {question} ". is " {answer} "?',
+                            slots=(("question", "text"), ("answer", "text2")), target_kind="label", labels=_YES_NO,
+                            inference="candidates", generation=_LABEL_GEN, metric="classification"),
+    "grounded_caption": TaskSpec("grounded_caption", "  what does the region describe? region:",
+                                 region_field="box", target_norm="text"),
+    "glue_cola": TaskSpec("glue_cola", ' is the text " {text} " grammatically correct?', slots=(("text", "text"),),
+                          labels=_YES_NO, **_GLUE),
+    "glue_sst2": TaskSpec("glue_sst2", ' is the sentiment of text " {text} " positive or negative?',
+                          slots=(("text", "text"),), labels=("positive", "negative"), **_GLUE),
+    "glue_mnli": TaskSpec("glue_mnli", ' can text1 " {text1} " imply text2 " {text2} "?',
+                          slots=(("text1", "text"), ("text2", "text2")), labels=("yes", "maybe", "no"), **_GLUE),
+    "glue_rte": TaskSpec("glue_rte", ' can text1 " {text1} " imply text2 " {text2} "?',
+                         slots=(("text1", "text"), ("text2", "text2")), labels=_YES_NO, **_GLUE),
+    "glue_mrpc": TaskSpec("glue_mrpc", ' does text1 " {text1} " and text2 " {text2} " have the same semantics?',
+                          slots=(("text1", "text"), ("text2", "text2")), labels=_YES_NO, **_GLUE),
+    "glue_qqp": TaskSpec("glue_qqp", ' is question " {q1} " and question " {q2} " equivalent?',
+                         slots=(("q1", "text"), ("q2", "text2")), labels=_YES_NO, **_GLUE),
+    "glue_qnli": TaskSpec("glue_qnli", ' does " {sentence} " contain the answer to question " {question} "?',
+                          slots=(("sentence", "text2"), ("question", "text")), labels=_YES_NO, **_GLUE),
+    "summarization": TaskSpec("summarization", ' what is the summary of article " {text} "?', slots=(("text", "text"),),
+                              image_field=None, slot_norm="lower", target_norm="lower", target_space=False,
+                              prev_noise=0.2, metric="summarization",
+                              generation=_gen(beam_size=6, length_penalty=0.7, max_len_b=32, no_repeat_ngram_size=3)),
+    "text_to_image": TaskSpec("text_to_image", " what is the complete image? caption: {text}", slots=(("text", "text"),),
+                              image_field=None, slot_norm="lower", target_kind="codes", target_field="codes",
+                              code_target=True, metric="none",
+                              generation=_gen(sampling=True, top_k=256, num_return_sequences=1, max_len_b=1024,
+                                              min_len=1024)),
+    "image_infilling": TaskSpec("image_infilling", " what is the image in the middle part?", target_kind="codes",
+                                target_field="codes", image_infill=True, code_target=True, metric="none",
+                                generation=_gen(sampling=True, top_k=256, max_len_b=256, min_len=256)),
+    "text_infilling": TaskSpec("text_infilling", ' what is the complete text of " "?', image_field=None,
+                               target_kind="infill_text", target_field="text", target_norm="lower", metric="none"),
+    "detection": TaskSpec("detection", " what are the objects in the image?", target_kind="objects",
+                          target_field="object_boxes", metric="none",
+                          generation=_gen(beam_size=5, max_len_b=100)),
+}
+# Tasks whose correct answer is one of their fixed labels; the rest take candidates per request.
+# The pretraining mixtures of OFA also use `itm`, `qa_matching`, `grounded_caption` and the infilling tasks.
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom tasks from one declarative line
+
+
+_SLOT = re.compile(r"\[(\w*):([^\]]*)\]")
+_SOURCE_KINDS = ("IMAGE", "TEXT", "BOX")
+_TARGET_KINDS = {"TEXT": "text", "BOX": "box", "LABEL": "label"}
+
+
+def parse_instruction(line: str, name: str = "custom") -> TaskSpec:
+    """A TaskSpec from one line such as
+    `[IMAGE:image] what does the image describe? -> [TEXT:caption]` or
+    `[IMAGE:img] which region does the text " [TEXT:phrase] " describe? -> [BOX:box]`.
+
+    Source slots: [IMAGE:col] (at most one), [TEXT:col] (text filled into the prompt), [BOX:col]
+    (a region rendered as 4 location tokens). Target: exactly one [TEXT:col], [BOX:col] or
+    [LABEL:col] (a class word, scored against candidates).
+    """
+    if line.count("->") != 1:
+        raise ValueError(f"instruction {line!r}: needs exactly one '->' between source and target")
+    left, right = (s.strip() for s in line.split("->"))
+    for kind, col in _SLOT.findall(line):
+        if not col.strip() or not re.fullmatch(r"[A-Za-z_][\w.]*", col.strip()):
+            raise ValueError(f"instruction {line!r}: slot [{kind}:{col}] needs a column name (letters, digits, _)")
+    image_cols = [c for k, c in _SLOT.findall(left) if k == "IMAGE"]
+    for kind, col in _SLOT.findall(left):
+        if kind not in _SOURCE_KINDS:
+            raise ValueError(f"instruction {line!r}: unknown source slot [{kind}:{col}]; use one of "
+                             f"{', '.join(f'[{k}:column]' for k in _SOURCE_KINDS)}")
+    if len(image_cols) > 1:
+        raise ValueError(f"instruction {line!r}: at most one [IMAGE:column] slot, got {image_cols}")
+    targets = _SLOT.findall(right)
+    if len(targets) != 1 or _SLOT.sub("", right).strip():
+        raise ValueError(f"instruction {line!r}: the target side must be exactly one slot such as [TEXT:column], "
+                         f"got {right!r}")
+    t_kind, t_col = targets[0]
+    if t_kind not in _TARGET_KINDS:
+        raise ValueError(f"instruction {line!r}: unknown target slot [{t_kind}:{t_col}]; use [TEXT:column], "
+                         "[BOX:column] or [LABEL:column]")
+    if t_kind == "BOX" and not image_cols:
+        raise ValueError(f"instruction {line!r}: target [BOX:{t_col}] needs an [IMAGE:column] slot to locate it in")
+    boxes = [c for k, c in _SLOT.findall(left) if k == "BOX"]
+    if len(boxes) > 1:
+        raise ValueError(f"instruction {line!r}: at most one [BOX:column] source slot, got {boxes}")
+    if boxes and not image_cols:
+        raise ValueError(f"instruction {line!r}: source [BOX:{boxes[0]}] needs an [IMAGE:column] slot")
+    text = re.sub(r"\[IMAGE:[^\]]*\]", "", left)
+    text = re.sub(r"\[BOX:[^\]]*\]", "", text)
+    slots, counter = [], iter(range(100))
+
+    def repl(m: re.Match) -> str:
+        ph = f"slot{next(counter)}"
+        slots.append((ph, m.group(2).strip()))
+        return "{" + ph + "}"
+
+    text = _SLOT.sub(repl, text.replace("{", "{{").replace("}", "}}"))
+    prompt = " " + " ".join(text.split())
+    if not prompt.strip() and not slots:
+        raise ValueError(f"instruction {line!r}: the source has no prompt text")
+    kind = _TARGET_KINDS[t_kind]
+    spec = TaskSpec(
+        name=name, prompt=prompt, slots=tuple(slots), image_field=image_cols[0].strip() if image_cols else None,
+        target_kind=kind, target_field=t_col.strip(), region_field=boxes[0].strip() if boxes else None,
+        inference="candidates" if kind == "label" else "generate",
+        metric={"text": "caption", "box": "grounding", "label": "classification"}[kind],
+        generation=TASKS["grounding"].generation if kind == "box" else TaskSpec("x", "").generation,
+    )
+    return spec
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows -> samples
+
+
+def _field(row: Mapping[str, Any], name: str, task: str) -> Any:
+    if name not in row:
+        raise TaskInputError(f"task {task}: field {name!r} is missing (row has {sorted(row)})")
+    value = row[name]
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise TaskInputError(f"task {task}: field {name!r} is empty")
+    return value
+
+
+def _box(value: Any, task: str, name: str) -> np.ndarray:
+    try:
+        box = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as e:
+        raise TaskInputError(f"task {task}: field {name!r} is not a box: {value!r}") from e
+    if box.shape != (4,) or not np.isfinite(box).all() or box[2] <= box[0] or box[3] <= box[1]:
+        raise TaskInputError(f"task {task}: field {name!r} must be x0, y0, x1, y1 with x1 > x0 and y1 > y0, "
+                             f"got {value!r}")
+    return box
+
+
+def _truncate(ids: list[int], n: int) -> list[int]:
+    return ids[:n]
+
+
+def source_text(spec: TaskSpec, row: Mapping[str, Any], pcfg: PreprocessConfig) -> str:
+    """The filled prompt for `row`."""
+    norm = NORMALIZERS[spec.slot_norm]
+    values = {}
+    for ph, col in spec.slots:
+        value = _field(row, col, spec.name)
+        if not isinstance(value, str):
+            raise TaskInputError(f"task {spec.name}: field {col!r} must be text, got {type(value).__name__}")
+        values[ph] = norm(value, max_words=pcfg.max_src_length) if spec.slot_norm != "none" else value
+        if not values[ph]:
+            raise TaskInputError(f"task {spec.name}: field {col!r} is empty after normalisation")
+    return spec.prompt.format(**values)
+
+
+def _load_image(spec, row, pcfg, train, rng, box=None):
+    """(tensor, original (w, h), box in resized pixels or None)."""
+    data = _field(row, spec.image_field, spec.name)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TaskInputError(f"task {spec.name}: field {spec.image_field!r} must be image bytes, "
+                             f"got {type(data).__name__}")
+    img = decode_image(bytes(data), pcfg, source=str(row.get("id")) if row.get("id") is not None else None)
+    size = img.size
+    s = pcfg.patch_image_size
+    if box is not None:
+        if box[0] < -1 or box[1] < -1 or box[2] > size[0] + 1 or box[3] > size[1] + 1:
+            raise TaskInputError(f"task {spec.name}: box {box.tolist()} lies outside the {size[0]}x{size[1]} image")
+        if train and rng is not None:
+            img, box = grounding_train_augment(img, box, pcfg, rng)
+            size_after = img.size
+        else:
+            size_after = size
+        box = box * np.array([s / size_after[0], s / size_after[1]] * 2)
+    tensor = image_to_tensor(img, pcfg)
+    if spec.image_infill:
+        lo, hi = s // 4, s * 3 // 4
+        tensor[:, lo:hi, lo:hi] = 0
+    return tensor, size, box
+
+
+def _parse_objects(tokens: list[int], vocab, image_size: tuple[int, int]) -> list[dict]:
+    """Detection output: repeated (4 location tokens, label words) -> [{"box", "label"}]."""
+    objects, i = [], 0
+    while i + 4 <= len(tokens):
+        if not all(vocab.is_bin(t) for t in tokens[i:i + 4]):
+            i += 1
+            continue
+        j = i + 4
+        while j < len(tokens) and not vocab.is_bin(tokens[j]):
+            j += 1
+        label = vocab.decode(tokens[i + 4:j]).strip()
+        if label:
+            objects.append({"box": list(vocab.decode_box(tokens[i:i + 4], image_size)), "label": label})
+        i = j
+    return objects
+
+
+def _bins(vocab, box: np.ndarray, side: int) -> list[int]:
+    return vocab.encode_box(tuple(float(v) for v in box), (side, side))
+
+
+def text_target_tokens(spec: TaskSpec, text: str, vocab, pcfg: PreprocessConfig) -> list[int]:
+    """BPE ids of a text target (leading space as OFA), normalised and truncated (no EOS)."""
+    norm = NORMALIZERS[spec.target_norm]
+    text = norm(text, max_words=pcfg.max_tgt_length) if spec.target_norm != "none" else text
+    if not text:
+        raise TaskInputError(f"task {spec.name}: target is empty after normalisation")
+    return _truncate(vocab.encode((" " if spec.target_space else "") + text), pcfg.max_tgt_length)
+
+
+def span_mask(tokens: list[int], word_start: list[bool], mask_id: int, rng: np.random.Generator,
+              ratio: float = 0.3, poisson_lambda: float = 3.0) -> list[int]:
+    """BART text infilling: whole-word spans with Poisson(λ) lengths (>= 1) cover ~ratio of the words;
+    each span becomes one <mask>."""
+    starts = [i for i, s in enumerate(word_start) if s] or [0]
+    if starts[0] != 0:
+        starts = [0] + starts
+    words = [tokens[a:b] for a, b in zip(starts, starts[1:] + [len(tokens)], strict=True)]
+    n_mask = int(math.ceil(len(words) * ratio))
+    masked = np.zeros(len(words), dtype=bool)
+    while masked.sum() < n_mask:
+        length = max(1, int(rng.poisson(poisson_lambda)))
+        start = int(rng.integers(0, len(words)))
+        masked[start:start + length] = True
+    out: list[int] = []
+    for w, m in zip(words, masked, strict=True):
+        if m:
+            if not out or out[-1] != mask_id:
+                out.append(mask_id)
+        else:
+            out.extend(w)
+    return out
+
+
+def build_example(spec: TaskSpec, row: Mapping[str, Any], vocab, pcfg: PreprocessConfig, *, train: bool = False,
+                  rng: np.random.Generator | None = None) -> dict:
+    """One sample for `preprocess.collate`: source, image, prev_output, target, target_weight, code_mask."""
+    bos, eos, pad = vocab.bos_id, vocab.eos_id, vocab.pad_id
+    image, size, box = None, None, None
+    region = None
+    target_box = _box(_field(row, spec.target_field, spec.name), spec.name, spec.target_field) \
+        if spec.target_kind == "box" else None
+    if spec.region_field is not None:
+        region = _box(_field(row, spec.region_field, spec.name), spec.name, spec.region_field)
+    if spec.image_field is not None:
+        image, size, box = _load_image(spec, row, pcfg, train, rng, target_box if target_box is not None else region)
+
+    if spec.target_kind == "infill_text":
+        text = NORMALIZERS[spec.target_norm](_field(row, spec.target_field, spec.name))
+        tokens = vocab.encode(" " + text)[-256:]
+        starts = [vocab.id_to_token(t).startswith("\u0120") for t in tokens]
+        gen = rng if rng is not None else np.random.default_rng(0)
+        masked = span_mask(tokens, starts, vocab.mask_id, gen)
+        prompt = vocab.encode(spec.prompt)
+        src = prompt[:-2] + masked + prompt[-2:]
+        src = [bos] + src[: pcfg.max_src_length] + [eos]
+        tgt = tokens[: pcfg.max_tgt_length]
+    else:
+        src_ids = vocab.encode(source_text(spec, row, pcfg))
+        if region is not None:
+            src_ids = src_ids + _bins(vocab, box, pcfg.patch_image_size)
+        src = [bos] + _truncate(src_ids, pcfg.max_src_length) + [eos]
+        tgt = _target_tokens(spec, row, vocab, pcfg, box, size)
+
+    weight = 1.0
+    if spec.target_kind in ("text", "label") and row.get("target_weights") is not None and row.get("targets"):
+        # VQA: the chosen answer's confidence weights the loss
+        answers, weights = list(row["targets"]), list(row["target_weights"])
+        tgt_text = row.get(spec.target_field)
+        if tgt_text in answers:
+            weight = float(weights[answers.index(tgt_text)])
+
+    if spec.prompt_type == "src":  # GLUE: decoder reads the whole source, predicts the label at the end
+        prev = list(src)
+        target = [pad] * (len(src) - 1) + tgt[:1]
+    elif spec.prompt_type == "prev_output":  # VQA/SNLI-VE: decoder reads source (no EOS) then the answer
+        prev = src[:-1] + tgt
+        target = [pad] * (len(src) - 2) + tgt + [eos]
+    else:
+        prev = [bos] + tgt
+        target = tgt + [eos]
+    if train and spec.prev_noise > 0 and rng is not None:
+        noise = rng.random(len(prev)) < spec.prev_noise
+        noise[0] = False
+        rand = rng.integers(4, vocab.mask_id, len(prev))
+        prev = [int(r) if n else p for p, n, r in zip(prev, noise, rand, strict=True)]
+    return {"id": row.get("id"), "source": src, "image": image, "prev_output": prev, "target": target,
+            "target_weight": weight, "code_mask": spec.code_target, "image_size": size}
+
+
+def _target_tokens(spec, row, vocab, pcfg, box, image_size) -> list[int]:
+    kind = spec.target_kind
+    if kind == "box":
+        return _bins(vocab, box, pcfg.patch_image_size)
+    if kind == "codes":
+        codes = _field(row, spec.target_field, spec.name)
+        codes = [int(c) for c in codes]
+        if any(not 0 <= c < vocab.num_codes for c in codes):
+            raise TaskInputError(f"task {spec.name}: codes must lie in [0, {vocab.num_codes})")
+        return [vocab.code_id(c) for c in codes]
+    if kind == "objects":
+        boxes = _field(row, "object_boxes", spec.name)
+        labels = _field(row, "object_labels", spec.name)
+        if len(boxes) != len(labels):
+            raise TaskInputError(f"task {spec.name}: {len(boxes)} object_boxes but {len(labels)} object_labels")
+        if image_size is None:
+            raise TaskInputError(f"task {spec.name}: detection needs an image")
+        out: list[int] = []
+        for b, label in list(zip(boxes, labels, strict=True))[: pcfg.max_object_length]:
+            bb = _box(b, spec.name, "object_boxes")
+            out += vocab.encode_box(tuple(bb), image_size) + vocab.encode(" " + normalize_text(label))
+        return _truncate(out, pcfg.max_tgt_length * 4)
+    text = _field(row, spec.target_field, spec.name)
+    if not isinstance(text, str):
+        raise TaskInputError(f"task {spec.name}: field {spec.target_field!r} must be text")
+    if kind == "label" and spec.labels and text not in spec.labels:
+        raise TaskInputError(f"task {spec.name}: label {text!r} is not one of {list(spec.labels)}")
+    return text_target_tokens(spec, text, vocab, pcfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference
+
+
+@dataclass
+class InferenceRequest:
+    """What the predictor decodes for one input."""
+
+    source: list[int]
+    image: torch.Tensor | None
+    image_size: tuple[int, int] | None
+    prefix: list[int]  # forced decoder prefix after <s>
+    constraint: Constraint | None
+    candidates: list[str]  # label words (candidate scoring / last-token classification)
+    candidate_tokens: list[list[int]]
+
+
+def inference_request(spec: TaskSpec, item: Mapping[str, Any], vocab, pcfg: PreprocessConfig,
+                      mode: str | None = None) -> InferenceRequest:
+    """Source, image, prefix, constraint and candidates for one predictor input."""
+    image = size = None
+    region = _box(_field(item, spec.region_field, spec.name), spec.name, spec.region_field) \
+        if spec.region_field else None
+    box = None
+    if spec.image_field is not None:
+        image, size, box = _load_image(spec, item, pcfg, False, None, region)
+    src_ids = vocab.encode(source_text(spec, item, pcfg))
+    if region is not None:
+        src_ids = src_ids + _bins(vocab, box, pcfg.patch_image_size)
+    src = [vocab.bos_id] + _truncate(src_ids, pcfg.max_src_length) + [vocab.eos_id]
+    prefix = src[1:-1] if spec.prompt_type == "prev_output" else []
+    cands = item.get("candidates")
+    if cands is None:
+        cands = list(spec.labels)
+    elif not isinstance(cands, (list, tuple)) or not all(isinstance(c, str) and c.strip() for c in cands):
+        raise TaskInputError(f"task {spec.name}: 'candidates' must be a list of non-empty strings")
+    cand_tokens = [text_target_tokens(spec.replace(target_kind="text"), c, vocab, pcfg) for c in cands]
+    constraint = None
+    if spec.target_kind == "box":
+        constraint = Constraint(allowed_ranges=(vocab.bin_range,))
+    elif spec.target_kind == "codes":
+        constraint = Constraint(allowed_ranges=(vocab.code_range,))
+    elif mode == "trie":  # beam search restricted to the candidate answers
+        if not cand_tokens:
+            raise TaskInputError(f"task {spec.name}: mode 'trie' needs 'candidates' (a list of answers)")
+        constraint = Constraint(trie=PrefixTrie(cand_tokens, vocab.eos_id))
+    if (spec.inference == "candidates" or mode == "allcand") and not cand_tokens:
+        raise TaskInputError(f"task {spec.name}: needs 'candidates' (a list of answers or labels)")
+    if spec.inference == "last_token" and any(len(t) != 1 for t in cand_tokens):
+        bad = [c for c, t in zip(cands, cand_tokens, strict=True) if len(t) != 1]
+        raise TaskInputError(f"task {spec.name}: labels must be single tokens for last-token classification: {bad}")
+    return InferenceRequest(src, image, size, prefix, constraint, list(cands), cand_tokens)
+
+
+def parse_output(spec: TaskSpec, tokens: list[int], vocab, req: InferenceRequest, pcfg: PreprocessConfig) -> dict:
+    """JSON-ready answer from generated tokens (EOS and prefix already removed)."""
+    kind = spec.target_kind
+    if kind == "box":
+        bins = [t for t in tokens if vocab.is_bin(t)][:4]
+        if len(bins) != 4:
+            return {"box": None, "error": f"model produced {len(bins)} location tokens, expected 4"}
+        return {"box": list(vocab.decode_box(bins, req.image_size))}  # bins are relative: original pixels
+    if kind == "codes":
+        return {"codes": [t - vocab.code_offset for t in tokens if vocab.is_code(t)]}
+    if kind == "objects":
+        return {"objects": _parse_objects(tokens, vocab, req.image_size)}
+    text = vocab.decode(tokens).strip()
+    if spec.name == "caption" or spec.metric == "caption":
+        text = normalize_caption(text) if text else text
+    key = "answer" if spec.metric == "vqa" else ("label" if kind == "label" else "text")
+    return {key: text}

@@ -1,0 +1,160 @@
+"""OFAPredictor end to end on an ofa-micro bundle: every task, values against direct computation."""
+
+import io
+import struct
+import zlib
+
+import pytest
+import torch
+from PIL import Image
+
+from ofa_model import OFAModel, Vocabulary, get_config, save_bundle
+from ofa_model.generation import GenerationConfig, SpecialIds, generate, score_candidates
+from ofa_model.predictor import OFAPredictor
+from ofa_model.preprocess import PreprocessConfig, normalize_caption
+from ofa_model.tasks import TASKS, inference_request
+
+
+def png(size=(80, 60), color=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def huge_header_png(w=30000, h=30000) -> bytes:
+    """A valid PNG skeleton whose header claims w x h pixels (no pixel data)."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory):
+    torch.manual_seed(0)
+    model = OFAModel(get_config("ofa-micro"))
+    path = tmp_path_factory.mktemp("bundle") / "micro"
+    save_bundle(path, model, Vocabulary.gpt2(), preprocess=PreprocessConfig(patch_image_size=64).to_dict())
+    return OFAPredictor.from_bundle(path, max_batch_size=4)
+
+
+IMG = png()
+SHORT = {"max_len_b": 6}
+INPUTS = {
+    "caption": {"image": IMG, "decoding": SHORT},
+    "vqa": {"image": IMG, "text": "what color is it?", "decoding": SHORT},
+    "grounding": {"image": IMG, "text": "the red thing"},
+    "visual_entailment": {"image": IMG, "text": "it is red"},
+    "image_classification": {"image": IMG, "candidates": ["red square", "blue circle", "green"]},
+    "itm": {"image": IMG, "text": "a red square"},
+    "qa_matching": {"image": IMG, "text": "what color?", "text2": "red"},
+    "grounded_caption": {"image": IMG, "box": [10, 10, 40, 40], "decoding": SHORT},
+    "glue_cola": {"text": "him went home"},
+    "glue_sst2": {"text": "great movie"},
+    "glue_mnli": {"text": "a man runs", "text2": "a person moves"},
+    "glue_rte": {"text": "a man runs", "text2": "a person moves"},
+    "glue_mrpc": {"text": "a b", "text2": "a c"},
+    "glue_qqp": {"text": "how?", "text2": "why?"},
+    "glue_qnli": {"text": "who?", "text2": "bob"},
+    "summarization": {"text": "the quick brown fox jumps over the lazy dog", "decoding": SHORT},
+    "text_to_image": {"text": "a red square", "decoding": {"max_len_b": 8, "min_len": 8, "seed": 0}},
+    "image_infilling": {"image": png((64, 64)), "decoding": {"max_len_b": 5, "min_len": 5, "seed": 0}},
+    "text_infilling": {"text": "hello world", "decoding": SHORT},
+    "detection": {"image": IMG, "decoding": {"max_len_b": 10}},
+}
+
+
+def test_inputs_cover_every_task():
+    assert set(INPUTS) == set(TASKS)
+
+
+@pytest.mark.parametrize("task", sorted(INPUTS))
+def test_every_task_end_to_end(predictor, task):
+    spec = TASKS[task]
+    out = predictor.predict(task, [INPUTS[task], INPUTS[task]])
+    assert len(out) == 2 and "error" not in out[0], out[0]
+    assert out[0] == out[1] or spec.generation.sampling  # batched copies agree
+    if spec.inference != "generate":
+        scores = out[0]["scores"]
+        assert set(scores) == set(INPUTS[task].get("candidates") or spec.labels)
+        assert sum(scores.values()) == pytest.approx(1.0, abs=1e-5)
+        assert out[0]["label"] == max(scores, key=scores.get)
+    elif spec.target_kind == "box":
+        x0, y0, x1, y1 = out[0]["box"]
+        assert 0 <= x0 <= x1 <= 80 and 0 <= y0 <= y1 <= 60
+    elif spec.target_kind == "codes":
+        n = INPUTS[task]["decoding"]["min_len"]
+        assert len(out[0]["codes"]) == n and all(0 <= c < 8192 for c in out[0]["codes"])
+    elif spec.target_kind == "objects":
+        assert isinstance(out[0]["objects"], list)
+    else:
+        key = "answer" if task == "vqa" else "text"
+        assert isinstance(out[0][key], str) and isinstance(out[0]["score"], float)
+
+
+def test_generation_equals_direct_decoding(predictor):
+    vocab, pcfg, model = predictor.vocab, predictor.preprocess, predictor.model
+    spec = TASKS["caption"]
+    [res] = predictor.predict("caption", [{"image": IMG, "decoding": SHORT}])
+    req = inference_request(spec, {"image": IMG}, vocab, pcfg)
+    hyps = generate(model, torch.tensor([req.source]), req.image[None], cfg=GenerationConfig(
+        beam_size=5, max_len_b=6, no_repeat_ngram_size=3), ids=SpecialIds.of(vocab))
+    assert res["score"] == pytest.approx(hyps[0][0].score, abs=1e-5)
+    assert res["text"] == normalize_caption(vocab.decode(hyps[0][0].tokens))  # OFA's caption post-processing
+
+
+def test_grounding_box_equals_decoded_bins(predictor):
+    vocab, pcfg, model = predictor.vocab, predictor.preprocess, predictor.model
+    item = {"image": png((120, 90)), "text": "the red thing"}
+    [res] = predictor.predict("grounding", [item])
+    req = inference_request(TASKS["grounding"], item, vocab, pcfg)
+    hyps = generate(model, torch.tensor([req.source]), req.image[None], cfg=TASKS["grounding"].generation,
+                    ids=SpecialIds.of(vocab), constraints=[req.constraint])
+    bins = [t - vocab.bin_offset for t in hyps[0][0].tokens]
+    assert len(bins) == 4
+    assert res["box"] == pytest.approx([bins[0] / 999 * 120, bins[1] / 999 * 90, bins[2] / 999 * 120, bins[3] / 999 * 90])
+
+
+def test_vqa_modes(predictor):
+    vocab, pcfg, model = predictor.vocab, predictor.preprocess, predictor.model
+    cands = ["red", "blue", "dark green"]
+    base = {"image": IMG, "text": "what color is it?", "candidates": cands}
+    trie, allcand = predictor.predict("vqa", [{**base, "mode": "trie"}, {**base, "mode": "allcand"}])
+    assert trie["answer"] in cands and allcand["answer"] in cands
+    req = inference_request(TASKS["vqa"], base, vocab, pcfg, "allcand")
+    enc = model.encode(torch.tensor([req.source]), req.image[None])
+    direct = score_candidates(model, enc, [req.candidate_tokens], ids=SpecialIds.of(vocab), prefix_tokens=[req.prefix],
+                              restrict_to_candidates=True)[0]
+    probs = torch.tensor(direct).softmax(-1)
+    assert [allcand["scores"][c] for c in cands] == pytest.approx(probs.tolist(), abs=1e-5)
+
+
+def test_glue_last_token_equals_manual_logits(predictor):
+    vocab, pcfg, model = predictor.vocab, predictor.preprocess, predictor.model
+    item = {"text": "a man runs", "text2": "a person moves"}
+    [res] = predictor.predict("glue_mnli", [item])
+    req = inference_request(TASKS["glue_mnli"], item, vocab, pcfg)
+    src = torch.tensor([req.source])
+    logits = model(src, prev_output_tokens=src)[0, -1]
+    ids = [vocab.encode(" " + w)[0] for w in ("yes", "maybe", "no")]
+    probs = logits[ids].softmax(-1)
+    assert [res["scores"][w] for w in ("yes", "maybe", "no")] == pytest.approx(probs.tolist(), abs=1e-5)
+
+
+def test_bad_inputs_give_typed_errors_and_keep_the_rest(predictor):
+    good = {"image": IMG, "decoding": SHORT}
+    truncated = png()[:40]
+    items = [good, {"image": truncated}, {"image": b""}, {"image": b"hello, this is text\n" * 5},
+             {"image": huge_header_png()}, {"decoding": SHORT}, {**good, "decoding": {"beam": 3}}, good]
+    out = predictor.predict("caption", items)
+    assert "text" in out[0] and out[0] == out[-1]
+    kinds = [o["error"]["type"] for o in out[1:-1]]
+    assert kinds == ["TruncatedImageError", "EmptyImageError", "NotAnImageError", "ImageTooLargeError",
+                     "TaskInputError", "TaskInputError"]
+    assert "field 'image' is missing" in out[5]["error"]["message"]
+    assert "unknown decoding settings ['beam']" in out[6]["error"]["message"]
+    with pytest.raises(ValueError, match="unknown task 'poetry'"):
+        predictor.predict("poetry", [good])
+    [no_cands] = predictor.predict("image_classification", [{"image": IMG}])
+    assert "needs 'candidates'" in no_cands["error"]["message"]
