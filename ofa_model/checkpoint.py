@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ofa_model.config import OFAConfig
+from ofa_model.config import OFAConfig, get_config
 from ofa_model.model import OFAModel
+from ofa_model.preprocess import PreprocessConfig
+from ofa_model.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +219,7 @@ class Bundle:
     """What a bundle holds once loaded."""
 
     model: OFAModel
-    vocab: object  # ofa_model.vocab.Vocabulary
+    vocab: Vocabulary
     config: OFAConfig
     preprocess: dict | None = None
     metadata: dict = field(default_factory=dict)
@@ -259,8 +261,6 @@ def read_bundle_config(path: str | Path) -> dict:
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """Rebuild model (eval mode, on `device`), vocabulary and preprocessing parameters from a bundle."""
-    from ofa_model.vocab import Vocabulary
-
     path = Path(path)
     cfg = read_bundle_config(path)
     config = OFAConfig.from_dict(cfg["model"])
@@ -275,15 +275,15 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
 def convert_checkpoint(input_path: str | Path, arch: str, output: str | Path, *, dict_path: str | Path | None = None,
                        use_ema: bool = False, fmt: str = "auto") -> dict:
     """Import an official checkpoint and write it as a bundle; returns a JSON-ready summary."""
-    from ofa_model.config import get_config
-    from ofa_model.vocab import Vocabulary
-
     config = get_config(arch)
     vocab = Vocabulary.from_dict_txt(dict_path) if dict_path else Vocabulary.gpt2()
     if dict_path is None:
         log.warning("no --dict given: text tokens use the GPT-2 id order, which differs from the official "
                     "checkpoints' dict.txt order; pass OFA's utils/BPE/dict.txt for exact official ids")
     model = import_checkpoint(input_path, config, use_ema=use_ema, fmt=fmt)
-    save_bundle(output, model, vocab, metadata={"source": str(input_path), "ema": use_ema, "arch": arch})
+    # OFA's finetuning resolution and normalisation (ofa.md §1.3, §3.1); override per task when serving.
+    preprocess = PreprocessConfig(patch_image_size=480).to_dict()
+    save_bundle(output, model, vocab, preprocess=preprocess,
+                metadata={"source": str(input_path), "ema": use_ema, "arch": arch})
     return {"output": str(output), "arch": arch, "parameters": model.num_parameters(), "vocab": vocab.layout,
             "ema": use_ema}

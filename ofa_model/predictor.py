@@ -20,7 +20,15 @@ from ofa_model.checkpoint import load_bundle
 from ofa_model.generation import GenerationConfig, SpecialIds, generate, score_candidates
 from ofa_model.model import OFAModel
 from ofa_model.preprocess import ImageError, PreprocessConfig, pad_sequences
-from ofa_model.tasks import TASKS, InferenceRequest, TaskInputError, TaskSpec, inference_request, parse_output
+from ofa_model.tasks import (
+    TASKS,
+    InferenceRequest,
+    TaskInputError,
+    TaskSpec,
+    inference_request,
+    parse_instruction,
+    parse_output,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +55,8 @@ class OFAPredictor:
         b = load_bundle(path, device=device)
         pcfg = PreprocessConfig.from_dict(b.preprocess) if b.preprocess else PreprocessConfig()
         tasks = dict(TASKS)
-        for name, spec in (b.metadata.get("custom_tasks") or {}).items():
-            from ofa_model.tasks import parse_instruction
-
-            tasks[name] = parse_instruction(spec, name)
+        for name, line in (b.metadata.get("custom_tasks") or {}).items():  # tasks declared at training time
+            tasks[name] = parse_instruction(line, name)
         return cls(b.model, b.vocab, pcfg, device=device, tasks=tasks, **kw)
 
     def predict(self, task: str | TaskSpec, inputs: Sequence[Mapping[str, Any]]) -> list[dict]:
