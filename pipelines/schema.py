@@ -178,3 +178,61 @@ def row_digest(row: Mapping[str, Any]) -> str:
         h.update(field.encode("ascii") + b"=")
         _encode(h, row[field])
     return h.hexdigest()
+
+
+# --- bad-row reasons -------------------------------------------------------------------------------------
+# Why a source record became a `pipelines.readers.BadRow` instead of a row: one code per cause, shared by the
+# readers (OFA TSV, WebDataset) and the converters (public layouts); summaries count bad rows by these codes.
+
+MISSING_COLUMN = "missing_column"  # a TSV line with fewer columns than its layout or header
+EXTRA_COLUMN = "extra_column"  # a TSV line with more columns than its fixed layout or header (a stray tab?)
+BAD_ENCODING = "bad_encoding"  # a line or text member that is not UTF-8
+BAD_BASE64 = "bad_base64"  # an image column that is empty or not base64
+BAD_IMAGE = "bad_image"  # bytes (decoded column, file, tar member) that are not an image in IMAGE_FORMATS
+MISSING_IMAGE = "missing_image"  # the image file (or package image) a record names does not exist
+BAD_TYPE = "bad_type"  # a value of the wrong type, or one the schema cannot store (unparsable number, > int32)
+BAD_FORMAT = "bad_format"  # a structured value in the wrong shape (VQA answers, several images in a sample)
+EMPTY_TEXT = "empty_text"  # a required text (question, caption, sentence, answer, id) is blank; an image without captions
+BAD_BOX = "bad_box"  # a box that is not 4 finite numbers with x0 < x1 and y0 < y1
+UNKNOWN_LABEL = "unknown_label"  # a label, class or pretraining type outside the known set
+BAD_JSON = "bad_json"  # JSON (a line, a .json member) that does not parse, or is not an object
+MISSING_MEMBER = "missing_member"  # a WebDataset sample without a member it needs (image, .json, .txt)
+MISSING_FIELD = "missing_field"  # a JSON record without a (non-null) key it needs
+UNREADABLE_SHARD = "unreadable_shard"  # a whole input file that cannot be opened or read to the end
+UNKNOWN_IMAGE = "unknown_image"  # a record names an image id that the dataset's image list lacks
+MISSING_ANNOTATION = "missing_annotation"  # a record whose annotation (answers, box) the annotation file lacks
+UNPAIRED_LINE = "unpaired_line"  # a line of one parallel text file without its partner line in the other
+UNSUPPORTED_FILE = "unsupported_file"  # a file in an image folder whose extension is not one of IMAGE_EXTENSIONS
+ATTRIBUTES_UNDETERMINED = "attributes_undetermined"  # easy-VQA: the questions leave shape or colour open
+INCONSISTENT_ANSWERS = "inconsistent_answers"  # easy-VQA: an image's answers contradict each other
+UNPARSED_QUESTION = "unparsed_question"  # easy-VQA: a yes/no question with no known statement form
+NO_SHAPE = "no_shape"  # easy-VQA: no pixel differs enough from the background to locate the shape
+
+BAD_REASONS = (
+    MISSING_COLUMN, EXTRA_COLUMN, BAD_ENCODING, BAD_BASE64, BAD_IMAGE, MISSING_IMAGE, BAD_TYPE, BAD_FORMAT,
+    EMPTY_TEXT, BAD_BOX, UNKNOWN_LABEL, BAD_JSON, MISSING_MEMBER, MISSING_FIELD, UNREADABLE_SHARD, UNKNOWN_IMAGE,
+    MISSING_ANNOTATION, UNPAIRED_LINE, UNSUPPORTED_FILE, ATTRIBUTES_UNDETERMINED, INCONSISTENT_ANSWERS,
+    UNPARSED_QUESTION, NO_SHAPE,
+)  # fmt: skip
+
+# --- images and label words ------------------------------------------------------------------------------
+
+# Image formats a row's `image` may hold: the ones `ofa_model.preprocess.decode_image` decodes (PIL names).
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
+# File / WebDataset member extensions (lowercase, no dot) taken as images.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff", "ppm")
+
+# Label as written in the public files -> OFA's answer word (a label of `ofa_model.tasks.TASKS[task]`).
+# SNLI-VE and MNLI share the three NLI words.
+NLI_LABEL_WORDS = {"entailment": "yes", "neutral": "maybe", "contradiction": "no"}
+_BINARY_YES_NO = {"1": "yes", "0": "no"}
+_ENTAILMENT_YES_NO = {"entailment": "yes", "not_entailment": "no"}
+GLUE_LABEL_WORDS: dict[str, dict[str, str]] = {
+    "cola": _BINARY_YES_NO,
+    "sst2": {"1": "positive", "0": "negative"},
+    "mnli": NLI_LABEL_WORDS,
+    "rte": _ENTAILMENT_YES_NO,
+    "qnli": _ENTAILMENT_YES_NO,
+    "mrpc": _BINARY_YES_NO,
+    "qqp": _BINARY_YES_NO,
+}
