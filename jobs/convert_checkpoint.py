@@ -1,6 +1,6 @@
 """Convert an official OFA checkpoint into an ofa-ray bundle.
 
-    python -m jobs.convert_checkpoint --input ofa_tiny.pt --arch ofa-tiny [--dict dict.txt] [--ema] --output DIR
+    python -m jobs.convert_checkpoint --input ofa_tiny.pt --arch ofa-tiny --dict dict.txt [--ema] --output DIR
 
 Exits non-zero, naming every missing, unexpected or mis-shaped key, when the checkpoint does not
 fit the architecture.
@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", required=True, help="fairseq .pt, HF-port pytorch_model.bin/.safetensors or its directory")
     p.add_argument("--arch", required=True, choices=ARCHITECTURES)
     p.add_argument("--dict", dest="dict_path", help="OFA's utils/BPE/dict.txt: gives the official token ids")
+    p.add_argument("--gpt2-vocab", action="store_true",
+                   help="the weights use ofa-ray's GPT-2 token order (not an official checkpoint): no --dict needed")
     p.add_argument("--ema", action="store_true", help="take the EMA weights (extra_state['ema']) of a fairseq .pt")
     p.add_argument("--format", default="auto", choices=("auto", "fairseq", "hf"))
     p.add_argument("--output", required=True, help="bundle directory to write")
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         summary = convert_checkpoint(args.input, args.arch, args.output, dict_path=args.dict_path,
-                                     use_ema=args.ema, fmt=args.format)
+                                     gpt2_vocab=args.gpt2_vocab, use_ema=args.ema, fmt=args.format)
     except CheckpointMismatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ unexpected and mis-shaped key. Nothing is ever unpickled beyond tensors and iner
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -205,9 +206,29 @@ def import_checkpoint(path: str | Path, config: OFAConfig, *, use_ema: bool = Fa
         if use_ema:
             raise ValueError(f"{path}: EMA weights exist only in fairseq .pt checkpoints")
         raw = read_state_file(path)
+    side = code_grid_side(_strip_wrapper(raw), config.image_bucket_size)
+    if side is not None and side * 8 != config.code_image_size:
+        log.info("%s: decoder image-code grid is %dx%d: code_image_size %d", path, side, side, side * 8)
+        config = dataclasses.replace(config, code_image_size=side * 8)
     model = OFAModel(config)
     load_weights(model, map_state_dict(raw, fmt), source=str(path))
     return model.eval()
+
+
+def code_grid_side(sd: dict[str, torch.Tensor], bucket_size: int = 42) -> int | None:
+    """Side of the image-code grid recorded in an official `decoder.image_position_idx` buffer.
+
+    The buffer is [0, 1, 2, ..., side, bucket_size + 1, ...]: ids rise by one along the first grid
+    row, then jump to the next row. None when the buffer is absent or does not look like that.
+    """
+    idx = sd.get("decoder.image_position_idx")
+    if idx is None or idx.numel() < 3 or idx[0].item() != 0 or idx[1].item() != 1:
+        return None
+    ids = idx.tolist()
+    side = 1
+    while side + 1 < len(ids) and ids[side + 1] == ids[side] + 1:
+        side += 1
+    return side if side + 1 < len(ids) and ids[side + 1] == bucket_size + 1 else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,13 +294,17 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
 
 
 def convert_checkpoint(input_path: str | Path, arch: str, output: str | Path, *, dict_path: str | Path | None = None,
-                       use_ema: bool = False, fmt: str = "auto") -> dict:
-    """Import an official checkpoint and write it as a bundle; returns a JSON-ready summary."""
+                       gpt2_vocab: bool = False, use_ema: bool = False, fmt: str = "auto") -> dict:
+    """Import an official checkpoint and write it as a bundle; returns a JSON-ready summary.
+
+    Official checkpoints index text by OFA's dict.txt, so `dict_path` is required unless
+    `gpt2_vocab` says the weights were trained with ofa-ray's GPT-2 id order.
+    """
+    if dict_path is None and not gpt2_vocab:
+        raise ValueError("pass --dict (OFA's utils/BPE/dict.txt): official checkpoints index text tokens in its "
+                         "order; use --gpt2-vocab only for weights trained with ofa-ray's GPT-2 layout")
     config = get_config(arch)
     vocab = Vocabulary.from_dict_txt(dict_path) if dict_path else Vocabulary.gpt2()
-    if dict_path is None:
-        log.warning("no --dict given: text tokens use the GPT-2 id order, which differs from the official "
-                    "checkpoints' dict.txt order; pass OFA's utils/BPE/dict.txt for exact official ids")
     model = import_checkpoint(input_path, config, use_ema=use_ema, fmt=fmt)
     # OFA's finetuning resolution and normalisation (ofa.md §1.3, §3.1); override per task when serving.
     preprocess = PreprocessConfig(patch_image_size=480).to_dict()

@@ -12,6 +12,7 @@ scored), divided by length ** length_penalty when `normalize_scores`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ofa_model.model import DecoderState, EncoderOut
+
+MAX_BEAM = 64
+MAX_NEW_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,19 @@ class GenerationConfig:
     seed: int | None = None  # sampling seed; None draws from torch's global generator
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), _FIELD_TYPES[f.name]
+            if value is None and f.name == "seed":
+                continue
+            ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))
+                ok = True
+            if not ok or (kind is float and not math.isfinite(getattr(self, f.name))):
+                raise ValueError(f"GenerationConfig.{f.name} must be {kind.__name__}, got {value!r}")
+        for name, hi in (("beam_size", MAX_BEAM), ("num_return_sequences", MAX_BEAM), ("max_len_b", MAX_NEW_TOKENS)):
+            if getattr(self, name) > hi:
+                raise ValueError(f"GenerationConfig.{name}={getattr(self, name)} exceeds the limit {hi}")
         if self.beam_size < 1 or self.num_return_sequences < 1:
             raise ValueError("beam_size and num_return_sequences must be >= 1")
         if not self.sampling and self.num_return_sequences > self.beam_size:
@@ -48,6 +65,11 @@ class GenerationConfig:
             raise ValueError("need temperature > 0, 0 < top_p <= 1, top_k >= 0")
         if self.min_len < 0 or self.max_len_b < 0:
             raise ValueError("min_len and max_len_b must be >= 0")
+
+
+_FIELD_TYPES = {"beam_size": int, "max_len_a": float, "max_len_b": int, "min_len": int, "length_penalty": float,
+                "normalize_scores": bool, "no_repeat_ngram_size": int, "sampling": bool, "top_k": int,
+                "top_p": float, "temperature": float, "num_return_sequences": int, "seed": int}
 
 
 class PrefixTrie:
@@ -143,6 +165,7 @@ class _Stepper:
         lp = torch.log_softmax(logits.masked_fill(~allowed, -math.inf), dim=-1)
         lp[:, ids.pad] = -math.inf
         lp[:, ids.bos] = -math.inf
+        eos_lp = lp[:, ids.eos].clone()
         if step < cfg.min_len:
             lp[:, ids.eos] = -math.inf
         if step >= self.max_len:
@@ -155,11 +178,14 @@ class _Stepper:
             hit = (grams[:, :, :-1] == tokens[:, None, tokens.shape[1] - n + 1:]).all(-1)  # (R, G)
             rows, g = hit.nonzero(as_tuple=True)
             lp[rows, grams[rows, g, -1]] = -math.inf
+        dead = torch.isinf(lp).all(-1)  # the rules left nothing (e.g. a trie allows only EOS before min_len)
+        if bool(dead.any()):
+            lp[dead, ids.eos] = torch.where(torch.isinf(eos_lp[dead]), torch.zeros_like(eos_lp[dead]), eos_lp[dead])
         return lp
 
 
 def _max_len(cfg: GenerationConfig, src_len: int, prefix_len: int, model) -> int:
-    limit = model.config.max_target_positions - 1 - prefix_len
+    limit = model.config.max_target_positions + 1 - prefix_len  # the decoder has max_target_positions + 2 rows
     return max(0, min(int(cfg.max_len_a * src_len + cfg.max_len_b), limit))
 
 
@@ -249,6 +275,7 @@ def _sample(model, enc, start, code_masks, stepper, cons) -> list[list[Hypothesi
             kth = lp.topk(min(cfg.top_k, lp.shape[-1]), dim=-1).values[:, -1:]
             lp[lp < kth] = -math.inf
         if cfg.top_p < 1.0:
+            lp = lp.log_softmax(-1)  # renormalise over what top-k and the bans left
             sorted_lp, order = lp.sort(dim=-1, descending=True)
             cum = sorted_lp.exp().cumsum(-1)
             drop = cum - sorted_lp.exp() >= cfg.top_p  # keep the smallest prefix reaching top_p

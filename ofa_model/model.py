@@ -43,8 +43,12 @@ def token_rel_bucket(rel: torch.Tensor, bucket_size: int, max_position: int) -> 
 
 
 def token_bucket_matrix(rows: torch.Tensor, cols: torch.Tensor, bucket_size: int, max_position: int) -> torch.Tensor:
-    """(len(rows), len(cols)) buckets for query positions `rows` and key positions `cols`."""
-    return token_rel_bucket(rows[:, None] - cols[None, :], bucket_size, max_position)
+    """(len(rows), len(cols)) buckets for query positions `rows` and key positions `cols`.
+
+    Distances beyond the table (a 1025-token image-code target) share the farthest bucket.
+    """
+    rel = (rows[:, None] - cols[None, :]).clamp(-(max_position - 1), max_position - 1)
+    return token_rel_bucket(rel, bucket_size, max_position)
 
 
 def image_position_ids(h: int, w: int, bucket_size: int, device=None) -> torch.Tensor:
@@ -361,8 +365,8 @@ class Decoder(nn.Module):
         """
         cfg, heads = self.cfg, self.cfg.attention_heads
         b, t = prev_output_tokens.shape
-        if t > cfg.max_target_positions:
-            raise ValueError(f"target length {t} exceeds max_target_positions {cfg.max_target_positions}")
+        if t > cfg.max_target_positions + 2:  # <s> + 1024 codes + </s> fit the 1026 position rows
+            raise ValueError(f"target length {t} exceeds max_target_positions + 2 = {cfg.max_target_positions + 2}")
         state = state if state is not None else DecoderState()
         start, dev = state.length, prev_output_tokens.device
         if start >= t:

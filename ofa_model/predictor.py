@@ -8,7 +8,6 @@ batch is still answered.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -82,6 +81,8 @@ class OFAPredictor:
         return results  # type: ignore[return-value]
 
     def _options(self, spec: TaskSpec, item: Mapping[str, Any]) -> tuple[str, GenerationConfig]:
+        if not isinstance(item, Mapping):
+            raise TaskInputError(f"an input must be an object of fields, got {type(item).__name__}")
         mode = item.get("mode") or ("allcand" if spec.inference == "candidates" else "open")
         if mode not in MODES:
             raise TaskInputError(f"mode {mode!r} is not one of {MODES}")
@@ -91,8 +92,10 @@ class OFAPredictor:
         unknown = sorted(set(overrides) - _GEN_FIELDS)
         if unknown:
             raise TaskInputError(f"unknown decoding settings {unknown}; known: {sorted(_GEN_FIELDS)}")
-        gen = dataclasses.replace(spec.generation, **overrides) if overrides else spec.generation
-        json.dumps(overrides)  # decoding settings are plain data
+        try:  # GenerationConfig checks types and bounds
+            gen = dataclasses.replace(spec.generation, **overrides) if overrides else spec.generation
+        except ValueError as e:
+            raise TaskInputError(f"bad decoding settings: {e}") from e
         return mode, gen
 
     @torch.no_grad()

@@ -109,10 +109,16 @@ class PreprocessConfig:
     max_src_length: int = 80  # source text length in BPE tokens (OFA --max-src-length)
     max_tgt_length: int = 30
     max_object_length: int = 30
+    max_image_size: int = 512  # OFA normalises box coordinates by this (--max-image-size), not by the image size
+
+    @property
+    def box_scale(self) -> float:
+        """Fraction of the location-bin range the resized image spans: patch_image_size / max_image_size."""
+        return self.patch_image_size / self.max_image_size
 
     def __post_init__(self) -> None:
         for name in ("patch_image_size", "max_image_bytes", "max_image_pixels", "max_src_length",
-                     "max_tgt_length", "max_object_length"):
+                     "max_tgt_length", "max_object_length", "max_image_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"PreprocessConfig.{name} must be a positive int, got {value!r}")

@@ -42,6 +42,8 @@ NORMALIZERS = {
     "text": normalize_text,
     "lower": lambda s, max_words=None: " ".join(s.lower().split()[:max_words] if max_words else s.lower().split()),
     "none": lambda s, max_words=None: s,
+    # Gigaword: OFA's pre_caption plus its "<unk>" -> "unk" replacement
+    "summary": lambda s, max_words=None: normalize_text(s.replace("<unk>", "unk"), max_words=max_words),
 }
 
 
@@ -133,7 +135,7 @@ TASKS: dict[str, TaskSpec] = {
     "glue_qnli": TaskSpec("glue_qnli", ' does " {sentence} " contain the answer to question " {question} "?',
                           slots=(("sentence", "text2"), ("question", "text")), labels=_YES_NO, **_GLUE),
     "summarization": TaskSpec("summarization", ' what is the summary of article " {text} "?', slots=(("text", "text"),),
-                              image_field=None, slot_norm="lower", target_norm="lower", target_space=False,
+                              image_field=None, slot_norm="summary", target_norm="summary", target_space=False,
                               prev_noise=0.2, metric="summarization",
                               generation=_gen(beam_size=6, length_penalty=0.7, max_len_b=32, no_repeat_ngram_size=3)),
     "text_to_image": TaskSpec("text_to_image", " what is the complete image? caption: {text}", slots=(("text", "text"),),
@@ -291,7 +293,7 @@ def _load_image(spec, row, pcfg, train, rng, box=None):
     return tensor, size, box
 
 
-def _parse_objects(tokens: list[int], vocab, image_size: tuple[int, int]) -> list[dict]:
+def _parse_objects(tokens: list[int], vocab, image_size: tuple[int, int], scale: float) -> list[dict]:
     """Detection output: repeated (4 location tokens, label words) -> [{"box", "label"}]."""
     objects, i = [], 0
     while i + 4 <= len(tokens):
@@ -303,13 +305,15 @@ def _parse_objects(tokens: list[int], vocab, image_size: tuple[int, int]) -> lis
             j += 1
         label = vocab.decode(tokens[i + 4:j]).strip()
         if label:
-            objects.append({"box": list(vocab.decode_box(tokens[i:i + 4], image_size)), "label": label})
+            objects.append({"box": list(vocab.decode_box(tokens[i:i + 4], image_size, scale)), "label": label})
         i = j
     return objects
 
 
-def _bins(vocab, box: np.ndarray, side: int) -> list[int]:
-    return vocab.encode_box(tuple(float(v) for v in box), (side, side))
+def _bins(vocab, box: np.ndarray, pcfg: PreprocessConfig) -> list[int]:
+    """4 location tokens of a box in resized (S x S) pixels, normalised by max_image_size as OFA."""
+    side = pcfg.patch_image_size
+    return vocab.encode_box(tuple(float(v) for v in box), (side, side), scale=pcfg.box_scale)
 
 
 def text_target_tokens(spec: TaskSpec, text: str, vocab, pcfg: PreprocessConfig) -> list[int]:
@@ -319,6 +323,29 @@ def text_target_tokens(spec: TaskSpec, text: str, vocab, pcfg: PreprocessConfig)
     if not text:
         raise TaskInputError(f"task {spec.name}: target is empty after normalisation")
     return _truncate(vocab.encode((" " if spec.target_space else "") + text), pcfg.max_tgt_length)
+
+
+def _source_tokens(spec: TaskSpec, row: Mapping[str, Any], vocab, pcfg: PreprocessConfig,
+                   region_box: np.ndarray | None) -> list[int]:
+    """<s> prompt [region bins] </s>, the prompt truncated to max_src_length tokens."""
+    ids = vocab.encode(source_text(spec, row, pcfg))
+    if spec.region_field is not None:
+        ids = ids + _bins(vocab, region_box, pcfg)
+    return [vocab.bos_id] + _truncate(ids, pcfg.max_src_length) + [vocab.eos_id]
+
+
+def _infill_tokens(spec: TaskSpec, row: Mapping[str, Any], vocab) -> list[int]:
+    """BPE ids of the (normalised) text to infill: its last 256 tokens, as OFA keeps them."""
+    text = _field(row, spec.target_field, spec.name)
+    if not isinstance(text, str):
+        raise TaskInputError(f"task {spec.name}: field {spec.target_field!r} must be text")
+    return vocab.encode(" " + NORMALIZERS[spec.target_norm](text))[-256:]
+
+
+def _infill_source(spec: TaskSpec, masked: list[int], vocab) -> list[int]:
+    """OFA's framing: prompt up to its opening quote, the masked text, then the closing '"?' tokens."""
+    prompt = vocab.encode(spec.prompt)  # ... ' of' ' "' ' "' '?'
+    return [vocab.bos_id] + prompt[:-2] + masked + prompt[-2:] + [vocab.eos_id]
 
 
 def span_mask(tokens: list[int], word_start: list[bool], mask_id: int, rng: np.random.Generator,
@@ -359,20 +386,13 @@ def build_example(spec: TaskSpec, row: Mapping[str, Any], vocab, pcfg: Preproces
         image, size, box = _load_image(spec, row, pcfg, train, rng, target_box if target_box is not None else region)
 
     if spec.target_kind == "infill_text":
-        text = NORMALIZERS[spec.target_norm](_field(row, spec.target_field, spec.name))
-        tokens = vocab.encode(" " + text)[-256:]
-        starts = [vocab.id_to_token(t).startswith("\u0120") for t in tokens]
-        gen = rng if rng is not None else np.random.default_rng(0)
-        masked = span_mask(tokens, starts, vocab.mask_id, gen)
-        prompt = vocab.encode(spec.prompt)
-        src = prompt[:-2] + masked + prompt[-2:]
-        src = [bos] + src[: pcfg.max_src_length] + [eos]
-        tgt = tokens[: pcfg.max_tgt_length]
+        tokens = _infill_tokens(spec, row, vocab)
+        starts = [vocab.id_to_token(t).startswith("\u0120") for t in tokens]  # "Ġ" marks a word start
+        masked = span_mask(tokens, starts, vocab.mask_id, rng if rng is not None else np.random.default_rng(0))
+        src = _infill_source(spec, masked, vocab)
+        tgt = tokens  # the whole (last 256 tokens of the) text, as OFA
     else:
-        src_ids = vocab.encode(source_text(spec, row, pcfg))
-        if region is not None:
-            src_ids = src_ids + _bins(vocab, box, pcfg.patch_image_size)
-        src = [bos] + _truncate(src_ids, pcfg.max_src_length) + [eos]
+        src = _source_tokens(spec, row, vocab, pcfg, box)
         tgt = _target_tokens(spec, row, vocab, pcfg, box, size)
 
     weight = 1.0
@@ -404,7 +424,7 @@ def build_example(spec: TaskSpec, row: Mapping[str, Any], vocab, pcfg: Preproces
 def _target_tokens(spec, row, vocab, pcfg, box, image_size) -> list[int]:
     kind = spec.target_kind
     if kind == "box":
-        return _bins(vocab, box, pcfg.patch_image_size)
+        return _bins(vocab, box, pcfg)
     if kind == "codes":
         codes = _field(row, spec.target_field, spec.name)
         codes = [int(c) for c in codes]
@@ -421,7 +441,8 @@ def _target_tokens(spec, row, vocab, pcfg, box, image_size) -> list[int]:
         out: list[int] = []
         for b, label in list(zip(boxes, labels, strict=True))[: pcfg.max_object_length]:
             bb = _box(b, spec.name, "object_boxes")
-            out += vocab.encode_box(tuple(bb), image_size) + vocab.encode(" " + normalize_text(label))
+            out += vocab.encode_box(tuple(bb), image_size, scale=pcfg.box_scale)
+            out += vocab.encode(" " + normalize_text(label))
         return _truncate(out, pcfg.max_tgt_length * 4)
     text = _field(row, spec.target_field, spec.name)
     if not isinstance(text, str):
@@ -457,10 +478,10 @@ def inference_request(spec: TaskSpec, item: Mapping[str, Any], vocab, pcfg: Prep
     box = None
     if spec.image_field is not None:
         image, size, box = _load_image(spec, item, pcfg, False, None, region)
-    src_ids = vocab.encode(source_text(spec, item, pcfg))
-    if region is not None:
-        src_ids = src_ids + _bins(vocab, box, pcfg.patch_image_size)
-    src = [vocab.bos_id] + _truncate(src_ids, pcfg.max_src_length) + [vocab.eos_id]
+    if spec.target_kind == "infill_text":  # the text already holds <mask> where words are missing
+        src = _infill_source(spec, _infill_tokens(spec, item, vocab), vocab)
+    else:
+        src = _source_tokens(spec, item, vocab, pcfg, box)
     prefix = src[1:-1] if spec.prompt_type == "prev_output" else []
     cands = item.get("candidates")
     if cands is None:
@@ -469,8 +490,9 @@ def inference_request(spec: TaskSpec, item: Mapping[str, Any], vocab, pcfg: Prep
         raise TaskInputError(f"task {spec.name}: 'candidates' must be a list of non-empty strings")
     cand_tokens = [text_target_tokens(spec.replace(target_kind="text"), c, vocab, pcfg) for c in cands]
     constraint = None
-    if spec.target_kind == "box":
-        constraint = Constraint(allowed_ranges=(vocab.bin_range,))
+    if spec.target_kind == "box":  # only bins that fall inside the image (all of them when S == max_image_size)
+        last = min(vocab.num_bins - 1, math.ceil((vocab.num_bins - 1) * pcfg.box_scale))
+        constraint = Constraint(allowed_ranges=((vocab.bin_offset, vocab.bin_offset + last + 1),))
     elif spec.target_kind == "codes":
         constraint = Constraint(allowed_ranges=(vocab.code_range,))
     elif mode == "trie":  # beam search restricted to the candidate answers
@@ -492,11 +514,16 @@ def parse_output(spec: TaskSpec, tokens: list[int], vocab, req: InferenceRequest
         bins = [t for t in tokens if vocab.is_bin(t)][:4]
         if len(bins) != 4:
             return {"box": None, "error": f"model produced {len(bins)} location tokens, expected 4"}
-        return {"box": list(vocab.decode_box(bins, req.image_size))}  # bins are relative: original pixels
+        # bins are relative to the (resized) image, so they decode straight into original pixels
+        x0, y0, x1, y1 = vocab.decode_box(bins, req.image_size, pcfg.box_scale)
+        w, h = req.image_size
+        xs = sorted(min(max(v, 0.0), w) for v in (x0, x1))  # clipped to the image; corners in order
+        ys = sorted(min(max(v, 0.0), h) for v in (y0, y1))
+        return {"box": [xs[0], ys[0], xs[1], ys[1]]}
     if kind == "codes":
         return {"codes": [t - vocab.code_offset for t in tokens if vocab.is_code(t)]}
     if kind == "objects":
-        return {"objects": _parse_objects(tokens, vocab, req.image_size)}
+        return {"objects": _parse_objects(tokens, vocab, req.image_size, pcfg.box_scale)}
     text = vocab.decode(tokens).strip()
     if spec.name == "caption" or spec.metric == "caption":
         text = normalize_caption(text) if text else text

@@ -193,9 +193,25 @@ def test_convert_cli(fairseq_ckpt, tmp_path, capsys):
     sd = synthetic_official_state()
     del sd["decoder.layers.3.fc2.weight"]
     torch.save({"model": sd}, bad)
-    assert convert_main(["--input", str(bad), "--arch", "ofa-tiny", "--output", str(tmp_path / "x")]) == 2
+    capsys.readouterr()
+    assert convert_main(["--input", str(bad), "--arch", "ofa-tiny", "--gpt2-vocab", "--output", str(tmp_path / "x")]) == 2
     assert "decoder.layers.3.fc2.weight" in capsys.readouterr().err
-    assert convert_main(["--input", str(tmp_path / "nope.pt"), "--arch", "ofa-tiny", "--output", str(tmp_path)]) == 1
+    assert convert_main(["--input", str(tmp_path / "nope.pt"), "--arch", "ofa-tiny", "--gpt2-vocab",
+                         "--output", str(tmp_path)]) == 1
+    assert convert_main(["--input", str(fairseq_ckpt), "--arch", "ofa-tiny", "--output", str(tmp_path / "y")]) == 1
+    assert "pass --dict" in capsys.readouterr().err
+
+
+def test_code_grid_is_read_from_the_official_buffer(tmp_path):
+    sd = synthetic_official_state()
+    side = 32  # the text-to-image checkpoints: code_image_size 256 -> 32 x 32 codes
+    grid = [c + r * 42 + 1 for r in range(side) for c in range(side)]
+    sd["decoder.image_position_idx"] = torch.tensor([0] + grid + [1024] * (1026 - 1 - len(grid)))
+    torch.save({"model": sd}, tmp_path / "t2i.pt")
+    model = import_checkpoint(tmp_path / "t2i.pt", get_config("ofa-tiny"))
+    assert model.config.code_image_size == 256
+    assert model.decoder.image_position_idx[1 + side].item() == 43
+    assert model.decoder.image_position_idx[side * side].item() == grid[-1]
 
 
 def test_bundle_rejects_wrong_vocab_and_format(tmp_path):

@@ -169,3 +169,27 @@ def test_config_validation():
         GenerationConfig(beam_size=2, num_return_sequences=3)
     with pytest.raises(ValueError, match="temperature"):
         GenerationConfig(temperature=0)
+    with pytest.raises(ValueError, match="beam_size must be int"):
+        GenerationConfig(beam_size="5")
+    with pytest.raises(ValueError, match="seed must be int"):
+        GenerationConfig(seed=[1])
+    with pytest.raises(ValueError, match="exceeds the limit"):
+        GenerationConfig(beam_size=10_000)
+    assert GenerationConfig(length_penalty=1).length_penalty == 1.0
+
+
+def test_trie_with_min_len_still_terminates(model, batch):
+    src, img = batch
+    trie = PrefixTrie([[100], [200]], IDS.eos)  # one-token answers, but min_len asks for two tokens
+    for beam in (1, 3):
+        out = generate(model, src, img, cfg=GenerationConfig(beam_size=beam, min_len=2, max_len_b=5), ids=IDS,
+                       constraints=Constraint(trie=trie))
+        assert all(hs and hs[0].tokens in ([100], [200]) for hs in out)
+
+
+def test_image_code_targets_can_fill_the_whole_position_table(model, batch):
+    src, img = batch
+    cfg = GenerationConfig(beam_size=1, min_len=1025, max_len_b=1025)
+    codes = Constraint(allowed_ranges=((50265, 58457),))
+    out = generate(model, src[:1], img[:1], cfg=cfg, ids=IDS, constraints=codes, code_masks=torch.tensor([True]))
+    assert len(out[0][0].tokens) == 1025 and all(50265 <= t < 58457 for t in out[0][0].tokens)

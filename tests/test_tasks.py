@@ -17,7 +17,7 @@ from ofa_model.tasks import (
 )
 from ofa_model.vocab import Vocabulary
 
-PCFG = PreprocessConfig(patch_image_size=64)
+PCFG = PreprocessConfig(patch_image_size=64, max_image_size=64)  # bins span the whole image
 
 OFA_PROMPTS = {  # OFA's wording, leading spaces included (two for grounded captioning)
     "caption": " what does the image describe?",
@@ -95,6 +95,17 @@ def test_grounding_bins_and_round_trip(vocab):
     assert aug["image"].shape == (3, 64, 64) and all(vocab.is_bin(t) for t in aug["target"][:4])
 
 
+def test_box_bins_are_normalised_by_max_image_size(vocab):
+    # OFA divides resized-pixel coordinates by --max-image-size (512): at 480 px a full-image box is bin 937
+    pcfg = PreprocessConfig(patch_image_size=480)
+    row = {"image": png((80, 60)), "text": "all", "box": [0, 0, 80, 60]}
+    ex = build_example(TASKS["grounding"], row, vocab, pcfg)
+    assert [t - vocab.bin_offset for t in ex["target"][:4]] == [0, 0, 937, 937]
+    req = inference_request(TASKS["grounding"], row, vocab, pcfg)
+    box = parse_output(TASKS["grounding"], ex["target"][:4], vocab, req, pcfg)["box"]
+    assert np.allclose(box, [0, 0, 80, 60], atol=0.1)
+
+
 def test_glue_src_prompt(vocab):
     row = {"text": "A gripping film", "target": "positive"}
     ex = build_example(TASKS["glue_sst2"], row, vocab, PCFG)
@@ -110,6 +121,8 @@ def test_summarization_has_no_leading_space_and_noise(vocab):
     row = {"text": "Stocks Rose Today in a big rally", "target": "Stocks rise"}
     ex = build_example(TASKS["summarization"], row, vocab, PCFG)
     assert ex["target"] == vocab.encode("stocks rise") + [2]
+    unk = build_example(TASKS["summarization"], {"text": "The <unk> rose", "target": "x"}, vocab, PCFG)
+    assert unk["source"][1:-1] == vocab.encode(' what is the summary of article " the unk rose "?')
     noisy = build_example(TASKS["summarization"], {**row, "text": "a " * 50, "target": "b " * 25}, vocab, PCFG,
                           train=True, rng=np.random.default_rng(1))
     clean = build_example(TASKS["summarization"], {**row, "text": "a " * 50, "target": "b " * 25}, vocab, PCFG)
@@ -126,6 +139,11 @@ def test_text_infilling(vocab):
     body = src[len(prompt) - 1:-3]
     assert vocab.mask_id in body and len(body) < len(vocab.encode(" " + text))
     assert ex["target"] == vocab.encode(" " + text) + [2]
+    long = " ".join(["word"] * 300)  # OFA keeps the last 256 tokens and never cuts the closing '"?'
+    ex = build_example(TASKS["text_infilling"], {"text": long}, vocab, PCFG, train=True, rng=np.random.default_rng(0))
+    assert ex["source"][-3:] == prompt[-2:] + [2] and len(ex["target"]) == 257
+    req = inference_request(TASKS["text_infilling"], {"text": "the quick <mask> jumps"}, vocab, PCFG)
+    assert req.source == [0] + prompt[:-2] + vocab.encode(" the quick <mask> jumps") + prompt[-2:] + [2]
 
 
 def test_codes_and_detection_targets(vocab):
