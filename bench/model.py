@@ -87,8 +87,8 @@ def beam_captions(model: OFAModel, batch: int = 16, repeat: int = 2) -> float:
 
 def main() -> None:
     torch.manual_seed(0)
-    # Denormal floats (which appear after a few optimizer steps) slow CPU matmuls 3-10x; inference
-    # (OFAPredictor) flushes them too.
+    # Denormal floats (seen in activations after a few optimizer steps) slow CPU matmuls 3-10x; process
+    # owners (serving replicas, job entry points) should flush them the same way.
     torch.set_flush_denormal(True)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device cpu, model ofa-tiny")
     model = OFAModel(get_config("ofa-tiny"))

@@ -40,9 +40,9 @@ class OFAPredictor:
 
     def __init__(self, model: OFAModel, vocab, preprocess: PreprocessConfig, *, device: str | torch.device = "cpu",
                  tasks: Mapping[str, TaskSpec] | None = None, max_batch_size: int = 16):
+        # Process-wide CPU settings (e.g. torch.set_flush_denormal(True), which bench/model.py shows matters
+        # after fine-tuning) belong to the process owner: the serving replica or the job entry point.
         self.device = torch.device(device)
-        if self.device.type == "cpu":
-            torch.set_flush_denormal(True)  # denormals slow CPU matmuls several-fold after fine-tuning
         self.model = model.to(self.device).eval()
         self.vocab, self.preprocess = vocab, preprocess
         self.tasks = dict(TASKS if tasks is None else tasks)
