@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-BENCHES = ("model",)
+BENCHES = ("model", "data")
 
 
 def main(argv: list[str]) -> None:

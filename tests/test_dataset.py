@@ -1,0 +1,431 @@
+"""Ray Data ingest (pipelines.dataset, pipelines.mixture) on a real S3 server and a local Ray cluster.
+
+One small corpus on S3 holds good rows of five tasks and every kind of bad input, with exact expected
+counts. Each real pipeline run costs a few seconds (preprocessing actors start cold and import torch), so
+most checks share one materialised run of the pipeline; the others (resume from the source, two-worker
+split, the doctor) run it for real.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from jobs import inspect_data
+from ofa_model.preprocess import PreprocessConfig, collate
+from ofa_model.tasks import TASKS, build_example
+from ofa_model.vocab import Vocabulary
+from pipelines import storage
+from pipelines.dataset import (
+    BadDataError,
+    DataConfig,
+    ResumeState,
+    RowStats,
+    SeqSet,
+    _image_array,
+    _images,
+    _Preprocess,
+    build_dataset,
+    iter_train_batches,
+    plan_epoch,
+)
+from pipelines.mixture import MixtureState, iter_mixture_batches, weighted_schedule
+from pipelines.schema import normalize_row
+from pipelines.shards import write_corpus
+from pipelines.source import SOURCE_SCHEMA
+
+PCFG = PreprocessConfig(patch_image_size=32, max_image_pixels=1000)  # 16x16 images pass, 40x40 is too large
+RAY_TIMEOUT = 120
+
+
+def png(color: tuple[int, int, int], size: int = 16) -> bytes:
+    buf = io.BytesIO()
+    img = Image.new("RGB", (size, size), color)
+    img.putpixel((size // 2, size // 2), (255 - color[0], 255 - color[1], 255 - color[2]))
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def row(id_: str, task: str, **fields) -> dict:
+    return {"id": id_, "task": task, "split": "train", **fields}
+
+
+def good_rows() -> list[dict]:
+    rows = []
+    for i in range(6):
+        answer = "red" if i % 2 == 0 else "blue"
+        rows.append(row(f"vqa/{i}", "vqa", image=png((40 * i, 10, 200)), text=f"what color is shape {i}?",
+                        target=answer, targets=[answer, "green"], target_weights=[0.5 if i % 3 == 0 else 1.0, 0.3]))
+    for i in range(4):
+        rows.append(row(f"caption/{i}", "caption", image=png((10, 50 * i, 20)), target=f"A red circle, number {i}."))
+    for i in range(3):
+        rows.append(row(f"grounding/{i}", "grounding", image=png((90, 90, 30 * i)), text="the red circle",
+                        box=[2.0, 3.0, 10.0 + i, 12.5]))
+    for i, label in enumerate(("yes", "no")):
+        rows.append(row(f"visual_entailment/{i}", "visual_entailment", image=png((5, 5, 5 + i)),
+                        text="there is a red shape", target=label))
+    for i, label in enumerate(("positive", "negative")):
+        rows.append(row(f"glue_sst2/{i}", "glue_sst2", text=f"a {'fine' if i == 0 else 'dull'} movie", target=label))
+    return rows
+
+
+def bad_rows() -> list[tuple[dict, str]]:
+    """Rows the ShardWriter accepts but preprocessing must reject, with the reason each must get."""
+    ok_png = png((1, 2, 3))
+    vqa = {"text": "what is it?", "target": "red"}
+    return [
+        (row("bad/truncated", "vqa", image=ok_png[: len(ok_png) // 2], **vqa), "truncated_image"),
+        (row("bad/not_an_image", "vqa", image=b"hello, this is text and no image", **vqa), "not_an_image"),
+        (row("bad/too_large", "vqa", image=png((1, 2, 3), size=40), **vqa), "image_too_large"),
+        (row("bad/missing_text", "vqa", image=ok_png, target="red"), "missing_field"),
+        (row("bad/blank_text", "vqa", image=ok_png, text="   ", target="red"), "empty_text"),
+        (row("bad/empty_caption", "caption", image=ok_png, target=""), "empty_text"),
+        (row("bad/inverted_box", "grounding", image=ok_png, text="it", box=[10.0, 2.0, 4.0, 12.0]), "bad_box"),
+        (row("bad/outside_box", "grounding", image=ok_png, text="it", box=[0.0, 0.0, 100.0, 100.0]), "bad_box"),
+        (row("bad/label", "visual_entailment", image=ok_png, text="a shape", target="perhaps"), "unknown_label"),
+        (row("bad/task", "mystery", text="x", target="y"), "unknown_task"),
+    ]
+
+
+TYPED_IDS = [f"typed/{i}" for i in range(3)]  # a shard whose `text` column is int64 -> bad_type
+GARBAGE_ROWS = 5  # a .parquet of garbage bytes that the manifest says holds 5 rows -> unreadable_shard
+EXPECTED_BAD = {"truncated_image": 1, "not_an_image": 1, "image_too_large": 1, "missing_field": 1, "empty_text": 2,
+                "bad_box": 2, "unknown_label": 1, "unknown_task": 1, "bad_type": 3, "unreadable_shard": 5}
+EXPECTED_OK = {"vqa": 6, "caption": 4, "grounding": 3, "visual_entailment": 2, "glue_sst2": 2}
+
+
+def _add_shard(uri: str, name: str, data: bytes, task: str, num_rows: int, num_row_groups: int) -> None:
+    """Put a hand-made file into the corpus and list it in the manifest."""
+    storage.write_bytes(storage.join(uri, name), data)
+    manifest = json.loads(storage.read_bytes(storage.join(uri, "manifest.json")))
+    manifest["shards"].append({"path": name, "split": "train", "task": task, "num_rows": num_rows,
+                               "num_bytes": len(data), "num_row_groups": num_row_groups})
+    manifest["shards"].sort(key=lambda s: s["path"])
+    manifest["num_rows"] += num_rows
+    manifest["counts"]["train"][task] = manifest["counts"]["train"].get(task, 0) + num_rows
+    storage.write_bytes(storage.join(uri, "manifest.json"), json.dumps(manifest).encode())
+
+
+@pytest.fixture(scope="module")
+def vocab() -> Vocabulary:
+    return Vocabulary.gpt2()
+
+
+@pytest.fixture(scope="module")
+def corpus(s3_server) -> str:
+    """The test corpus on S3: good rows, bad rows, a wrongly typed shard and an unreadable one."""
+    uri = s3_server.uri("dataset")
+    rows = good_rows() + [r for r, _ in bad_rows()]
+    rows = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]  # bad rows among good ones
+    write_corpus(rows, uri, shard_bytes=400, row_group_rows=3)
+    typed = pa.table({"id": TYPED_IDS, "task": ["vqa"] * 3, "split": ["train"] * 3, "image": [png((9, 9, 9))] * 3,
+                      "text": pa.array([1, 2, 3], pa.int64()), "target": ["red"] * 3})
+    buf = io.BytesIO()
+    pq.write_table(typed, buf)
+    _add_shard(uri, "train-vqa-typed.parquet", buf.getvalue(), "vqa", 3, 1)
+    _add_shard(uri, "train-caption-garbage.parquet", b"not parquet at all " * 20, "caption", GARBAGE_ROWS, 1)
+    return uri
+
+
+def config(uri: str, **kw) -> DataConfig:
+    """Small resources so the 2-core machine is not starved (4 logical CPUs in the test cluster)."""
+    base = dict(uri=uri, preprocess=PCFG, batch_size=4, num_actors=(1, 1), actor_num_cpus=0.5, read_num_cpus=0.25,
+                rows_per_map_batch=4, rows_per_read_block=4, bad_row_threshold=0.6, read_retries=0, read_concurrency=2)
+    return DataConfig(**{**base, **kw})
+
+
+SEED, EPOCH = 3, 1
+
+
+@pytest.fixture(scope="module")
+def run(corpus, vocab, ray_cluster):
+    """One real training-mode run of the pipeline (shuffled shards, augmentation), materialised, and its plan."""
+    cfg = config(corpus, seed=SEED)
+    plan = plan_epoch(cfg, train=True, epoch=EPOCH)
+    return build_dataset(cfg, vocab, train=True, plan=plan).materialize(), plan
+
+
+def by_id() -> dict[str, dict]:
+    return {r["id"]: normalize_row(r) for r in good_rows()}
+
+
+def consume(batches) -> tuple[list[str], list[dict]]:
+    ids, out = [], []
+    for b in batches:
+        ids += b["ids"]
+        out.append(b)
+    return ids, out
+
+
+def assert_expected_stats(stats: RowStats) -> None:
+    assert stats.ok == 17 and stats.ok_by_task == EXPECTED_OK
+    assert stats.bad_by_reason == EXPECTED_BAD
+
+
+def expected_order(plan) -> list[str]:
+    """Good ids in the order a preserve_order run must give them: plan's shard order, then file order."""
+    good = set(by_id())
+    out = []
+    for shard in plan.shards:
+        if shard.uri.endswith(("garbage.parquet", "typed.parquet")):
+            continue
+        fs, path = storage.resolve(shard.uri)
+        out += [i for i in pq.read_table(path, filesystem=fs, columns=["id"]).column("id").to_pylist() if i in good]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Without Ray
+
+
+def test_config_from_dict_validates_and_names_unknown_keys():
+    cfg = DataConfig.from_dict({"uri": "s3://b/c", "tasks": ["vqa"], "num_actors": [1, 2],
+                                "preprocess": {"patch_image_size": 64}, "s3": {"endpoint_url": "http://h:1"}})
+    assert cfg.tasks == ("vqa",) and cfg.num_actors == (1, 2) and cfg.preprocess.patch_image_size == 64
+    assert DataConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"unknown DataConfig keys: \['bach_size', 'shuffle'\]"):
+        DataConfig.from_dict({"uri": "x", "bach_size": 3, "shuffle": True})
+    with pytest.raises(ValueError, match="unknown PreprocessConfig keys"):
+        DataConfig.from_dict({"uri": "x", "preprocess": {"size": 3}})
+    with pytest.raises(ValueError, match="unknown DataConfig.s3 keys"):
+        DataConfig.from_dict({"uri": "x", "s3": {"secret": "no"}})
+    for bad in ({"batch_size": 0}, {"bad_row_threshold": 1.5}, {"num_actors": (3, 1)}, {"image_dtype": "int8"},
+                {"tasks": "vqa"}, {"uri": ""}, {"actor_num_cpus": 0}, {"shuffle_files": "yes"}):
+        with pytest.raises(ValueError):
+            DataConfig(**{"uri": "x", **bad})
+
+
+def test_example_yaml_config_loads():
+    with open("configs/data.yaml") as f:
+        cfg = DataConfig.from_dict(yaml.safe_load(f))
+    assert cfg.uri.startswith("s3://") and cfg.bad_row_threshold == 0.01
+
+
+def test_seqset_intervals_mask_and_gaps():
+    s = SeqSet([(5, 8), (0, 2)])
+    s.add(2, 3)
+    s.add(7, 12)
+    s.add(20, 21)
+    assert s.intervals() == [(0, 3), (5, 12), (20, 21)] and len(s) == 11
+    assert 11 in s and 12 not in s and 4 not in s
+    assert s.mask(2, 7).tolist() == [True, False, False, True, True]
+    assert s.gaps(0, 22) == [(3, 5), (12, 20), (21, 22)]
+    s.add(3, 20)
+    assert s.intervals() == [(0, 21)]
+
+
+def test_weighted_schedule_proportions_and_seed():
+    weights = {"a": 5, "b": 3, "c": 2}
+    names = list(_take(weighted_schedule(weights, seed=7), 6400))
+    assert [names.count(n) for n in "abc"] == [3200, 1920, 1280]  # 100 blocks of 64: exact shares
+    for k in (10, 100, 1000, 5000):  # any prefix is within one block of the exact share
+        assert abs(names[:k].count("b") - k * 0.3) <= 64
+    assert [names[i:i + 64].count("a") for i in range(0, 6400, 64)] == [32] * 100
+    assert names == list(_take(weighted_schedule(weights, seed=7), 6400))
+    assert names[:64] != list(_take(weighted_schedule(weights, seed=8), 64))
+    with pytest.raises(ValueError):
+        next(weighted_schedule({"a": 0}, seed=0))
+
+
+def _take(it, n):
+    for _ in range(n):
+        yield next(it)
+
+
+def test_image_column_round_trip_with_slices_and_chunks():
+    images = [None if k % 3 == 0 else np.arange(12, dtype=np.float32) + 100 * k for k in range(7)]
+    column = _image_array(images, pa.large_list(pa.float32()))
+    chunked = pa.chunked_array([column.slice(0, 3), column.slice(3, 4)]).slice(1, 5)  # as iter_batches slices
+    out = _images(chunked)
+    assert [o is None for o in out] == [i is None for i in images[1:6]]
+    for got, want in zip(out, images[1:6], strict=True):
+        if want is not None:
+            assert got.shape == (3, 2, 2) and got.flatten().tolist() == want.tolist()
+
+
+class _Batches:
+    """Stands in for a Ray DataIterator: iter_batches over fixed pyarrow tables."""
+
+    def __init__(self, tables):
+        self.tables = tables
+
+    def iter_batches(self, **kwargs):
+        yield from self.tables
+
+
+def test_preprocess_udf_float16_images_match_build_example(vocab):
+    rows = [normalize_row(r) for r in good_rows() if r["task"] in ("vqa", "glue_sst2")]
+    source = pa.Table.from_pylist([{**r, "seq": i, "span": 1} for i, r in enumerate(rows)], schema=SOURCE_SCHEMA)
+    udf = _Preprocess(vocab, PCFG, TASKS, train=False, seed=0, epoch=0, image_dtype="float16")
+    out = udf(source)
+    assert out.column("ok").to_pylist() == [True] * len(rows)
+    batches = list(iter_train_batches(_Batches([out]), vocab, 8))
+    expected = collate([build_example(TASKS[r["task"]], r, vocab, PCFG) for r in rows], vocab.pad_id)
+    got = batches[0]
+    assert got["patch_images"].dtype == torch.float16
+    assert torch.equal(got["patch_images"], expected["patch_images"].half())
+    for key in ("src_tokens", "prev_output_tokens", "target", "target_weights", "patch_masks", "ntokens"):
+        assert torch.equal(got[key], expected[key]), key
+
+
+# ---------------------------------------------------------------------------------------------------------
+# With Ray and S3
+
+
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_batches_from_s3_equal_direct_preprocessing_and_bad_rows_are_counted(run, vocab, corpus):
+    output, plan = run
+    it = iter_train_batches(output, vocab, 4, info=plan.info, with_meta=True, bad_row_threshold=0.6)
+    ids, batches = consume(it)
+    rows = by_id()
+    assert ids == expected_order(plan)  # every good row once, in the seeded shard order (preserve_order)
+    for batch in batches:
+        samples = [build_example(TASKS[rows[i]["task"]], rows[i], vocab, PCFG, train=True,
+                                 rng=np.random.default_rng([SEED, EPOCH, seq]))  # the pipeline's per-row seed
+                   for i, seq in zip(batch["ids"], batch["seqs"], strict=True)]
+        expected = collate(samples, vocab.pad_id)
+        assert set(batch) == set(expected) | {"ids", "tasks", "seqs", "image_sizes"}
+        for key, value in expected.items():
+            assert value.dtype == batch[key].dtype and torch.equal(value, batch[key]), key
+        assert batch["image_sizes"] == [None if rows[i]["image"] is None else (16, 16) for i in batch["ids"]]
+    mixed = [b for b in batches if "patch_masks" in b and not b["patch_masks"].all()]
+    assert mixed and all(b["patch_images"][~b["patch_masks"]].eq(0).all() for b in mixed)  # text-only rows
+    assert_expected_stats(it.stats)
+    examples = it.stats.examples
+    assert set(examples["bad_box"]) == {"bad/inverted_box", "bad/outside_box"}
+    assert examples["unreadable_shard"] == [storage.join(corpus, "train-caption-garbage.parquet")]
+    assert set(examples["bad_type"]) == set(TYPED_IDS)
+    assert it.stats.bad_by_task["vqa"] == 5 + 3 and it.stats.bad_by_task["caption"] == 1 + GARBAGE_ROWS
+
+
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_bad_row_threshold(run, vocab):
+    output, _ = run
+    with pytest.raises(BadDataError) as err:
+        list(iter_train_batches(output, vocab, 4, bad_row_threshold=0.01))
+    assert err.value.stats.bad == 18 and err.value.stats.rows == 35 and err.value.threshold == 0.01
+    message = str(err.value)
+    assert "18 of 35 rows (51.43%)" in message and "bad_row_threshold=1.00%" in message
+    assert "unreadable_shard 5" in message and "at the end of the epoch" in message
+    with pytest.raises(BadDataError, match="after the first"):  # early: 10+ rows seen, > 3 x 10% bad
+        list(iter_train_batches(output, vocab, 4, bad_row_threshold=0.1, early_check_rows=10))
+    assert len(list(iter_train_batches(output, vocab, 4, bad_row_threshold=0.52))) == 5  # 51.4% <= 52%
+
+
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_local_shuffle_is_seeded(run, vocab):
+    output, _ = run
+    def order(seed):
+        return consume(iter_train_batches(output, vocab, 4, with_meta=True, local_shuffle_buffer=8, seed=seed,
+                                          bad_row_threshold=None))[0]
+
+    first = order(1)
+    assert order(1) == first and sorted(first) == sorted(by_id())
+    assert order(2) != first
+
+
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_resume_in_the_consumer(run, vocab):
+    output, plan = run
+    it = iter_train_batches(output, vocab, 4, info=plan.info, with_meta=True, bad_row_threshold=None)
+    seen = []
+    for k, batch in enumerate(it):
+        seen += batch["ids"]
+        if k == 1:
+            state = ResumeState.from_dict(json.loads(json.dumps(it.resume_state().to_dict())))
+            break  # "crash" after two batches
+    rest = iter_train_batches(output, vocab, 4, info=plan.info, with_meta=True, resume=state, bad_row_threshold=None)
+    after, _ = consume(rest)
+    assert seen + after == expected_order(plan)  # nothing lost, nothing twice, same order
+    assert_expected_stats(rest.stats)  # bad rows seen before the crash are not counted twice
+    assert rest.resume_state().consumed == ((0, 35),)
+
+
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_resume_from_the_source_on_two_streaming_split_workers(run, corpus, vocab):
+    """A run stops after two batches; a new pipeline resumes on two workers (Ray Train's streaming_split)."""
+    output, plan = run
+    cfg = config(corpus, seed=SEED)
+    assert plan == plan_epoch(cfg, train=True, epoch=EPOCH) and plan.shards != plan_epoch(cfg, train=True, epoch=2).shards
+    want = expected_order(plan)
+    it = iter_train_batches(output, vocab, 4, info=plan.info, with_meta=True, bad_row_threshold=None)
+    first = []
+    for batch in it:
+        first += batch["ids"]
+        if len(first) == 8:
+            break  # "crash"
+    state = ResumeState.from_dict(json.loads(json.dumps(it.resume_state().to_dict())))
+
+    splits = build_dataset(cfg, vocab, train=True, epoch=EPOCH, resume=state).streaming_split(2, equal=False)
+    results: dict[int, tuple] = {}
+
+    def worker(rank: int) -> None:  # no resume state here: whatever a worker sees, the source emitted
+        it = iter_train_batches(splits[rank], vocab, 2, info=plan.info, with_meta=True, bad_row_threshold=None)
+        results[rank] = (consume(it)[0], it.resume_state())
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(RAY_TIMEOUT - 10)
+    assert sorted(results) == [0, 1]
+    ids0, ids1 = results[0][0], results[1][0]
+    assert not set(ids0) & set(ids1) and sorted(ids0 + ids1) == sorted(want[8:])  # disjoint and complete
+    merged = ResumeState.merge([state, results[0][1], results[1][1]])
+    assert merged.consumed == ((0, 35),) and merged.plan_key == plan.key
+    assert_expected_stats(merged.row_stats())  # every bad row counted exactly once over both runs
+    with pytest.raises(ValueError, match="resume state is for epoch 1"):
+        build_dataset(cfg, vocab, train=True, epoch=2, resume=state)
+
+
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_mixture_realises_weights_reproducibly_and_resumes(run, vocab):
+    output, _ = run
+    sources = {task: output.filter(lambda r, t=task: r["task"] == t).materialize() for task in ("vqa", "caption")}
+    weights = {"vqa": 3, "caption": 1}
+
+    def run(**kw):
+        it = iter_mixture_batches(sources, weights, vocab, 4, seed=11, num_rows=8, block=4, with_meta=True,
+                                  bad_row_threshold=None, **kw)
+        batches = list(it)
+        return [s for b in batches for s in b["sources"]], [i for b in batches for i in b["ids"]], it
+
+    names, ids, it = run()
+    assert names.count("vqa") == 6 and names.count("caption") == 2  # 3:1 in every block of 4
+    assert [names[i:i + 4].count("vqa") for i in (0, 4)] == [3, 3]
+    assert all(i.startswith(n + "/") for n, i in zip(names, ids, strict=True))
+    assert run()[:2] == (names, ids)  # same seed, same rows in the same order
+    assert it.stats["vqa"].ok == 6 and it.stats["caption"].ok == 2
+    assert set(it.stats["vqa"].bad_by_reason) <= {"truncated_image", "not_an_image", "image_too_large",
+                                                  "missing_field", "empty_text", "bad_type"}
+
+    first = iter_mixture_batches(sources, weights, vocab, 4, seed=11, num_rows=8, block=4, with_meta=True,
+                                 bad_row_threshold=None)
+    head = next(iter(first))["ids"]
+    state = MixtureState.from_dict(json.loads(json.dumps(first.resume_state().to_dict())))
+    _, tail, _ = run(resume=state)
+    assert head + tail == ids
+
+
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_doctor_prints_exact_json(corpus, tmp_path, capsys, ray_cluster):
+    cfg_path = tmp_path / "data.yaml"
+    cfg_path.write_text(yaml.safe_dump({**config(corpus).to_dict(), "bad_row_threshold": 0.01}))
+    inspect_data.main(["--config", str(cfg_path), "--input", corpus, "--task", "vqa"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["rows_in_manifest"] == 14 and report["rows_seen"] == 14
+    assert report["rows_ok"] == 6 and report["rows_bad"] == 8 and report["over_threshold"] is True
+    assert report["ok_by_task"] == {"vqa": 6}
+    assert report["bad_by_reason"] == {"bad_type": 3, "empty_text": 1, "image_too_large": 1, "missing_field": 1,
+                                       "not_an_image": 1, "truncated_image": 1}
+    assert report["bad_examples"]["missing_field"] == ["bad/missing_text"]
+    assert report["rows_per_s"] > 0
