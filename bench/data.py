@@ -6,7 +6,8 @@ the same server, `tasks.build_example` per row, `collate` per batch) with one to
 rows (64x64 PNGs; vqa, visual_entailment, itm, caption, grounding, image_classification) written as
 canonical shards to a SeaweedFS server started for the run (`pipelines.local_s3`).
 
-Ray figures are steady state (rows/s over the second half of the epoch; end to end, with the actors'
+Image dtypes: "uint8" ships resized pixels from the actors and normalises them in the consumer (the default),
+"float32" / "float16" ship normalised tensors. Ray figures are steady state (rows/s over the second half of the epoch; end to end, with the actors'
 start-up of ~5-10 s importing torch, is printed beside it). Ratio per core = (Ray rows/s / cores) / (bare rows/s): 1.0 means the pipeline uses
 every core as well as the bare loop uses one.
 """
@@ -103,7 +104,7 @@ def main() -> None:
                 pcfg = PreprocessConfig(patch_image_size=size)
                 bare_rows, bare_s = bare_loop(uri, vocab, pcfg)
                 bare = bare_rows / bare_s
-                for dtype in ("float32", "float16"):
+                for dtype in ("uint8", "float32", "float16"):
                     cfg = DataConfig(uri=uri, preprocess=pcfg, batch_size=BATCH, image_dtype=dtype,
                                      num_actors=(actors, actors), actor_num_cpus=(cores - 0.25) / actors,
                                      read_num_cpus=0.25, read_concurrency=1, rows_per_map_batch=32, rows_per_read_block=256,

@@ -11,6 +11,14 @@ import dataclasses
 from dataclasses import dataclass
 
 
+def check_keys(cls, d, what: str | None = None) -> None:
+    """Raise ValueError naming every key of mapping `d` that is not a field of dataclass `cls`."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {what or cls.__name__} keys: {unknown}; known keys: {sorted(known)}")
+
+
 @dataclass(frozen=True)
 class OFAConfig:
     """Architecture of one OFA model size."""
@@ -50,10 +58,7 @@ class OFAConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> OFAConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown OFAConfig keys: {unknown}")
+        check_keys(cls, d)
         d = dict(d)
         d["resnet_layers"] = tuple(d["resnet_layers"])
         return cls(**d)

@@ -1,7 +1,8 @@
 """Pure preprocessing shared by training (Ray Data ``map_batches``), evaluation and serving.
 
-Images: bytes -> validated RGB ``PIL.Image`` -> ``(3, S, S)`` float tensor (bicubic square resize, aspect not kept,
-``(x - mean) / std``), as OFA does for caption / VQA / entailment / grounding. Text: OFA's caption, question and
+Images: bytes -> validated RGB ``PIL.Image`` -> ``(3, S, S)`` uint8 pixels (``resize_pixels``: bicubic square
+resize, aspect not kept) -> float tensor (``normalize_pixels``: ``(x / 255 - mean) / std``), as OFA does for caption /
+VQA / entailment / grounding; ``image_to_tensor`` does both (the data pipeline ships the pixels and normalises later). Text: OFA's caption, question and
 generic-text normalisation. Batches: padding and collation of already-tokenised samples.
 
 The parameters live in :class:`PreprocessConfig`, which is saved in model bundles so training and serving agree.
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ofa_model.config import check_keys
+
 __all__ = [
     "SUPPORTED_FORMATS",
     "EmptyImageError",
@@ -29,6 +32,7 @@ __all__ = [
     "NotAnImageError",
     "PreprocessConfig",
     "TruncatedImageError",
+    "blank_centre",
     "collate",
     "decode_image",
     "grounding_train_augment",
@@ -36,8 +40,10 @@ __all__ = [
     "load_image_tensor",
     "normalize_caption",
     "normalize_question",
+    "normalize_pixels",
     "normalize_text",
     "pad_sequences",
+    "resize_pixels",
     "resize_with_boxes",
 ]
 
@@ -142,10 +148,7 @@ class PreprocessConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
         """Inverse of :meth:`to_dict`; missing keys take defaults, unknown keys raise ``ValueError``."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown PreprocessConfig keys: {unknown}; known keys: {sorted(known)}")
+        check_keys(cls, d)
         return cls(**d)
 
 
@@ -249,18 +252,45 @@ def decode_image(data: bytes, cfg: PreprocessConfig, source: str | None = None) 
         raise ImageError(f"{e} (format {img.format})", source) from e
 
 
-def image_to_tensor(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
-    """RGB image -> ``(3, S, S)`` float32, S = ``cfg.patch_image_size``: bicubic resize to S x S (aspect ratio not
-    kept, as OFA), scale to [0, 1], then ``(x - mean) / std`` per channel."""
+def resize_pixels(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
+    """RGB image -> ``(3, S, S)`` uint8 pixels, S = ``cfg.patch_image_size``: bicubic resize to S x S (aspect ratio
+    not kept, as OFA; an S x S image is used as is). The first half of :func:`image_to_tensor`."""
     if img.mode != "RGB":
-        raise ValueError(f"image_to_tensor expects an RGB image (see decode_image), got mode {img.mode!r}")
+        raise ValueError(f"expected an RGB image (see decode_image), got mode {img.mode!r}")
     size = cfg.patch_image_size
     if img.size != (size, size):
         img = img.resize((size, size), _BICUBIC)
-    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)  # (3, S, S)
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, S, S)
+
+
+def normalize_pixels(pixels: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+    """uint8 pixels ``(..., 3, S, S)`` -> float32 ``(x / 255 - mean) / std`` per channel (a new tensor), the second
+    half of :func:`image_to_tensor`. Elementwise, so a batch gives exactly the values of its images one by one."""
+    if not isinstance(pixels, torch.Tensor) or pixels.dtype != torch.uint8:
+        what = pixels.dtype if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+        raise ValueError(f"normalize_pixels expects a uint8 tensor, got {what}")
+    if pixels.ndim < 3 or pixels.shape[-3] != 3:
+        raise ValueError(f"normalize_pixels expects shape (..., 3, S, S), got {tuple(pixels.shape)}")
     mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
-    return x.sub_(mean).div_(std).contiguous()
+    return pixels.float().div_(255.0).sub_(mean).div_(std).contiguous()
+
+
+def blank_centre(images: torch.Tensor) -> torch.Tensor:
+    """Zero the centre square [S/4, 3S/4) of ``(..., 3, S, S)`` images in place (image infilling); returns them."""
+    side = images.shape[-1]
+    lo, hi = side // 4, side * 3 // 4
+    images[..., lo:hi, lo:hi] = 0
+    return images
+
+
+def image_to_tensor(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
+    """RGB image -> ``(3, S, S)`` float32, S = ``cfg.patch_image_size``: bicubic resize to S x S (aspect ratio not
+    kept, as OFA), scale to [0, 1], then ``(x - mean) / std`` per channel. Equals
+    ``normalize_pixels(resize_pixels(img, cfg), cfg)``."""
+    if img.mode != "RGB":
+        raise ValueError(f"image_to_tensor expects an RGB image (see decode_image), got mode {img.mode!r}")
+    return normalize_pixels(resize_pixels(img, cfg), cfg)
 
 
 def load_image_tensor(data: bytes, cfg: PreprocessConfig,

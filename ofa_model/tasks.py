@@ -25,13 +25,17 @@ import torch
 from ofa_model.generation import Constraint, GenerationConfig, PrefixTrie
 from ofa_model.preprocess import (
     PreprocessConfig,
+    blank_centre,
     decode_image,
     grounding_train_augment,
-    image_to_tensor,
     normalize_caption,
+    normalize_pixels,
     normalize_question,
     normalize_text,
+    resize_pixels,
 )
+
+PIXEL_KINDS = ("float", "uint8")
 
 TARGET_KINDS = ("text", "label", "box", "codes", "objects", "infill_text")
 PROMPT_TYPES = ("none", "prev_output", "src")
@@ -268,8 +272,9 @@ def source_text(spec: TaskSpec, row: Mapping[str, Any], pcfg: PreprocessConfig) 
     return spec.prompt.format(**values)
 
 
-def _load_image(spec, row, pcfg, train, rng, box=None):
-    """(tensor, original (w, h), box in resized pixels or None)."""
+def _load_image(spec, row, pcfg, train, rng, box=None, pixels="float"):
+    """(tensor, original (w, h), box in resized pixels or None). pixels "float": the normalised float32 image,
+    its centre blanked for image infilling; "uint8": the resized pixels, not normalised and not blanked."""
     data = _field(row, spec.image_field, spec.name)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TaskInputError(f"task {spec.name}: field {spec.image_field!r} must be image bytes, "
@@ -286,10 +291,11 @@ def _load_image(spec, row, pcfg, train, rng, box=None):
         else:
             size_after = size
         box = box * np.array([s / size_after[0], s / size_after[1]] * 2)
-    tensor = image_to_tensor(img, pcfg)
-    if spec.image_infill:
-        lo, hi = s // 4, s * 3 // 4
-        tensor[:, lo:hi, lo:hi] = 0
+    tensor = resize_pixels(img, pcfg)
+    if pixels == "float":
+        tensor = normalize_pixels(tensor, pcfg)
+        if spec.image_infill:
+            blank_centre(tensor)
     return tensor, size, box
 
 
@@ -373,8 +379,15 @@ def span_mask(tokens: list[int], word_start: list[bool], mask_id: int, rng: np.r
 
 
 def build_example(spec: TaskSpec, row: Mapping[str, Any], vocab, pcfg: PreprocessConfig, *, train: bool = False,
-                  rng: np.random.Generator | None = None) -> dict:
-    """One sample for `preprocess.collate`: source, image, prev_output, target, target_weight, code_mask."""
+                  rng: np.random.Generator | None = None, pixels: str = "float") -> dict:
+    """One sample for `preprocess.collate`: source, image, prev_output, target, target_weight, code_mask.
+
+    pixels "float" (default): image is the (3, S, S) float32 model input. "uint8": image is the (3, S, S) uint8
+    resized pixels and the sample also has image_blank (bool); the model input is then
+    `normalize_pixels(image, pcfg)` followed by `blank_centre` where image_blank, bit for bit the "float" image.
+    """
+    if pixels not in PIXEL_KINDS:
+        raise ValueError(f"build_example: pixels must be one of {PIXEL_KINDS}, got {pixels!r}")
     bos, eos, pad = vocab.bos_id, vocab.eos_id, vocab.pad_id
     image, size, box = None, None, None
     region = None
@@ -383,7 +396,8 @@ def build_example(spec: TaskSpec, row: Mapping[str, Any], vocab, pcfg: Preproces
     if spec.region_field is not None:
         region = _box(_field(row, spec.region_field, spec.name), spec.name, spec.region_field)
     if spec.image_field is not None:
-        image, size, box = _load_image(spec, row, pcfg, train, rng, target_box if target_box is not None else region)
+        image, size, box = _load_image(spec, row, pcfg, train, rng, target_box if target_box is not None else region,
+                                       pixels)
 
     if spec.target_kind == "infill_text":
         tokens = _infill_tokens(spec, row, vocab)
@@ -417,8 +431,11 @@ def build_example(spec: TaskSpec, row: Mapping[str, Any], vocab, pcfg: Preproces
         noise[0] = False
         rand = rng.integers(4, vocab.mask_id, len(prev))
         prev = [int(r) if n else p for p, n, r in zip(prev, noise, rand, strict=True)]
-    return {"id": row.get("id"), "source": src, "image": image, "prev_output": prev, "target": target,
-            "target_weight": weight, "code_mask": spec.code_target, "image_size": size}
+    sample = {"id": row.get("id"), "source": src, "image": image, "prev_output": prev, "target": target,
+              "target_weight": weight, "code_mask": spec.code_target, "image_size": size}
+    if pixels == "uint8":
+        sample["image_blank"] = image is not None and spec.image_infill
+    return sample
 
 
 def _target_tokens(spec, row, vocab, pcfg, box, image_size) -> list[int]:

@@ -15,13 +15,18 @@ Stages, all streaming (nothing holds more than a few blocks per operator):
    dropped there, before any image is decoded.
 2. `map_batches(_Preprocess)` on an actor pool: each actor builds the vocabulary once and runs the shared
    `ofa_model.tasks.build_example` per row. Output columns (`output_schema()`): id, task, seq, span, ok,
-   reason, detail, source / prev_output / target (int32 token lists), image (flattened (3, S, S)
-   float32/float16, null for text-only rows), image_width / image_height, target_weight, code_mask.
+   reason, detail, source / prev_output / target (int32 token lists), image (flattened (3, S, S), null for
+   text-only rows), image_width / image_height, target_weight, code_mask, image_blank, image_norm.
+   With image_dtype "uint8" (the default) the image is the resized uint8 pixels (a quarter of float32's
+   object-store traffic), `image_norm` holds the PreprocessConfig's mean and std and `image_blank` says
+   whether image infilling blanks the centre; the consumer normalises (`normalize_pixels`, `blank_centre`),
+   giving bit for bit the float32 image of `build_example`. With "float32" / "float16" the actors ship the
+   normalised (and blanked) image and image_norm is null.
    A row whose preprocessing raises (TaskInputError, ImageError, ValueError, TypeError) comes out with
    ok=False and a reason from `REASONS`; nothing is dropped inside Ray, so counts stay exact.
 3. `BatchIterator` (the consumer: driver, Ray Train worker, evaluator): takes marker rows out of the stream
    and counts them (`RowStats`, by reason and task, with example ids, logged), rebuilds samples for the good
-   rows and yields exactly what `ofa_model.preprocess.collate` returns. It fails with `BadDataError` when the
+   rows (normalising uint8 images) and yields exactly what `ofa_model.preprocess.collate` returns. It fails with `BadDataError` when the
    bad fraction exceeds `bad_row_threshold` at the end of the epoch (or early, once `early_check_rows` rows
    were seen, at `early_factor` times the threshold), and logs progress (rows, rate, ETA).
 
@@ -54,6 +59,7 @@ import pyarrow as pa
 import ray
 import torch
 
+from ofa_model.config import check_keys
 from ofa_model.preprocess import (
     EmptyImageError,
     ImageError,
@@ -61,7 +67,9 @@ from ofa_model.preprocess import (
     NotAnImageError,
     PreprocessConfig,
     TruncatedImageError,
+    blank_centre,
     collate,
+    normalize_pixels,
 )
 from ofa_model.tasks import TASKS, TaskInputError, TaskSpec, build_example
 from pipelines import storage
@@ -99,11 +107,14 @@ REASONS = (
     UNKNOWN_LABEL, BAD_TYPE, UNKNOWN_TASK, UNREADABLE_SHARD, BAD_ROW,
 )  # fmt: skip
 
-IMAGE_DTYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
+# image_dtype -> (numpy dtype, Arrow type) of the shipped image; "uint8" ships pixels, normalised by the consumer
+IMAGE_DTYPES = {"uint8": (np.uint8, pa.uint8()), "float32": (np.float32, pa.float32()),
+                "float16": (np.float16, pa.float16())}
 
 
-def output_schema(image_dtype: str = "float32") -> pa.Schema:
-    """Columns of the rows `build_dataset` yields (image: flattened (3, S, S) in `image_dtype`)."""
+def output_schema(image_dtype: str = "uint8") -> pa.Schema:
+    """Columns of the rows `build_dataset` yields (image: flattened (3, S, S) in `image_dtype`; image_norm:
+    mean (3) then std (3) for uint8 images, else null; image_blank: blank the centre after normalising)."""
     tokens = pa.list_(pa.int32())
     return pa.schema([
         ("id", pa.string()), ("task", pa.string()), ("seq", pa.int64()), ("span", pa.int64()),
@@ -112,6 +123,7 @@ def output_schema(image_dtype: str = "float32") -> pa.Schema:
         ("image", pa.large_list(IMAGE_DTYPES[image_dtype][1])),
         ("image_width", pa.int32()), ("image_height", pa.int32()),
         ("target_weight", pa.float32()), ("code_mask", pa.bool_()),
+        ("image_blank", pa.bool_()), ("image_norm", pa.list_(pa.float32())),
     ])  # fmt: skip
 
 
@@ -129,7 +141,8 @@ class DataConfig:
     local_shuffle_buffer: rows in the consumer's shuffle buffer (0: off). preserve_order: deterministic
     block order (same seed -> same id order) at some throughput cost. bad_row_threshold: max bad fraction
     of an epoch; early_check_rows / early_factor: fail early once that many rows were seen and the bad
-    fraction is early_factor times the threshold. image_dtype: "float32" or "float16" for image tensors.
+    fraction is early_factor times the threshold. image_dtype: what the actors ship per image: "uint8" resized
+    pixels (normalised by the consumer; 1/4 of float32's bytes), "float32" or "float16" normalised tensors.
     num_actors: (min, max) preprocessing actors; actor_num_cpus: CPUs each; rows_per_map_batch: rows per
     preprocessing call; rows_per_read_block: rows per block handed from reading to preprocessing (the unit
     of work of an actor). read_num_cpus: CPUs per read task; read_concurrency: most read tasks at once
@@ -151,7 +164,7 @@ class DataConfig:
     early_check_rows: int = 1000
     early_factor: float = 3.0
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    image_dtype: str = "float32"
+    image_dtype: str = "uint8"
     num_actors: tuple[int, int] = (1, 4)
     actor_num_cpus: float = 1.0
     rows_per_map_batch: int = 16
@@ -222,18 +235,12 @@ class DataConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
         """Build from a parsed YAML/JSON mapping; unknown keys (here, in `preprocess` or `s3`) raise ValueError."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown DataConfig keys: {unknown}; known keys: {sorted(known)}")
+        check_keys(cls, d)
         kw = dict(d)
         if isinstance(kw.get("preprocess"), Mapping):
             kw["preprocess"] = PreprocessConfig.from_dict(dict(kw["preprocess"]))
         if isinstance(kw.get("s3"), Mapping):
-            s3_known = {f.name for f in dataclasses.fields(S3Options)}
-            bad = sorted(set(kw["s3"]) - s3_known)
-            if bad:
-                raise ValueError(f"unknown DataConfig.s3 keys: {bad}; known keys: {sorted(s3_known)}")
+            check_keys(S3Options, kw["s3"], "DataConfig.s3")
             kw["s3"] = S3Options(**kw["s3"])
         return cls(**kw)
 
@@ -463,13 +470,14 @@ def check_row(spec: TaskSpec, row: Mapping[str, Any]) -> tuple[str, str] | None:
 
 
 def preprocess_row(spec: TaskSpec, row: Mapping[str, Any], vocab: Any, pcfg: PreprocessConfig, *, train: bool,
-                   rng: np.random.Generator | None) -> tuple[dict | None, str | None, str | None]:
+                   rng: np.random.Generator | None,
+                   pixels: str = "float") -> tuple[dict | None, str | None, str | None]:
     """(sample, None, None) or (None, reason, detail): `build_example` with bad input classified, never raised."""
     problem = check_row(spec, row)
     if problem is not None:
         return None, problem[0], problem[1]
     try:
-        return build_example(spec, row, vocab, pcfg, train=train, rng=rng), None, None
+        return build_example(spec, row, vocab, pcfg, train=train, rng=rng, pixels=pixels), None, None
     except (TaskInputError, ImageError, ValueError, TypeError) as exc:
         return None, classify(exc), f"{type(exc).__name__}: {exc}"
 
@@ -486,6 +494,8 @@ class _Preprocess:
         self.seed = seed
         self.epoch = epoch
         self.np_dtype = IMAGE_DTYPES[image_dtype][0]
+        self.pixels = "uint8" if image_dtype == "uint8" else "float"
+        self.norm = list(pcfg.mean + pcfg.std) if self.pixels == "uint8" else None
         self.schema = output_schema(image_dtype)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -511,6 +521,8 @@ class _Preprocess:
             cols["image_height"].append(None if size is None else size[1])
             cols["target_weight"].append(sample["target_weight"] if ok else None)
             cols["code_mask"].append(bool(sample["code_mask"]) if ok else None)
+            cols["image_blank"].append(bool(sample.get("image_blank", False)) if image is not None else None)
+            cols["image_norm"].append(self.norm if image is not None else None)
         arrays = {name: pa.array(values, type=self.schema.field(name).type) for name, values in cols.items()}
         arrays["image"] = _image_array(images, self.schema.field("image").type)
         return pa.Table.from_arrays([arrays[n] for n in self.schema.names], schema=self.schema)
@@ -522,7 +534,7 @@ class _Preprocess:
         if spec is None:
             return None, UNKNOWN_TASK, f"task {row['task']!r} is not one of {sorted(self.specs)}"
         rng = np.random.default_rng([self.seed, self.epoch, row["seq"]]) if self.train else None
-        return preprocess_row(spec, row, self.vocab, self.pcfg, train=self.train, rng=rng)
+        return preprocess_row(spec, row, self.vocab, self.pcfg, train=self.train, rng=rng, pixels=self.pixels)
 
 
 def _image_array(images: list[np.ndarray | None], type_: pa.DataType) -> pa.Array:
@@ -597,7 +609,8 @@ class StreamRow:
 class SampleStream:
     """Good samples of one DataIterator (or Dataset), in stream order; marker rows are counted as they pass.
 
-    Rows whose seq is in `skip` (a resumed epoch) are dropped silently: they were counted before.
+    Rows whose seq is in `skip` (a resumed epoch) are dropped silently: they were counted before. uint8 images
+    are normalised here with the mean and std they carry (image_norm), their centre blanked where image_blank.
     """
 
     def __init__(self, data: Any, *, fetch_rows: int = 32, local_shuffle_buffer: int = 0,
@@ -615,6 +628,7 @@ class SampleStream:
         self.log_bad_rows = log_bad_rows
         self.on_bad = on_bad  # called after each marker row (early threshold checks)
         self._logged: dict[str, int] = {}
+        self._norms: dict[tuple[float, ...], PreprocessConfig] = {}
 
     def __iter__(self) -> Iterator[StreamRow]:
         kwargs = {"batch_size": self.fetch_rows, "batch_format": "pyarrow", "prefetch_batches": self.prefetch_batches}
@@ -628,7 +642,8 @@ class SampleStream:
         cols = {n: table.column(n).to_pylist() for n in ("id", "task", "seq", "span", "ok", "reason", "detail")}
         images = _images(table.column("image"))
         lists = {n: table.column(n).to_pylist() for n in ("source", "prev_output", "target", "target_weight",
-                                                          "code_mask", "image_width", "image_height")}
+                                                          "code_mask", "image_width", "image_height",
+                                                          "image_blank", "image_norm")}
         for i in range(table.num_rows):
             seq, span = cols["seq"][i], cols["span"][i]
             if seq in self.skip:
@@ -640,11 +655,26 @@ class SampleStream:
                     self.on_bad()
                 continue
             width, height = lists["image_width"][i], lists["image_height"][i]
+            image = images[i]
+            if image is not None and image.dtype == torch.uint8:
+                image = self._normalize(image, lists["image_norm"][i], lists["image_blank"][i], cols["id"][i])
             sample = {"id": cols["id"][i], "source": lists["source"][i], "prev_output": lists["prev_output"][i],
-                      "target": lists["target"][i], "image": images[i],
+                      "target": lists["target"][i], "image": image,
                       "target_weight": lists["target_weight"][i], "code_mask": lists["code_mask"][i],
                       "image_size": None if width is None else (width, height)}
             yield StreamRow(seq, cols["id"][i], cols["task"][i], sample)
+
+    def _normalize(self, pixels: torch.Tensor, norm: list[float] | None, blank: bool | None,
+                   row_id: str | None) -> torch.Tensor:
+        """uint8 (3, S, S) -> the float32 model input, as `build_example(pixels="float")` makes it."""
+        if norm is None or len(norm) != 6:
+            raise ValueError(f"row {row_id}: a uint8 image needs image_norm (mean and std, 6 values), got {norm!r}")
+        key = tuple(norm)
+        pcfg = self._norms.get(key)
+        if pcfg is None:  # only mean and std matter to normalize_pixels; they came from the actors' config
+            pcfg = self._norms[key] = PreprocessConfig(mean=key[:3], std=key[3:])
+        image = normalize_pixels(pixels, pcfg)
+        return blank_centre(image) if blank else image
 
     def _bad(self, reason: str, row_id: str | None, task: str | None, detail: str | None, span: int) -> None:
         example = row_id if row_id is not None else (detail or "").split(": ", 1)[0]

@@ -277,6 +277,30 @@ def test_preprocess_udf_float16_images_match_build_example(vocab):
         assert torch.equal(got[key], expected[key]), key
 
 
+def test_preprocess_udf_uint8_pixels_normalise_to_build_example_exactly(vocab):
+    pcfg = PreprocessConfig(patch_image_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    noisy.save(buf, "PNG")
+    rows = [normalize_row(r) for r in good_rows() if r["task"] in ("vqa", "glue_sst2")]
+    rows.insert(2, normalize_row(row("infill/0", "image_infilling", image=buf.getvalue(), codes=[1, 2, 3])))
+    source = pa.Table.from_pylist([{**r, "seq": i, "span": 1} for i, r in enumerate(rows)], schema=SOURCE_SCHEMA)
+    out = _Preprocess(vocab, pcfg, TASKS, train=False, seed=0, epoch=0, image_dtype="uint8")(source)
+    assert out.column("ok").to_pylist() == [True] * len(rows)
+    assert out.schema.field("image").type == pa.large_list(pa.uint8())
+    assert out.column("image").combine_chunks().values.nbytes == 7 * 3 * 32 * 32  # 7 images, 1 byte per value
+    blank = [r["task"] == "image_infilling" if r["image"] is not None else None for r in rows]
+    assert out.column("image_blank").to_pylist() == blank
+    norm = np.float32([0.485, 0.456, 0.406, 0.229, 0.224, 0.225]).tolist()
+    assert out.column("image_norm").to_pylist() == [None if r["image"] is None else norm for r in rows]
+    got = list(iter_train_batches(_Batches([out]), vocab, len(rows)))[0]
+    expected = collate([build_example(TASKS[r["task"]], r, vocab, pcfg) for r in rows], vocab.pad_id)
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert value.dtype == got[key].dtype and torch.equal(value, got[key]), key
+    assert got["patch_images"][2, :, 8:24, 8:24].eq(0).all() and got["patch_images"][2, :, :8].ne(0).any()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # With Ray and S3
 
@@ -284,6 +308,7 @@ def test_preprocess_udf_float16_images_match_build_example(vocab):
 @pytest.mark.timeout(RAY_TIMEOUT)
 def test_batches_from_s3_equal_direct_preprocessing_and_bad_rows_are_counted(run, vocab, corpus):
     output, plan = run
+    assert output.schema().base_schema.field("image").type == pa.large_list(pa.uint8())  # the default ships pixels
     it = iter_train_batches(output, vocab, 4, info=plan.info, with_meta=True, bad_row_threshold=0.6)
     ids, batches = consume(it)
     rows = by_id()

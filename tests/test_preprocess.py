@@ -20,15 +20,18 @@ from ofa_model.preprocess import (
     NotAnImageError,
     PreprocessConfig,
     TruncatedImageError,
+    blank_centre,
     collate,
     decode_image,
     grounding_train_augment,
     image_to_tensor,
     load_image_tensor,
     normalize_caption,
+    normalize_pixels,
     normalize_question,
     normalize_text,
     pad_sequences,
+    resize_pixels,
     resize_with_boxes,
 )
 
@@ -245,6 +248,54 @@ def test_image_to_tensor_layout_and_custom_mean_std():
     expected = (arr.transpose(2, 0, 1) / 255.0 - np.array(cfg.mean)[:, None, None]) / np.array(cfg.std)[:, None, None]
     np.testing.assert_allclose(t.numpy(), expected, rtol=0, atol=1e-6)
     assert t[2, 1, 3].item() == pytest.approx((arr[1, 3, 2] / 255 - 0.406) / 0.225, abs=1e-6)
+
+
+def _old_image_to_tensor(img, cfg):
+    """image_to_tensor as it was before the resize / normalise split (the reference it must still equal)."""
+    size = cfg.patch_image_size
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
+    return x.sub_(mean).div_(std).contiguous()
+
+
+def test_resize_then_normalize_equals_image_to_tensor_bit_for_bit():
+    rng = np.random.default_rng(0)
+    cfg = PreprocessConfig(patch_image_size=24, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    for shape in ((31, 17), (24, 24)):  # resized, and used as is
+        img = Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8))
+        pixels = resize_pixels(img, cfg)
+        assert pixels.dtype == torch.uint8 and pixels.shape == (3, 24, 24) and pixels.is_contiguous()
+        expected_pixels = np.array(img.resize((24, 24), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+        assert np.array_equal(pixels.numpy(), expected_pixels)
+        old = _old_image_to_tensor(img, cfg)
+        assert torch.equal(normalize_pixels(pixels, cfg), old) and torch.equal(image_to_tensor(img, cfg), old)
+    assert torch.equal(image_to_tensor(img, CFG), _old_image_to_tensor(img, CFG))  # default mean = std = 0.5
+
+
+def test_normalize_pixels_batch_equals_per_image_and_hand_values():
+    cfg = PreprocessConfig(patch_image_size=6, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    batch = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (5, 3, 6, 6), dtype=np.uint8))
+    out = normalize_pixels(batch, cfg)
+    assert out.dtype == torch.float32 and out.shape == (5, 3, 6, 6)
+    for i in range(5):
+        assert torch.equal(out[i], normalize_pixels(batch[i], cfg))
+    ends = normalize_pixels(torch.tensor([0, 255], dtype=torch.uint8).view(1, 2, 1).expand(3, 2, 1), CFG)
+    assert ends.flatten().tolist() == [-1.0, 1.0] * 3  # (0 - .5) / .5 and (1 - .5) / .5
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_pixels(batch.float(), cfg)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 3, S, S\)"):
+        normalize_pixels(batch[:, :2], cfg)
+    with pytest.raises(ValueError, match="RGB"):
+        resize_pixels(Image.new("L", (4, 4)), cfg)
+
+
+def test_blank_centre_zeroes_the_middle_square_in_place():
+    images = torch.ones(2, 3, 8, 8)
+    assert blank_centre(images) is images
+    assert images[:, :, 2:6, 2:6].eq(0).all() and images.sum() == 2 * 3 * (64 - 16)
 
 
 def test_image_to_tensor_rejects_non_rgb():

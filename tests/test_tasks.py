@@ -4,9 +4,10 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from ofa_model.preprocess import PreprocessConfig
+from ofa_model.preprocess import PreprocessConfig, blank_centre, normalize_pixels
 from ofa_model.tasks import (
     TASKS,
     TaskInputError,
@@ -161,6 +162,38 @@ def test_codes_and_detection_targets(vocab):
 def test_image_infilling_blanks_the_centre(vocab):
     ex = build_example(TASKS["image_infilling"], {"image": png((64, 64)), "codes": list(range(4))}, vocab, PCFG)
     assert ex["image"][:, 16:48, 16:48].abs().sum() == 0 and ex["image"][:, :16].abs().sum() > 0
+
+
+def noisy_png(size=(80, 60), seed=0) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_uint8_pixels_normalise_to_the_float_image_bit_for_bit(vocab):
+    pcfg = PreprocessConfig(patch_image_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    cases = [("caption", {"target": "a cat"}, False), ("image_infilling", {"codes": [1, 2]}, False),
+             ("grounding", {"text": "it", "box": [10, 5, 60, 40]}, True)]  # train: random crop, same rng seed
+    for name, fields, train in cases:
+        row = {"image": noisy_png(), **fields}
+        kw = {"train": train, "rng": np.random.default_rng(7)} if train else {}
+        ref = build_example(TASKS[name], row, vocab, pcfg, **kw)
+        kw = {"train": train, "rng": np.random.default_rng(7)} if train else {}
+        got = build_example(TASKS[name], row, vocab, pcfg, pixels="uint8", **kw)
+        assert got["image"].dtype == torch.uint8 and got["image"].shape == (3, 32, 32)
+        assert got["image_blank"] is (name == "image_infilling")
+        image = normalize_pixels(got["image"], pcfg)
+        if got["image_blank"]:
+            assert not torch.equal(image, ref["image"])  # the centre is still there before blanking
+            blank_centre(image)
+        assert torch.equal(image, ref["image"]), name
+        assert {k: v for k, v in got.items() if k not in ("image", "image_blank")} == \
+            {k: v for k, v in ref.items() if k != "image"}
+    text = build_example(TASKS["glue_sst2"], {"text": "fine", "target": "positive"}, vocab, pcfg, pixels="uint8")
+    assert text["image"] is None and text["image_blank"] is False
+    with pytest.raises(ValueError, match="pixels must be one of"):
+        build_example(TASKS["caption"], {"image": png(), "target": "x"}, vocab, pcfg, pixels="float16")
 
 
 def test_grounded_caption_renders_region_bins(vocab):
