@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         ray.init()
     try:
         summary = inspect(cfg, Vocabulary.gpt2(), limit=args.limit)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # FileNotFoundError, S3 and permission errors included
         raise SystemExit(f"inspect_data: {exc}") from exc
     print(json.dumps(summary, indent=2))
 

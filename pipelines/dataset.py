@@ -646,13 +646,14 @@ class SampleStream:
                                                           "image_blank", "image_norm")}
         for i in range(table.num_rows):
             seq, span = cols["seq"][i], cols["span"][i]
-            if seq in self.skip:
+            if not cols["ok"][i]:  # a marker may stand for many rows: count only those not consumed before
+                for a, b in self.skip.gaps(seq, seq + span):
+                    self._bad(cols["reason"][i], cols["id"][i], cols["task"][i], cols["detail"][i], b - a)
+                    self.consumed.add(a, b)
+                    if self.on_bad is not None:
+                        self.on_bad()
                 continue
-            if not cols["ok"][i]:
-                self._bad(cols["reason"][i], cols["id"][i], cols["task"][i], cols["detail"][i], span)
-                self.consumed.add(seq, seq + span)
-                if self.on_bad is not None:
-                    self.on_bad()
+            if seq in self.skip:
                 continue
             width, height = lists["image_width"][i], lists["image_height"][i]
             image = images[i]
@@ -809,9 +810,17 @@ class BatchIterator:
         return batch
 
     def _check_early(self) -> None:
+        """Fail before the end of the epoch only when the epoch can no longer stay under the threshold
+        (bad rows already exceed threshold * epoch rows), or, without a known epoch size, when the bad
+        fraction is far above it after enough rows."""
         s = self.stats
-        if (self.threshold is not None and s.rows >= self.early_check_rows
-                and s.bad_fraction > min(1.0, self.early_factor * self.threshold)):
+        if self.threshold is None or s.rows < self.early_check_rows:
+            return
+        total = self.info.total_rows if self.info is not None else None
+        if total:
+            if s.bad > self.threshold * total:
+                raise BadDataError(s, self.threshold, early=True)
+        elif s.bad_fraction > min(1.0, self.early_factor * self.threshold):
             raise BadDataError(s, self.threshold, early=True)
 
     def _check_end(self) -> None:

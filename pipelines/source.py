@@ -285,7 +285,7 @@ def _read_shard(shard: ShardRead, s3: S3Options | None, skip: SeqSet, retries: i
                     if block.num_rows:
                         yield block
                 pos = stop
-    except Exception as exc:  # any failure to read a shard is bad data, reported as such
+    except (OSError, pa.ArrowException, ValueError) as exc:  # the shard cannot be read: bad data, counted
         detail = f"{name}: {type(exc).__name__}: {storage.redact(str(exc))}"
         logger.warning("unreadable shard %s", detail)
         rows = [{"id": None, "task": shard.task, "split": shard.split, "seq": a, "span": b - a,

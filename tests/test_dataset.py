@@ -454,3 +454,46 @@ def test_doctor_prints_exact_json(corpus, tmp_path, capsys, ray_cluster):
                                        "not_an_image": 1, "truncated_image": 1}
     assert report["bad_examples"]["missing_field"] == ["bad/missing_text"]
     assert report["rows_per_s"] > 0
+
+
+class _Blocks:
+    """Stands in for a Ray DataIterator: yields prepared output tables."""
+
+    def __init__(self, tables):
+        self.tables = tables
+
+    def iter_batches(self, **kw):
+        yield from self.tables
+
+
+def _marker(seq, span):
+    from pipelines.dataset import output_schema
+
+    schema = output_schema()
+    row = {"task": "caption", "seq": seq, "span": span, "ok": False, "reason": "unreadable_shard",
+           "detail": "s3://b/x.parquet: OSError"}
+    return pa.Table.from_pydict({n: [row.get(n)] for n in schema.names}, schema=schema)
+
+
+@pytest.mark.parametrize("consumed", [((0, 50),), ((50, 100),), ((20, 30), (60, 70))])
+def test_resumed_consumer_counts_each_row_of_a_marker_once(consumed):
+    from pipelines.dataset import BatchIterator, EpochInfo, ResumeState, RowStats
+
+    before = sum(b - a for a, b in consumed)
+    state = ResumeState(0, "k", consumed, RowStats(ok=before, ok_by_task={"caption": before}).to_dict())
+    it = BatchIterator(_Blocks([_marker(0, 100)]), 0, 4, info=EpochInfo("k", 0, 100), resume=state,
+                       bad_row_threshold=None)
+    list(it)
+    assert it.stats.rows == 100 and it.stats.bad == 100 - before
+    assert it.resume_state().consumed == ((0, 100),)
+
+
+def test_an_unreadable_shard_first_does_not_fail_an_epoch_that_stays_under_the_threshold():
+    from pipelines.dataset import BatchIterator, EpochInfo
+
+    # 10 of 1000 rows in one unreadable shard arriving first: 1.0% is not over a 1% threshold
+    it = BatchIterator(_Blocks([_marker(0, 10)]), 0, 4, info=EpochInfo("k", 0, 1000), bad_row_threshold=0.01,
+                       early_check_rows=5)
+    with pytest.raises(BadDataError, match="at the end of the epoch"):  # not early: only 10 rows exist here
+        list(it)
+    assert it.stats.bad == 10
