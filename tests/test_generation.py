@@ -40,8 +40,8 @@ def batch():
 def test_beam_one_equals_greedy(model, batch):
     src, img = batch
     greedy = generate(model, src, img, cfg=GenerationConfig(beam_size=1, max_len_b=12), ids=IDS)
-    beam1 = generate(model, src, img, cfg=GenerationConfig(beam_size=2, max_len_b=12), ids=IDS)
-    from ofa_model import generation
+    beam2 = generate(model, src, img, cfg=GenerationConfig(beam_size=2, max_len_b=12), ids=IDS)
+    from ofa_model import generation  # generate() routes beam_size=1 to greedy: run the beam code itself
 
     res = generation._beam(model, model.encode(src, img), torch.zeros(4, 1, dtype=torch.long),
                            None, generation._Stepper(GenerationConfig(beam_size=1, max_len_b=12), IDS, 59457, 12),
@@ -49,7 +49,7 @@ def test_beam_one_equals_greedy(model, batch):
     assert [h[0].tokens for h in res] == [h[0].tokens for h in greedy]
     assert all(len(h[0].tokens) > 0 for h in greedy)
     # a wider beam never finds a worse sequence than greedy (scores normalised the same way)
-    assert all(b[0].score >= g[0].score - 1e-6 for b, g in zip(beam1, greedy, strict=True))
+    assert all(b[0].score >= g[0].score - 1e-6 for b, g in zip(beam2, greedy, strict=True))
 
 
 def test_beam_scores_are_log_probabilities(model, batch):
