@@ -75,7 +75,10 @@ _WS = re.compile(r"\s+")
 
 
 class ImageError(ValueError):
-    """An image could not be used. ``source`` (example id or path) is kept and named in the message."""
+    """An image could not be used. ``source`` (example id or path) is kept and named in the message.
+    ``reason`` is a short code data pipelines count bad rows by."""
+
+    reason = "bad_image"
 
     def __init__(self, what: str, source: str | None = None) -> None:
         self.what = what
@@ -86,17 +89,25 @@ class ImageError(ValueError):
 class EmptyImageError(ImageError):
     """The image payload has zero bytes."""
 
+    reason = "empty_image"
+
 
 class NotAnImageError(ImageError):
     """The bytes are not an image in a supported format (bad magic, e.g. a text file)."""
+
+    reason = "not_an_image"
 
 
 class TruncatedImageError(ImageError):
     """The image header was recognised but the file is cut short or its stream is corrupt."""
 
+    reason = "truncated_image"
+
 
 class ImageTooLargeError(ImageError):
     """The payload exceeds ``max_image_bytes`` or the header declares more than ``max_image_pixels`` pixels."""
+
+    reason = "image_too_large"
 
 
 # ---------------------------------------------------------------------------------------------------------------

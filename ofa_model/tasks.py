@@ -51,8 +51,17 @@ NORMALIZERS = {
 }
 
 
+# Reasons a row cannot be used; data pipelines count bad rows by these codes.
+MISSING_FIELD, EMPTY_TEXT, BAD_TYPE, BAD_BOX, UNKNOWN_LABEL, BAD_ROW = (
+    "missing_field", "empty_text", "bad_type", "bad_box", "unknown_label", "bad_row")
+
+
 class TaskInputError(ValueError):
-    """A row or request does not fit its task; says which field and why."""
+    """A row or request does not fit its task; the message says which field and why, `reason` is a code."""
+
+    def __init__(self, message: str, reason: str = BAD_ROW):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -236,10 +245,12 @@ def parse_instruction(line: str, name: str = "custom") -> TaskSpec:
 
 def _field(row: Mapping[str, Any], name: str, task: str) -> Any:
     if name not in row:
-        raise TaskInputError(f"task {task}: field {name!r} is missing (row has {sorted(row)})")
+        raise TaskInputError(f"task {task}: field {name!r} is missing (row has {sorted(row)})", MISSING_FIELD)
     value = row[name]
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise TaskInputError(f"task {task}: field {name!r} is empty")
+    if value is None:
+        raise TaskInputError(f"task {task}: field {name!r} is missing (null)", MISSING_FIELD)
+    if isinstance(value, str) and not value.strip():
+        raise TaskInputError(f"task {task}: field {name!r} is empty", EMPTY_TEXT)
     return value
 
 
@@ -247,10 +258,10 @@ def _box(value: Any, task: str, name: str) -> np.ndarray:
     try:
         box = np.asarray(value, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError) as e:
-        raise TaskInputError(f"task {task}: field {name!r} is not a box: {value!r}") from e
+        raise TaskInputError(f"task {task}: field {name!r} is not a box: {value!r}", BAD_BOX) from e
     if box.shape != (4,) or not np.isfinite(box).all() or box[2] <= box[0] or box[3] <= box[1]:
         raise TaskInputError(f"task {task}: field {name!r} must be x0, y0, x1, y1 with x1 > x0 and y1 > y0, "
-                             f"got {value!r}")
+                             f"got {value!r}", BAD_BOX)
     return box
 
 
@@ -265,10 +276,14 @@ def source_text(spec: TaskSpec, row: Mapping[str, Any], pcfg: PreprocessConfig) 
     for ph, col in spec.slots:
         value = _field(row, col, spec.name)
         if not isinstance(value, str):
-            raise TaskInputError(f"task {spec.name}: field {col!r} must be text, got {type(value).__name__}")
-        values[ph] = norm(value, max_words=pcfg.max_src_length) if spec.slot_norm != "none" else value
+            raise TaskInputError(f"task {spec.name}: field {col!r} must be text, got {type(value).__name__}",
+                                 BAD_TYPE)
+        try:
+            values[ph] = norm(value, max_words=pcfg.max_src_length) if spec.slot_norm != "none" else value
+        except ValueError as e:  # e.g. a question with nothing left after normalisation
+            raise TaskInputError(f"task {spec.name}: field {col!r}: {e}", EMPTY_TEXT) from e
         if not values[ph]:
-            raise TaskInputError(f"task {spec.name}: field {col!r} is empty after normalisation")
+            raise TaskInputError(f"task {spec.name}: field {col!r} is empty after normalisation", EMPTY_TEXT)
     return spec.prompt.format(**values)
 
 
@@ -278,13 +293,14 @@ def _load_image(spec, row, pcfg, train, rng, box=None, pixels="float"):
     data = _field(row, spec.image_field, spec.name)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TaskInputError(f"task {spec.name}: field {spec.image_field!r} must be image bytes, "
-                             f"got {type(data).__name__}")
+                             f"got {type(data).__name__}", BAD_TYPE)
     img = decode_image(bytes(data), pcfg, source=str(row.get("id")) if row.get("id") is not None else None)
     size = img.size
     s = pcfg.patch_image_size
     if box is not None:
         if box[0] < -1 or box[1] < -1 or box[2] > size[0] + 1 or box[3] > size[1] + 1:
-            raise TaskInputError(f"task {spec.name}: box {box.tolist()} lies outside the {size[0]}x{size[1]} image")
+            raise TaskInputError(f"task {spec.name}: box {box.tolist()} lies outside the {size[0]}x{size[1]} image",
+                                 BAD_BOX)
         if train and rng is not None:
             img, box = grounding_train_augment(img, box, pcfg, rng)
             size_after = img.size
@@ -327,7 +343,7 @@ def text_target_tokens(spec: TaskSpec, text: str, vocab, pcfg: PreprocessConfig)
     norm = NORMALIZERS[spec.target_norm]
     text = norm(text, max_words=pcfg.max_tgt_length) if spec.target_norm != "none" else text
     if not text:
-        raise TaskInputError(f"task {spec.name}: target is empty after normalisation")
+        raise TaskInputError(f"task {spec.name}: target is empty after normalisation", EMPTY_TEXT)
     return _truncate(vocab.encode((" " if spec.target_space else "") + text), pcfg.max_tgt_length)
 
 
@@ -344,7 +360,7 @@ def _infill_tokens(spec: TaskSpec, row: Mapping[str, Any], vocab) -> list[int]:
     """BPE ids of the (normalised) text to infill: its last 256 tokens, as OFA keeps them."""
     text = _field(row, spec.target_field, spec.name)
     if not isinstance(text, str):
-        raise TaskInputError(f"task {spec.name}: field {spec.target_field!r} must be text")
+        raise TaskInputError(f"task {spec.name}: field {spec.target_field!r} must be text", BAD_TYPE)
     return vocab.encode(" " + NORMALIZERS[spec.target_norm](text))[-256:]
 
 
@@ -446,7 +462,7 @@ def _target_tokens(spec, row, vocab, pcfg, box, image_size) -> list[int]:
         codes = _field(row, spec.target_field, spec.name)
         codes = [int(c) for c in codes]
         if any(not 0 <= c < vocab.num_codes for c in codes):
-            raise TaskInputError(f"task {spec.name}: codes must lie in [0, {vocab.num_codes})")
+            raise TaskInputError(f"task {spec.name}: codes must lie in [0, {vocab.num_codes})", BAD_TYPE)
         return [vocab.code_id(c) for c in codes]
     if kind == "objects":
         boxes = _field(row, "object_boxes", spec.name)
@@ -463,9 +479,9 @@ def _target_tokens(spec, row, vocab, pcfg, box, image_size) -> list[int]:
         return _truncate(out, pcfg.max_tgt_length * 4)
     text = _field(row, spec.target_field, spec.name)
     if not isinstance(text, str):
-        raise TaskInputError(f"task {spec.name}: field {spec.target_field!r} must be text")
+        raise TaskInputError(f"task {spec.name}: field {spec.target_field!r} must be text", BAD_TYPE)
     if kind == "label" and spec.labels and text not in spec.labels:
-        raise TaskInputError(f"task {spec.name}: label {text!r} is not one of {list(spec.labels)}")
+        raise TaskInputError(f"task {spec.name}: label {text!r} is not one of {list(spec.labels)}", UNKNOWN_LABEL)
     return text_target_tokens(spec, text, vocab, pcfg)
 
 

@@ -71,7 +71,13 @@ from ofa_model.preprocess import (
     collate,
     normalize_pixels,
 )
-from ofa_model.tasks import TASKS, TaskInputError, TaskSpec, build_example
+from ofa_model.tasks import (  # BAD_ROW: any other ValueError
+    BAD_ROW,
+    TASKS,
+    TaskInputError,
+    TaskSpec,
+    build_example,
+)
 from pipelines import storage
 from pipelines.schema import (
     BAD_BOX,
@@ -95,13 +101,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # --- bad-row reasons at the preprocessing stage ------------------------------------------------------------
-# The shared codes of pipelines.schema where one fits, plus the ones only decoding/preprocessing can find.
-IMAGE_TOO_LARGE = "image_too_large"  # payload bytes or header pixels over the PreprocessConfig limits
-EMPTY_IMAGE = "empty_image"  # a zero-byte image payload
-NOT_AN_IMAGE = "not_an_image"  # bytes that are not a supported image format
-TRUNCATED_IMAGE = "truncated_image"  # a recognised image that is cut short or corrupt
+# The shared codes of pipelines.schema, plus the ones only decoding/preprocessing can find; ofa_model's errors
+# carry their code (`reason`), so it is named here, not restated.
+IMAGE_TOO_LARGE = ImageTooLargeError.reason  # payload bytes or header pixels over the PreprocessConfig limits
+EMPTY_IMAGE = EmptyImageError.reason  # a zero-byte image payload
+NOT_AN_IMAGE = NotAnImageError.reason  # bytes that are not a supported image format
+TRUNCATED_IMAGE = TruncatedImageError.reason  # a recognised image that is cut short or corrupt
 UNKNOWN_TASK = "unknown_task"  # a row whose task is not a known TaskSpec
-BAD_ROW = "bad_row"  # any other ValueError from the task code
 REASONS = (
     BAD_IMAGE, IMAGE_TOO_LARGE, EMPTY_IMAGE, NOT_AN_IMAGE, TRUNCATED_IMAGE, MISSING_FIELD, EMPTY_TEXT, BAD_BOX,
     UNKNOWN_LABEL, BAD_TYPE, UNKNOWN_TASK, UNREADABLE_SHARD, BAD_ROW,
@@ -418,64 +424,19 @@ def plan_epoch(cfg: DataConfig, *, split: str | Sequence[str] | None = None, tra
 # Stage 2: preprocessing on an actor pool
 
 
-def _required(spec: TaskSpec) -> list[str]:
-    """Row fields `build_example` will insist on for `spec` (used to name missing/empty ones precisely)."""
-    names = [col for _, col in spec.slots]
-    if spec.image_field is not None:
-        names.append(spec.image_field)
-    if spec.region_field is not None:
-        names.append(spec.region_field)
-    if spec.target_kind == "objects":
-        names += ["object_boxes", "object_labels"]
-    else:
-        names.append(spec.target_field)
-    return list(dict.fromkeys(names))
-
-
-_IMAGE_REASONS = ((EmptyImageError, EMPTY_IMAGE), (NotAnImageError, NOT_AN_IMAGE),
-                  (TruncatedImageError, TRUNCATED_IMAGE), (ImageTooLargeError, IMAGE_TOO_LARGE))
-
-
 def classify(exc: BaseException) -> str:
-    """The bad-row reason for an exception raised while preprocessing a row."""
-    if isinstance(exc, ImageError):
-        return next((reason for cls, reason in _IMAGE_REASONS if isinstance(exc, cls)), BAD_IMAGE)
-    if isinstance(exc, TypeError):
-        return BAD_TYPE
-    msg = str(exc)
-    if isinstance(exc, TaskInputError):
-        for needle, reason in (("box", BAD_BOX), ("is not one of", UNKNOWN_LABEL), ("after normalisation", EMPTY_TEXT),
-                               ("is missing", MISSING_FIELD), ("is empty", MISSING_FIELD),
-                               ("must be text", BAD_TYPE), ("must be image bytes", BAD_TYPE)):
-            if needle in msg:
-                return reason
-        return BAD_ROW
-    if "empty after normalisation" in msg:  # normalize_question
-        return EMPTY_TEXT
-    return BAD_ROW
-
-
-def check_row(spec: TaskSpec, row: Mapping[str, Any]) -> tuple[str, str] | None:
-    """(reason, detail) when a field `spec` needs is null (missing_field), blank text (empty_text) or of the
-    wrong type (bad_type); None when the row can go to build_example."""
-    for name in _required(spec):
-        value = row.get(name)
-        if value is None:
-            return MISSING_FIELD, f"task {spec.name}: field {name!r} is missing (null)"
-        if isinstance(value, str) and not value.strip():
-            return EMPTY_TEXT, f"task {spec.name}: field {name!r} is empty"
-        if name == spec.image_field and not isinstance(value, (bytes, bytearray, memoryview)):
-            return BAD_TYPE, f"task {spec.name}: field {name!r} must be image bytes, got {type(value).__name__}"
-    return None
+    """The bad-row reason of an exception raised while preprocessing a row: the `reason` code that
+    ofa_model's TaskInputError and ImageError carry; bad_type for a TypeError; bad_row otherwise."""
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, str) and reason in REASONS:
+        return reason
+    return BAD_TYPE if isinstance(exc, TypeError) else BAD_ROW
 
 
 def preprocess_row(spec: TaskSpec, row: Mapping[str, Any], vocab: Any, pcfg: PreprocessConfig, *, train: bool,
                    rng: np.random.Generator | None,
                    pixels: str = "float") -> tuple[dict | None, str | None, str | None]:
     """(sample, None, None) or (None, reason, detail): `build_example` with bad input classified, never raised."""
-    problem = check_row(spec, row)
-    if problem is not None:
-        return None, problem[0], problem[1]
     try:
         return build_example(spec, row, vocab, pcfg, train=train, rng=rng, pixels=pixels), None, None
     except (TaskInputError, ImageError, ValueError, TypeError) as exc:
