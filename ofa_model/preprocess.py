@@ -22,7 +22,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ofa_model import errors
 from ofa_model.config import check_keys
+from ofa_model.errors import InputError
 
 __all__ = [
     "SUPPORTED_FORMATS",
@@ -74,11 +76,11 @@ _WS = re.compile(r"\s+")
 # Errors
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """An image could not be used. ``source`` (example id or path) is kept and named in the message.
     ``reason`` is a short code data pipelines count bad rows by."""
 
-    reason = "bad_image"
+    reason = errors.BAD_IMAGE
 
     def __init__(self, what: str, source: str | None = None) -> None:
         self.what = what
@@ -89,25 +91,25 @@ class ImageError(ValueError):
 class EmptyImageError(ImageError):
     """The image payload has zero bytes."""
 
-    reason = "empty_image"
+    reason = errors.EMPTY_IMAGE
 
 
 class NotAnImageError(ImageError):
     """The bytes are not an image in a supported format (bad magic, e.g. a text file)."""
 
-    reason = "not_an_image"
+    reason = errors.NOT_AN_IMAGE
 
 
 class TruncatedImageError(ImageError):
     """The image header was recognised but the file is cut short or its stream is corrupt."""
 
-    reason = "truncated_image"
+    reason = errors.TRUNCATED_IMAGE
 
 
 class ImageTooLargeError(ImageError):
     """The payload exceeds ``max_image_bytes`` or the header declares more than ``max_image_pixels`` pixels."""
 
-    reason = "image_too_large"
+    reason = errors.IMAGE_TOO_LARGE
 
 
 # ---------------------------------------------------------------------------------------------------------------

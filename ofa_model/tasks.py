@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ofa_model.errors import BAD_BOX, BAD_TYPE, EMPTY_TEXT, MISSING_FIELD, UNKNOWN_LABEL, InputError
 from ofa_model.generation import Constraint, GenerationConfig, PrefixTrie
 from ofa_model.preprocess import (
     PreprocessConfig,
@@ -51,17 +52,8 @@ NORMALIZERS = {
 }
 
 
-# Reasons a row cannot be used; data pipelines count bad rows by these codes.
-MISSING_FIELD, EMPTY_TEXT, BAD_TYPE, BAD_BOX, UNKNOWN_LABEL, BAD_ROW = (
-    "missing_field", "empty_text", "bad_type", "bad_box", "unknown_label", "bad_row")
-
-
-class TaskInputError(ValueError):
+class TaskInputError(InputError):
     """A row or request does not fit its task; the message says which field and why, `reason` is a code."""
-
-    def __init__(self, message: str, reason: str = BAD_ROW):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -71,8 +71,8 @@ from ofa_model.preprocess import (
     collate,
     normalize_pixels,
 )
-from ofa_model.tasks import (  # BAD_ROW: any other ValueError
-    BAD_ROW,
+from ofa_model.errors import BAD_ROW
+from ofa_model.tasks import (
     TASKS,
     TaskInputError,
     TaskSpec,

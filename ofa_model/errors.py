@@ -1,0 +1,43 @@
+"""The project's input errors: one home for every "this input cannot be used" failure and its reason code.
+
+An `InputError` means the input (a data row, a request item, a file a user handed us) is wrong, never that our
+code is. Data pipelines count bad rows by `reason`; the predictor answers a bad item with
+`{"error": {"type": <class name>, "reason": <code>, "message": <text>}}` (see `error_dict`) and Serve maps it to
+a 4xx. Anything that is not an `InputError` is a bug and must propagate: never catch bare ValueError/TypeError
+to decide "bad input".
+
+Reason codes are stable, machine-readable strings; add new ones here, never spell them elsewhere.
+"""
+
+from __future__ import annotations
+
+# --- reason codes ---------------------------------------------------------------------------------------
+# rows and request items
+MISSING_FIELD = "missing_field"  # a field the task needs is absent or null
+EMPTY_TEXT = "empty_text"  # a required text is blank
+BAD_TYPE = "bad_type"  # a value of the wrong type, or out of the range the schema can hold
+BAD_BOX = "bad_box"  # a box that is not 4 finite numbers with x0 < x1 and y0 < y1
+UNKNOWN_LABEL = "unknown_label"  # a label outside the task's label set
+BAD_ROW = "bad_row"  # any other way a row does not fit its task
+# images
+BAD_IMAGE = "bad_image"  # an image that cannot be used (generic)
+EMPTY_IMAGE = "empty_image"  # a zero-byte image payload
+NOT_AN_IMAGE = "not_an_image"  # bytes that are not an image in a supported format
+TRUNCATED_IMAGE = "truncated_image"  # a recognised image that is cut short or corrupt
+IMAGE_TOO_LARGE = "image_too_large"  # payload bytes or header pixels over the configured limits
+
+
+class InputError(ValueError):
+    """An input that cannot be used; the message names what and where, `reason` is a stable code."""
+
+    reason: str = BAD_ROW
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+def error_dict(exc: InputError) -> dict[str, dict[str, str]]:
+    """The one JSON error shape: `{"error": {"type", "reason", "message"}}`."""
+    return {"error": {"type": type(exc).__name__, "reason": exc.reason, "message": str(exc)}}
