@@ -1,0 +1,80 @@
+"""Training losses with OFA's semantics.
+
+`label_smoothed_nll` is OFA's `label_smoothed_nll_loss`:
+
+* log-probabilities are taken after disallowed tokens are masked to -inf (`allowed`, when a task constrains its
+  targets: VQA answers, entailment and GLUE labels, image codes), so the softmax runs over the allowed set only;
+* they are scaled by the sample's confidence (`weights`: VQA answer confidence) before the loss;
+* per token: `(1 - eps - eps_i) * nll + eps_i * smooth`, where `smooth` is minus the sum of the log-probabilities
+  of the allowed tokens and `eps_i = eps / (n_allowed - 1)` (the whole vocabulary when unconstrained);
+* after `drop_worst_ratio` is switched on (the trainer does so after `drop_worst_after` updates), the worst
+  tokens of the batch (highest loss, pad excluded) are dropped and only the lowest `1 - ratio` fraction is kept.
+
+The loss is a sum over the kept tokens; the trainer divides by the number of target tokens it reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LossOut:
+    loss: torch.Tensor  # scalar: sum over kept tokens of the smoothed loss
+    nll: torch.Tensor  # scalar: sum over kept tokens of the plain negative log-likelihood
+    ntokens: int  # tokens kept (non-pad, after drop-worst)
+
+
+def label_smoothed_nll(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    pad_id: int,
+    epsilon: float = 0.0,
+    weights: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
+    drop_worst_ratio: float = 0.0,
+) -> LossOut:
+    """Loss of `logits` (B, T, V) against `target` (B, T) (pad positions ignored).
+
+    weights: (B,) per-sample confidence, multiplies the log-probabilities. allowed: bool (V,) shared by every
+    position, or (B, T, V) per position; the target must be allowed wherever it is not pad.
+    """
+    if logits.ndim != 3 or target.shape != logits.shape[:2]:
+        raise ValueError(f"logits (B, T, V) and target (B, T) expected, got {tuple(logits.shape)} / "
+                         f"{tuple(target.shape)}")
+    if not 0.0 <= epsilon < 1.0 or not 0.0 <= drop_worst_ratio < 1.0:
+        raise ValueError(f"need 0 <= epsilon < 1 and 0 <= drop_worst_ratio < 1, got {epsilon}, {drop_worst_ratio}")
+    logits = logits.float()
+    vocab = logits.shape[-1]
+    if allowed is not None:
+        allowed = allowed.to(device=logits.device, dtype=torch.bool)
+        if allowed.shape not in ((vocab,), logits.shape):
+            raise ValueError(f"allowed must be (V,) or (B, T, V), got {tuple(allowed.shape)}")
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    lprobs = logits.log_softmax(-1)  # (B, T, V)
+    if weights is not None:
+        lprobs = lprobs * weights.to(lprobs).view(-1, 1, 1)
+
+    keep = target.ne(pad_id)  # (B, T)
+    tgt = target.masked_fill(~keep, 0)
+    nll = -lprobs.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    if allowed is None:
+        smooth = -lprobs.sum(-1)
+        n_allowed = torch.full_like(smooth, float(vocab))
+    else:
+        smooth = -lprobs.masked_fill(~allowed, 0.0).sum(-1)
+        n_allowed = allowed.sum(-1).to(smooth).expand_as(smooth)
+    eps_i = epsilon / (n_allowed - 1).clamp_min(1.0)
+    loss = (1.0 - epsilon - eps_i) * nll + eps_i * smooth  # (B, T)
+
+    loss, nll = loss[keep], nll[keep]  # (N,) tokens of the batch
+    if not torch.isfinite(loss).all():
+        raise ValueError("a target token is not in the allowed set (its log-probability is -inf)")
+    if drop_worst_ratio > 0.0 and loss.numel() > 0:
+        k = int(loss.numel() * (1.0 - drop_worst_ratio))
+        loss, idx = torch.topk(loss, k, largest=False)
+        nll = nll[idx]
+    return LossOut(loss.sum(), nll.sum(), int(loss.numel()))
