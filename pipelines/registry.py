@@ -1,0 +1,155 @@
+"""Model sources: a bundle directory or an MLflow registry URI, and the registry's `champion` rule.
+
+    resolve_model("bundles/ofa-tiny")              # a local bundle directory, used in place
+    resolve_model("models:/ofa-vqa@champion")      # an alias ...
+    resolve_model("models:/ofa-vqa/3")             # ... or a version: downloaded once into the cache
+
+A registered version's `source` is the bundle directory logged as run artifacts (`register_bundle`). Versions
+are immutable, so a download is cached by (name, version) and written atomically (temporary directory, then
+rename): two processes resolving the same version at once both end with a complete copy.
+
+The `champion` alias moves only when a new version's validation metric beats the current champion's
+(`promote_if_better`); the metric and its direction are tags on every version, so the rule needs no run lookup.
+
+This is the one module of `pipelines` that `serve_app` may import.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+logger = logging.getLogger(__name__)
+
+MODELS_URI = re.compile(r"^models:/(?P<name>[A-Za-z0-9][\w.\-]*)(?:@(?P<alias>[A-Za-z0-9][\w\-]*)|/(?P<version>\d+))$")
+CHAMPION = "champion"
+METRIC_TAG, MODE_TAG = "metric_name", "metric_mode"  # version tags: which metric decides, and "max" or "min"
+DEFAULT_CACHE = Path(os.environ.get("OFA_MODEL_CACHE", Path.home() / ".cache" / "ofa-ray" / "models"))
+
+
+class ModelSourceError(ValueError):
+    """A model URI that is malformed, names nothing, or points at something that is not a bundle."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path  # a local bundle directory
+    uri: str  # what was asked for
+    name: str | None = None  # registered model name (None for a plain directory)
+    version: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def tracking_uri(configured: str | None = None) -> str:
+    """The tracking URI: the configured one, else MLFLOW_TRACKING_URI, else sqlite in the working directory."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def _client(uri: str | None) -> MlflowClient:
+    resolved = tracking_uri(uri)
+    return MlflowClient(tracking_uri=resolved, registry_uri=resolved)
+
+
+def resolve_model(uri: str, *, tracking: str | None = None, cache_dir: str | Path | None = None) -> ResolvedModel:
+    """A local bundle directory for `uri` (see the module docstring)."""
+    if not isinstance(uri, str) or not uri:
+        raise ModelSourceError(f"a model is a bundle directory or models:/name@alias, got {uri!r}")
+    if not uri.startswith("models:"):
+        path = Path(uri).expanduser()
+        if not (path.is_dir() and (path / "config.json").is_file()):
+            raise ModelSourceError(f"{uri}: not a bundle directory (a directory holding config.json)")
+        return ResolvedModel(path=path.resolve(), uri=uri)
+    m = MODELS_URI.match(uri)
+    if not m:
+        raise ModelSourceError(f"{uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    client = _client(tracking)
+    try:
+        if m["alias"]:
+            mv = client.get_model_version_by_alias(m["name"], m["alias"])
+        else:
+            mv = client.get_model_version(m["name"], m["version"])
+    except MlflowException as exc:
+        raise ModelSourceError(f"{uri}: not in the registry at {tracking_uri(tracking)} ({exc.message})") from exc
+    target = Path(cache_dir or DEFAULT_CACHE) / mv.name / str(mv.version)
+    if not (target / "config.json").is_file():
+        _download(mv.source, target, tracking)
+    logger.info("model %s -> %s version %s at %s", uri, mv.name, mv.version, target)
+    return ResolvedModel(path=target, uri=uri, name=mv.name, version=str(mv.version), tags=dict(mv.tags))
+
+
+def _download(source: str, target: Path, tracking: str | None) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp),
+                                                       tracking_uri=tracking_uri(tracking)))
+        if not (got / "config.json").is_file():
+            raise ModelSourceError(f"registered source {source} is not a bundle (no config.json)")
+        try:
+            got.rename(target)
+        except OSError:  # another process finished first: keep its copy
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def register_bundle(name: str, source: str, *, run_id: str | None, metric: str, value: float, mode: str = "max",
+                    tags: dict[str, str] | None = None, tracking: str | None = None) -> str:
+    """Register the bundle at artifact URI `source` as a new version of `name`; returns the version.
+
+    The version is tagged with `tags` plus the deciding metric (`metric` = `value`, `mode` "max" or "min")."""
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"metric {metric} = {value} is not finite")
+    client = _client(tracking)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    all_tags = {**(tags or {}), METRIC_TAG: metric, MODE_TAG: mode, f"metric.{metric}": repr(float(value))}
+    mv = client.create_model_version(name, source=source, run_id=run_id, tags=all_tags)
+    return str(mv.version)
+
+
+def promote_if_better(name: str, version: str, *, alias: str = CHAMPION, tracking: str | None = None) -> bool:
+    """Point `alias` at `version` if there is no champion yet or the version's metric beats the champion's.
+
+    Returns whether the alias moved. A tie does not move it; nor does a champion measured on another metric
+    (that is a different contest: register under another name)."""
+    client = _client(tracking)
+    new = client.get_model_version(name, version)
+    metric, mode = new.tags[METRIC_TAG], new.tags[MODE_TAG]
+    new_value = float(new.tags[f"metric.{metric}"])
+    try:
+        cur = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        cur = None
+    if cur is not None:
+        if cur.version == new.version:
+            return False
+        if cur.tags.get(METRIC_TAG) != metric:
+            logger.warning("%s@%s (version %s) was chosen by %s, not %s: alias left in place", name, alias,
+                           cur.version, cur.tags.get(METRIC_TAG), metric)
+            return False
+        cur_value = float(cur.tags[f"metric.{metric}"])
+        better = new_value > cur_value if mode == "max" else new_value < cur_value
+        if not better:
+            logger.info("%s version %s: %s %.6g does not beat champion version %s (%.6g)", name, version, metric,
+                        new_value, cur.version, cur_value)
+            return False
+    client.set_registered_model_alias(name, alias, version)
+    logger.info("%s@%s -> version %s (%s %.6g)", name, alias, version, metric, new_value)
+    return True

@@ -1,0 +1,107 @@
+"""pipelines.registry on a real MLflow (sqlite tracking + registry, artifacts on local disk)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from mlflow import MlflowClient
+
+from pipelines.registry import ModelSourceError, promote_if_better, register_bundle, resolve_model
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def mlflow_env(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.create_experiment("reg", artifact_location=str(tmp_path / "artifacts"))
+    return uri, client, exp
+
+
+def _logged_bundle(client, exp, tmp_path, tag: str) -> tuple[str, str]:
+    """A fake bundle directory (config.json + weights bytes) logged as run artifacts; (run_id, source URI)."""
+    d = tmp_path / f"bundle-{tag}"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"tag": tag}))
+    (d / "model.safetensors").write_bytes(tag.encode() * 100)
+    run = client.create_run(exp)
+    client.log_artifacts(run.info.run_id, str(d), "bundle")
+    return run.info.run_id, f"{run.info.artifact_uri}/bundle"
+
+
+def test_a_local_bundle_directory_is_used_in_place(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    got = resolve_model(str(tmp_path))
+    assert got.path == tmp_path.resolve() and got.name is None and got.version is None
+
+
+@pytest.mark.parametrize("uri,match", [
+    ("", "bundle directory or models"),
+    ("models:/", "expected models"),
+    ("models:/a@", "expected models"),
+    ("models:/a/b", "expected models"),
+    ("models:/../x@champion", "expected models"),
+])
+def test_malformed_sources_are_refused(uri, match):
+    with pytest.raises(ModelSourceError, match=match):
+        resolve_model(uri)
+
+
+def test_a_directory_without_config_is_not_a_bundle(tmp_path):
+    with pytest.raises(ModelSourceError, match="not a bundle directory"):
+        resolve_model(str(tmp_path))
+
+
+def test_champion_moves_only_on_improvement_and_resolves(mlflow_env, tmp_path, caplog):
+    uri, client, exp = mlflow_env
+    versions = []
+    for tag, acc in (("a", 0.5), ("b", 0.4), ("c", 0.7), ("d", 0.7)):
+        run_id, source = _logged_bundle(client, exp, tmp_path, tag)
+        v = register_bundle("ofa-vqa", source, run_id=run_id, metric="vqa_acc", value=acc,
+                            tags={"task": "vqa"}, tracking=uri)
+        versions.append((v, promote_if_better("ofa-vqa", v, tracking=uri)))
+    assert versions == [("1", True), ("2", False), ("3", True), ("4", False)]  # a tie does not move it
+    champ = client.get_model_version_by_alias("ofa-vqa", "champion")
+    assert str(champ.version) == "3" and champ.tags["task"] == "vqa" and champ.tags["metric.vqa_acc"] == "0.7"
+
+    cache = tmp_path / "cache"
+    got = resolve_model("models:/ofa-vqa@champion", tracking=uri, cache_dir=cache)
+    assert (got.name, got.version) == ("ofa-vqa", "3")
+    assert json.loads((got.path / "config.json").read_text()) == {"tag": "c"}
+    assert (got.path / "model.safetensors").read_bytes() == b"c" * 100
+    assert got.path == cache / "ofa-vqa" / "3"
+    # a version is immutable: the cached copy serves once the artifacts are gone
+    (tmp_path / "artifacts").rename(tmp_path / "moved")
+    again = resolve_model("models:/ofa-vqa/3", tracking=uri, cache_dir=cache)
+    assert again.path == got.path and again.version == "3"
+
+
+def test_lower_is_better_and_unknown_models(mlflow_env, tmp_path):
+    uri, client, exp = mlflow_env
+    moved = []
+    for tag, loss in (("a", 2.0), ("b", 1.0), ("c", 3.0)):
+        run_id, source = _logged_bundle(client, exp, tmp_path, tag)
+        v = register_bundle("ofa-sum", source, run_id=run_id, metric="loss", value=loss, mode="min", tracking=uri)
+        moved.append(promote_if_better("ofa-sum", v, tracking=uri))
+    assert moved == [True, True, False]
+    with pytest.raises(ModelSourceError, match="not in the registry"):
+        resolve_model("models:/ofa-sum@nonexistent", tracking=uri, cache_dir=tmp_path / "c")
+    with pytest.raises(ModelSourceError, match="not in the registry"):
+        resolve_model("models:/nothing/1", tracking=uri, cache_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match="not finite"):
+        register_bundle("ofa-sum", "x", run_id=None, metric="loss", value=float("nan"), tracking=uri)
+
+
+def test_a_champion_chosen_by_another_metric_stays(mlflow_env, tmp_path, caplog):
+    uri, client, exp = mlflow_env
+    run_id, source = _logged_bundle(client, exp, tmp_path, "a")
+    v1 = register_bundle("m", source, run_id=run_id, metric="cider", value=1.0, tracking=uri)
+    assert promote_if_better("m", v1, tracking=uri)
+    v2 = register_bundle("m", source, run_id=run_id, metric="bleu4", value=99.0, tracking=uri)
+    with caplog.at_level(logging.WARNING, logger="pipelines.registry"):
+        assert not promote_if_better("m", v2, tracking=uri)
+    assert "chosen by cider, not bleu4" in caplog.text
+    assert str(client.get_model_version_by_alias("m", "champion").version) == v1
