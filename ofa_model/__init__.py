@@ -1,20 +1,30 @@
-"""ofa_model: OFA in plain PyTorch: model, vocabulary, generation, checkpoints, preprocessing, tasks."""
+"""ofa_model: OFA in plain PyTorch: model, vocabulary, generation, checkpoints, preprocessing, tasks.
 
-from ofa_model.checkpoint import Bundle, CheckpointMismatchError, import_checkpoint, load_bundle, save_bundle
-from ofa_model.config import ARCHITECTURES, OFAConfig, Regularization, get_config
-from ofa_model.generation import (
-    Constraint,
-    GenerationConfig,
-    Hypothesis,
-    PrefixTrie,
-    generate,
-    score_candidates,
-)
-from ofa_model.model import DecoderState, EncoderOut, OFAModel
-from ofa_model.vocab import BoxCodec, Vocabulary
+The names below are loaded on first use (PEP 562), so `import ofa_model.errors` (which the data readers
+need in every Ray read task) does not pull in torch and the model.
+"""
 
-__all__ = [
-    "ARCHITECTURES", "Bundle", "BoxCodec", "CheckpointMismatchError", "Constraint", "DecoderState", "EncoderOut",
-    "GenerationConfig", "Hypothesis", "OFAConfig", "OFAModel", "PrefixTrie", "Regularization", "Vocabulary",
-    "generate", "get_config", "import_checkpoint", "load_bundle", "save_bundle", "score_candidates",
-]
+import importlib
+
+_EXPORTS = {
+    "ofa_model.checkpoint": ("Bundle", "CheckpointMismatchError", "import_checkpoint", "load_bundle", "save_bundle"),
+    "ofa_model.config": ("ARCHITECTURES", "OFAConfig", "Regularization", "get_config"),
+    "ofa_model.generation": ("Constraint", "GenerationConfig", "Hypothesis", "PrefixTrie", "generate",
+                             "score_candidates"),
+    "ofa_model.model": ("DecoderState", "EncoderOut", "OFAModel"),
+    "ofa_model.vocab": ("BoxCodec", "Vocabulary"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'ofa_model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -3,20 +3,72 @@
 Only architecture lives here, with what every released OFA checkpoint really used baked in
 (NormFormer layernorms and head scaling, attention scale factor 2, no position entangling).
 Training knobs (dropout, drop-path, learning rate) live in `Regularization` / the training config.
+
+A config is checked field by field when it is built: a bundle's config.json is untrusted input, so a
+wrong type, a value out of range or an absurd size is a `ConfigError` naming the key, before any
+tensor is allocated. The bounds are far above ofa-huge; they only stop nonsense.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from ofa_model import errors
+from ofa_model.errors import InputError
+
+
+class ConfigError(InputError):
+    """A config value of the wrong type, out of range, unknown or missing; the message names the key."""
+
+    reason = errors.BAD_CONFIG
 
 
 def check_keys(cls, d, what: str | None = None) -> None:
-    """Raise ValueError naming every key of mapping `d` that is not a field of dataclass `cls`."""
+    """Raise ConfigError naming every key of mapping `d` that is not a field of dataclass `cls`."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{what or cls.__name__} must be a mapping of keys to values, got {type(d).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
+    unknown = sorted(set(d) - known, key=str)
     if unknown:
-        raise ValueError(f"unknown {what or cls.__name__} keys: {unknown}; known keys: {sorted(known)}")
+        raise ConfigError(f"unknown {what or cls.__name__} keys: {unknown}; known keys: {sorted(known)}")
+
+
+def check_int(owner: str, key: str, value, lo: int, hi: int) -> None:
+    """Raise ConfigError unless `value` is an int (not a bool) in [lo, hi]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{owner}.{key} must be an integer, got {type(value).__name__} {value!r}")
+    if not lo <= value <= hi:
+        raise ConfigError(f"{owner}.{key} must lie in [{lo}, {hi}], got {value}")
+
+
+def check_float(owner: str, key: str, value, lo: float, hi: float) -> None:
+    """Raise ConfigError unless `value` is a finite int or float (not a bool) with lo < value <= hi."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{owner}.{key} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or not lo < value <= hi:
+        raise ConfigError(f"{owner}.{key} must be finite with {lo} < value <= {hi}, got {value!r}")
+
+
+# Inclusive (low, high) bounds of the integer fields. ofa-huge: embed 1280, ffn 5120, 24/12 layers, 16 heads.
+INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "embed_dim": (1, 16384),
+    "ffn_dim": (1, 65536),
+    "encoder_layers": (1, 256),
+    "decoder_layers": (1, 256),
+    "attention_heads": (1, 1024),
+    "vocab_size": (1, 1_000_000),
+    "pad_id": (0, 999_999),
+    "max_source_positions": (2, 65536),
+    "max_target_positions": (2, 65536),
+    "token_bucket_size": (2, 65536),
+    "image_bucket_size": (1, 256),
+    "code_image_size": (8, 2048),
+    "resnet_out_channels": (1024, 1024),  # the ResNet's stage 3 always gives 1024 channels
+}
+RESNET_MAX_BLOCKS = 256  # per stage; ResNet-152 has 36
 
 
 @dataclass(frozen=True)
@@ -42,10 +94,30 @@ class OFAConfig:
     resnet_out_channels: int = 1024  # ResNet stage 3 output (stride 16)
 
     def __post_init__(self) -> None:
+        owner = "OFAConfig"
+        if not isinstance(self.name, str) or not 0 < len(self.name) <= 100:
+            raise ConfigError(f"{owner}.name must be a non-empty string of at most 100 characters, got {self.name!r}")
+        for key, (lo, hi) in INT_BOUNDS.items():
+            check_int(owner, key, getattr(self, key), lo, hi)
+        check_float(owner, "attn_scale_factor", self.attn_scale_factor, 0.0, 1e3)
+        check_float(owner, "layer_norm_eps", self.layer_norm_eps, 0.0, 1.0)
+        layers = self.resnet_layers
+        if not isinstance(layers, tuple) or len(layers) != 3:
+            raise ConfigError(f"{owner}.resnet_layers must list 3 stages (a tuple; a list in JSON), got {layers!r}")
+        for i, blocks in enumerate(layers):
+            check_int(owner, f"resnet_layers[{i}]", blocks, 1, RESNET_MAX_BLOCKS)
         if self.embed_dim % self.attention_heads:
-            raise ValueError(f"{self.name}: embed_dim {self.embed_dim} not divisible by {self.attention_heads} heads")
-        if len(self.resnet_layers) != 3:
-            raise ValueError(f"{self.name}: resnet_layers must list 3 stages, got {self.resnet_layers}")
+            raise ConfigError(f"{owner}.embed_dim {self.embed_dim} is not divisible by "
+                              f"attention_heads {self.attention_heads}")
+        if self.pad_id >= self.vocab_size:
+            raise ConfigError(f"{owner}.pad_id {self.pad_id} must be below vocab_size {self.vocab_size}")
+        if self.code_image_size % 8 or self.code_image_size // 8 > self.image_bucket_size:
+            raise ConfigError(f"{owner}.code_image_size {self.code_image_size} must be a multiple of 8 whose grid "
+                              f"side (code_image_size // 8) is at most image_bucket_size {self.image_bucket_size}")
+        shortest = min(self.max_source_positions, self.max_target_positions)
+        if self.token_bucket_size // 2 >= shortest - 1:  # the log buckets span (bucket // 2, positions - 1]
+            raise ConfigError(f"{owner}.token_bucket_size {self.token_bucket_size}: token_bucket_size // 2 must be "
+                              f"below min(max_source_positions, max_target_positions) - 1 = {shortest - 1}")
 
     @property
     def head_dim(self) -> int:
@@ -57,10 +129,17 @@ class OFAConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> OFAConfig:
-        check_keys(cls, d)
+    def from_dict(cls, d: Mapping) -> OFAConfig:
+        """Inverse of `to_dict`; unknown or missing keys and bad values raise ConfigError naming them."""
+        check_keys(cls, d, "OFAConfig")
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ConfigError(f"missing OFAConfig keys: {missing}")
         d = dict(d)
-        d["resnet_layers"] = tuple(d["resnet_layers"])
+        if isinstance(d["resnet_layers"], list):
+            d["resnet_layers"] = tuple(d["resnet_layers"])
         return cls(**d)
 
 
@@ -76,14 +155,19 @@ class Regularization:
     resnet_drop_path: float = 0.0
 
 
-_SIZES = {
-    # name: (embed, ffn, enc layers, dec layers, heads, resnet blocks per stage)
-    "ofa-micro": (64, 256, 2, 2, 4, (1, 1, 1)),
-    "ofa-tiny": (256, 1024, 4, 4, 4, (3, 4, 6)),  # "resnet50" stages 1-3
-    "ofa-medium": (512, 2048, 4, 4, 8, (3, 4, 23)),  # "resnet101"
-    "ofa-base": (768, 3072, 6, 6, 12, (3, 4, 23)),  # "resnet101"
-    "ofa-large": (1024, 4096, 12, 12, 16, (3, 8, 36)),  # "resnet152"
-    "ofa-huge": (1280, 5120, 24, 12, 16, (3, 8, 36)),  # "resnet152", head_dim 80
+_SIZES: dict[str, dict] = {
+    "ofa-micro": dict(embed_dim=64, ffn_dim=256, encoder_layers=2, decoder_layers=2, attention_heads=4,
+                      resnet_layers=(1, 1, 1)),
+    "ofa-tiny": dict(embed_dim=256, ffn_dim=1024, encoder_layers=4, decoder_layers=4, attention_heads=4,
+                     resnet_layers=(3, 4, 6)),  # "resnet50" stages 1-3
+    "ofa-medium": dict(embed_dim=512, ffn_dim=2048, encoder_layers=4, decoder_layers=4, attention_heads=8,
+                       resnet_layers=(3, 4, 23)),  # "resnet101"
+    "ofa-base": dict(embed_dim=768, ffn_dim=3072, encoder_layers=6, decoder_layers=6, attention_heads=12,
+                     resnet_layers=(3, 4, 23)),  # "resnet101"
+    "ofa-large": dict(embed_dim=1024, ffn_dim=4096, encoder_layers=12, decoder_layers=12, attention_heads=16,
+                      resnet_layers=(3, 8, 36)),  # "resnet152"
+    "ofa-huge": dict(embed_dim=1280, ffn_dim=5120, encoder_layers=24, decoder_layers=12, attention_heads=16,
+                     resnet_layers=(3, 8, 36)),  # "resnet152", head_dim 80
 }
 
 ARCHITECTURES = tuple(_SIZES)
@@ -92,7 +176,6 @@ ARCHITECTURES = tuple(_SIZES)
 def get_config(name: str, **overrides) -> OFAConfig:
     """The architecture config of a named size; `overrides` replace fields (e.g. code_image_size=256)."""
     if name not in _SIZES:
-        raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(_SIZES)}")
-    d, f, e, dl, h, r = _SIZES[name]
-    cfg = OFAConfig(name=name, embed_dim=d, ffn_dim=f, encoder_layers=e, decoder_layers=dl, attention_heads=h, resnet_layers=r)
-    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+        raise ConfigError(f"unknown architecture {name!r}; choose one of {', '.join(_SIZES)}")
+    check_keys(OFAConfig, overrides, "OFAConfig override")
+    return OFAConfig(**{"name": name, **_SIZES[name], **overrides})

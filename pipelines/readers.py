@@ -4,6 +4,10 @@
   README and run scripts.
 * `read_webdataset`: WebDataset tar shards (members grouped by key), streamed with `tarfile`.
 
+Both read a file or every matching file under a directory/prefix (`input_files`); `read_ofa_tsv_file` and
+`read_webdataset_file` read one of those files alone, with the same row ids, so files can be converted in
+parallel (`pipelines.raw_convert`).
+
 Broken input never raises: each broken line/sample becomes one `BadRow` and reading goes on; a file that
 cannot be opened or read to the end becomes one `BadRow` with reason "unreadable_shard". A location with
 no input files at all, or an unknown layout/task, does raise: that is a caller error, not bad data.
@@ -32,6 +36,8 @@ from typing import Any
 import pyarrow.fs as pafs
 from PIL import Image, UnidentifiedImageError
 
+from ofa_model import preprocess
+from ofa_model.errors import InputError
 from pipelines import storage
 from pipelines.schema import (
     BAD_BASE64,
@@ -138,18 +144,10 @@ def clean_text(value: str) -> str:
 def check_box(values: Sequence[Any], name: str) -> list[float]:
     """[x0, y0, x1, y1] as floats: 4 finite numbers with x0 < x1 and y0 < y1 (what the grounding task needs);
     BadInput "bad_box" otherwise."""
-    values = list(values)
-    if len(values) != 4:
-        raise BadInput(BAD_BOX, f"{name} needs 4 numbers (x0,y0,x1,y1), got {values!r}")
-    if any(isinstance(v, bool) for v in values):
-        raise BadInput(BAD_BOX, f"{name} has a value that is not a number: {values!r}")
     try:
-        box = [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise BadInput(BAD_BOX, f"{name} has a value that is not a number: {values!r}") from None
-    if not all(math.isfinite(v) for v in box) or box[0] >= box[2] or box[1] >= box[3]:
-        raise BadInput(BAD_BOX, f"{name} is not a finite box with x0<x1, y0<y1: {box!r}")
-    return box
+        return list(preprocess.check_box(values, name))  # the one box check, shared with the tasks
+    except InputError as e:
+        raise BadInput(BAD_BOX, str(e)) from None
 
 
 # --- value parsers (raise BadInput) -----------------------------------------------------------------------
@@ -233,16 +231,19 @@ def _vqa_answers(value: str, name: str) -> tuple[str, list[str], list[float]]:
 
 @dataclass(frozen=True)
 class _Line:
-    """One parsed TSV line in context: cols (split on tabs), split, dataset, index (0-based data line)."""
+    """One parsed TSV line in context: cols (split on tabs), split, dataset, index (0-based non-blank line of
+    its file), file (the file's name below the listed directory, without ".tsv"; "" for a lone file)."""
 
     cols: list[str]
     split: str
     dataset: str
     index: int
+    file: str = ""
 
     def row_id(self, uniq: str | None = None) -> str:
         if uniq is None:
-            return f"{self.dataset}/{self.split}/{self.index}"
+            where = f"{self.file}/{self.index}" if self.file else str(self.index)
+            return f"{self.dataset}/{self.split}/{where}"
         return f"{self.dataset}/{self.split}/{_text(uniq, 'uniq-id')}"
 
     @property
@@ -425,21 +426,54 @@ _LAYOUTS: dict[str, _Layout] = {
        for name, cols in _GLUE_COLUMNS.items()},
 }  # fmt: skip
 LAYOUTS = tuple(sorted(_LAYOUTS))
+# The one task of each layout's rows (pretrain_vl rows carry several: caption, vqa, grounding).
+_LAYOUT_TASKS = {
+    "caption": "caption", "vqa": "vqa", "refcoco": "grounding", "snli_ve": "visual_entailment",
+    "imagenet": "image_classification", "gigaword": "summarization", "text_to_image": "text_to_image",
+    **{f"glue_{name}": f"glue_{name}" for name in _GLUE_COLUMNS},
+}  # fmt: skip
 _DEFAULT_DATASETS = {
     layout: layout.replace("glue_", "glue-") if layout.startswith("glue_") else "ofa-" + layout.replace("_", "-")
     for layout in _LAYOUTS
 }
 
 
-def _input_files(uri: str, suffixes: tuple[str, ...], s3: S3Options | None) -> list[str]:
-    """[uri] if it is a file, else the files under it ending in one of `suffixes`; FileNotFoundError if none."""
-    fs, path = storage.resolve(uri, s3)
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        return [uri]
-    files = [f for f in storage.list_files(uri, s3=s3) if f.endswith(suffixes)]
+TSV_SUFFIXES = (".tsv",)
+WDS_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input file: its URI and `name`, its path relative to the directory/prefix that was listed
+    ("" when the input named the file itself). Row ids built from `name` do not depend on how the URI
+    is written (relative or absolute path, file:// or not) nor on which process reads the file."""
+
+    uri: str
+    name: str
+
+
+def input_files(uri: str, suffixes: tuple[str, ...], s3: S3Options | None = None) -> list[InputFile]:
+    """[uri] if it is a file, else the files under it ending in one of `suffixes`, sorted by URI;
+    FileNotFoundError if there are none."""
+    fs, root = storage.resolve(uri, s3)
+    try:
+        is_file = fs.get_file_info(root).type == pafs.FileType.File
+    except OSError as exc:
+        raise OSError(f"cannot stat {storage.redact(uri)}: {storage.redact(str(exc))}") from exc
+    if is_file:
+        return [InputFile(uri, "")]
+    try:
+        files = [f for f in storage.list_files(uri, s3=s3) if f.endswith(suffixes)]
+    except FileNotFoundError:
+        files = []
     if not files:
         raise FileNotFoundError(f"no {'/'.join(suffixes)} files under {storage.redact(uri)}")
-    return files
+    prefix = root.rstrip("/") + "/"
+    out = []
+    for f in files:
+        path = storage.resolve(f, s3)[1]
+        out.append(InputFile(f, path[len(prefix):] if path.startswith(prefix) else posixpath.basename(path)))
+    return out
 
 
 def _read_lines(file_uri: str, s3: S3Options | None, chunk_bytes: int = 1 << 20) -> Iterator[tuple[int, bytes] | BadRow]:
@@ -470,8 +504,10 @@ def read_ofa_tsv(
 
     layout: one of LAYOUTS ("caption", "vqa", "refcoco", "snli_ve", "imagenet", "gigaword",
     "glue_{cola,sst2,mnli,rte,mrpc,qqp,qnli}", "pretrain_vl", "text_to_image"), with OFA's column orders.
-    Row ids are "<dataset>/<split>/<uniq-id>" for layouts with an id column, else "<dataset>/<split>/<n>",
-    n counting the non-blank lines over all files in sorted order (blank lines are skipped).
+    Row ids are "<dataset>/<split>/<uniq-id>" for layouts with an id column. Layouts without one number
+    the non-blank lines of each file from 0: "<dataset>/<split>/<n>" when `uri` names the file,
+    "<dataset>/<split>/<name>/<n>" for the files under a directory, name being the file's path below it
+    without ".tsv" (so a file's ids do not depend on the other files; see `read_ofa_tsv_file`).
     dataset: defaults to "ofa-<layout>" ("glue-<task>" for GLUE); for pretrain_vl the per-row dataset
     column wins over the default. Targets (answers, captions, labels) may be empty only on split "test".
     Tasks (keys of `ofa_model.tasks.TASKS`): caption, vqa, grounding (refcoco), visual_entailment (snli_ve),
@@ -479,26 +515,46 @@ def read_ofa_tsv(
     pretrain_vl rows map type caption/qa/visual_grounding to caption/vqa/grounding. Label words are those
     of the task's TaskSpec.labels.
     """
+    check_tsv_options(layout, split)
+    for file in input_files(uri, TSV_SUFFIXES, s3):
+        yield from read_ofa_tsv_file(file, layout, split=split, s3=s3, dataset=dataset)
+
+
+def check_tsv_options(layout: str, split: str) -> None:
+    """ValueError for an unknown layout or an empty split."""
     if layout not in _LAYOUTS:
-        raise ValueError(f"unknown OFA TSV layout {layout!r}; known: {list(LAYOUTS)}")
+        raise ValueError(f"unknown OFA TSV layout {layout!r}; known: {', '.join(LAYOUTS)}")
     if not split:
         raise ValueError("split must be a non-empty string")
+
+
+def layout_task(layout: str) -> str | None:
+    """The task every row of `layout` has (None for pretrain_vl, whose rows have several)."""
+    check_tsv_options(layout, "x")
+    return _LAYOUT_TASKS.get(layout)
+
+
+def read_ofa_tsv_file(
+    file: InputFile, layout: str, *, split: str, s3: S3Options | None = None, dataset: str | None = None
+) -> Iterator[dict | BadRow]:
+    """The rows (or BadRows) of one TSV file of `input_files` (see `read_ofa_tsv` for layouts and ids)."""
+    check_tsv_options(layout, split)
     spec = _LAYOUTS[layout]
     dataset_given = dataset is not None
     dataset = dataset or _DEFAULT_DATASETS[layout]
+    stem = file.name[: -len(".tsv")] if file.name.endswith(".tsv") else file.name
     index = 0
-    for file_uri in _input_files(uri, (".tsv",), s3):
-        for item in _read_lines(file_uri, s3):
-            if isinstance(item, BadRow):
-                yield item
-                continue
-            line_no, raw = item
-            if not raw.rstrip(b"\r"):
-                continue
-            source = f"{file_uri}:{line_no}"
-            line_index, index = index, index + 1
-            context = _Line([], split, dataset, line_index)
-            yield _parse_tsv_line(raw, spec, context, dataset_given, source)
+    for item in _read_lines(file.uri, s3):
+        if isinstance(item, BadRow):
+            yield item
+            continue
+        line_no, raw = item
+        if not raw.rstrip(b"\r"):
+            continue
+        source = f"{file.uri}:{line_no}"
+        line_index, index = index, index + 1
+        context = _Line([], split, dataset, line_index, stem)
+        yield _parse_tsv_line(raw, spec, context, dataset_given, source)
 
 
 def _parse_tsv_line(raw: bytes, spec: _Layout, context: _Line, dataset_given: bool, source: str) -> dict | BadRow:
@@ -514,7 +570,7 @@ def _parse_tsv_line(raw: bytes, spec: _Layout, context: _Line, dataset_given: bo
         col = spec.dataset_column
         if col is not None and not dataset_given and len(cols) > col and cols[col].strip():
             dataset = cols[col].strip()
-        line = _Line(cols, context.split, dataset, context.index)
+        line = _Line(cols, context.split, dataset, context.index, context.file)
         row_id = _guess_id(line, spec)
         if len(cols) < spec.columns:
             raise BadInput(MISSING_COLUMN, f"{len(cols)} columns, layout needs {spec.columns}")
@@ -698,8 +754,17 @@ def read_webdataset(
     Row ids are "<dataset>/<split>/<key>", dataset defaulting to "webdataset". Targets may be missing
     only on split "test".
     """
+    sources = webdataset_sources(task, split, key_map)
+    for file in input_files(uri, WDS_SUFFIXES, s3):
+        yield from _read_tar(file.uri, task, split, s3, sources, dataset or "webdataset")
+
+
+def webdataset_sources(
+    task: str, split: str, key_map: Mapping[str, str | Sequence[str]] | None = None
+) -> dict[str, tuple[str, ...]]:
+    """Where each role of `task` comes from, `key_map` applied; ValueError for a bad task, split or role."""
     if task not in _WDS_SOURCES:
-        raise ValueError(f"unsupported WebDataset task {task!r}; supported: {list(WDS_TASKS)}")
+        raise ValueError(f"unsupported WebDataset task {task!r}; supported: {', '.join(WDS_TASKS)}")
     if not split:
         raise ValueError("split must be a non-empty string")
     sources = dict(_WDS_SOURCES[task])
@@ -707,16 +772,34 @@ def read_webdataset(
         if role not in sources:
             raise ValueError(f"key_map role {role!r} is not used by task {task!r}; roles: {sorted(sources)}")
         sources[role] = (cands,) if isinstance(cands, str) else tuple(cands)
-    dataset = dataset or "webdataset"
-    for file_uri in _input_files(uri, (".tar", ".tar.gz", ".tgz"), s3):
-        for item in _iter_samples(file_uri, s3):
-            if isinstance(item, BadRow):
-                yield item
-                continue
-            key, members = item
-            row_id = f"{dataset}/{split}/{key}"
-            source = f"{file_uri}:{key}"
-            try:
-                yield make_row(source, **_wds_row(key, members, task, split, dataset, sources))
-            except BadInput as bad:
-                yield bad.bad_row(row_id, source)
+    return sources
+
+
+def read_webdataset_file(
+    file: InputFile,
+    *,
+    task: str,
+    split: str,
+    s3: S3Options | None = None,
+    key_map: Mapping[str, str | Sequence[str]] | None = None,
+    dataset: str | None = None,
+) -> Iterator[dict | BadRow]:
+    """The rows (or BadRows) of one tar of `input_files` (see `read_webdataset`)."""
+    sources = webdataset_sources(task, split, key_map)
+    yield from _read_tar(file.uri, task, split, s3, sources, dataset or "webdataset")
+
+
+def _read_tar(
+    file_uri: str, task: str, split: str, s3: S3Options | None, sources: dict[str, tuple[str, ...]], dataset: str
+) -> Iterator[dict | BadRow]:
+    for item in _iter_samples(file_uri, s3):
+        if isinstance(item, BadRow):
+            yield item
+            continue
+        key, members = item
+        row_id = f"{dataset}/{split}/{key}"
+        source = f"{file_uri}:{key}"
+        try:
+            yield make_row(source, **_wds_row(key, members, task, split, dataset, sources))
+        except BadInput as bad:
+            yield bad.bad_row(row_id, source)

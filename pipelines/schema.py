@@ -13,6 +13,11 @@ from typing import Any
 
 import pyarrow as pa
 
+# The reasons ofa_model's input errors also count by, and the image formats its decoder reads, have their one
+# home in ofa_model; the reader-only reasons below live here.
+from ofa_model.errors import BAD_BOX, BAD_IMAGE, BAD_TYPE, EMPTY_TEXT, MISSING_FIELD, UNKNOWN_LABEL
+from ofa_model.preprocess import SUPPORTED_FORMATS
+
 SCHEMA_VERSION = 1
 
 SCHEMA = pa.schema(
@@ -73,6 +78,8 @@ def _number(value: Any, where: str) -> float:
 
 
 def _box(value: Any, where: str) -> list[float]:
+    """4 finite float32 numbers: what the column can store. Not the geometry (x0 < x1, y0 < y1): a stored row
+    with an inverted box is a bad_box row of its task (`ofa_model.preprocess.check_box`), counted, not refused."""
     value = _as_list(value)
     if not isinstance(value, list) or len(value) != 4:
         raise ValueError(f"{where} must be a list of 4 numbers (x0, y0, x1, y1), got {value!r}")
@@ -183,21 +190,19 @@ def row_digest(row: Mapping[str, Any]) -> str:
 # --- bad-row reasons -------------------------------------------------------------------------------------
 # Why a source record became a `pipelines.readers.BadRow` instead of a row: one code per cause, shared by the
 # readers (OFA TSV, WebDataset) and the converters (public layouts); summaries count bad rows by these codes.
+# BAD_IMAGE (bytes that are not an image in IMAGE_FORMATS), BAD_TYPE (also: a value the schema cannot store,
+# e.g. an unparsable number or > int32), EMPTY_TEXT (also: an image without captions), BAD_BOX, UNKNOWN_LABEL
+# (also: a class or pretraining type outside the known set) and MISSING_FIELD (a JSON record without a non-null
+# key it needs) come from ofa_model.errors.
 
 MISSING_COLUMN = "missing_column"  # a TSV line with fewer columns than its layout or header
 EXTRA_COLUMN = "extra_column"  # a TSV line with more columns than its fixed layout or header (a stray tab?)
 BAD_ENCODING = "bad_encoding"  # a line or text member that is not UTF-8
 BAD_BASE64 = "bad_base64"  # an image column that is empty or not base64
-BAD_IMAGE = "bad_image"  # bytes (decoded column, file, tar member) that are not an image in IMAGE_FORMATS
 MISSING_IMAGE = "missing_image"  # the image file (or package image) a record names does not exist
-BAD_TYPE = "bad_type"  # a value of the wrong type, or one the schema cannot store (unparsable number, > int32)
 BAD_FORMAT = "bad_format"  # a structured value in the wrong shape (VQA answers, several images in a sample)
-EMPTY_TEXT = "empty_text"  # a required text (question, caption, sentence, answer, id) is blank; an image without captions
-BAD_BOX = "bad_box"  # a box that is not 4 finite numbers with x0 < x1 and y0 < y1
-UNKNOWN_LABEL = "unknown_label"  # a label, class or pretraining type outside the known set
 BAD_JSON = "bad_json"  # JSON (a line, a .json member) that does not parse, or is not an object
 MISSING_MEMBER = "missing_member"  # a WebDataset sample without a member it needs (image, .json, .txt)
-MISSING_FIELD = "missing_field"  # a JSON record without a (non-null) key it needs
 UNREADABLE_SHARD = "unreadable_shard"  # a whole input file that cannot be opened or read to the end
 UNKNOWN_IMAGE = "unknown_image"  # a record names an image id that the dataset's image list lacks
 MISSING_ANNOTATION = "missing_annotation"  # a record whose annotation (answers, box) the annotation file lacks
@@ -218,7 +223,7 @@ BAD_REASONS = (
 # --- images and label words ------------------------------------------------------------------------------
 
 # Image formats a row's `image` may hold: the ones `ofa_model.preprocess.decode_image` decodes (PIL names).
-IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
+IMAGE_FORMATS = SUPPORTED_FORMATS
 # File / WebDataset member extensions (lowercase, no dot) taken as images.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "bmp", "webp", "tif", "tiff", "ppm")
 

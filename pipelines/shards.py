@@ -47,7 +47,9 @@ _NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.]*$")  # split / task names us
 @dataclass(frozen=True)
 class Manifest:
     """What a corpus holds. `shards` entries: {"path" (relative to the corpus dir), "split", "task",
-    "num_rows", "num_bytes", "num_row_groups"}; `counts[split][task]` = rows."""
+    "num_rows", "num_bytes", "num_row_groups"}; `counts[split][task]` = rows. `conversion`: optional, what
+    the conversion that wrote the corpus read and rejected (`pipelines.raw_convert`); absent from the JSON
+    when None."""
 
     schema_version: int
     num_rows: int
@@ -56,31 +58,31 @@ class Manifest:
     fingerprint: str
     created_by: str
     created_at: str
+    conversion: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         """Pretty, key-sorted JSON text."""
-        return json.dumps(
-            {
-                "schema_version": self.schema_version,
-                "num_rows": self.num_rows,
-                "counts": self.counts,
-                "shards": self.shards,
-                "fingerprint": self.fingerprint,
-                "created_by": self.created_by,
-                "created_at": self.created_at,
-            },
-            indent=2,
-            sort_keys=True,
-        )
+        data = {
+            "schema_version": self.schema_version,
+            "num_rows": self.num_rows,
+            "counts": self.counts,
+            "shards": self.shards,
+            "fingerprint": self.fingerprint,
+            "created_by": self.created_by,
+            "created_at": self.created_at,
+        }
+        if self.conversion is not None:
+            data["conversion"] = self.conversion
+        return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Manifest":
         """Parse and check a manifest; ValueError on a missing/unknown key or a schema version we can't read."""
         data = json.loads(text)
         expected = {"schema_version", "num_rows", "counts", "shards", "fingerprint", "created_by", "created_at"}
-        if not isinstance(data, dict) or set(data) != expected:
+        if not isinstance(data, dict) or not expected <= set(data) <= expected | {"conversion"}:
             got = sorted(data) if isinstance(data, dict) else type(data).__name__
-            raise ValueError(f"manifest keys must be {sorted(expected)}, got {got}")
+            raise ValueError(f"manifest keys must be {sorted(expected)} (+ optional conversion), got {got}")
         if data["schema_version"] != SCHEMA_VERSION:
             raise ValueError(
                 f"manifest schema_version {data['schema_version']} is not supported (this code reads {SCHEMA_VERSION})"

@@ -1,6 +1,7 @@
 """Stage 1 of the Ray Data ingest (`pipelines.dataset`): canonical shards -> numbered source rows.
 
-Kept free of torch and the model code, so the many short-lived read tasks start fast.
+No preprocessing happens here: reading only parses Parquet (the reason codes it shares with the model
+come from `ofa_model.errors`, through `pipelines.schema`).
 
 `plan_shards` fixes an epoch from the manifest alone: which shards, in which order (a seeded permutation
 when shuffling), and the position `seq` of every row (shard k's rows start at the sum of the row counts

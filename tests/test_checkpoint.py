@@ -1,6 +1,9 @@
 """Importing official checkpoints (fairseq and HF-port naming) and our bundle round trip."""
 
 import argparse
+import hashlib
+import os
+import pickle
 import re
 from pathlib import Path
 
@@ -8,9 +11,12 @@ import pytest
 import torch
 
 from jobs.convert_checkpoint import main as convert_main
+from ofa_model import checkpoint
 from ofa_model.checkpoint import (
     HF_RENAMES,
+    BundleError,
     CheckpointMismatchError,
+    UnsafeCheckpointError,
     import_checkpoint,
     load_bundle,
     safe_torch_load,
@@ -18,9 +24,11 @@ from ofa_model.checkpoint import (
 )
 from ofa_model.config import get_config
 from ofa_model.model import OFAModel
+from ofa_model.preprocess import PreprocessConfig
 from ofa_model.vocab import Vocabulary
 
 KEYS_FILE = Path(__file__).parent / "data" / "ofa_tiny_keys.txt"
+REFCOCO = ["--patch-image-size", "512", "--max-src-length", "80", "--max-tgt-length", "20"]  # OFA's RefCOCO run
 
 
 def official_tiny_keys() -> dict[str, tuple[tuple[int, ...], bool]]:
@@ -85,12 +93,12 @@ def test_official_tiny_keys_import_exactly(fairseq_ckpt, tmp_path):
     assert model.decoder.output_projection.weight.data_ptr() == model.encoder.embed_tokens.weight.data_ptr()
     with torch.no_grad():
         before = model(*_inputs())
-    save_bundle(tmp_path / "b", model, Vocabulary.gpt2(), preprocess={"patch_image_size": 64})
+    save_bundle(tmp_path / "b", model, Vocabulary.gpt2(), preprocess=PreprocessConfig(patch_image_size=64))
     bundle = load_bundle(tmp_path / "b")
     with torch.no_grad():
         after = bundle.model(*_inputs())
-    assert torch.equal(before, after)
-    assert bundle.preprocess == {"patch_image_size": 64} and bundle.config == get_config("ofa-tiny")
+    assert torch.equal(before, after)  # identical weights, identical inputs, same process
+    assert bundle.preprocess == PreprocessConfig(patch_image_size=64) and bundle.config == get_config("ofa-tiny")
     # tied weights are stored once
     from safetensors import safe_open
 
@@ -169,7 +177,7 @@ class Exploit:
 def test_loading_never_runs_pickled_code(tmp_path):
     target = tmp_path / "pwned"
     torch.save({"model": {"w": torch.ones(2)}, "payload": Exploit(target)}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match="refused to unpickle"):
+    with pytest.raises(UnsafeCheckpointError, match="refused to unpickle"):
         safe_torch_load(tmp_path / "evil.pt")
     assert not target.exists()
     # plain config objects become inert stand-ins and the tensors load exactly
@@ -185,21 +193,22 @@ def test_convert_cli(fairseq_ckpt, tmp_path, capsys):
     dict_txt.write_text("\n".join(lines) + "\n")
     out = tmp_path / "bundle"
     assert convert_main(["--input", str(fairseq_ckpt), "--arch", "ofa-tiny", "--dict", str(dict_txt),
-                         "--output", str(out)]) == 0
+                         "--output", str(out), *REFCOCO]) == 0
     bundle = load_bundle(out)
     assert bundle.vocab.layout == "official" and bundle.vocab.mask_id == 50264
     assert bundle.vocab.encode(" the") == [4 + 50256 - 262]  # GPT-2 " the" = 262, dict line order reversed
+    assert bundle.preprocess == PreprocessConfig(patch_image_size=512, max_src_length=80, max_tgt_length=20)
     bad = tmp_path / "bad.pt"
     sd = synthetic_official_state()
     del sd["decoder.layers.3.fc2.weight"]
     torch.save({"model": sd}, bad)
-    capsys.readouterr()
-    assert convert_main(["--input", str(bad), "--arch", "ofa-tiny", "--gpt2-vocab", "--output", str(tmp_path / "x")]) == 2
-    assert "decoder.layers.3.fc2.weight" in capsys.readouterr().err
-    assert convert_main(["--input", str(tmp_path / "nope.pt"), "--arch", "ofa-tiny", "--gpt2-vocab",
-                         "--output", str(tmp_path)]) == 1
-    assert convert_main(["--input", str(fairseq_ckpt), "--arch", "ofa-tiny", "--output", str(tmp_path / "y")]) == 1
-    assert "pass --dict" in capsys.readouterr().err
+    rc, err = run_cli(capsys, "--input", bad, "--arch", "ofa-tiny", "--gpt2-vocab", "--output", tmp_path / "x",
+                      *REFCOCO)
+    assert_one_error_line(rc, err)
+    assert "missing keys: decoder.layers.3.fc2.weight" in err
+    rc, err = run_cli(capsys, "--input", fairseq_ckpt, "--arch", "ofa-tiny", "--output", tmp_path / "y", *REFCOCO)
+    assert_one_error_line(rc, err)
+    assert "pass --dict" in err
 
 
 def test_code_grid_is_read_from_the_official_buffer(tmp_path):
@@ -217,7 +226,196 @@ def test_code_grid_is_read_from_the_official_buffer(tmp_path):
 def test_bundle_rejects_wrong_vocab_and_format(tmp_path):
     model = OFAModel(get_config("ofa-micro"))
     small = Vocabulary.gpt2(num_bins=10)
-    with pytest.raises(ValueError, match="does not fit the model"):
-        save_bundle(tmp_path / "b", model, small)
-    with pytest.raises(FileNotFoundError, match="not a model bundle"):
+    with pytest.raises(BundleError, match="does not fit the model"):
+        save_bundle(tmp_path / "b", model, small, preprocess=PreprocessConfig(patch_image_size=64))
+    with pytest.raises(BundleError, match="not a model bundle: config.json missing"):
         load_bundle(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# convert_checkpoint: every failure is one `error:` line and exit status 2
+
+
+@pytest.fixture(scope="module")
+def official_sd() -> dict[str, torch.Tensor]:
+    return synthetic_official_state(seed=0)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    """(exit status, stderr) of the converter's main."""
+    capsys.readouterr()
+    try:
+        rc = convert_main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+def assert_one_error_line(rc: int, err: str) -> None:
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("python -m jobs.convert_checkpoint: error: "), err
+
+
+def _saved(path: Path, obj) -> Path:
+    torch.save(obj, path)
+    return path
+
+
+def _saved_legacy(path: Path, obj) -> Path:
+    """torch.save's pre-1.6 format (a sequence of pickles), which some old checkpoints still use."""
+    torch.save(obj, path, _use_new_zipfile_serialization=False)
+    return path
+
+
+def _bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _half_of(path: Path, target: Path) -> Path:
+    return _bytes(target, path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _with(sd: dict[str, torch.Tensor], key: str, index: int, value: float) -> dict[str, torch.Tensor]:
+    t = sd[key].clone()
+    t.view(-1)[index] = value
+    return {**sd, key: t}
+
+
+# case -> (build the input file from (tmp_path, state dict), extra flags, expected message)
+BAD_INPUTS = {
+    "non_tensor_value": (lambda d, sd: _saved(d / "c.pt", {"model": {**sd, "encoder.layer_norm.weight": [1.0] * 256}}),
+                         [], r"'model' holds 1 values that are not tensors: encoder\.layer_norm\.weight \(list\)"),
+    "model_is_a_list": (lambda d, sd: _saved(d / "c.pt", {"model": [torch.ones(2)]}),
+                        [], r"'model' is a list, expected a dict of named tensors"),
+    "list_extra_state_with_ema": (lambda d, sd: _saved(d / "c.pt", {"model": sd, "extra_state": [1, 2]}), ["--ema"],
+                                  r"--ema requested but extra_state is a list, not a dict holding 'ema' weights"),
+    "bad_safetensors": (lambda d, sd: _bytes(d / "c.safetensors", b"\x00" * 64),
+                        [], r"c\.safetensors is not a valid safetensors file"),
+    "truncated": (lambda d, sd: _half_of(_saved(d / "ok.pt", {"model": sd}), d / "c.pt"),
+                  [], r"c\.pt cannot be read: the file is truncated or corrupt \(RuntimeError: PytorchStreamReader"),
+    "truncated_legacy_format": (lambda d, sd: _half_of(_saved_legacy(d / "ok.pt", {"model": sd}), d / "c.pt"),
+                                [], r"c\.pt cannot be read: the file is truncated or corrupt"),
+    "empty": (lambda d, sd: _bytes(d / "c.pt", b""), [], r"c\.pt is empty \(0 bytes\)"),
+    "random_bytes": (lambda d, sd: _bytes(d / "c.pt", bytes(range(256)) * 16),
+                     [], r"c\.pt is not a PyTorch checkpoint: neither a torch\.save zip archive"),
+    "plain_pickle": (lambda d, sd: _bytes(d / "c.pt", pickle.dumps({"model": {}})),
+                     [], r"c\.pt is not a PyTorch checkpoint"),
+    "missing": (lambda d, sd: d / "nope.pt", [], r"checkpoint not found: .*nope\.pt"),
+    "directory_without_weights": (lambda d, sd: d, [], r"no model\.safetensors or pytorch_model\.bin inside"),
+    "nan_and_inf_weights": (
+        lambda d, sd: _saved(d / "c.pt", {"model": _with(_with(sd, "encoder.layers.0.fc1.weight", 5, float("nan")),
+                                                         "decoder.layer_norm.bias", 0, float("-inf"))}),
+        [], r"2 weights hold NaN or Inf values: decoder\.layer_norm\.bias, encoder\.layers\.0\.fc1\.weight"),
+    "integer_weights": (
+        lambda d, sd: _saved(d / "c.pt", {"model": {**sd, "encoder.layer_norm.weight": torch.ones(256, dtype=torch.long)}}),
+        [], r"dtype mismatches: encoder\.layer_norm\.weight: int64, the model needs a floating dtype \(float32\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_convert_reports_bad_inputs_in_one_line(case, official_sd, tmp_path, capsys):
+    build, flags, message = BAD_INPUTS[case]
+    (tmp_path / "in").mkdir()
+    src = build(tmp_path / "in", official_sd)
+    rc, err = run_cli(capsys, "--input", src, "--arch", "ofa-tiny", "--gpt2-vocab", "--output", tmp_path / "out",
+                      *REFCOCO, *flags)
+    assert_one_error_line(rc, err)
+    assert re.search(message, err), err
+    assert "code execution" not in err  # only a real pickle gadget is called unsafe
+    assert not (tmp_path / "out").exists()
+
+
+class SystemCall:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+@pytest.mark.parametrize("gadget", [Exploit, SystemCall])
+def test_convert_calls_only_real_code_gadgets_unsafe(gadget, tmp_path, capsys):
+    target = tmp_path / "pwned"
+    src = _saved(tmp_path / "evil.pt", {"model": {"w": torch.ones(2)}, "payload": gadget(target)})
+    rc, err = run_cli(capsys, "--input", src, "--arch", "ofa-tiny", "--gpt2-vocab", "--output", tmp_path / "out",
+                      *REFCOCO)
+    assert_one_error_line(rc, err)
+    assert "refused to unpickle: the file holds objects that only code execution could rebuild" in err
+    assert not target.exists()
+
+
+def test_convert_refuses_an_output_that_is_a_file(fairseq_ckpt, tmp_path, capsys):
+    (tmp_path / "out").write_text("not a directory")
+    rc, err = run_cli(capsys, "--input", fairseq_ckpt, "--arch", "ofa-tiny", "--gpt2-vocab", "--output",
+                      tmp_path / "out", *REFCOCO)
+    assert_one_error_line(rc, err)
+    assert "exists and is not a directory" in err and (tmp_path / "out").read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--patch-image-size", "1000", "--max-src-length", "80", "--max-tgt-length", "20"],
+     r"patch_image_size 1000 gives a 63x63 patch grid, larger than the model's image_bucket_size 42"),
+    (["--patch-image-size", "480", "--max-src-length", "1023", "--max-tgt-length", "20"],
+     r"max_src_length 1023 \(\+ <s> and </s>\) exceeds the model's max_source_positions 1024"),
+    (["--patch-image-size", "480", "--max-src-length", "0", "--max-tgt-length", "20"],
+     r"PreprocessConfig\.max_src_length must lie in \[1, 65536\], got 0"),
+])
+def test_convert_checks_the_preprocessing_before_reading(flags, message, tmp_path, capsys):
+    rc, err = run_cli(capsys, "--input", tmp_path / "never-read.pt", "--arch", "ofa-tiny", "--gpt2-vocab",
+                      "--output", tmp_path / "out", *flags)
+    assert_one_error_line(rc, err)
+    assert re.search(message, err), err
+
+
+def test_help_documents_ofa_published_preprocessing(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        convert_main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for row in ("pretrained ofa-* (pretraining) 384 80 30", "caption (COCO fine-tune) 480 80 20",
+                "VQA (VQAv2 fine-tune) 480 80 30", "SNLI-VE 480 80 20", "RefCOCO / RefCOCO+ / RefCOCOg 512 80 20",
+                "ImageNet classification 480 128 30 + --imagenet-mean-std", "--max-image-size", "--overwrite"):
+        assert row in text
+
+
+def test_preprocessing_flags_are_required(capsys):
+    rc, err = run_cli(capsys, "--input", "x.pt", "--arch", "ofa-tiny", "--gpt2-vocab", "--output", "out")
+    assert_one_error_line(rc, err)
+    assert "--patch-image-size, --max-src-length, --max-tgt-length" in err
+
+
+def digest(bundle: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(bundle.iterdir())}
+
+
+def test_a_failed_conversion_leaves_the_old_bundle_intact(fairseq_ckpt, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "bundle"
+    base = ["--arch", "ofa-tiny", "--gpt2-vocab", "--output", out]
+    rc, _ = run_cli(capsys, "--input", fairseq_ckpt, *base, *REFCOCO)
+    assert rc == 0
+    before = digest(out)
+
+    rc, err = run_cli(capsys, "--input", fairseq_ckpt, *base, *REFCOCO)  # no --overwrite
+    assert_one_error_line(rc, err)
+    assert "is not empty; pass overwrite=True (--overwrite)" in err
+
+    sd = synthetic_official_state()
+    del sd["decoder.layers.3.fc2.weight"]
+    bad = _saved(tmp_path / "bad.pt", {"model": sd})
+    rc, err = run_cli(capsys, "--input", bad, *base, *REFCOCO, "--overwrite")
+    assert_one_error_line(rc, err)
+    assert "missing keys: decoder.layers.3.fc2.weight" in err
+
+    def disk_full(state, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)  # fails while writing the new bundle
+    rc, err = run_cli(capsys, "--input", fairseq_ckpt, *base, "--patch-image-size", "480", "--max-src-length", "80",
+                      "--max-tgt-length", "30", "--overwrite")
+    assert_one_error_line(rc, err)
+    assert "No space left on device" in err
+
+    assert digest(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt", "bundle"]
+    assert load_bundle(out).preprocess == PreprocessConfig(patch_image_size=512, max_src_length=80, max_tgt_length=20)

@@ -1,4 +1,4 @@
-"""Ray Data ingest (pipelines.dataset, pipelines.mixture) on a real S3 server and a local Ray cluster.
+"""Ray Data ingest (pipelines.dataset and the modules behind it) on a real S3 server and a local Ray cluster.
 
 One small corpus on S3 holds good rows of five tasks and every kind of bad input, with exact expected
 counts. Each real pipeline run costs a few seconds (preprocessing actors start cold and import torch), so
@@ -25,20 +25,23 @@ from ofa_model.preprocess import PreprocessConfig, collate
 from ofa_model.tasks import TASKS, build_example
 from ofa_model.vocab import Vocabulary
 from pipelines import storage
+from pipelines.batches import _images
 from pipelines.dataset import (
     BadDataError,
     DataConfig,
+    EpochInfo,
+    MixtureState,
     ResumeState,
     RowStats,
     SeqSet,
-    _image_array,
-    _images,
-    _Preprocess,
     build_dataset,
+    iter_mixture_batches,
     iter_train_batches,
+    output_schema,
     plan_epoch,
+    weighted_schedule,
 )
-from pipelines.mixture import MixtureState, iter_mixture_batches, weighted_schedule
+from pipelines.ingest import _image_array, _Preprocess
 from pipelines.schema import normalize_row
 from pipelines.shards import write_corpus
 from pipelines.source import SOURCE_SCHEMA
@@ -429,8 +432,8 @@ def test_mixture_realises_weights_reproducibly_and_resumes(run, vocab):
     assert [names[i:i + 4].count("vqa") for i in (0, 4)] == [3, 3]
     assert all(i.startswith(n + "/") for n, i in zip(names, ids, strict=True))
     assert run()[:2] == (names, ids)  # same seed, same rows in the same order
-    assert it.stats["vqa"].ok == 6 and it.stats["caption"].ok == 2
-    assert set(it.stats["vqa"].bad_by_reason) <= {"truncated_image", "not_an_image", "image_too_large",
+    assert it.stats_by_source["vqa"].ok == 6 and it.stats_by_source["caption"].ok == 2 and it.stats.ok == 8
+    assert set(it.stats_by_source["vqa"].bad_by_reason) <= {"truncated_image", "not_an_image", "image_too_large",
                                                   "missing_field", "empty_text", "bad_type"}
 
     first = iter_mixture_batches(sources, weights, vocab, 4, seed=11, num_rows=8, block=4, with_meta=True,
@@ -467,8 +470,6 @@ class _Blocks:
 
 
 def _marker(seq, span):
-    from pipelines.dataset import output_schema
-
     schema = output_schema()
     row = {"task": "caption", "seq": seq, "span": span, "ok": False, "reason": "unreadable_shard",
            "detail": "s3://b/x.parquet: OSError"}
@@ -477,23 +478,142 @@ def _marker(seq, span):
 
 @pytest.mark.parametrize("consumed", [((0, 50),), ((50, 100),), ((20, 30), (60, 70))])
 def test_resumed_consumer_counts_each_row_of_a_marker_once(consumed):
-    from pipelines.dataset import BatchIterator, EpochInfo, ResumeState, RowStats
-
     before = sum(b - a for a, b in consumed)
     state = ResumeState(0, "k", consumed, RowStats(ok=before, ok_by_task={"caption": before}).to_dict())
-    it = BatchIterator(_Blocks([_marker(0, 100)]), 0, 4, info=EpochInfo("k", 0, 100), resume=state,
-                       bad_row_threshold=None)
+    it = iter_train_batches(_Blocks([_marker(0, 100)]), 0, 4, info=EpochInfo("k", 0, 100), resume=state,
+                            bad_row_threshold=None)
     list(it)
     assert it.stats.rows == 100 and it.stats.bad == 100 - before
     assert it.resume_state().consumed == ((0, 100),)
 
 
 def test_an_unreadable_shard_first_does_not_fail_an_epoch_that_stays_under_the_threshold():
-    from pipelines.dataset import BatchIterator, EpochInfo
-
     # 10 of 1000 rows in one unreadable shard arriving first: 1.0% is not over a 1% threshold
-    it = BatchIterator(_Blocks([_marker(0, 10)]), 0, 4, info=EpochInfo("k", 0, 1000), bad_row_threshold=0.01,
-                       early_check_rows=5)
+    it = iter_train_batches(_Blocks([_marker(0, 10)]), 0, 4, info=EpochInfo("k", 0, 1000), bad_row_threshold=0.01,
+                            early_check_rows=5)
     with pytest.raises(BadDataError, match="at the end of the epoch"):  # not early: only 10 rows exist here
         list(it)
     assert it.stats.bad == 10
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One consumer for single corpora and mixtures: the same bad-row rule
+
+
+def _good(seqs, prefix="a"):
+    """Preprocessed good rows (text-only) at positions `seqs`, as the actors ship them."""
+    schema = output_schema()
+    rows = [{"id": f"{prefix}/{s}", "task": "glue_sst2", "seq": s, "span": 1, "ok": True, "source": [0, 10 + s % 7, 2],
+             "prev_output": [0, 5], "target": [5, 2], "target_weight": 1.0, "code_mask": False} for s in seqs]
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _shard_first(prefix="a"):
+    """200 rows: an unreadable 2-row shard first (1% of the epoch), then 198 good rows in blocks of 50."""
+    return _Blocks([_marker(0, 2)] + [_good(range(a, min(a + 50, 200)), prefix) for a in range(2, 200, 50)])
+
+
+INFO_A, INFO_B = EpochInfo("a", 0, 200), EpochInfo("b", 0, 200)
+
+
+def _single(threshold, **kw):
+    return iter_train_batches(_shard_first(), 1, 8, info=INFO_A, bad_row_threshold=threshold, early_check_rows=1,
+                              with_meta=True, **kw)
+
+
+def _mixture_of_one(threshold, **kw):
+    return iter_mixture_batches({"a": _shard_first()}, {"a": 1}, 1, 8, infos={"a": INFO_A},
+                                bad_row_threshold=threshold, early_check_rows=1, with_meta=True, **kw)
+
+
+def test_a_mixture_does_not_fail_early_on_one_unreadable_shard_like_a_single_corpus():
+    # 2 of 200 rows bad (1.0%): under a 1% threshold, although the unreadable shard comes first
+    single, mixture = _single(0.01), _mixture_of_one(0.01)
+    single_ids, single_batches = consume(single)
+    mixture_ids, mixture_batches = consume(mixture)
+    assert single_ids == mixture_ids == [f"a/{s}" for s in range(2, 200)]
+    assert all(b["sources"] == ["a"] * len(b["ids"]) for b in mixture_batches)
+    for s, m in zip(single_batches, mixture_batches, strict=True):
+        assert torch.equal(s["src_tokens"], m["src_tokens"]) and s["seqs"] == m["seqs"]
+    assert single.stats.to_dict() == mixture.stats.to_dict() == mixture.stats_by_source["a"].to_dict()
+    assert single.stats.ok == 198 and single.stats.bad_by_reason == {"unreadable_shard": 2}
+    assert mixture.resume_state().sources["a"] == single.resume_state()
+    assert single.resume_state().consumed == ((0, 200),)
+
+
+def test_a_mixture_fails_early_exactly_when_a_single_corpus_does():
+    # 2 bad rows > 0.5% of 200: the epoch cannot stay under the threshold, known after the first marker
+    errors = []
+    for it in (_single(0.005), _mixture_of_one(0.005)):
+        with pytest.raises(BadDataError, match="after the first 2 rows") as err:
+            list(it)
+        errors.append(err.value)
+    assert [e.stats.to_dict() for e in errors][0] == errors[1].stats.to_dict()
+    assert errors[0].stats.bad == 2 and errors[0].stats.ok == 0
+
+
+def test_a_mixture_stopped_before_a_source_ends_gives_that_source_the_early_check_only():
+    # source a: the unreadable shard first; the mixture stops after 40 good rows, 20 from each source, when
+    # a's bad fraction so far (2 of 22) is far over 1% but its epoch (2 of 200) can still stay under it
+    it = iter_mixture_batches({"a": _shard_first("a"), "b": _Blocks([_good(range(200), "b")])}, {"a": 1, "b": 1}, 1,
+                              8, infos={"a": INFO_A, "b": INFO_B}, num_rows=40, block=2, bad_row_threshold=0.01,
+                              early_check_rows=1, with_meta=True)
+    ids, batches = consume(it)
+    assert len(ids) == 40 and [s for b in batches for s in b["sources"]].count("a") == 20
+    assert it.stats_by_source["a"].bad == 2 and it.stats_by_source["a"].ok == 20
+    assert it.stats.ok == 40 and it.stats.bad == 2
+    state = it.resume_state()
+    assert state.slots == 40 and state.sources["a"].consumed == ((0, 22),)
+    assert state.sources["b"].consumed == ((0, 20),)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Only input errors count as bad rows
+
+
+def test_a_bug_in_preprocessing_raises_instead_of_counting_a_bad_row(vocab, monkeypatch):
+    from ofa_model.errors import InputError
+    from ofa_model.tasks import TaskInputError
+    from pipelines import ingest
+
+    good = normalize_row(good_rows()[-1])  # glue_sst2, text only
+    source = pa.Table.from_pylist([{**good, "seq": 0, "span": 1}], schema=SOURCE_SCHEMA)
+    udf = _Preprocess(vocab, PCFG, TASKS, train=False, seed=0, epoch=0, image_dtype="uint8")
+    def raising(exc):
+        def build_example(*args, **kwargs):
+            raise exc
+
+        return build_example
+
+    for bug in (RuntimeError("bug in our code"), ValueError("bug in our code"), TypeError("bug in our code")):
+        monkeypatch.setattr(ingest, "build_example", raising(bug))
+        with pytest.raises(type(bug), match="bug in our code"):
+            ingest.preprocess_row(TASKS["glue_sst2"], good, vocab, PCFG, train=False, rng=None)
+        with pytest.raises(type(bug), match="bug in our code"):
+            udf(source)
+    for bad, reason in ((TaskInputError("no box", "bad_box"), "bad_box"), (InputError("odd row"), "bad_row")):
+        monkeypatch.setattr(ingest, "build_example", raising(bad))
+        out = udf(source)
+        assert out.column("ok").to_pylist() == [False] and out.column("reason").to_pylist() == [reason]
+        assert out.column("detail").to_pylist() == [f"{type(bad).__name__}: {bad}"]
+
+
+def test_a_box_in_the_margin_outside_the_image_is_a_bad_row_in_training(vocab):
+    """grounding_train_augment used to raise a plain ValueError for it (a crash once only input errors count)."""
+    from pipelines.ingest import preprocess_row
+
+    grounding = normalize_row(row("g/0", "grounding", image=png((1, 2, 3)), text="it", box=[-1.0, 2.0, -0.5, 10.0]))
+    sample, reason, detail = preprocess_row(TASKS["grounding"], grounding, vocab, PCFG, train=True,
+                                            rng=np.random.default_rng(0))
+    assert sample is None and reason == "bad_box" and "empty inside the 16x16 image" in detail
+
+
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_a_bug_fails_the_ray_pipeline(corpus, vocab, ray_cluster):
+    # a broken TaskSpec (a format code str does not have) is our bug: a ValueError that is not an InputError
+    broken = TASKS["glue_sst2"].replace(prompt=TASKS["glue_sst2"].prompt + "{text:q}")
+    cfg = config(corpus, tasks=("glue_sst2",))
+    ds = build_dataset(cfg, vocab, train=False, specs={**TASKS, "glue_sst2": broken})
+    with pytest.raises(Exception, match="Unknown format code 'q'") as err:
+        list(iter_train_batches(ds, vocab, 4, bad_row_threshold=None))
+    assert not isinstance(err.value, BadDataError)

@@ -1,17 +1,20 @@
 """Decoding: beam vs greedy, constraints, n-gram blocking, sampling, candidate scoring."""
 
 import copy
+import math
 
 import pytest
 import torch
 
 from ofa_model.config import get_config
+from ofa_model.errors import InputError
 from ofa_model.generation import (
     Constraint,
     GenerationConfig,
     PrefixTrie,
     SpecialIds,
     generate,
+    max_new_tokens,
     score_candidates,
 )
 from ofa_model.model import OFAModel
@@ -62,7 +65,7 @@ def test_beam_scores_are_log_probabilities(model, batch):
         direct = score_candidates(model, enc.index_select(torch.tensor([i])), [[h.tokens for h in hs]], ids=IDS)[0]
         for h, s in zip(hs, direct, strict=True):
             # token-level scores include EOS; without a constraint the softmax is over the vocabulary
-            # minus <pad>/<s>, which barely moves the numbers
+            # minus <pad>, which barely moves the numbers
             assert abs(sum(h.token_scores) - h.score) < 1e-4
             assert abs(h.score - s) < 0.05
 
@@ -141,7 +144,7 @@ def test_sampling_is_seeded_and_filtered(model, batch):
     logits = model.decode(prev, enc.index_select(torch.tensor([0])))[0]
     for t, tok in enumerate(h.tokens):
         top = logits[t].topk(5).indices.tolist()
-        assert tok in top[:5]  # (pad/bos banned may shift the top 3 by up to two places)
+        assert tok in top[:5]  # (a banned <pad> may shift the top 3 by a place)
     nucleus = generate(model, src, img, ids=IDS,
                        cfg=GenerationConfig(sampling=True, top_p=1e-6, max_len_b=6, num_return_sequences=2, seed=3))
     greedy = generate(model, src, img, cfg=GenerationConfig(beam_size=1, max_len_b=6), ids=IDS)
@@ -160,22 +163,84 @@ def test_score_candidates_against_teacher_forcing(model, batch):
     want = (logits[0, [100, 200]].log_softmax(-1)[0] + logits[1, [101, 102]].log_softmax(-1)[1]
             + logits[2, [2]].log_softmax(-1)[0]).item()
     assert abs(restricted[0][1] - want) < 1e-4
-    assert restricted[1] == [0.0]  # a single candidate is certain once restricted
+    assert restricted[1] == pytest.approx([0.0], abs=1e-6)  # a single candidate is certain once restricted
     assert sum(torch.tensor(restricted[0]).exp().tolist()) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="num_return_sequences"):
+    with pytest.raises(ValueError, match="num_return_sequences=3 > beam_size=2"):
         GenerationConfig(beam_size=2, num_return_sequences=3)
-    with pytest.raises(ValueError, match="temperature"):
-        GenerationConfig(temperature=0)
     with pytest.raises(ValueError, match="beam_size must be int"):
         GenerationConfig(beam_size="5")
     with pytest.raises(ValueError, match="seed must be int"):
         GenerationConfig(seed=[1])
-    with pytest.raises(ValueError, match="exceeds the limit"):
+    with pytest.raises(ValueError, match=r"beam_size=10000 is outside \[1, 64\]"):
         GenerationConfig(beam_size=10_000)
     assert GenerationConfig(length_penalty=1).length_penalty == 1.0
+    assert type(GenerationConfig(max_len_a=2).max_len_a) is float
+
+
+HOSTILE_SETTINGS = [
+    ("max_len_a", 1e308), ("max_len_a", 10**400), ("max_len_a", -1.0), ("length_penalty", 1e308),
+    ("length_penalty", -1e308), ("seed", 2**70), ("seed", -1), ("temperature", 1e-300), ("temperature", 0),
+    ("top_p", 1e-300), ("top_p", 0.0), ("top_p", 1.5), ("max_len_b", 10**6), ("min_len", -1), ("top_k", -1),
+    ("no_repeat_ngram_size", 10**9), ("num_return_sequences", 0),
+    ("beam_size", True), ("max_len_b", False), ("seed", True), ("sampling", 1), ("normalize_scores", "yes"),
+    ("max_len_a", float("nan")), ("length_penalty", float("inf")), ("temperature", float("-inf")),
+    ("beam_size", 5.0), ("max_len_b", "16"), ("top_p", "0.9"), ("temperature", None), ("beam_size", [5]),
+]
+
+
+@pytest.mark.parametrize("name,value", HOSTILE_SETTINGS)
+def test_every_setting_is_checked_to_a_finite_range(name, value):
+    with pytest.raises(InputError) as info:
+        GenerationConfig(**{name: value})
+    assert info.value.reason == "bad_setting" and f"GenerationConfig.{name}" in str(info.value)
+
+
+def test_settings_at_their_bounds_decode(model, batch):
+    """The ranges are safe: the most extreme accepted values run through every search without raising."""
+    src, img = batch
+    enc = model.encode(src[:2], img[:2])
+    for cfg in (
+        GenerationConfig(beam_size=2, max_len_a=10.0, max_len_b=0, length_penalty=10.0, no_repeat_ngram_size=4096),
+        GenerationConfig(beam_size=2, max_len_b=3, length_penalty=-10.0),
+        GenerationConfig(sampling=True, max_len_b=3, temperature=0.01, top_p=1e-6, top_k=1_000_000,
+                         seed=2**63 - 1, num_return_sequences=2),
+        GenerationConfig(sampling=True, max_len_b=3, temperature=100.0, seed=0),
+    ):
+        hyps = generate(model, src[:2], cfg=cfg, ids=IDS, encoder_out=enc)
+        assert [len(hs) for hs in hyps] == [cfg.num_return_sequences] * 2
+        assert all(math.isfinite(h.score) for hs in hyps for h in hs), cfg
+        assert all(len(h.tokens) <= max_new_tokens(cfg, src.shape[1], 0, model) for hs in hyps for h in hs)
+
+
+class _Biased:
+    """The model with a large bias on one token's logit: a model that 'wants' to emit it."""
+
+    def __init__(self, model, token: int, bias: float):
+        self.model, self.token, self.bias, self.config = model, token, bias, model.config
+
+    def encode(self, *args, **kw):
+        return self.model.encode(*args, **kw)
+
+    def decode(self, *args, **kw):
+        logits = self.model.decode(*args, **kw).clone()
+        logits[..., self.token] += self.bias
+        return logits
+
+
+def test_bos_can_be_generated_only_pad_is_banned(model, batch):
+    """OFA's generator bans only <pad>: a model that prefers <s> emits it; one that prefers <pad> never does."""
+    src, img = batch
+    for cfg in (GenerationConfig(beam_size=1, max_len_b=3), GenerationConfig(beam_size=3, max_len_b=3),
+                GenerationConfig(sampling=True, max_len_b=3, seed=0)):
+        bos = generate(_Biased(model, IDS.bos, 50.0), src, img, cfg=cfg, ids=IDS)
+        assert all(hs[0].tokens and set(hs[0].tokens) == {IDS.bos} for hs in bos), cfg
+        assert all(hs[0].token_scores[0] > -1e-3 for hs in bos)  # <s> holds nearly all the probability
+        pad = generate(_Biased(model, IDS.pad, 50.0), src, img, cfg=cfg, ids=IDS)
+        assert all(IDS.pad not in h.tokens for hs in pad for h in hs)
+        assert all(math.isfinite(h.score) for hs in pad for h in hs)
 
 
 def test_trie_with_min_len_still_terminates(model, batch):

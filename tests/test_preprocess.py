@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from ofa_model.config import ConfigError
+from ofa_model.errors import InputError
 from ofa_model.preprocess import (
     EmptyImageError,
     ImageError,
@@ -24,15 +26,12 @@ from ofa_model.preprocess import (
     collate,
     decode_image,
     grounding_train_augment,
-    image_to_tensor,
-    load_image_tensor,
     normalize_caption,
     normalize_pixels,
     normalize_question,
     normalize_text,
     pad_sequences,
     resize_pixels,
-    resize_with_boxes,
 )
 
 CFG = PreprocessConfig(patch_image_size=8)
@@ -234,24 +233,29 @@ def test_grayscale_and_bilevel_to_rgb():
 # Tensors and boxes
 
 
-def test_image_to_tensor_solid_red_exact():
-    t = image_to_tensor(Image.new("RGB", (10, 7), (255, 0, 0)), CFG)
+def to_tensor(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
+    """The library's image path: resize to uint8 pixels, then normalise."""
+    return normalize_pixels(resize_pixels(img, cfg), cfg)
+
+
+def test_solid_red_gives_plus_and_minus_one():
+    t = to_tensor(Image.new("RGB", (10, 7), (255, 0, 0)), CFG)
     assert t.shape == (3, 8, 8) and t.dtype == torch.float32
-    assert torch.equal(t[0], torch.ones(8, 8))
-    assert torch.equal(t[1:], -torch.ones(2, 8, 8))
+    torch.testing.assert_close(t[0], torch.ones(8, 8), rtol=0, atol=1e-6)
+    torch.testing.assert_close(t[1:], -torch.ones(2, 8, 8), rtol=0, atol=1e-6)
 
 
-def test_image_to_tensor_layout_and_custom_mean_std():
+def test_tensor_layout_and_custom_mean_std():
     arr = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3) * 5  # (H, W, C), no resize at S=4
     cfg = PreprocessConfig(patch_image_size=4, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    t = image_to_tensor(Image.fromarray(arr), cfg)
+    t = to_tensor(Image.fromarray(arr), cfg)
     expected = (arr.transpose(2, 0, 1) / 255.0 - np.array(cfg.mean)[:, None, None]) / np.array(cfg.std)[:, None, None]
     np.testing.assert_allclose(t.numpy(), expected, rtol=0, atol=1e-6)
     assert t[2, 1, 3].item() == pytest.approx((arr[1, 3, 2] / 255 - 0.406) / 0.225, abs=1e-6)
 
 
-def _old_image_to_tensor(img, cfg):
-    """image_to_tensor as it was before the resize / normalise split (the reference it must still equal)."""
+def _reference_tensor(img, cfg):
+    """Resize and normalise written out by hand: the values the two library steps must give."""
     size = cfg.patch_image_size
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BICUBIC)
@@ -261,7 +265,7 @@ def _old_image_to_tensor(img, cfg):
     return x.sub_(mean).div_(std).contiguous()
 
 
-def test_resize_then_normalize_equals_image_to_tensor_bit_for_bit():
+def test_resize_pixels_then_normalize_pixels_match_a_hand_reference():
     rng = np.random.default_rng(0)
     cfg = PreprocessConfig(patch_image_size=24, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     for shape in ((31, 17), (24, 24)):  # resized, and used as is
@@ -269,10 +273,9 @@ def test_resize_then_normalize_equals_image_to_tensor_bit_for_bit():
         pixels = resize_pixels(img, cfg)
         assert pixels.dtype == torch.uint8 and pixels.shape == (3, 24, 24) and pixels.is_contiguous()
         expected_pixels = np.array(img.resize((24, 24), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
-        assert np.array_equal(pixels.numpy(), expected_pixels)
-        old = _old_image_to_tensor(img, cfg)
-        assert torch.equal(normalize_pixels(pixels, cfg), old) and torch.equal(image_to_tensor(img, cfg), old)
-    assert torch.equal(image_to_tensor(img, CFG), _old_image_to_tensor(img, CFG))  # default mean = std = 0.5
+        assert np.array_equal(pixels.numpy(), expected_pixels)  # uint8: exact
+        torch.testing.assert_close(normalize_pixels(pixels, cfg), _reference_tensor(img, cfg), rtol=0, atol=1e-6)
+    torch.testing.assert_close(to_tensor(img, CFG), _reference_tensor(img, CFG), rtol=0, atol=1e-6)  # mean = std = .5
 
 
 def test_normalize_pixels_batch_equals_per_image_and_hand_values():
@@ -281,9 +284,9 @@ def test_normalize_pixels_batch_equals_per_image_and_hand_values():
     out = normalize_pixels(batch, cfg)
     assert out.dtype == torch.float32 and out.shape == (5, 3, 6, 6)
     for i in range(5):
-        assert torch.equal(out[i], normalize_pixels(batch[i], cfg))
+        torch.testing.assert_close(out[i], normalize_pixels(batch[i], cfg), rtol=0, atol=1e-6)
     ends = normalize_pixels(torch.tensor([0, 255], dtype=torch.uint8).view(1, 2, 1).expand(3, 2, 1), CFG)
-    assert ends.flatten().tolist() == [-1.0, 1.0] * 3  # (0 - .5) / .5 and (1 - .5) / .5
+    assert ends.flatten().tolist() == pytest.approx([-1.0, 1.0] * 3, abs=1e-6)  # (0 - .5) / .5 and (1 - .5) / .5
     with pytest.raises(ValueError, match="uint8"):
         normalize_pixels(batch.float(), cfg)
     with pytest.raises(ValueError, match=r"\(\.\.\., 3, S, S\)"):
@@ -298,25 +301,11 @@ def test_blank_centre_zeroes_the_middle_square_in_place():
     assert images[:, :, 2:6, 2:6].eq(0).all() and images.sum() == 2 * 3 * (64 - 16)
 
 
-def test_image_to_tensor_rejects_non_rgb():
-    with pytest.raises(ValueError, match="RGB"):
-        image_to_tensor(Image.new("L", (4, 4)), CFG)
-
-
-def test_load_image_tensor_returns_original_size():
-    t, size = load_image_tensor(encode(Image.new("RGB", (30, 20), (255, 0, 0)), "PNG"), CFG, source="x")
-    assert size == (30, 20)
-    assert torch.equal(t, torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 8, 8))
-
-
-def test_resize_with_boxes_hand_worked():
-    img = Image.new("RGB", (200, 100))
-    out, boxes = resize_with_boxes(img, np.array([[20, 10, 120, 60], [0, 0, 200, 100]]), 50)
-    assert out.size == (50, 50)
-    # x scale 50/200 = 0.25, y scale 50/100 = 0.5
-    np.testing.assert_allclose(boxes, [[5, 5, 30, 30], [0, 0, 50, 50]])
-    with pytest.raises(ValueError, match=r"\(N, 4\)"):
-        resize_with_boxes(img, np.array([1, 2, 3, 4]), 50)
+def test_decode_keeps_the_original_size_and_the_tensor_is_resized():
+    img = decode_image(encode(Image.new("RGB", (30, 20), (255, 0, 0)), "PNG"), CFG, source="x")
+    assert img.size == (30, 20)
+    expected = torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 8, 8)
+    torch.testing.assert_close(to_tensor(img, CFG), expected, rtol=0, atol=1e-6)
 
 
 def rect_canvas(size: tuple[int, int], box: tuple[int, int, int, int]) -> Image.Image:
@@ -470,3 +459,28 @@ def test_config_rejects_unknown_and_bad_values():
         PreprocessConfig(std=(0.5, 0.0, 0.5))
     with pytest.raises(ValueError, match="mean"):
         PreprocessConfig(mean=(0.5, 0.5))
+
+
+def test_config_errors_are_typed_and_name_the_key():
+    with pytest.raises(ConfigError, match=r"PreprocessConfig\.patch_image_size must be an integer, got str"):
+        PreprocessConfig(patch_image_size="480")
+    with pytest.raises(ConfigError, match=r"PreprocessConfig\.max_src_length must be an integer, got bool"):
+        PreprocessConfig(max_src_length=True)
+    with pytest.raises(ConfigError, match=r"PreprocessConfig\.max_tgt_length must lie in \[1, 65536\], got -3"):
+        PreprocessConfig(max_tgt_length=-3)
+    with pytest.raises(ConfigError, match=r"patch_image_size must lie in \[1, 8192\], got 1000000"):
+        PreprocessConfig(patch_image_size=10**6)
+    with pytest.raises(ConfigError, match="finite"):
+        PreprocessConfig(mean=(0.5, float("nan"), 0.5))
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        PreprocessConfig.from_dict([("patch_image_size", 480)])
+    assert issubclass(ConfigError, InputError) and ConfigError("x").reason == "bad_config"
+
+
+def test_complete_from_dict_requires_every_field():
+    full = PreprocessConfig(patch_image_size=384, max_src_length=80, max_tgt_length=30).to_dict()
+    assert PreprocessConfig.from_dict(full, complete=True).patch_image_size == 384
+    del full["max_tgt_length"], full["std"]
+    assert PreprocessConfig.from_dict(full).max_tgt_length == 30  # a YAML data config may name a few
+    with pytest.raises(ConfigError, match=r"incomplete: missing keys \['max_tgt_length', 'std'\]"):
+        PreprocessConfig.from_dict(full, complete=True)

@@ -16,6 +16,7 @@ from pipelines import storage
 from pipelines.readers import (
     LAYOUTS,
     READER_REASONS,
+    TSV_SUFFIXES,
     WDS_TASKS,
     BadInput,
     BadRow,
@@ -24,8 +25,11 @@ from pipelines.readers import (
     decode_base64_image,
     glue_label_words,
     image_format,
+    input_files,
+    layout_task,
     make_row,
     read_ofa_tsv,
+    read_ofa_tsv_file,
     read_webdataset,
 )
 from pipelines.schema import (
@@ -254,18 +258,29 @@ def test_glue_column_orders(tmp_path, layout, line, text, text2, target):
 def test_gigaword_layout_over_a_directory(tmp_path):
     (tmp_path / "giga").mkdir()
     write_tsv(tmp_path / "giga" / "a.tsv", ["australian shares closed higher\tshares up", "one column only"])
-    write_tsv(tmp_path / "giga" / "b.tsv", ["the senate passed the bill\tbill passes", "   \tempty article"])
+    (tmp_path / "giga" / "sub").mkdir()
+    write_tsv(tmp_path / "giga" / "sub" / "b.tsv", ["the senate passed the bill\tbill passes", "", "   \tempty article"])
     (tmp_path / "giga" / "notes.txt").write_text("not a tsv\n")
     rows, bad = split_rows(read_ofa_tsv(str(tmp_path / "giga"), "gigaword", split="test"))
     common = {"task": "summarization", "split": "test", "dataset": "ofa-gigaword"}
-    assert rows == [  # ids count lines across files in sorted order
-        canonical(id="ofa-gigaword/test/0", text="australian shares closed higher", target="shares up", **common),
-        canonical(id="ofa-gigaword/test/2", text="the senate passed the bill", target="bill passes", **common),
+    assert rows == [  # ids: the file's name below the directory + the line's index in that file alone
+        canonical(id="ofa-gigaword/test/a/0", text="australian shares closed higher", target="shares up", **common),
+        canonical(id="ofa-gigaword/test/sub/b/0", text="the senate passed the bill", target="bill passes", **common),
     ]
     assert [(b.id, b.reason, b.source) for b in bad] == [
-        ("ofa-gigaword/test/1", "missing_column", f"{tmp_path}/giga/a.tsv:2"),
-        ("ofa-gigaword/test/3", "empty_text", f"{tmp_path}/giga/b.tsv:2"),
+        ("ofa-gigaword/test/a/1", "missing_column", f"{tmp_path}/giga/a.tsv:2"),
+        ("ofa-gigaword/test/sub/b/1", "empty_text", f"{tmp_path}/giga/sub/b.tsv:3"),
     ]
+    # a file read on its own (or by a parallel worker) gets the ids it gets in the directory listing
+    files = input_files(f"file://{tmp_path}/giga/", TSV_SUFFIXES)
+    assert [(f.name, f.uri) for f in files] == [("a.tsv", f"file://{tmp_path}/giga/a.tsv"),
+                                                ("sub/b.tsv", f"file://{tmp_path}/giga/sub/b.tsv")]
+    alone = list(read_ofa_tsv_file(files[1], "gigaword", split="test"))
+    assert [r.id if isinstance(r, BadRow) else r["id"] for r in alone] == ["ofa-gigaword/test/sub/b/0",
+                                                                             "ofa-gigaword/test/sub/b/1"]
+    # a lone file keeps plain line numbers
+    (row0, _) = read_ofa_tsv(f"{tmp_path}/giga/a.tsv", "gigaword", split="test")
+    assert row0["id"] == "ofa-gigaword/test/0"
 
 
 def test_imagenet_text_to_image_and_pretrain_layouts(tmp_path):
@@ -335,6 +350,7 @@ def test_every_emitted_task_is_a_model_task(tmp_path):
         rows, bad = split_rows(read_ofa_tsv(write_tsv(tmp_path / f"{layout}.tsv", lines), layout, split="train"))
         assert not bad and len(rows) == len(lines), (layout, bad)
         assert {r["task"] for r in rows} == tasks
+        assert layout_task(layout) == (None if len(tasks) > 1 else next(iter(tasks)))
         for row in rows:
             assert_model_row(row)
     members = [("k.png", RED), ("k.txt", b"a caption"),

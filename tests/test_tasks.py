@@ -7,8 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
+from ofa_model.errors import InputError
 from ofa_model.preprocess import PreprocessConfig, blank_centre, normalize_pixels
 from ofa_model.tasks import (
+    INFERENCE_KINDS,
+    PROMPT_TYPES,
+    TARGET_KINDS,
+    TARGETS,
     TASKS,
     TaskInputError,
     build_example,
@@ -144,7 +149,59 @@ def test_text_infilling(vocab):
     ex = build_example(TASKS["text_infilling"], {"text": long}, vocab, PCFG, train=True, rng=np.random.default_rng(0))
     assert ex["source"][-3:] == prompt[-2:] + [2] and len(ex["target"]) == 257
     req = inference_request(TASKS["text_infilling"], {"text": "the quick <mask> jumps"}, vocab, PCFG)
-    assert req.source == [0] + prompt[:-2] + vocab.encode(" the quick <mask> jumps") + prompt[-2:] + [2]
+    words = [vocab.token_to_id(t) for t in ("Ġthe", "Ġquick")], [vocab.token_to_id("Ġjumps")]
+    assert req.source == [0] + prompt[:-2] + words[0] + [vocab.mask_id] + words[1] + prompt[-2:] + [2]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_text_infilling_training_and_inference_see_the_same_tokens(vocab, seed):
+    text = "a cat sat on the mat, and the dog ran far away into the woods"
+    ex = build_example(TASKS["text_infilling"], {"text": text}, vocab, PCFG, train=True,
+                       rng=np.random.default_rng(seed))
+    prompt = vocab.encode(' what is the complete text of " "?')
+    masked = ex["source"][len(prompt) - 1:-3]
+    assert vocab.mask_id in masked
+    # the masked text as a user would send it: words around each <mask> keep their leading space (Ġ)
+    typed = vocab.decode(masked)
+    assert "<mask>" in typed
+    req = inference_request(TASKS["text_infilling"], {"text": typed}, vocab, PCFG)
+    assert req.source == ex["source"]
+    after = [masked[i + 1] for i in range(len(masked) - 1) if masked[i] == vocab.mask_id]
+    assert all(vocab.id_to_token(t).startswith("Ġ") for t in after)
+
+
+def test_user_text_never_becomes_special_tokens(vocab):
+    hostile = "<bin_5> <code_3> <mask>"
+    special = {vocab.mask_id, *range(*vocab.code_range), *range(*vocab.bin_range)}
+    plain = vocab.encode(" " + hostile)
+    rows = [
+        ("vqa", {"image": png(), "text": hostile, "candidates": [hostile, "red"]}, "allcand"),
+        ("vqa", {"image": png(), "text": hostile, "candidates": [hostile]}, "trie"),
+        ("grounding", {"image": png(), "text": hostile}, None),
+        ("qa_matching", {"image": png(), "text": hostile, "text2": hostile}, None),
+        ("glue_mnli", {"text": hostile, "text2": hostile}, None),
+        ("summarization", {"text": hostile}, None),
+        ("text_to_image", {"text": hostile}, None),
+        ("text_infilling", {"text": hostile}, None),
+    ]
+    for name, item, mode in rows:
+        req = inference_request(TASKS[name], item, vocab, PCFG, mode)
+        ids = req.source + [t for c in req.candidate_tokens for t in c]
+        if name == "text_infilling":  # the one field that reads <mask>; bins and codes stay text
+            assert req.source.count(vocab.mask_id) == 1 and vocab.mask_id not in ids[:-4]
+            ids = [t for t in ids if t != vocab.mask_id]
+        assert not special & set(ids), name
+    req = inference_request(TASKS["vqa"], rows[0][1], vocab, PCFG, "allcand")
+    assert req.candidate_tokens[0] == plain  # " <bin_5> <code_3> <mask>" as ordinary BPE
+    # training rows too: a text target, an infilling text and a detection label
+    ex = build_example(TASKS["summarization"], {"text": "x", "target": hostile}, vocab, PCFG)
+    assert ex["target"] == vocab.encode("<bin_5> <code_3> <mask>") + [2] and not special & set(ex["target"])
+    det = build_example(TASKS["detection"], {"image": png((100, 100)), "object_boxes": [[0, 0, 50, 50]],
+                                             "object_labels": [hostile]}, vocab, PCFG)
+    assert det["target"][4:] == vocab.encode(" <bin_5> <code_3> <mask>") + [2]
+    ex = build_example(TASKS["text_infilling"], {"text": hostile}, vocab, PCFG, train=True,
+                       rng=np.random.default_rng(0))
+    assert not special & set(ex["target"])
 
 
 def test_codes_and_detection_targets(vocab):
@@ -255,3 +312,61 @@ def test_instruction_parser_matches_builtin_tasks(vocab):
 def test_instruction_parser_errors(line, message):
     with pytest.raises(ValueError, match=message):
         parse_instruction(line)
+
+
+def test_answer_keys_and_caption_clean_up_are_spec_fields(vocab):
+    keys = {name: spec.answer_key for name, spec in TASKS.items()}
+    assert keys == {**{n: "label" for n in TASKS if n.startswith("glue_")}, "caption": "text", "vqa": "answer",
+                    "grounding": "box", "visual_entailment": "label", "image_classification": "label",
+                    "itm": "label", "qa_matching": "label", "grounded_caption": "text", "summarization": "text",
+                    "text_to_image": "codes", "image_infilling": "codes", "text_infilling": "text",
+                    "detection": "objects"}
+    assert {n for n, s in TASKS.items() if s.clean_caption} == {"caption", "grounded_caption"}
+    req = inference_request(TASKS["caption"], {"image": png()}, vocab, PCFG)
+    tokens = vocab.encode(" A red, square!")
+    assert parse_output(TASKS["caption"], tokens, vocab, req, PCFG) == {"text": "a red square"}
+    assert parse_output(TASKS["caption"].replace(clean_caption=False, output_key="words"), tokens, vocab, req,
+                        PCFG) == {"words": "A red, square!"}
+    custom = parse_instruction("[IMAGE:image] what does the image describe? -> [TEXT:caption]")
+    assert custom.clean_caption and custom.answer_key == "text"
+    assert parse_instruction("[TEXT:t] is it good? -> [LABEL:l]").answer_key == "label"
+    with pytest.raises(ValueError, match="output_key"):
+        TASKS["caption"].replace(output_key="score")
+
+
+def test_grounding_without_four_bins_follows_the_error_shape(vocab):
+    req = inference_request(TASKS["grounding"], {"image": png(), "text": "it"}, vocab, PCFG)
+    out = parse_output(TASKS["grounding"], [vocab.bin_id(3), vocab.bin_id(9)], vocab, req, PCFG)
+    assert out == {"box": None, "error": {"type": "NoAnswerError", "reason": "no_hypothesis",
+                                          "message": "task grounding: the model produced 2 location tokens, "
+                                                     "expected 4"}}
+
+
+def test_kinds_are_literal_types_checked_at_run_time():
+    assert TARGET_KINDS == tuple(TARGETS) == ("text", "label", "box", "codes", "objects", "infill_text")
+    assert (PROMPT_TYPES, INFERENCE_KINDS) == (("none", "prev_output", "src"), ("generate", "candidates", "last_token"))
+    for field, value in (("target_kind", "boxes"), ("prompt_type", "prev"), ("inference", "beam")):
+        with pytest.raises(ValueError, match=f"{field}='{value}', expected one of"):
+            TASKS["caption"].replace(**{field: value})
+
+
+@pytest.mark.parametrize("task,row,reason", [
+    ("text_to_image", {"text": "a", "codes": ["1", "2"]}, "bad_type"),
+    ("text_to_image", {"text": "a", "codes": 7}, "bad_type"),
+    ("text_to_image", {"text": "a", "codes": [True]}, "bad_type"),
+    ("text_to_image", {"text": "a", "codes": [8192]}, "bad_type"),
+    ("detection", {"object_boxes": [[0, 0, 5, 5]], "object_labels": [5]}, "bad_type"),
+    ("detection", {"object_boxes": 3, "object_labels": ["a"]}, "bad_type"),
+    ("detection", {"object_boxes": [["a", 0, 5, 5]], "object_labels": ["a"]}, "bad_box"),
+    ("caption", {"target": "a\ud800b"}, "bad_type"),
+    ("glue_sst2", {"text": "x", "target": ["positive"]}, "bad_type"),
+    ("vqa", {"text": "q?", "target": "red", "targets": ["red", "blue"], "target_weights": [1.0]}, "bad_type"),
+    ("vqa", {"text": "q?", "target": "red", "targets": ["red"], "target_weights": [None]}, "bad_type"),
+    ("vqa", {"text": "q?", "target": "red", "targets": ["red"], "target_weights": [float("nan")]}, "bad_type"),
+])
+def test_hostile_training_rows_raise_typed_input_errors(vocab, task, row, reason):
+    if TASKS[task].image_field is not None:
+        row = {"image": png(), **row}
+    with pytest.raises(InputError) as info:
+        build_example(TASKS[task], row, vocab, PCFG)
+    assert info.value.reason == reason
