@@ -99,6 +99,7 @@ def test_override_parsing_and_conflicts():
 
 def test_yaml_floats_follow_yaml_1_2():
     assert read_yaml("a: 1e-5\nb: 3.0E+2\nc: 1_000\nd: '1e-5'\n") == {"a": 1e-5, "b": 300.0, "c": 1000, "d": "1e-5"}
+    assert read_yaml("a: [yes, no, on, off, true, False]") == {"a": ["yes", "no", "on", "off", True, False]}
 
 
 def test_a_missing_file_is_a_config_error(tmp_path):
