@@ -19,6 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ofa_model.generation import PrefixTrie
+from ofa_model.tasks import text_target_tokens
+
 
 @dataclass(frozen=True)
 class LossOut:
@@ -78,3 +81,42 @@ def label_smoothed_nll(
         loss, idx = torch.topk(loss, k, largest=False)
         nll = nll[idx]
     return LossOut(loss.sum(), nll.sum(), int(loss.numel()))
+
+
+def target_constraints(spec, vocab, pcfg, target: torch.Tensor, answers: tuple[str, ...] | list[str] = ()
+                       ) -> torch.Tensor | None:
+    """The tokens the loss's softmax runs over, as OFA trains each task (None: the whole vocabulary).
+
+    * image codes (`spec.code_target`): the code tokens and the four specials, shared by every position (V,);
+    * a closed answer set (`answers`, else the task's labels): at each target position the tokens a trie of the
+      answers allows after the answer's prefix so far, (B, T, V). A row whose target is not one of the answers
+      (it leaves the trie) keeps the whole vocabulary rather than an impossible constraint;
+    * anything else (captions, boxes, free text): None.
+    """
+    vocab_size = len(vocab)
+    if spec.code_target:
+        lo, hi = vocab.code_range
+        allowed = torch.zeros(vocab_size, dtype=torch.bool)
+        allowed[lo:hi] = True
+        allowed[: 4] = True  # <s> <pad> </s> <unk>
+        return allowed
+    cands = list(answers) or list(spec.labels)
+    if not cands or spec.target_kind not in ("text", "label"):
+        return None
+    text_spec = spec.replace(target_kind="text")
+    trie = PrefixTrie([text_target_tokens(text_spec, c, vocab, pcfg) for c in cands], vocab.eos_id)
+    b_, t_ = target.shape
+    allowed = torch.ones(b_, t_, vocab_size, dtype=torch.bool)
+    rows = target.tolist()
+    for b, row in enumerate(rows):
+        start = next((i for i, tok in enumerate(row) if tok != vocab.pad_id), None)
+        if start is None:
+            continue
+        answer = row[start:]
+        per_pos = [trie.allowed(answer[:j]) for j in range(len(answer))]
+        if any(answer[j] not in per_pos[j] for j in range(len(answer))):
+            continue  # not one of the answers: unconstrained
+        for j, toks in enumerate(per_pos):
+            allowed[b, start + j] = False
+            allowed[b, start + j, toks] = True
+    return allowed

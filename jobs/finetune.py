@@ -1,0 +1,37 @@
+"""Fine-tune (or train from scratch) one task on Ray Train, tracked in MLflow.
+
+    python -m jobs.finetune --config configs/finetune/vqa.yaml [key=value ...]
+    ray job submit --working-dir . -- python -m jobs.finetune --config configs/finetune/vqa.yaml run.name=vqa-1
+
+Rerunning with the same run.name continues the run from its latest checkpoint. Prints a JSON summary (run,
+metrics, best checkpoint, local bundle, registered version and whether it became the champion).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jobs._cli import config_parser, fail, init_ray, print_json, setup_logging
+
+PROG = "python -m jobs.finetune"
+
+
+def main(argv: list[str] | None = None, *, prog: str = PROG, doc: str = __doc__, mixture: bool = False) -> None:
+    args = config_parser(prog, doc).parse_args(argv)
+    setup_logging()
+    from pipelines.job_config import ConfigError, load_config
+    from pipelines.train import train
+    from pipelines.train_config import TrainConfig
+
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+    except ConfigError as exc:
+        fail(prog, exc)
+    if mixture and not cfg.mixture:
+        fail(prog, f"{args.config}: pretraining needs a mixture (task -> weight); use jobs.finetune for one task")
+    init_ray()
+    print_json(dataclasses.asdict(train(cfg)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Training on the real stack: Ray Train on the session's local Ray, data and checkpoints on SeaweedFS (S3),
+MLflow on sqlite, ofa-micro on a small easy-VQA corpus.
+
+Each run is a few optimizer steps: these tests check the plumbing (sharding, checkpoints, resume, restarts,
+registry, evaluation), not learning; the learning curve is a benchmark (bench/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from ofa_model import metrics as M
+from pipelines import storage
+from pipelines.converters import prepare
+from pipelines.job_config import build
+from pipelines.registry import resolve_model
+from pipelines.shards import read_manifest
+from pipelines.train import latest_state_summary, read_state, train
+from pipelines.train_config import TrainConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+ANSWERS = ["yes", "no", "circle", "rectangle", "triangle", "black", "blue", "brown", "gray", "green", "red",
+           "teal", "yellow"]
+
+
+@pytest.fixture(scope="module")
+def corpus(s3_server) -> str:
+    uri = s3_server.uri("train-corpus")
+    prepare("easy-vqa", {}, uri, limit=60)
+    return uri
+
+
+def config(corpus: str, tmp: Path, name: str, **sections) -> TrainConfig:
+    raw = {
+        "task": "vqa", "answers": ANSWERS, "epochs": 1, "max_steps_per_epoch": 3, "seed": 0,
+        "data": {"uri": corpus, "tasks": ["vqa"], "batch_size": 8, "num_actors": [1, 1], "actor_num_cpus": 0.25,
+                 "read_num_cpus": 0.25, "progress_every_s": 600.0,
+                 "preprocess": {"patch_image_size": 32, "max_src_length": 24, "max_tgt_length": 6}},
+        "model": {"arch": "ofa-micro"},
+        "optim": {"lr": 1e-3, "warmup_ratio": 0.1},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.25},
+        "run": {"name": name, "storage_path": str(tmp / "ray-results"), "log_every_s": 0.0},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "test-train",
+                     "registered_model": f"ofa-vqa-{name}"},
+        "validation": {"split": "test", "max_rows": 16, "batch_size": 16, "mode": "allcand"},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
+    return build(TrainConfig, raw)
+
+
+def _mlflow(cfg: TrainConfig) -> MlflowClient:
+    uri = cfg.tracking.tracking_uri
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_two_worker_finetune_over_s3_logs_registers_and_keeps_the_champion_rule(corpus, s3_server, tmp_path,
+                                                                               ray_cluster):
+    cfg = config(corpus, tmp_path, "ft2", scaling={"num_workers": 2},
+                 run={"storage_path": s3_server.uri("ray-results")}, tracking={"registered_model": "ofa-vqa-ft"})
+    out = train(cfg, output_dir=tmp_path / "out1")
+    assert (out.epochs_done, out.step) == (1, 3)
+    assert out.registered_version == "1" and out.champion
+    assert out.best_checkpoint.startswith("s3://") or "test-bucket" in out.best_checkpoint
+    client = _mlflow(cfg)
+    run = client.get_run(out.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.001" and run.data.params["scaling.num_workers"] == "2"
+    assert run.data.tags["train.world_size"] == "2"
+    manifest = read_manifest(corpus)
+    assert run.data.tags["data_fingerprint"] == manifest.fingerprint
+    steps = [m.step for m in client.get_metric_history(out.mlflow_run_id, "train/loss")]
+    assert steps == [1, 2, 3]  # rank 0 alone logs, once per update (log_every_s=0)
+    score = out.metrics["val/vqa_score"]
+    assert [m.value for m in client.get_metric_history(out.mlflow_run_id, "val/vqa_score")] == [
+        pytest.approx(score)]
+    assert out.metrics["val/rows"] == 16
+
+    # the champion resolves to the bundle trained here, with what it was trained with
+    resolved = resolve_model("models:/ofa-vqa-ft@champion", tracking=cfg.tracking.tracking_uri,
+                             cache_dir=tmp_path / "cache")
+    meta = json.loads((resolved.path / "config.json").read_text())
+    assert meta["metadata"]["task"] == "vqa" and meta["metadata"]["data_fingerprint"] == manifest.fingerprint
+    assert meta["preprocess"]["patch_image_size"] == 32
+    version = client.get_model_version("ofa-vqa-ft", "1")
+    assert version.tags["task"] == "vqa" and float(version.tags["metric.vqa_score"]) == pytest.approx(score)
+
+    # a second run registers version 2; the champion moves only if its metric is strictly better
+    cfg2 = config(corpus, tmp_path, "ft2b", optim={"lr": 3e-3}, tracking={"registered_model": "ofa-vqa-ft"})
+    out2 = train(cfg2, output_dir=tmp_path / "out2")
+    assert out2.registered_version == "2"
+    assert out2.champion == (out2.metrics["val/vqa_score"] > score)
+    champ = client.get_model_version_by_alias("ofa-vqa-ft", "champion")
+    assert str(champ.version) == ("2" if out2.champion else "1")
+
+
+def test_a_rerun_with_the_same_name_continues_at_the_next_epoch(corpus, tmp_path, ray_cluster):
+    cfg = config(corpus, tmp_path, "resume")
+    first = train(cfg, output_dir=tmp_path / "a")
+    assert (first.epochs_done, first.step) == (1, 3)
+    again = train(config(corpus, tmp_path, "resume", epochs=2), output_dir=tmp_path / "b")
+    assert (again.epochs_done, again.step) == (2, 6)
+    assert again.mlflow_run_id == first.mlflow_run_id  # the same MLflow run continues
+    summary = latest_state_summary(cfg.run.storage_path, "resume")
+    state = read_state(summary["path"])
+    assert state["epoch"] == 1 and state["epoch_done"] and state["step"] == 6
+    adam_steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert adam_steps == {6}  # the optimizer's own step count went on from 3, not from 0
+    assert state["scheduler"]["last_epoch"] == 6
+    resumed = _mlflow(cfg).get_metric_history(first.mlflow_run_id, "train/resumed_from_step")
+    assert [m.value for m in resumed] == [3.0]
+    losses = [m.step for m in _mlflow(cfg).get_metric_history(first.mlflow_run_id, "train/loss")]
+    assert losses == [1, 2, 3, 4, 5, 6]  # the loss curve continues where it stopped
+
+
+def _train_worker_pids() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line and "ps -eo" not in line]
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint(corpus, tmp_path, ray_cluster):
+    cfg = config(corpus, tmp_path, "fault", max_steps_per_epoch=60, run={"checkpoint_every_steps": 4,
+                                                                       "max_failures": 2},
+                 scaling={"num_workers": 2}, data={"batch_size": 4})
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.setdefault("out", train(cfg, output_dir=tmp_path / "o")),
+                              daemon=True)
+    thread.start()
+    killed = None
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and thread.is_alive():
+        summary = latest_state_summary(cfg.run.storage_path, "fault")
+        pids = _train_worker_pids()
+        # the second mid-epoch checkpoint: Ray has registered the first by then (a checkpoint uploaded but not yet
+        # registered when its worker dies is dropped, and the restart takes the one before)
+        if summary is not None and not summary["epoch_done"] and summary["step"] >= 8 and pids:
+            killed = (summary["step"], pids[0])
+            os.kill(pids[0], signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    thread.join(timeout=300)
+    assert killed is not None, "no mid-epoch checkpoint appeared while the run was going"
+    out = result["out"]
+    assert (out.epochs_done, out.step) == (1, 60)
+    resumed = _mlflow(cfg).get_metric_history(out.mlflow_run_id, "train/resumed_from_step")
+    assert resumed and 4 <= resumed[0].value <= killed[0] and resumed[0].value % 4 == 0
+
+
+def test_evaluate_an_official_format_bundle_writes_metrics_of_its_predictions(corpus, tmp_path):
+    from tests.test_checkpoint import TrainingConfig, synthetic_official_state  # noqa: F401 - pickled class
+
+    ckpt = tmp_path / "ofa_tiny.pt"
+    torch.save({"model": synthetic_official_state(seed=3)}, ckpt)
+    bundle = tmp_path / "bundle"
+    subprocess.run([os.sys.executable, "-m", "jobs.convert_checkpoint", "--input", str(ckpt), "--arch", "ofa-tiny",
+                    "--gpt2-vocab", "--output", str(bundle), "--patch-image-size", "64", "--max-src-length", "40",
+                    "--max-tgt-length", "8"], check=True, capture_output=True)
+    out_dir = tmp_path / "eval"
+    done = subprocess.run([os.sys.executable, "-m", "jobs.evaluate", "--model", str(bundle), "--data", corpus,
+                           "--task", "vqa", "--split", "test", "--limit", "20", "--mode", "allcand",
+                           "--candidates", ",".join(ANSWERS), "--output", str(out_dir)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = json.loads(done.stdout)
+    metrics = json.loads((out_dir / "metrics.json").read_text())["metrics"]
+    records = [json.loads(line) for line in (out_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 20 and len({r["id"] for r in records}) == 20
+    assert all(r["prediction"] in ANSWERS for r in records)
+    # the metric recomputed from the predictions file alone, with the metric functions
+    expected = sum(M.vqa_score_weighted(r["prediction"], r["reference"], r["reference_weights"])
+                   for r in records) / 20
+    assert metrics["vqa_score"] == pytest.approx(expected, abs=1e-12)
+    assert printed["metrics"]["vqa_score"] == pytest.approx(expected, abs=1e-12)
+    ids = {r["id"] for r in records}
+    assert all(i.startswith("easy-vqa/test/vqa/") for i in ids)
+
+
+def test_bad_configs_fail_before_anything_starts(corpus, tmp_path, capsys):
+    from jobs.finetune import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"task: vqa\ndata: {{uri: {corpus}}}\noptim: {{lr: 2.0e+1}}\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", str(cfg)])
+    assert exc.value.code == 2
+    assert "optim.lr must lie in" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--config", str(cfg), "optim.lr=1e-4", "task=nope"])
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--config", str(cfg), "optim.lr=1e-4", "custom_tasks={vqa: '[IMAGE:image] x -> [TEXT:target]'}"])
+    assert "cannot replace a built-in task" in capsys.readouterr().err
+
+
+def test_storage_paths_are_listed_for_resume(tmp_path):
+    assert latest_state_summary(str(tmp_path), "nothing-here") is None
+    run = tmp_path / "r" / "checkpoint_1"
+    run.mkdir(parents=True)
+    (run / "train_state.json").write_text(json.dumps({"epoch": 0, "step": 4, "epoch_done": False, "metrics": {}}))
+    later = tmp_path / "r" / "checkpoint_2"
+    later.mkdir()
+    (later / "train_state.json").write_text(json.dumps({"epoch": 0, "step": 8, "epoch_done": True, "metrics": {}}))
+    (tmp_path / "r" / "checkpoint_3").mkdir()
+    (tmp_path / "r" / "checkpoint_3" / "train_state.json").write_text("{half written")
+    got = latest_state_summary(str(tmp_path), "r")
+    assert got["step"] == 8 and got["epoch_done"] and got["path"] == storage.join(str(tmp_path), "r", "checkpoint_2")
