@@ -57,6 +57,7 @@ from ofa_model.checkpoint import load_bundle, save_bundle
 from ofa_model.evaluation import evaluate_rows, primary_metric
 from ofa_model.losses import label_smoothed_nll, target_constraints
 from ofa_model.predictor import OFAPredictor
+from ofa_model.scst import CiderD, scst_loss
 from ofa_model.tasks import TASKS, TaskSpec, parse_instruction
 from ofa_model.vocab import Vocabulary
 from pipelines import storage
@@ -342,6 +343,7 @@ def train_loop(loop_config: dict) -> None:
     spec = specs[cfg.task]
     constrained = cfg.mixture is None
     pad = vocab.pad_id
+    scst = _scst_setup(cfg) if cfg.scst.enabled else None
     running = {"loss": 0.0, "nll": 0.0, "tokens": 0}
     model.train()
     it: Iterator = iter(batches)
@@ -359,15 +361,25 @@ def train_loop(loop_config: dict) -> None:
         ctx_sync = model.no_sync() if (world > 1 and not sync) else _nullcontext()
         with ctx_sync:
             with autocast:
-                logits = model(batch["src_tokens"], batch.get("patch_images"), batch.get("patch_masks"),
-                               batch["prev_output_tokens"], code_masks)
-            ratio = cfg.optim.drop_worst_ratio if step >= cfg.optim.drop_worst_after else 0.0
-            out = label_smoothed_nll(logits, batch["target"], pad_id=pad, epsilon=cfg.optim.label_smoothing,
-                                     weights=batch["target_weights"], allowed=allowed, drop_worst_ratio=ratio)
+                if scst is not None:  # self-critical: CIDEr-D reward of the model's own hypotheses
+                    refs, cider = scst
+                    out = scst_loss(raw, batch, [refs[i] for i in batch["ids"]], cider, vocab,
+                                    samples=cfg.scst.samples, sampling=cfg.scst.sampling,
+                                    max_len_b=cfg.scst.max_len_b, no_repeat_ngram_size=cfg.scst.no_repeat_ngram_size,
+                                    seed=cfg.seed + step, train_model=model)
+                    running["reward"] = running.get("reward", 0.0) + out.mean_reward
+                else:
+                    logits = model(batch["src_tokens"], batch.get("patch_images"), batch.get("patch_masks"),
+                                   batch["prev_output_tokens"], code_masks)
+            if scst is None:
+                ratio = cfg.optim.drop_worst_ratio if step >= cfg.optim.drop_worst_after else 0.0
+                out = label_smoothed_nll(logits, batch["target"], pad_id=pad, epsilon=cfg.optim.label_smoothing,
+                                         weights=batch["target_weights"], allowed=allowed, drop_worst_ratio=ratio)
             (out.loss / max(1, out.ntokens) / cfg.optim.grad_accum).backward()
         running["loss"] += float(out.loss)
-        running["nll"] += float(out.nll)
+        running["nll"] += float(getattr(out, "nll", out.loss))
         running["tokens"] += out.ntokens
+        running["batches"] = running.get("batches", 0) + 1
         progress.samples += int(batch["src_tokens"].shape[0])
         micro += 1
         if not sync:
@@ -391,6 +403,8 @@ def train_loop(loop_config: dict) -> None:
                  "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
                  "train/samples_per_s": r["samples_per_s"] * world, "train/eta_epoch_s": r["eta_epoch_s"],
                  "train/eta_run_s": r["eta_run_s"], "train/epoch": epoch}
+            if "reward" in running:
+                m["train/scst_reward"] = running["reward"] / max(1, running["batches"])
             logger.info("epoch %d step %d (%d/%d of the epoch) loss %.4f lr %.3g %.1f samples/s, ETA epoch %s, "
                         "run %s", epoch + 1, step, epoch_steps_done, per_epoch, m["train/loss"], m["train/lr"],
                         m["train/samples_per_s"], _duration(r["eta_epoch_s"]), _duration(r["eta_run_s"]))
@@ -448,8 +462,23 @@ def _replace(dc, **kw):
     return dataclasses.replace(dc, **kw)
 
 
+def _scst_setup(cfg: TrainConfig) -> tuple[dict[str, list[str]], CiderD]:
+    """References of the training split's rows by id, and CIDEr-D with their document frequencies."""
+    refs: dict[str, list[str]] = {}
+    for row in iter_rows(cfg.data.uri, s3=cfg.data.s3, columns=["id", "target", "targets"],
+                         splits=list(cfg.data.splits), tasks=[cfg.task]):
+        captions = list(row["targets"] or []) or ([row["target"]] if row["target"] else [])
+        if captions:
+            refs[row["id"]] = captions
+    if not refs:
+        raise ValueError(f"scst: no references in {cfg.data.uri} for task {cfg.task} in {cfg.data.splits}")
+    return refs, CiderD(refs.values())
+
+
 def _batches(cfg: TrainConfig, vocab: Vocabulary, plans: Mapping, resume):
     opts = {**iterator_options(cfg.data), "bad_row_threshold": None}  # the rule is applied globally
+    if cfg.scst.enabled:
+        opts["with_meta"] = True  # row ids: the rewards need each row's references
     if cfg.mixture:
         shards = {n: ray.train.get_dataset_shard(n) for n in plans}
         return iter_mixture_batches(shards, cfg.mixture, vocab, cfg.data.batch_size,

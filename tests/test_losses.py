@@ -99,3 +99,36 @@ def test_gradient_flows_only_through_kept_tokens(batch):
     label_smoothed_nll(logits, target, pad_id=PAD, epsilon=0.1).loss.backward()
     assert torch.count_nonzero(logits.grad[target.eq(PAD)]) == 0
     assert torch.count_nonzero(logits.grad[target.ne(PAD)]) > 0
+
+
+def test_target_constraints_follow_the_answer_trie():
+    from ofa_model.losses import target_constraints
+    from ofa_model.preprocess import PreprocessConfig, collate
+    from ofa_model.tasks import TASKS, build_example
+    from ofa_model.vocab import Vocabulary
+    from tests.test_tasks import png
+
+    vocab, pcfg = Vocabulary.gpt2(), PreprocessConfig(patch_image_size=32)
+    spec = TASKS["visual_entailment"]
+    rows = [{"image": png(), "text": "a cat", "target": t} for t in ("yes", "maybe")]
+    batch = collate([build_example(spec, r, vocab, pcfg) for r in rows], vocab.pad_id)
+    allowed = target_constraints(spec, vocab, pcfg, batch["target"])
+    firsts = {vocab.encode(" " + w)[0] for w in ("no", "yes", "maybe")}
+    for b, word in enumerate(("yes", "maybe")):
+        row = batch["target"][b].tolist()
+        start = next(i for i, t in enumerate(row) if t != vocab.pad_id)
+        assert set(allowed[b, start].nonzero().flatten().tolist()) == firsts
+        ids = vocab.encode(" " + word)
+        for j in range(1, len(ids) + 1):  # inside the word only its continuation, then </s>
+            want = {ids[j]} if j < len(ids) else {vocab.eos_id}
+            assert set(allowed[b, start + j].nonzero().flatten().tolist()) == want
+        assert bool(allowed[b, :start].all())  # positions before the answer (pad targets) stay open
+    # a target outside the answer set keeps the whole vocabulary rather than an impossible constraint
+    vqa = collate([build_example(TASKS["vqa"], {"image": png(), "text": "what?", "target": "purple"}, vocab, pcfg)],
+                  vocab.pad_id)
+    assert bool(target_constraints(TASKS["vqa"], vocab, pcfg, vqa["target"], ("red", "blue")).all())
+    codes = target_constraints(TASKS["text_to_image"], vocab, pcfg, batch["target"])
+    lo, hi = vocab.code_range
+    assert codes.shape == (len(vocab),) and int(codes.sum()) == (hi - lo) + 4 and bool(codes[lo:hi].all())
+    assert target_constraints(TASKS["caption"], vocab, pcfg, batch["target"]) is None
+    assert target_constraints(TASKS["grounding"], vocab, pcfg, batch["target"]) is None

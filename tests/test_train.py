@@ -215,3 +215,16 @@ def test_storage_paths_are_listed_for_resume(tmp_path):
     (tmp_path / "r" / "checkpoint_3" / "train_state.json").write_text("{half written")
     got = latest_state_summary(str(tmp_path), "r")
     assert got["step"] == 8 and got["epoch_done"] and got["path"] == storage.join(str(tmp_path), "r", "checkpoint_2")
+
+
+def test_self_critical_caption_training_runs_with_cider_rewards(corpus, tmp_path, ray_cluster):
+    cfg = config(corpus, tmp_path, "scst", task="caption", answers=[], max_steps_per_epoch=2,
+                 data={"tasks": ["caption"], "batch_size": 4},
+                 scst={"enabled": True, "samples": 2, "max_len_b": 4},
+                 validation={"max_rows": 8, "mode": None}, tracking={"registered_model": None})
+    out = train(cfg, output_dir=tmp_path / "o")
+    assert (out.epochs_done, out.step) == (1, 2)
+    client = _mlflow(cfg)
+    rewards = client.get_metric_history(out.mlflow_run_id, "train/scst_reward")
+    assert [m.step for m in rewards] == [1, 2] and all(m.value >= 0.0 for m in rewards)
+    assert "val/cider" in out.metrics and out.registered_version is None
