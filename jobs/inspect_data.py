@@ -23,8 +23,6 @@ import json
 import logging
 import sys
 
-import yaml
-
 
 class _Parser(argparse.ArgumentParser):
     """Bad options are one line on stderr and exit status 2."""
@@ -64,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     from ofa_model.vocab import Vocabulary
     from pipelines.converters import OutputError
     from pipelines.dataset import DataConfig, inspect
+    from pipelines.job_config import ConfigError, load_config, merge, read_yaml
     from pipelines.raw_convert import key_map_option
     from pipelines.raw_inspect import input_source, inspect_raw
 
@@ -71,18 +70,20 @@ def main(argv: list[str] | None = None) -> None:
         raw = {}
         if args.config:
             with open(args.config) as f:
-                raw = yaml.safe_load(f) or {}
-        raw["uri"] = args.input
+                raw = read_yaml(f.read(), args.config) or {}
+        flags: dict = {"uri": args.input}
         if args.task:
-            raw["tasks"] = args.task
+            flags["tasks"] = args.task
         if args.split:
-            raw["splits"] = args.split
+            flags["splits"] = args.split
         if args.patch_image_size is not None:
-            raw["preprocess"] = {**(raw.get("preprocess") or {}), "patch_image_size": args.patch_image_size}
-        cfg = DataConfig.from_dict(raw)
+            flags["preprocess"] = {"patch_image_size": args.patch_image_size}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{args.config}: the top level must be a mapping of keys")
+        cfg = load_config(DataConfig, data=merge(raw, flags))  # the one loader every job uses
         if args.list_bad < 0:
             raise ValueError(f"--list-bad must be >= 0, got {args.list_bad}")
-    except (OSError, ValueError, TypeError, yaml.YAMLError) as exc:
+    except (OSError, ValueError) as exc:
         raise SystemExit(f"inspect_data: bad configuration: {exc}") from exc
     try:
         split = cfg.splits[0]
