@@ -376,8 +376,8 @@ def train_loop(loop_config: dict) -> None:
                 out = label_smoothed_nll(logits, batch["target"], pad_id=pad, epsilon=cfg.optim.label_smoothing,
                                          weights=batch["target_weights"], allowed=allowed, drop_worst_ratio=ratio)
             (out.loss / max(1, out.ntokens) / cfg.optim.grad_accum).backward()
-        running["loss"] += float(out.loss)
-        running["nll"] += float(getattr(out, "nll", out.loss))
+        running["loss"] += float(out.loss.detach())
+        running["nll"] += float(getattr(out, "nll", out.loss).detach())
         running["tokens"] += out.ntokens
         running["batches"] = running.get("batches", 0) + 1
         progress.samples += int(batch["src_tokens"].shape[0])

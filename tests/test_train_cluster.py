@@ -1,0 +1,431 @@
+"""Training against real multi-process infrastructure: a two-node Ray cluster started with `ray start` that
+takes a fine-tune as a Ray Job, and an MLflow tracking server that keeps its artifacts on S3 (SeaweedFS).
+
+Both start their own processes, each in its own session (`start_new_session=True`), and stop them by process
+group; teardown then checks with `ps` that nothing of theirs is left. Never `ray stop`: it would stop every
+Ray on the machine, the session's `ray_cluster` and other people's included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from ofa_model.checkpoint import load_bundle
+from pipelines.converters import prepare
+from pipelines.registry import resolve_model
+from pipelines.shards import read_manifest
+from pipelines.train import train
+from tests.test_train import config
+
+pytestmark = [pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent  # not resolved: the venv's bin, not the base interpreter's
+STOP_GRACE_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def corpus(s3_server) -> str:
+    uri = s3_server.uri("cluster-corpus")
+    prepare("easy-vqa", {}, uri, limit=60)
+    return uri
+
+
+# =============================================================================================================
+# Processes: free ports, own sessions, teardown by process group, leftovers found with ps
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports (held open together, so the kernel cannot hand one out twice)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _venv_env(**extra: str) -> dict[str, str]:
+    """This environment (AWS_* of the S3 fixture included) with the venv first on PATH, so a plain `python`
+    (a job's entrypoint) is the venv's; no RAY_ADDRESS or auth settings of the test process leak in."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") and not k.startswith("RAY_AUTH")}
+    env["PATH"] = os.pathsep.join([str(VENV_BIN), env.get("PATH", "")])
+    env["VIRTUAL_ENV"] = str(VENV_BIN.parent)
+    env.update(extra)
+    return env
+
+
+def _spawn(args: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _processes(sessions: set[int], markers: tuple[str, ...]) -> list[tuple[int, str]]:
+    """(pid, args) of live processes in one of `sessions` or with one of `markers` in their arguments.
+
+    The session catches processes that renamed themselves (Ray workers show as `ray::IDLE`); the markers
+    catch any that started a session of their own."""
+    me = os.getpid()
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,sid=,stat=,args="], capture_output=True, text=True,
+                         check=True).stdout
+    found = []
+    for line in out.splitlines():
+        parts = line.split(None, 3)
+        if len(parts) < 4:
+            continue
+        pid, sid, stat, args = int(parts[0]), int(parts[1]), parts[2], parts[3]
+        if pid == me or stat.startswith("Z") or args.startswith("ps -ww -eo"):
+            continue
+        if sid in sessions or any(m in args for m in markers):
+            found.append((pid, args))
+    return found
+
+
+def _stop_groups(procs: list[subprocess.Popen], markers: tuple[str, ...],
+                 grace_s: float = STOP_GRACE_S) -> tuple[list[tuple[int, str]], bool]:
+    """SIGTERM to each process group, SIGKILL to the groups if anything of theirs is still alive after
+    `grace_s`; returns (leftovers, whether SIGKILL was needed).
+
+    Processes of those sessions outside the groups (Ray puts each worker in a group of its own) get a moment to
+    exit after their parents did. Leftovers are what is still alive then: they are killed here by pid, so
+    nothing stays behind, and the caller fails on them."""
+    sessions = {p.pid for p in procs}
+
+    def wait_gone(timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            for p in procs:
+                p.poll()  # reap our own children
+            if not _processes(sessions, markers):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
+
+    def signal_groups(sig: signal.Signals) -> None:
+        for p in procs:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    signal_groups(signal.SIGTERM)
+    killed = not wait_gone(grace_s)
+    if killed:
+        signal_groups(signal.SIGKILL)
+        wait_gone(15.0)
+    for p in procs:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+    leftovers = _processes(sessions, markers)
+    for pid, _ in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return leftovers, killed
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError as exc:
+        return f"<no log: {exc}>"
+
+
+def _http(url: str, token: str | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except (urllib.error.URLError, OSError):
+        return 0, b""
+
+
+def _s3_objects(s3_server, prefix: str) -> dict[str, int]:
+    """key -> size of every object under `prefix` in the test bucket."""
+    client = s3_server.client()
+    out: dict[str, int] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3_server.bucket, Prefix=prefix):
+        out.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
+    return out
+
+
+# =============================================================================================================
+# A two-node Ray cluster (`ray start --head` + `ray start --address`), token auth on, a job submitted to it
+
+
+@dataclass(frozen=True)
+class Cluster:
+    gcs: str  # "127.0.0.1:<port>"
+    dashboard: str  # "http://127.0.0.1:<port>"
+    token: str
+    env: dict[str, str]  # what the nodes run with (and a client needs)
+
+    def ray(self, *args: str, timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess:
+        """The venv's `ray` CLI run from the repository root, against this cluster, with its token."""
+        try:
+            done = subprocess.run([str(VENV_BIN / "ray"), *args], env=self.env, cwd=REPO, capture_output=True,
+                                  text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+            raise AssertionError(f"ray {' '.join(args[:3])} still running after {timeout} s:\n{out[-4000:]}") \
+                from None
+        if check and done.returncode != 0:
+            raise AssertionError(f"ray {' '.join(args[:3])} failed ({done.returncode}):\n"
+                                 f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        return done
+
+    def api(self, path: str) -> dict:
+        status, body = _http(f"{self.dashboard}{path}", self.token)
+        assert status == 200, f"GET {path}: {status} {body[:500]!r}"
+        return json.loads(body)
+
+    def alive_nodes(self) -> set[str]:
+        status, body = _http(f"{self.dashboard}/api/v0/nodes?limit=100&detail=false", self.token)
+        if status != 200:
+            return set()
+        rows = json.loads(body)["data"]["result"]["result"]
+        return {r["node_id"] for r in rows if r["state"] == "ALIVE"}
+
+
+def _node_args(ports: list[int], temp_dir: Path) -> list[str]:
+    """Per-node settings: every port it opens chosen free (a second Ray on this machine, the session's or
+    someone else's, holds the defaults), workers on OS-chosen ports, a small object store, its own temp dir."""
+    node_manager, object_manager, agent_http, agent_grpc, runtime_env_agent, metrics = ports
+    return ["--block", "--num-cpus=2", "--num-gpus=0",
+            f"--object-store-memory={200 * 2**20}", f"--node-manager-port={node_manager}",
+            f"--object-manager-port={object_manager}", f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env_agent}",
+            f"--metrics-export-port={metrics}", "--min-worker-port=0", "--max-worker-port=0",
+            f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+
+
+@pytest.fixture
+def two_node_cluster(s3_server, tmp_path) -> Iterator[Cluster]:
+    # The temp dir holds Ray's unix sockets (<temp>/session_<date>_<pid>/sockets/plasma_store): a pytest
+    # tmp_path makes them longer than AF_UNIX allows (107 bytes), so it is a short directory under /tmp.
+    temp_root = Path(tempfile.mkdtemp(prefix="ray2n-", dir="/tmp"))
+    gcs_port, dash_port, client_port, *rest = _free_ports(15)
+    token = secrets.token_hex(32)
+    # One auth mode for every process of this cluster and its clients, whatever the caller exported (CI:
+    # disabled): token, with the token in the environment (~/.ray/auth_token is neither read nor written).
+    # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: on SIGTERM a node shuts down at once instead of draining
+    # for up to 30 s (made for Kubernetes pods running Serve; nothing to drain here).
+    env = _venv_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
+                    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+                    RAY_DATA_DISABLE_PROGRESS_BARS="1", PYTHONUNBUFFERED="1")
+    assert env["AWS_ENDPOINT_URL"] == s3_server.endpoint  # the job's workers reach the test S3 server
+    cluster = Cluster(gcs=f"127.0.0.1:{gcs_port}", dashboard=f"http://127.0.0.1:{dash_port}", token=token,
+                      env=env)
+    ray_cli = str(VENV_BIN / "ray")
+    head = _spawn([ray_cli, "start", "--head", f"--port={gcs_port}", "--include-dashboard=true",
+                   "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+                   f"--ray-client-server-port={client_port}", *_node_args(rest[:6], temp_root / "head")],
+                  env, tmp_path / "head.log")
+    procs = [head]
+    markers = (str(temp_root), cluster.gcs)
+    try:
+        deadline = time.monotonic() + 120
+        while _http(f"{cluster.dashboard}/api/version", token)[0] != 200:
+            assert head.poll() is None, f"ray start --head exited:\n{_tail(tmp_path / 'head.log')}"
+            assert time.monotonic() < deadline, f"head not up in 120 s:\n{_tail(tmp_path / 'head.log')}"
+            time.sleep(0.5)
+        worker = _spawn([ray_cli, "start", f"--address={cluster.gcs}", *_node_args(rest[6:12], temp_root / "w")],
+                        env, tmp_path / "worker.log")
+        procs.append(worker)
+        while len(cluster.alive_nodes()) < 2:
+            assert worker.poll() is None, f"ray start (worker) exited:\n{_tail(tmp_path / 'worker.log')}"
+            assert time.monotonic() < deadline, f"2 nodes not up in 120 s:\n{_tail(tmp_path / 'worker.log')}"
+            time.sleep(0.5)
+        running = [args for _, args in _processes({p.pid for p in procs}, markers)]
+        assert sum("/raylet " in a for a in running) == 2, running  # what teardown checks is visible to ps
+        yield cluster
+    finally:
+        leftovers, killed = _stop_groups(procs, markers)
+        shutil.rmtree(temp_root, ignore_errors=True)
+    if killed:
+        warnings.warn("the two-node cluster needed SIGKILL: SIGTERM did not stop it in time", stacklevel=1)
+    assert not leftovers, f"Ray processes outlived their process groups: {leftovers}"
+    # the address file went into the cluster's own temp dir: none left in /tmp/ray for a later ray.init()
+    default_address_file = Path("/tmp/ray/ray_current_cluster")
+    assert not default_address_file.exists() or cluster.gcs not in default_address_file.read_text()
+
+
+def _printed_json(logs: str, key: str) -> dict:
+    """The last JSON object in `logs` that has `key` (the job's summary, among log lines)."""
+    decoder = json.JSONDecoder()
+    found = None
+    for i, ch in enumerate(logs):
+        if ch == "{" and (i == 0 or logs[i - 1] == "\n"):
+            try:
+                obj, _ = decoder.raw_decode(logs, i)
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and key in obj:
+                found = obj
+    assert found is not None, f"no JSON with {key!r} in the job's logs:\n{logs[-4000:]}"
+    return found
+
+
+@pytest.mark.timeout(360)
+def test_a_finetune_submitted_as_a_ray_job_trains_on_two_nodes_with_checkpoints_on_s3(
+        corpus, s3_server, two_node_cluster, tmp_path):
+    cluster = two_node_cluster
+    nodes = cluster.alive_nodes()
+    assert len(nodes) == 2
+    # token auth is really on: the dashboard refuses a request without the token
+    assert _http(f"{cluster.dashboard}/api/version")[0] == 401
+
+    storage = s3_server.uri("cluster-ckpt")
+    db = tmp_path / "mlflow.db"
+    submission = f"ft-cluster-{uuid.uuid4().hex[:8]}"
+    overrides = [
+        f"data.uri={corpus}", "data.batch_size=4", "data.actor_num_cpus=0.25", "data.read_num_cpus=0.25",
+        "data.progress_every_s=600", "data.preprocess={patch_image_size: 32, max_src_length: 24, max_tgt_length: 6}",
+        "scaling.num_workers=2", "scaling.placement_strategy=STRICT_SPREAD", "scaling.cpus_per_worker=0.25",
+        "run.name=cluster-ft", f"run.storage_path={storage}", "run.log_every_s=0",
+        f"tracking.tracking_uri=sqlite:///{db}", "tracking.experiment=test-cluster",
+        "tracking.registered_model=ofa-vqa-cluster",
+        "epochs=1", "max_steps_per_epoch=3", "validation.max_rows=8", "validation.batch_size=8",
+    ]  # fmt: skip
+    # --working-dir . uploads the repository (minus .gitignore'd paths) and runs the entrypoint in that copy:
+    # the config is a path inside the repository, everything test-specific is an override
+    submit = cluster.ray("job", "submit", "--address", cluster.dashboard, "--working-dir", ".",
+                         "--submission-id", submission, "--",
+                         "python", "-m", "jobs.finetune", "--config", "configs/finetune/vqa_easyvqa.yaml",
+                         *overrides, timeout=240, check=False)
+    logs = cluster.ray("job", "logs", "--address", cluster.dashboard, submission).stdout
+    job = cluster.api(f"/api/jobs/{submission}")  # the Jobs REST API: the status as a value, not CLI prose
+    assert job["status"] == "SUCCEEDED", f"{job}\n{submit.stderr[-2000:]}\n{logs[-6000:]}"
+    assert submit.returncode == 0
+    assert job["entrypoint"].startswith("python -m jobs.finetune")
+
+    out = _printed_json(logs, "epochs_done")
+    assert (out["epochs_done"], out["step"], out["run_name"]) == (1, 3, "cluster-ft")
+    assert out["registered_version"] == "1" and out["champion"] is True
+
+    # both workers ran, one per node of this cluster (STRICT_SPREAD)
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
+    run = client.get_run(out["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["train.world_size"] == "2"
+    train_nodes = run.data.tags["train.nodes"].split(",")
+    assert len(train_nodes) == 2 and set(train_nodes) == nodes
+    assert run.data.tags["data_fingerprint"] == read_manifest(corpus).fingerprint
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
+
+    # the checkpoint is on S3, under the run's storage prefix
+    prefix = storage.removeprefix(f"s3://{s3_server.bucket}/") + "/cluster-ft/"
+    assert out["best_checkpoint"].startswith(f"s3://{s3_server.bucket}/{prefix}")
+    objects = _s3_objects(s3_server, prefix)
+    states = [k for k in objects if k.endswith("/train_state.json")]
+    assert states, f"no train_state.json under s3://{s3_server.bucket}/{prefix}: {sorted(objects)[:20]}"
+    body = s3_server.client().get_object(Bucket=s3_server.bucket, Key=states[-1])["Body"].read()
+    assert {k: json.loads(body)[k] for k in ("epoch", "step", "epoch_done")} == {"epoch": 0, "step": 3,
+                                                                                 "epoch_done": True}
+    best = out["best_checkpoint"].removeprefix(f"s3://{s3_server.bucket}/")
+    assert f"{best}/bundle/config.json" in objects and f"{best}/train_state.pt" in objects
+
+
+# =============================================================================================================
+# An MLflow tracking server with its artifact store on S3
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    url: str
+    artifacts_prefix: str  # key prefix in the test bucket
+    workdir: Path
+
+
+@pytest.fixture
+def mlflow_server(s3_server, tmp_path) -> Iterator[MlflowServer]:
+    port, = _free_ports(1)
+    prefix = f"mlflow-{uuid.uuid4().hex[:10]}"
+    workdir = tmp_path / "srv"
+    workdir.mkdir()
+    log = tmp_path / "mlflow-server.log"
+    env = _venv_env(MLFLOW_S3_ENDPOINT_URL=s3_server.endpoint)  # the server writes the artifacts to S3
+    proc = _spawn([str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                   "--workers", "1", "--backend-store-uri", f"sqlite:///{workdir / 'srv.db'}",
+                   "--artifacts-destination", f"s3://{s3_server.bucket}/{prefix}"], env, log, cwd=workdir)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while _http(f"{url}/health")[0] != 200:
+            assert proc.poll() is None, f"mlflow server exited ({proc.returncode}):\n{_tail(log)}"
+            assert time.monotonic() < deadline, f"mlflow server not up in 90 s:\n{_tail(log)}"
+            time.sleep(0.3)
+        assert any("mlflow" in args for _, args in _processes({proc.pid}, ()))
+        yield MlflowServer(url, prefix, workdir)
+    finally:
+        leftovers, killed = _stop_groups([proc], (f"--port {port}", str(workdir)), grace_s=15)
+    if killed:
+        warnings.warn("the MLflow server needed SIGKILL: SIGTERM did not stop it in time", stacklevel=1)
+    assert not leftovers, f"MLflow server processes outlived their process group: {leftovers}"
+
+
+@pytest.mark.timeout(300)
+def test_a_finetune_tracked_by_an_mlflow_server_registers_a_bundle_whose_files_are_on_s3(
+        corpus, s3_server, mlflow_server, tmp_path, ray_cluster):
+    url, name = mlflow_server.url, "ofa-vqa-srv"
+    cfg = config(corpus, tmp_path, "srv", tracking={"tracking_uri": url, "experiment": "test-mlflow-server",
+                                                    "registered_model": name})
+    out = train(cfg, output_dir=tmp_path / "out")
+    assert (out.epochs_done, out.step) == (1, 3)
+    assert out.registered_version == "1" and out.champion
+
+    client = MlflowClient(tracking_uri=url, registry_uri=url)
+    run = client.get_run(out.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:/")
+    # the rank-0 worker logged through the server too
+    assert [m.step for m in client.get_metric_history(out.mlflow_run_id, "train/loss")] == [1, 2, 3]
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version == "1" and champion.source == f"{run.info.artifact_uri}/bundle"
+
+    resolved = resolve_model(f"models:/{name}@champion", tracking=url, cache_dir=tmp_path / "cache")
+    assert resolved.version == "1"
+    bundle = load_bundle(resolved.path)
+    assert bundle.preprocess.patch_image_size == 32
+    assert bundle.metadata["task"] == "vqa" and bundle.metadata["step"] == 3
+    local = {str(p.relative_to(resolved.path)): p.stat().st_size for p in resolved.path.rglob("*") if p.is_file()}
+    assert "config.json" in local
+
+    # the bundle's files are the objects under the server's artifact destination (same names and sizes)
+    rel = champion.source.removeprefix("mlflow-artifacts:/").strip("/")
+    key_prefix = f"{mlflow_server.artifacts_prefix}/{rel}/"
+    on_s3 = {k.removeprefix(key_prefix): size for k, size in _s3_objects(s3_server, key_prefix).items()}
+    assert on_s3 == local
+    got = s3_server.client().get_object(Bucket=s3_server.bucket, Key=f"{key_prefix}config.json")["Body"].read()
+    assert got == (resolved.path / "config.json").read_bytes()
+    assert not (mlflow_server.workdir / "mlartifacts").exists()  # nothing went to the server's local disk
