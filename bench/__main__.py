@@ -1,9 +1,12 @@
-"""Run the benchmarks: `python -m bench` (all) or `python -m bench model data`."""
+"""Run the benchmarks: `python -m bench` (all) or `python -m bench model data`.
+
+The learning curve (30 minutes) is not among them: `python -m bench.learning_curve [--minutes 30]`.
+"""
 
 import importlib
 import sys
 
-BENCHES = ("model", "data")
+BENCHES = ("model", "data", "train", "gpu")
 
 
 def main(argv: list[str]) -> None:

@@ -109,10 +109,11 @@ def target_constraints(spec, vocab, pcfg, target: torch.Tensor, answers: tuple[s
     allowed = torch.ones(b_, t_, vocab_size, dtype=torch.bool)
     rows = target.tolist()
     for b, row in enumerate(rows):
-        start = next((i for i, tok in enumerate(row) if tok != vocab.pad_id), None)
-        if start is None:
+        real = [i for i, tok in enumerate(row) if tok != vocab.pad_id]
+        if not real:
             continue
-        answer = row[start:]
+        start, end = real[0], real[-1] + 1  # the answer; the batch's right padding after it is not part of it
+        answer = row[start:end]
         per_pos = [trie.allowed(answer[:j]) for j in range(len(answer))]
         if any(answer[j] not in per_pos[j] for j in range(len(answer))):
             continue  # not one of the answers: unconstrained

@@ -123,6 +123,15 @@ def test_target_constraints_follow_the_answer_trie():
             want = {ids[j]} if j < len(ids) else {vocab.eos_id}
             assert set(allowed[b, start + j].nonzero().flatten().tolist()) == want
         assert bool(allowed[b, :start].all())  # positions before the answer (pad targets) stay open
+    # rows of different lengths in one batch: the shorter one's right padding does not void its constraint
+    vqa_rows = [{"image": png(), "text": "what colour?", "target": t} for t in ("red", "dark slate grey")]
+    vqa_batch = collate([build_example(TASKS["vqa"], r, vocab, pcfg) for r in vqa_rows], vocab.pad_id)
+    answers = ("red", "dark slate grey", "blue")
+    got = target_constraints(TASKS["vqa"], vocab, pcfg, vqa_batch["target"], answers)
+    short = vqa_batch["target"][0].tolist()
+    assert short[-1] == vocab.pad_id  # padded to the longer row
+    start = next(i for i, t in enumerate(short) if t != vocab.pad_id)
+    assert set(got[0, start].nonzero().flatten().tolist()) == {vocab.encode(" " + a)[0] for a in answers}
     # a target outside the answer set keeps the whole vocabulary rather than an impossible constraint
     vqa = collate([build_example(TASKS["vqa"], {"image": png(), "text": "what?", "target": "purple"}, vocab, pcfg)],
                   vocab.pad_id)
