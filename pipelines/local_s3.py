@@ -64,7 +64,7 @@ class S3Server:
 CONFLICTING_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE")
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
     """n distinct free ports (all sockets held open together so the kernel cannot hand one out twice)."""
     socks = []
     try:
@@ -116,7 +116,7 @@ def start_weed(workdir: Path) -> tuple[subprocess.Popen, S3Server]:
 
     RuntimeError (with the log's tail) if it exits or is not ready within START_TIMEOUT_S.
     """
-    ports = dict(zip(_WEED_PORT_FLAGS, _free_ports(len(_WEED_PORT_FLAGS)), strict=True))
+    ports = dict(zip(_WEED_PORT_FLAGS, free_ports(len(_WEED_PORT_FLAGS)), strict=True))
     data_dir = workdir / "data"
     data_dir.mkdir(parents=True)
     log_path = workdir / "weed.log"

@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from mlflow import MlflowClient
 
 from ofa_model.checkpoint import load_bundle
 from pipelines.converters import prepare
+from pipelines.local_s3 import free_ports
 from pipelines.registry import resolve_model
 from pipelines.shards import read_manifest
 from pipelines.train import train
@@ -52,20 +52,6 @@ def corpus(s3_server) -> str:
 
 # =============================================================================================================
 # Processes: free ports, own sessions, teardown by process group, leftovers found with ps
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct free ports (held open together, so the kernel cannot hand one out twice)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _venv_env(**extra: str) -> dict[str, str]:
@@ -235,7 +221,7 @@ def two_node_cluster(s3_server, tmp_path) -> Iterator[Cluster]:
     # The temp dir holds Ray's unix sockets (<temp>/session_<date>_<pid>/sockets/plasma_store): a pytest
     # tmp_path makes them longer than AF_UNIX allows (107 bytes), so it is a short directory under /tmp.
     temp_root = Path(tempfile.mkdtemp(prefix="ray2n-", dir="/tmp"))
-    gcs_port, dash_port, client_port, *rest = _free_ports(15)
+    gcs_port, dash_port, client_port, *rest = free_ports(15)
     token = secrets.token_hex(32)
     # One auth mode for every process of this cluster and its clients, whatever the caller exported (CI:
     # disabled): token, with the token in the environment (~/.ray/auth_token is neither read nor written).
@@ -370,7 +356,7 @@ class MlflowServer:
 
 @pytest.fixture
 def mlflow_server(s3_server, tmp_path) -> Iterator[MlflowServer]:
-    port, = _free_ports(1)
+    port, = free_ports(1)
     prefix = f"mlflow-{uuid.uuid4().hex[:10]}"
     workdir = tmp_path / "srv"
     workdir.mkdir()
