@@ -42,8 +42,10 @@ def label_smoothed_nll(
 ) -> LossOut:
     """Loss of `logits` (B, T, V) against `target` (B, T) (pad positions ignored).
 
-    weights: (B,) per-sample confidence, multiplies the log-probabilities. allowed: bool (V,) shared by every
-    position, or (B, T, V) per position; the target must be allowed wherever it is not pad.
+    weights: (B,) per-sample confidence (or (B, T) per token), multiplies the log-probabilities. allowed: bool
+    (V,) shared by every position, or (B, T, V) per position; the target must be allowed wherever it is not pad.
+    The trainer passes only the target positions, as (1, N, V) logits and (1, N) targets: the same loss
+    without the full-vocabulary softmax of pad positions.
     """
     if logits.ndim != 3 or target.shape != logits.shape[:2]:
         raise ValueError(f"logits (B, T, V) and target (B, T) expected, got {tuple(logits.shape)} / "
@@ -59,7 +61,8 @@ def label_smoothed_nll(
         logits = logits.masked_fill(~allowed, float("-inf"))
     lprobs = logits.log_softmax(-1)  # (B, T, V)
     if weights is not None:
-        lprobs = lprobs * weights.to(lprobs).view(-1, 1, 1)
+        w = weights.to(lprobs)
+        lprobs = lprobs * (w.unsqueeze(-1) if w.shape == target.shape else w.view(-1, 1, 1))
 
     keep = target.ne(pad_id)  # (B, T)
     tgt = target.masked_fill(~keep, 0)

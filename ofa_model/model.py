@@ -502,12 +502,14 @@ class OFAModel(nn.Module):
 
     def forward(self, src_tokens: torch.Tensor, patch_images: torch.Tensor | None = None,
                 patch_masks: torch.Tensor | None = None, prev_output_tokens: torch.Tensor | None = None,
-                code_masks: torch.Tensor | None = None, sample_patch_num: int | None = None) -> torch.Tensor:
-        """Teacher-forced logits (B, T, V) of `prev_output_tokens` (B, T) given the source."""
+                code_masks: torch.Tensor | None = None, sample_patch_num: int | None = None,
+                features_only: bool = False) -> torch.Tensor:
+        """Teacher-forced logits (B, T, V) of `prev_output_tokens` (B, T) given the source; with `features_only`
+        the decoder's final hidden states (B, T, D) instead (`decoder.project` turns any of them into logits)."""
         if prev_output_tokens is None:
             raise ValueError("prev_output_tokens is required")
         enc = self.encode(src_tokens, patch_images, patch_masks, sample_patch_num=sample_patch_num)
-        return self.decode(prev_output_tokens, enc, code_masks=code_masks)
+        return self.decoder(prev_output_tokens, enc, None, code_masks, features_only=features_only)
 
     def num_parameters(self) -> int:
         """Unique parameters (the tied embedding once; buffers excluded)."""

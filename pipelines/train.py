@@ -368,13 +368,19 @@ def train_loop(loop_config: dict) -> None:
                                     max_len_b=cfg.scst.max_len_b, no_repeat_ngram_size=cfg.scst.no_repeat_ngram_size,
                                     seed=cfg.seed + step, train_model=model)
                     running["reward"] = running.get("reward", 0.0) + out.mean_reward
-                else:
-                    logits = model(batch["src_tokens"], batch.get("patch_images"), batch.get("patch_masks"),
-                                   batch["prev_output_tokens"], code_masks)
+                else:  # logits at the target positions only: the vocabulary projection dominates the step
+                    hidden = model(batch["src_tokens"], batch.get("patch_images"), batch.get("patch_masks"),
+                                   batch["prev_output_tokens"], code_masks, features_only=True)  # (B, T, D)
+                    keep = batch["target"].ne(pad)  # (B, T)
+                    logits = raw.decoder.project(hidden[keep]).unsqueeze(0)  # (1, N, V)
             if scst is None:
                 ratio = cfg.optim.drop_worst_ratio if step >= cfg.optim.drop_worst_after else 0.0
-                out = label_smoothed_nll(logits, batch["target"], pad_id=pad, epsilon=cfg.optim.label_smoothing,
-                                         weights=batch["target_weights"], allowed=allowed, drop_worst_ratio=ratio)
+                weights = batch["target_weights"].unsqueeze(1).expand_as(keep)[keep].unsqueeze(0)  # (1, N)
+                if allowed is not None and allowed.ndim == 3:
+                    allowed = allowed.to(device)[keep].unsqueeze(0)  # (1, N, V)
+                out = label_smoothed_nll(logits, batch["target"][keep].unsqueeze(0), pad_id=pad,
+                                         epsilon=cfg.optim.label_smoothing, weights=weights, allowed=allowed,
+                                         drop_worst_ratio=ratio)
             (out.loss / max(1, out.ntokens) / cfg.optim.grad_accum).backward()
         running["loss"] += float(out.loss.detach())
         running["nll"] += float(getattr(out, "nll", out.loss).detach())

@@ -141,3 +141,35 @@ def test_target_constraints_follow_the_answer_trie():
     assert codes.shape == (len(vocab),) and int(codes.sum()) == (hi - lo) + 4 and bool(codes[lo:hi].all())
     assert target_constraints(TASKS["caption"], vocab, pcfg, batch["target"]) is None
     assert target_constraints(TASKS["grounding"], vocab, pcfg, batch["target"]) is None
+
+
+def test_target_positions_only_give_the_same_loss(batch):
+    """The trainer's form: logits at the non-pad target positions, per-token weights and constraints."""
+    logits, target = batch
+    w = torch.tensor([1.0, 0.3, 0.6])
+    allowed = torch.rand(3, 5, 11, generator=torch.Generator().manual_seed(1)) > 0.3
+    allowed.scatter_(-1, target.clamp_min(0).unsqueeze(-1), True)  # every target allowed
+    full = label_smoothed_nll(logits, target, pad_id=PAD, epsilon=0.1, weights=w, allowed=allowed,
+                              drop_worst_ratio=0.2)
+    keep = target.ne(PAD)
+    part = label_smoothed_nll(logits[keep].unsqueeze(0), target[keep].unsqueeze(0), pad_id=PAD, epsilon=0.1,
+                              weights=w.unsqueeze(1).expand_as(target)[keep].unsqueeze(0),
+                              allowed=allowed[keep].unsqueeze(0), drop_worst_ratio=0.2)
+    assert part.ntokens == full.ntokens == 8
+    torch.testing.assert_close(part.loss, full.loss)
+    torch.testing.assert_close(part.nll, full.nll)
+
+
+def test_features_only_projects_to_the_same_logits():
+    from ofa_model import OFAModel, get_config
+
+    torch.manual_seed(0)
+    model = OFAModel(get_config("ofa-micro")).eval()
+    src = torch.randint(4, 500, (2, 7))
+    prev = torch.randint(4, 500, (2, 5))
+    imgs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(src, imgs, torch.ones(2, dtype=torch.bool), prev)
+        hidden = model(src, imgs, torch.ones(2, dtype=torch.bool), prev, features_only=True)
+    assert hidden.shape == (2, 5, model.config.embed_dim)
+    torch.testing.assert_close(model.decoder.project(hidden), logits, rtol=1e-5, atol=1e-5)
