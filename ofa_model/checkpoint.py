@@ -726,6 +726,18 @@ def _move_into_place(tmp: Path, path: Path) -> None:
     _fsync(path.parent)
 
 
+def load_bundle_vocab(path: str | Path) -> Vocabulary:
+    """Only the vocabulary of a bundle (checked against its model config), without building the model."""
+    root = _bundle_root(path)
+    cfg = read_bundle_config(root)
+    where = root / CONFIG_FILE
+    try:
+        config = OFAConfig.from_dict(cfg["model"])
+    except ConfigError as e:
+        raise BundleError(f"{where}: model: {e}") from e
+    return _load_vocab(root, cfg["vocab"], config, where)
+
+
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """Rebuild model (eval mode, on `device`), vocabulary, preprocessing and custom tasks from a bundle.
 

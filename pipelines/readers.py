@@ -754,9 +754,9 @@ def read_webdataset(
     Row ids are "<dataset>/<split>/<key>", dataset defaulting to "webdataset". Targets may be missing
     only on split "test".
     """
-    sources = webdataset_sources(task, split, key_map)
+    webdataset_sources(task, split, key_map)  # bad options fail before any file is listed
     for file in input_files(uri, WDS_SUFFIXES, s3):
-        yield from _read_tar(file.uri, task, split, s3, sources, dataset or "webdataset")
+        yield from read_webdataset_file(file, task=task, split=split, s3=s3, key_map=key_map, dataset=dataset)
 
 
 def webdataset_sources(

@@ -30,7 +30,10 @@ alias moves only on improvement (`pipelines.registry`).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import io
+import itertools
 import json
 import logging
 import math
@@ -53,7 +56,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from ofa_model import OFAModel, get_config
-from ofa_model.checkpoint import load_bundle, save_bundle
+from ofa_model.checkpoint import load_bundle, load_bundle_vocab, save_bundle
 from ofa_model.evaluation import evaluate_rows, primary_metric
 from ofa_model.losses import label_smoothed_nll, target_constraints
 from ofa_model.predictor import OFAPredictor
@@ -358,7 +361,7 @@ def train_loop(loop_config: dict) -> None:
             if constrained else None
         code_masks = batch["code_masks"] if bool(batch["code_masks"].any()) else None
         sync = (micro + 1) % cfg.optim.grad_accum == 0
-        ctx_sync = model.no_sync() if (world > 1 and not sync) else _nullcontext()
+        ctx_sync = model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
         with ctx_sync:
             with autocast:
                 if scst is not None:  # self-critical: CIDEr-D reward of the model's own hypotheses
@@ -436,14 +439,6 @@ def train_loop(loop_config: dict) -> None:
             done=True, world=world, rank=rank, metrics=metrics, mlflow=mlflow)
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _last_metrics(state: dict | None) -> dict:
     return dict(state["metrics"]) if state is not None else {}
 
@@ -459,13 +454,7 @@ def _plans(cfg: TrainConfig, epoch: int) -> dict:
 
 
 def _data_for(cfg: TrainConfig, task: str):
-    return cfg.data if not cfg.mixture else _replace(cfg.data, tasks=(task,))
-
-
-def _replace(dc, **kw):
-    import dataclasses
-
-    return dataclasses.replace(dc, **kw)
+    return cfg.data if not cfg.mixture else dataclasses.replace(cfg.data, tasks=(task,))
 
 
 def _scst_setup(cfg: TrainConfig) -> tuple[dict[str, list[str]], CiderD]:
@@ -496,29 +485,21 @@ def _batches(cfg: TrainConfig, vocab: Vocabulary, plans: Mapping, resume):
 
 def _validate(cfg: TrainConfig, setup: Setup, raw: OFAModel, ema: Ema | None) -> dict[str, float]:
     """The task metric on the validation rows, through the inference path (EMA weights when enabled)."""
-    model = raw
-    if ema is not None:
-        model = OFAModel(raw.config)
-        model.load_state_dict(raw.state_dict())
-        ema.copy_to(model)
     was_training = raw.training
-    predictor = OFAPredictor(model, setup.vocab, cfg.data.preprocess, device=next(raw.parameters()).device,
-                             tasks=setup.specs, max_batch_size=cfg.validation.batch_size)
-    rows = list(_validation_rows(cfg))
-    try:
-        result = evaluate_rows(predictor, cfg.task, rows, mode=cfg.validation.mode, candidates=cfg.answers or None)
+    predictor = OFAPredictor(_published_weights(raw, ema), setup.vocab, cfg.data.preprocess,
+                             device=next(raw.parameters()).device, tasks=setup.specs,
+                             max_batch_size=cfg.validation.batch_size)
+    try:  # rows stream through the predictor chunk by chunk: a large validation split is never held whole
+        result = evaluate_rows(predictor, cfg.task, _validation_rows(cfg), mode=cfg.validation.mode,
+                               candidates=cfg.answers or None)
     finally:
         raw.train(was_training)
     return {f"val/{k}": v for k, v in result.metrics.items()}
 
 
 def _validation_rows(cfg: TrainConfig) -> Iterator[dict]:
-    n = 0
-    for row in iter_rows(cfg.data.uri, s3=cfg.data.s3, splits=[cfg.validation.split], tasks=[cfg.task]):
-        if cfg.validation.max_rows is not None and n >= cfg.validation.max_rows:
-            return
-        n += 1
-        yield row
+    rows = iter_rows(cfg.data.uri, s3=cfg.data.s3, splits=[cfg.validation.split], tasks=[cfg.task])
+    return itertools.islice(rows, cfg.validation.max_rows)
 
 
 def _report(cfg: TrainConfig, loop_config: dict, setup: Setup, raw: OFAModel, optimizer, scheduler, ema,
@@ -542,20 +523,25 @@ def _report(cfg: TrainConfig, loop_config: dict, setup: Setup, raw: OFAModel, op
         summary = {"epoch": epoch, "step": step, "epoch_done": done, "metrics": state["metrics"]}
         (Path(d) / STATE_JSON).write_text(json.dumps(summary, sort_keys=True))
         _save_training_bundle(cfg, setup, raw, ema, Path(d) / BUNDLE_DIR, epoch=epoch, step=step,
-                              metrics=state["metrics"])
+                              metrics=state["metrics"], fingerprint=loop_config["data_fingerprint"])
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
 
+def _published_weights(raw: OFAModel, ema: Ema | None) -> OFAModel:
+    """The weights validation and bundles use: the EMA average when enabled (a copy), else the model itself."""
+    if ema is None:
+        return raw
+    model = OFAModel(raw.config)
+    model.load_state_dict(raw.state_dict())
+    ema.copy_to(model)
+    return model
+
+
 def _save_training_bundle(cfg: TrainConfig, setup: Setup, raw: OFAModel, ema: Ema | None, path: Path, *,
-                          epoch: int, step: int, metrics: dict) -> None:
-    model = raw
-    if ema is not None:
-        model = OFAModel(raw.config)
-        model.load_state_dict(raw.state_dict())
-        ema.copy_to(model)
-    manifest = read_manifest(cfg.data.uri, s3=cfg.data.s3)
-    save_bundle(path, model, setup.vocab, preprocess=cfg.data.preprocess, custom_tasks=dict(cfg.custom_tasks),
-                metadata={"task": cfg.task, "data_fingerprint": manifest.fingerprint, "data_uri": cfg.data.uri,
+                          epoch: int, step: int, metrics: dict, fingerprint: str) -> None:
+    save_bundle(path, _published_weights(raw, ema), setup.vocab, preprocess=cfg.data.preprocess,
+                custom_tasks=dict(cfg.custom_tasks),
+                metadata={"task": cfg.task, "data_fingerprint": fingerprint, "data_uri": cfg.data.uri,
                           "epoch": epoch, "step": step, "init": setup.init,
                           "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)},
                           "run": cfg.run.name, "ema": ema is not None})
@@ -588,12 +574,12 @@ def _scaling(cfg: TrainConfig) -> ScalingConfig:
 
 def train(cfg: TrainConfig, *, output_dir: str | Path | None = None) -> TrainOutcome:
     """Run (or continue) the training run `cfg.run.name` to `cfg.epochs` epochs; see the module docstring."""
-    task_specs(cfg)  # fail on bad task names before anything starts
+    specs = task_specs(cfg)  # fails on bad task names before anything starts
     if not ray.is_initialized():
         ray.init()
     vocab = build_setup_vocab(cfg)
     manifest = read_manifest(cfg.data.uri, s3=cfg.data.s3)
-    metric, mode = primary_metric(task_specs(cfg)[cfg.task])
+    metric, mode = primary_metric(specs[cfg.task])
     run_id = start_or_resume_run(
         cfg.tracking.tracking_uri, cfg.tracking.experiment, name=cfg.run.name,
         key=run_key(cfg.run.name, cfg.run.storage_path), params=flatten(to_dict(cfg)),
@@ -610,11 +596,12 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None) -> TrainOut
         for epoch in range(start, cfg.epochs):
             logger.info("run %s: epoch %d/%d", cfg.run.name, epoch + 1, cfg.epochs)
             datasets = {n: build_dataset(_data_for(cfg, n), vocab, train=True, epoch=epoch,
-                                         specs=task_specs(cfg))
+                                         specs=specs)
                         for n in (sorted(cfg.mixture) if cfg.mixture else [cfg.task])}
             trainer = TorchTrainer(
                 train_loop,
-                train_loop_config={"cfg": to_dict(cfg), "epoch": epoch, "mlflow_run_id": run_id},
+                train_loop_config={"cfg": to_dict(cfg), "epoch": epoch, "mlflow_run_id": run_id,
+                                   "data_fingerprint": manifest.fingerprint},  # read once, by the driver
                 scaling_config=_scaling(cfg),
                 run_config=RunConfig(
                     name=cfg.run.name, storage_path=cfg.run.storage_path,
@@ -636,8 +623,9 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None) -> TrainOut
 
 
 def build_setup_vocab(cfg: TrainConfig) -> Vocabulary:
+    """The vocabulary the run trains with (the init bundle's, read without building its model)."""
     if cfg.model.init:
-        return load_bundle(resolve_model(cfg.model.init, tracking=cfg.tracking.tracking_uri).path).vocab
+        return load_bundle_vocab(resolve_model(cfg.model.init, tracking=cfg.tracking.tracking_uri).path)
     return Vocabulary.gpt2()
 
 
