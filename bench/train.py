@@ -42,6 +42,7 @@ import torch
 from ofa_model.config import get_config
 from ofa_model.losses import label_smoothed_nll
 from ofa_model.model import OFAModel
+from ofa_model.precision import cpu_flags
 
 BATCH, SIZE, SRC_LEN, TGT_LEN, PAD = 8, 256, 32, 16, 1
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,14 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def cpu_report() -> str:
     """What the CPU offers for bf16 (flags from /proc/cpuinfo, and what torch dispatches to)."""
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    flags = cpu_flags()
     want = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
     have = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in want) if flags else "flags unknown"
     try:

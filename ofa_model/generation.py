@@ -396,6 +396,7 @@ def score_candidates(model, encoder_out: EncoderOut, candidates: Sequence[Sequen
     prefixes = [list(p) for p in prefix_tokens] if prefix_tokens is not None else [[] for _ in candidates]
     tries = [PrefixTrie(c, ids.eos) for c in candidates] if restrict_to_candidates else None
     dev = encoder_out.hidden.device
+    decoder = model.decoder
     scores: list[float] = []
     for lo in range(0, len(pairs), chunk_size):
         chunk = pairs[lo:lo + chunk_size]
@@ -406,19 +407,40 @@ def score_candidates(model, encoder_out: EncoderOut, candidates: Sequence[Sequen
             prev[r, : len(s) - 1] = torch.tensor(s[:-1])
         idx = torch.tensor([i for i, _ in chunk], device=dev)
         cm = code_masks.index_select(0, idx) if code_masks is not None else None
-        logits = model.decode(prev, encoder_out.index_select(idx), code_masks=cm).float()  # (C, T, V)
-        for r, (i, c) in enumerate(chunk):
-            p = len(prefixes[i])
-            rows = logits[r, p: p + len(c) + 1]  # predictions of c + EOS
-            target = torch.tensor(c + [ids.eos], device=dev)
-            if tries is not None:
-                mask = torch.zeros_like(rows, dtype=torch.bool)
-                for t in range(len(c) + 1):
-                    mask[t, tries[i].allowed(c[:t])] = True
-                rows = rows.masked_fill(~mask, -math.inf)
-            scores.append(rows.log_softmax(-1).gather(1, target[:, None]).sum().item())
+        hidden = model.decode(prev, encoder_out.index_select(idx), code_masks=cm, features_only=True)  # (C, T, D)
+        # Only the positions that predict candidate tokens are projected onto the vocabulary.
+        rows = torch.tensor([r for r, (i, c) in enumerate(chunk) for _ in range(len(c) + 1)], device=dev)
+        cols = torch.tensor([len(prefixes[i]) + t for i, c in chunk for t in range(len(c) + 1)], device=dev)
+        targets = [tok for _, c in chunk for tok in [*c, ids.eos]]
+        h = hidden[rows, cols]  # (N, D)
+        if tries is None:
+            logp = decoder.project(h).float().log_softmax(-1)
+            tok_logp = logp.gather(1, torch.tensor(targets, device=dev)[:, None]).squeeze(1)
+        else:
+            tok_logp = _restricted_logp(decoder.output_projection.weight, h, chunk, tries, targets)
+        lengths = [len(c) + 1 for _, c in chunk]
+        scores.extend(float(v.sum()) for v in torch.split(tok_logp, lengths))
     out, pos = [], 0
     for cands in candidates:
         out.append(scores[pos: pos + len(cands)])
         pos += len(cands)
     return out
+
+
+def _restricted_logp(weight: torch.Tensor, h: torch.Tensor, chunk: list[tuple[int, list[int]]],
+                     tries: list[PrefixTrie], targets: list[int]) -> torch.Tensor:
+    """Log-probability of each target token under a softmax over only the tokens its trie allows there.
+
+    Equal to masking the full-vocabulary logits to the allowed set, but projects onto the union of the
+    allowed tokens (a handful for VQA, at most the candidates' vocabulary) instead of the whole vocabulary.
+    """
+    allowed = [tries[i].allowed(c[:t]) for i, c in chunk for t in range(len(c) + 1)]
+    union = sorted({tok for a in allowed for tok in a})
+    col = {tok: j for j, tok in enumerate(union)}
+    valid = torch.zeros(len(allowed), len(union), dtype=torch.bool)
+    for n, a in enumerate(allowed):
+        valid[n, [col[tok] for tok in a]] = True
+    pick = torch.tensor([col[tok] for tok in targets], device=h.device)
+    logits = (h @ weight[torch.tensor(union, device=h.device)].T).float()  # (N, U)
+    logp = logits.masked_fill(~valid.to(h.device), -math.inf).log_softmax(-1)
+    return logp.gather(1, pick[:, None]).squeeze(1)

@@ -497,8 +497,8 @@ class OFAModel(nn.Module):
         return self.encoder(src_tokens, patch_images, patch_masks, **kw)
 
     def decode(self, prev_output_tokens: torch.Tensor, enc: EncoderOut, state: DecoderState | None = None,
-               code_masks: torch.Tensor | None = None) -> torch.Tensor:
-        return self.decoder(prev_output_tokens, enc, state, code_masks)
+               code_masks: torch.Tensor | None = None, features_only: bool = False) -> torch.Tensor:
+        return self.decoder(prev_output_tokens, enc, state, code_masks, features_only=features_only)
 
     def forward(self, src_tokens: torch.Tensor, patch_images: torch.Tensor | None = None,
                 patch_masks: torch.Tensor | None = None, prev_output_tokens: torch.Tensor | None = None,

@@ -28,6 +28,7 @@ from ofa_model.checkpoint import load_bundle
 from ofa_model.errors import BAD_SETTING, BAD_TYPE, LIMIT_EXCEEDED, UNKNOWN_TASK, InputError, error_dict
 from ofa_model.generation import GenerationConfig, SpecialIds, generate, max_new_tokens, score_candidates
 from ofa_model.model import OFAModel
+from ofa_model.precision import Execution
 from ofa_model.preprocess import PreprocessConfig, pad_sequences
 from ofa_model.tasks import (
     TASKS,
@@ -70,13 +71,16 @@ class OFAPredictor:
 
     def __init__(self, model: OFAModel, vocab, preprocess: PreprocessConfig, *, device: str | torch.device = "cpu",
                  tasks: Mapping[str, TaskSpec] | None = None, max_batch_size: int = 16,
-                 limits: PredictorLimits | None = None):
+                 limits: PredictorLimits | None = None, precision: str = "fp32",
+                 memory_format: str = "contiguous"):
         # Process-wide CPU settings (e.g. torch.set_flush_denormal(True), which bench/model.py shows matters
         # after fine-tuning) belong to the process owner: the serving replica or the job entry point.
         if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.execution = Execution.resolve(precision, memory_format, device)
+        self.device = self.execution.device
+        self.model = self.execution.prepare_model(model).eval()
+        log.info("OFAPredictor on %s", self.execution.describe())
         self.vocab, self.preprocess = vocab, preprocess
         self.tasks = dict(TASKS if tasks is None else tasks)
         self.max_batch_size = max_batch_size
@@ -172,11 +176,15 @@ class OFAPredictor:
 
     @torch.no_grad()
     def _run(self, spec: TaskSpec, mode: str, gen: GenerationConfig, reqs: list[InferenceRequest]) -> list[dict]:
+        with self.execution.autocast():
+            return self._run_chunk(spec, mode, gen, reqs)
+
+    def _run_chunk(self, spec: TaskSpec, mode: str, gen: GenerationConfig, reqs: list[InferenceRequest]) -> list[dict]:
         dev, pad = self.device, self.vocab.pad_id
         src = pad_sequences([r.source for r in reqs], pad).to(dev)
         images = masks = None
         if reqs[0].image is not None:
-            images = torch.stack([r.image for r in reqs]).to(dev)
+            images = self.execution.images(torch.stack([r.image for r in reqs]))
             masks = torch.ones(len(reqs), dtype=torch.bool, device=dev)
         enc = self.model.encode(src, images, masks)
         if spec.inference == "last_token":

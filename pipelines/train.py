@@ -59,6 +59,7 @@ from ofa_model import OFAModel, get_config
 from ofa_model.checkpoint import load_bundle, load_bundle_vocab, save_bundle
 from ofa_model.evaluation import evaluate_rows, primary_metric
 from ofa_model.losses import label_smoothed_nll, target_constraints
+from ofa_model.precision import Execution
 from ofa_model.predictor import OFAPredictor
 from ofa_model.scst import CiderD, scst_loss
 from ofa_model.tasks import TASKS, TaskSpec, parse_instruction
@@ -244,13 +245,6 @@ def _merged_stats(stats: RowStats, world: int) -> RowStats:
     return total
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
-    want = cfg.run.precision
-    if want == "auto":
-        want = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=want == "bf16"), want
-
-
 def steps_per_epoch(cfg: TrainConfig, rows: int, world: int) -> int:
     """Optimizer updates in an epoch of `rows` rows on `world` workers (for the schedule and the ETA)."""
     n = max(1, rows // (cfg.data.batch_size * world * cfg.optim.grad_accum))
@@ -305,6 +299,8 @@ def train_loop(loop_config: dict) -> None:
     frozen = freeze(model, cfg.optim)
     if state is not None:
         model.load_state_dict(state["model"])
+    execution = Execution.resolve(cfg.run.precision, cfg.run.memory_format, device)
+    model = execution.prepare_model(model)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     raw = model.module if hasattr(model, "module") else model
 
@@ -315,10 +311,13 @@ def train_loop(loop_config: dict) -> None:
     optimizer = build_optimizer(raw, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_updates)
     ema = Ema(raw, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    scaler = torch.amp.GradScaler(device.type, enabled=execution.precision == "fp16")
     step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         if ema is not None and state["ema"] is not None:
             ema.load_state_dict(state["ema"])
         step = int(state["step"])
@@ -327,10 +326,9 @@ def train_loop(loop_config: dict) -> None:
             _set_rng_state(rng[rank])
     step_at_epoch_start = state["step_at_epoch_start"] if state is not None and state["epoch"] == epoch \
         and not state["epoch_done"] else step
-    autocast, precision = _autocast(cfg, device)
     if rank == 0:
         logger.info("epoch %d/%d on %d worker(s), %s, %s: %d rows, ~%d updates/epoch, %d in all; %s frozen; "
-                    "init %s; starting at step %d", epoch + 1, cfg.epochs, world, device, precision, rows,
+                    "init %s; starting at step %d", epoch + 1, cfg.epochs, world, execution.describe(), rows,
                     per_epoch, total_updates, len(frozen) or "nothing", setup.init, step)
 
     resume = _worker_resume(state, epoch, rank)
@@ -340,7 +338,7 @@ def train_loop(loop_config: dict) -> None:
     nodes = _all_gather(ray.get_runtime_context().get_node_id(), world)
     if rank == 0:
         mlflow.set_tags({"train.nodes": ",".join(nodes), "train.world_size": world, "train.device": device,
-                         "train.precision": precision})
+                         "train.precision": execution.precision, "train.memory_format": execution.memory_format})
         if state is not None:
             mlflow.log({"train/resumed_from_step": step}, step)  # a restart shows in the run, not only in logs
     spec = specs[cfg.task]
@@ -357,13 +355,14 @@ def train_loop(loop_config: dict) -> None:
         if not _all_have(batch is not None, world, device):
             break
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch["patch_images"] = execution.images(batch.get("patch_images"))
         allowed = target_constraints(spec, vocab, cfg.data.preprocess, batch["target"], cfg.answers) \
             if constrained else None
         code_masks = batch["code_masks"] if bool(batch["code_masks"].any()) else None
         sync = (micro + 1) % cfg.optim.grad_accum == 0
         ctx_sync = model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
         with ctx_sync:
-            with autocast:
+            with execution.autocast():
                 if scst is not None:  # self-critical: CIDEr-D reward of the model's own hypotheses
                     refs, cider = scst
                     out = scst_loss(raw, batch, [refs[i] for i in batch["ids"]], cider, vocab,
@@ -384,7 +383,7 @@ def train_loop(loop_config: dict) -> None:
                 out = label_smoothed_nll(logits, batch["target"][keep].unsqueeze(0), pad_id=pad,
                                          epsilon=cfg.optim.label_smoothing, weights=weights, allowed=allowed,
                                          drop_worst_ratio=ratio)
-            (out.loss / max(1, out.ntokens) / cfg.optim.grad_accum).backward()
+            scaler.scale(out.loss / max(1, out.ntokens) / cfg.optim.grad_accum).backward()
         running["loss"] += float(out.loss.detach())
         running["nll"] += float(getattr(out, "nll", out.loss).detach())
         running["tokens"] += out.ntokens
@@ -393,9 +392,11 @@ def train_loop(loop_config: dict) -> None:
         micro += 1
         if not sync:
             continue
+        scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.optim.clip_norm if cfg.optim.clip_norm
                                                    else float("inf"))
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         if ema is not None:
@@ -422,7 +423,7 @@ def train_loop(loop_config: dict) -> None:
         if cfg.run.checkpoint_every_steps and step % cfg.run.checkpoint_every_steps == 0:
             _report(cfg, loop_config, setup, raw, optimizer, scheduler, ema, batches, epoch, step,
                     step_at_epoch_start, done=False, world=world, rank=rank, metrics=_last_metrics(state),
-                    mlflow=mlflow)
+                    mlflow=mlflow, scaler=scaler)
     if hasattr(it, "close"):
         it.close()
 
@@ -430,13 +431,13 @@ def train_loop(loop_config: dict) -> None:
     _bad_row_rule(cfg).check(stats, None, finished=True)
     metrics = {"epoch": epoch, "step": step, "data/rows_ok": stats.ok, "data/rows_bad": stats.bad}
     if rank == 0:
-        metrics.update(_validate(cfg, setup, raw, ema))
+        metrics.update(_validate(cfg, setup, raw, ema, execution))
         logger.info("epoch %d done at step %d: %s", epoch + 1, step,
                     ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
         mlflow.log({k: v for k, v in metrics.items() if k != "epoch"}, step)
     metrics = _all_gather(metrics, world)[0]  # every rank reports rank 0's metrics
     _report(cfg, loop_config, setup, raw, optimizer, scheduler, ema, batches, epoch, step, step_at_epoch_start,
-            done=True, world=world, rank=rank, metrics=metrics, mlflow=mlflow)
+            done=True, world=world, rank=rank, metrics=metrics, mlflow=mlflow, scaler=scaler)
 
 
 def _last_metrics(state: dict | None) -> dict:
@@ -483,12 +484,14 @@ def _batches(cfg: TrainConfig, vocab: Vocabulary, plans: Mapping, resume):
                               resume=resume, **opts)
 
 
-def _validate(cfg: TrainConfig, setup: Setup, raw: OFAModel, ema: Ema | None) -> dict[str, float]:
-    """The task metric on the validation rows, through the inference path (EMA weights when enabled)."""
+def _validate(cfg: TrainConfig, setup: Setup, raw: OFAModel, ema: Ema | None,
+              execution: Execution) -> dict[str, float]:
+    """The task metric on the validation rows, through the inference path (EMA weights when enabled), in the
+    training's precision and memory format (the one `run.precision` switch)."""
     was_training = raw.training
     predictor = OFAPredictor(_published_weights(raw, ema), setup.vocab, cfg.data.preprocess,
-                             device=next(raw.parameters()).device, tasks=setup.specs,
-                             max_batch_size=cfg.validation.batch_size)
+                             device=execution.device, tasks=setup.specs, max_batch_size=cfg.validation.batch_size,
+                             precision=execution.precision, memory_format=execution.memory_format)
     try:  # rows stream through the predictor chunk by chunk: a large validation split is never held whole
         result = evaluate_rows(predictor, cfg.task, _validation_rows(cfg), mode=cfg.validation.mode,
                                candidates=cfg.answers or None)
@@ -504,7 +507,7 @@ def _validation_rows(cfg: TrainConfig) -> Iterator[dict]:
 
 def _report(cfg: TrainConfig, loop_config: dict, setup: Setup, raw: OFAModel, optimizer, scheduler, ema,
             batches, epoch: int, step: int, step_at_epoch_start: int, *, done: bool, world: int, rank: int,
-            metrics: dict, mlflow: MetricLogger | None) -> None:
+            metrics: dict, mlflow: MetricLogger | None, scaler: torch.amp.GradScaler) -> None:
     """A checkpoint of everything a restart needs (rank 0 writes it; every rank reports)."""
     positions = _all_gather(batches.resume_state(), world)
     rngs = _all_gather(_rng_state(), world)
@@ -514,7 +517,7 @@ def _report(cfg: TrainConfig, loop_config: dict, setup: Setup, raw: OFAModel, op
     with tempfile.TemporaryDirectory() as d:
         state = {
             "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None, "step": step, "epoch": epoch,
+            "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
             "epoch_done": done, "step_at_epoch_start": step_at_epoch_start, "rng": rngs, "world_size": world,
             "data": None if done else _merge_positions(positions, bool(cfg.mixture)),
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},

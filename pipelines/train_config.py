@@ -101,15 +101,18 @@ class RunSection:
     """name: identifies the run: rerunning with the same name (and storage_path) continues it from its latest
     checkpoint. storage_path: local directory or s3:// prefix for checkpoints. max_failures: worker-group
     restarts after a failure. keep_checkpoints: the best N by the validation metric (the latest is kept too).
-    checkpoint_every_steps: also checkpoint mid-epoch (0: at epoch ends only). precision: "auto" is bf16
-    autocast on a GPU that has it, fp32 elsewhere. log_every_s: seconds between progress lines."""
+    checkpoint_every_steps: also checkpoint mid-epoch (0: at epoch ends only). precision (training and the
+    validation through the predictor alike; `ofa_model.precision`): "auto" is bf16 autocast where the hardware runs
+    bf16 natively (CPUs with AVX-512 BF16/AMX, Ampere+ GPUs), fp32 elsewhere; "fp16" (CUDA only) adds a grad
+    scaler. memory_format: "auto" is channels_last for the ResNet. log_every_s: seconds between progress lines."""
 
     name: str = "ofa-run"
     storage_path: str = "./ray_results"
     max_failures: int = 0
     keep_checkpoints: int = 2
     checkpoint_every_steps: int = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
     log_every_s: float = 30.0
 
     def __post_init__(self) -> None:

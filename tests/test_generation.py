@@ -163,6 +163,8 @@ def test_score_candidates_against_teacher_forcing(model, batch):
     want = (logits[0, [100, 200]].log_softmax(-1)[0] + logits[1, [101, 102]].log_softmax(-1)[1]
             + logits[2, [2]].log_softmax(-1)[0]).item()
     assert abs(restricted[0][1] - want) < 1e-4
+    one_by_one = score_candidates(model, enc, cands, ids=IDS, restrict_to_candidates=True, chunk_size=1)
+    assert one_by_one[0] == pytest.approx(restricted[0], abs=1e-5)
     assert restricted[1] == pytest.approx([0.0], abs=1e-6)  # a single candidate is certain once restricted
     assert sum(torch.tensor(restricted[0]).exp().tolist()) == pytest.approx(1.0, abs=1e-5)
 
