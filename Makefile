@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-.PHONY: venv test demo bench lint
+.PHONY: venv test demo demo-stop bench lint
 venv: $(STAMP)
 
 test: $(STAMP)
@@ -17,7 +17,10 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
 demo: $(STAMP)
-	@echo "make demo: the end-to-end demo job is not built yet (it lands with the demo issue)."
+	$(VENV)/bin/python -m jobs.demo $(ARGS)
+
+demo-stop: $(STAMP)
+	$(VENV)/bin/python -m jobs.demo --stop $(ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench

@@ -64,7 +64,7 @@ def evaluate_rows(predictor, task: str | TaskSpec, rows: Iterable[Mapping[str, A
     def flush() -> None:
         items = [prediction_item(spec, r, mode=mode, candidates=candidates) for r in batch]
         for row, out in zip(batch, predictor.predict(spec, items), strict=True):
-            records.append(_record(spec, row, out))
+            records.append(prediction_record(spec, row, out))
         batch.clear()
 
     for row in rows:
@@ -76,7 +76,8 @@ def evaluate_rows(predictor, task: str | TaskSpec, rows: Iterable[Mapping[str, A
     return EvalResult(score_predictions(spec, records), records)
 
 
-def _record(spec: TaskSpec, row: Mapping[str, Any], out: Mapping[str, Any]) -> dict[str, Any]:
+def prediction_record(spec: TaskSpec, row: Mapping[str, Any], out: Mapping[str, Any]) -> dict[str, Any]:
+    """One scored record: the row's id and reference beside the predictor's answer `out` ({} for none)."""
     rec: dict[str, Any] = {"id": row.get("id"), "task": spec.name}
     if "error" in out and not isinstance(out.get(spec.answer_key), str | list):
         rec["error"] = out["error"]

@@ -166,21 +166,26 @@ class _Stepper:
                  constraints: Sequence[Constraint | None]) -> torch.Tensor:
         """logits (R, V) for generated step `step`; tokens (R, t) so far, generation began at column gen_start."""
         cfg, ids = self.cfg, self.ids
-        logits = logits.float() / cfg.temperature
-        allowed = torch.ones_like(logits, dtype=torch.bool)
-        for r, c in enumerate(constraints):
-            if c is None:
-                continue
-            if c.allowed_ranges:
-                allowed[r] &= self._range_mask(c.allowed_ranges, logits.device)
-            if c.trie is not None:
-                row = torch.zeros(self.vocab_size, dtype=torch.bool, device=logits.device)
-                nxt = c.trie.allowed(tokens[r, gen_start:].tolist())
-                row[nxt if nxt else [ids.eos]] = True
-                allowed[r] &= row
+        logits = logits.float()
+        if cfg.temperature != 1.0:
+            logits = logits / cfg.temperature
+        constrained = any(c is not None for c in constraints)
+        if constrained:
+            allowed = torch.ones_like(logits, dtype=torch.bool)
+            for r, c in enumerate(constraints):
+                if c is None:
+                    continue
+                if c.allowed_ranges:
+                    allowed[r] &= self._range_mask(c.allowed_ranges, logits.device)
+                if c.trie is not None:
+                    row = torch.zeros(self.vocab_size, dtype=torch.bool, device=logits.device)
+                    nxt = c.trie.allowed(tokens[r, gen_start:].tolist())
+                    row[nxt if nxt else [ids.eos]] = True
+                    allowed[r] &= row
+            logits = logits.masked_fill(~allowed, -math.inf)
         # Constraints renormalise the distribution; the rules below only forbid tokens, so scores
         # stay the model's own log-probabilities (as fairseq scores them).
-        lp = torch.log_softmax(logits.masked_fill(~allowed, -math.inf), dim=-1)
+        lp = torch.log_softmax(logits, dim=-1)
         lp[:, ids.pad] = -math.inf  # the only token always banned, as in OFA's generator
         eos_lp = lp[:, ids.eos].clone()
         if step < cfg.min_len:
@@ -195,6 +200,8 @@ class _Stepper:
             hit = (grams[:, :, :-1] == tokens[:, None, tokens.shape[1] - n + 1:]).all(-1)  # (R, G)
             rows, g = hit.nonzero(as_tuple=True)
             lp[rows, grams[rows, g, -1]] = -math.inf
+        if not constrained and self.vocab_size > 2 + tokens.shape[1]:
+            return lp  # unconstrained, the bans (pad, EOS, one token per n-gram of the prefix) leave some tokens
         dead = torch.isinf(lp).all(-1)  # the rules left nothing (e.g. a trie allows only EOS before min_len)
         if bool(dead.any()):
             lp[dead, ids.eos] = torch.where(torch.isinf(eos_lp[dead]), torch.zeros_like(eos_lp[dead]), eos_lp[dead])
@@ -334,15 +341,16 @@ def _beam(model, enc: EncoderOut, start: torch.Tensor, code_masks, stepper: _Ste
         beam_of, tok_of = top_idx // vocab, top_idx % vocab
         next_rows, next_toks, next_cum = [], [], []
         keep_sent = []
+        # One transfer per step: the bookkeeping below reads Python lists, never single tensor elements.
+        score_rows, beam_rows, tok_rows = top_scores.tolist(), beam_of.tolist(), tok_of.tolist()
         for s in range(m):
             sent = alive[s]
             picked = 0
-            for j in range(top_scores.shape[1]):
-                sc = top_scores[s, j].item()
+            for j, sc in enumerate(score_rows[s]):
                 if sc == -math.inf:
                     break
-                row = s * k + beam_of[s, j].item()
-                tok = tok_of[s, j].item()
+                row = s * k + beam_rows[s][j]
+                tok = tok_rows[s][j]
                 if tok == ids.eos:
                     if j < k and len(finished[sent]) < k:
                         per_tok = token_scores[row].tolist() + [lp[row, tok].item()]

@@ -111,8 +111,9 @@ def _bucket_ready(endpoint: str) -> bool:
         return False
 
 
-def start_weed(workdir: Path) -> tuple[subprocess.Popen, S3Server]:
+def start_weed(workdir: Path, detach: bool = False) -> tuple[subprocess.Popen, S3Server]:
     """Start `weed mini` with its data and log under `workdir` and wait until the bucket is listed.
+    detach: in a session of its own, so it outlives this process and a Ctrl-C in its terminal (`make demo --keep`).
 
     RuntimeError (with the log's tail) if it exits or is not ready within START_TIMEOUT_S.
     """
@@ -130,7 +131,8 @@ def start_weed(workdir: Path) -> tuple[subprocess.Popen, S3Server]:
     # The admin identity's keys come from the server's environment.
     env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+                                start_new_session=detach)
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -144,12 +146,12 @@ def start_weed(workdir: Path) -> tuple[subprocess.Popen, S3Server]:
     raise RuntimeError(f"weed mini {state} after start (log {log_path}):\n{_log_tail(log_path)}")
 
 
-def start_weed_retrying(workdir: Path, attempts: int = 3) -> tuple[subprocess.Popen, S3Server]:
+def start_weed_retrying(workdir: Path, attempts: int = 3, detach: bool = False) -> tuple[subprocess.Popen, S3Server]:
     """`start_weed` in workdir/try<i>, retried: a free port can be taken by someone else before weed binds it."""
     errors = []
     for attempt in range(attempts):
         try:
-            return start_weed(workdir / f"try{attempt}")
+            return start_weed(workdir / f"try{attempt}", detach)
         except RuntimeError as exc:
             errors.append(str(exc))
     raise RuntimeError("SeaweedFS did not start:\n" + "\n---\n".join(errors))

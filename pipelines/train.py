@@ -327,7 +327,7 @@ def train_loop(loop_config: dict) -> None:
     step_at_epoch_start = state["step_at_epoch_start"] if state is not None and state["epoch"] == epoch \
         and not state["epoch_done"] else step
     if rank == 0:
-        logger.info("epoch %d/%d on %d worker(s), %s, %s: %d rows, ~%d updates/epoch, %d in all; %s frozen; "
+        logger.info("epoch %d/%d on %d worker(s), %s: %d rows, ~%d updates/epoch, %d in all; %s frozen; "
                     "init %s; starting at step %d", epoch + 1, cfg.epochs, world, execution.describe(), rows,
                     per_epoch, total_updates, len(frozen) or "nothing", setup.init, step)
 

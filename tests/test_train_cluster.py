@@ -9,16 +9,11 @@ Ray on the machine, the session's `ray_cluster` and other people's included.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -32,6 +27,16 @@ from ofa_model.checkpoint import load_bundle
 from pipelines.converters import prepare
 from pipelines.local_s3 import free_ports
 from pipelines.registry import resolve_model
+from pipelines.services import (
+    VENV_BIN,
+    http_status,
+    processes,
+    spawn,
+    start_mlflow_server,
+    stop_groups,
+    venv_env,
+)
+from pipelines.services import log_tail as _tail
 from pipelines.shards import read_manifest
 from pipelines.train import train
 from tests.test_train import config
@@ -39,8 +44,6 @@ from tests.test_train import config
 pytestmark = [pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent  # not resolved: the venv's bin, not the base interpreter's
-STOP_GRACE_S = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -52,109 +55,6 @@ def corpus(s3_server) -> str:
 
 # =============================================================================================================
 # Processes: free ports, own sessions, teardown by process group, leftovers found with ps
-
-
-def _venv_env(**extra: str) -> dict[str, str]:
-    """This environment (AWS_* of the S3 fixture included) with the venv first on PATH, so a plain `python`
-    (a job's entrypoint) is the venv's; no RAY_ADDRESS or auth settings of the test process leak in."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") and not k.startswith("RAY_AUTH")}
-    env["PATH"] = os.pathsep.join([str(VENV_BIN), env.get("PATH", "")])
-    env["VIRTUAL_ENV"] = str(VENV_BIN.parent)
-    env.update(extra)
-    return env
-
-
-def _spawn(args: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen(args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-
-
-def _processes(sessions: set[int], markers: tuple[str, ...]) -> list[tuple[int, str]]:
-    """(pid, args) of live processes in one of `sessions` or with one of `markers` in their arguments.
-
-    The session catches processes that renamed themselves (Ray workers show as `ray::IDLE`); the markers
-    catch any that started a session of their own."""
-    me = os.getpid()
-    out = subprocess.run(["ps", "-ww", "-eo", "pid=,sid=,stat=,args="], capture_output=True, text=True,
-                         check=True).stdout
-    found = []
-    for line in out.splitlines():
-        parts = line.split(None, 3)
-        if len(parts) < 4:
-            continue
-        pid, sid, stat, args = int(parts[0]), int(parts[1]), parts[2], parts[3]
-        if pid == me or stat.startswith("Z") or args.startswith("ps -ww -eo"):
-            continue
-        if sid in sessions or any(m in args for m in markers):
-            found.append((pid, args))
-    return found
-
-
-def _stop_groups(procs: list[subprocess.Popen], markers: tuple[str, ...],
-                 grace_s: float = STOP_GRACE_S) -> tuple[list[tuple[int, str]], bool]:
-    """SIGTERM to each process group, SIGKILL to the groups if anything of theirs is still alive after
-    `grace_s`; returns (leftovers, whether SIGKILL was needed).
-
-    Processes of those sessions outside the groups (Ray puts each worker in a group of its own) get a moment to
-    exit after their parents did. Leftovers are what is still alive then: they are killed here by pid, so
-    nothing stays behind, and the caller fails on them."""
-    sessions = {p.pid for p in procs}
-
-    def wait_gone(timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            for p in procs:
-                p.poll()  # reap our own children
-            if not _processes(sessions, markers):
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.5)
-
-    def signal_groups(sig: signal.Signals) -> None:
-        for p in procs:
-            try:
-                os.killpg(p.pid, sig)
-            except ProcessLookupError:
-                pass
-
-    signal_groups(signal.SIGTERM)
-    killed = not wait_gone(grace_s)
-    if killed:
-        signal_groups(signal.SIGKILL)
-        wait_gone(15.0)
-    for p in procs:
-        try:
-            p.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-    leftovers = _processes(sessions, markers)
-    for pid, _ in leftovers:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return leftovers, killed
-
-
-def _tail(path: Path, n: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError as exc:
-        return f"<no log: {exc}>"
-
-
-def _http(url: str, token: str | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except (urllib.error.URLError, OSError):
-        return 0, b""
 
 
 def _s3_objects(s3_server, prefix: str) -> dict[str, int]:
@@ -192,12 +92,12 @@ class Cluster:
         return done
 
     def api(self, path: str) -> dict:
-        status, body = _http(f"{self.dashboard}{path}", self.token)
+        status, body = http_status(f"{self.dashboard}{path}", self.token)
         assert status == 200, f"GET {path}: {status} {body[:500]!r}"
         return json.loads(body)
 
     def alive_nodes(self) -> set[str]:
-        status, body = _http(f"{self.dashboard}/api/v0/nodes?limit=100&detail=false", self.token)
+        status, body = http_status(f"{self.dashboard}/api/v0/nodes?limit=100&detail=false", self.token)
         if status != 200:
             return set()
         rows = json.loads(body)["data"]["result"]["result"]
@@ -227,14 +127,14 @@ def two_node_cluster(s3_server, tmp_path) -> Iterator[Cluster]:
     # disabled): token, with the token in the environment (~/.ray/auth_token is neither read nor written).
     # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: on SIGTERM a node shuts down at once instead of draining
     # for up to 30 s (made for Kubernetes pods running Serve; nothing to drain here).
-    env = _venv_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
+    env = venv_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
                     RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
                     RAY_DATA_DISABLE_PROGRESS_BARS="1", PYTHONUNBUFFERED="1")
     assert env["AWS_ENDPOINT_URL"] == s3_server.endpoint  # the job's workers reach the test S3 server
     cluster = Cluster(gcs=f"127.0.0.1:{gcs_port}", dashboard=f"http://127.0.0.1:{dash_port}", token=token,
                       env=env)
     ray_cli = str(VENV_BIN / "ray")
-    head = _spawn([ray_cli, "start", "--head", f"--port={gcs_port}", "--include-dashboard=true",
+    head = spawn([ray_cli, "start", "--head", f"--port={gcs_port}", "--include-dashboard=true",
                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
                    f"--ray-client-server-port={client_port}", *_node_args(rest[:6], temp_root / "head")],
                   env, tmp_path / "head.log")
@@ -242,22 +142,22 @@ def two_node_cluster(s3_server, tmp_path) -> Iterator[Cluster]:
     markers = (str(temp_root), cluster.gcs)
     try:
         deadline = time.monotonic() + 120
-        while _http(f"{cluster.dashboard}/api/version", token)[0] != 200:
+        while http_status(f"{cluster.dashboard}/api/version", token)[0] != 200:
             assert head.poll() is None, f"ray start --head exited:\n{_tail(tmp_path / 'head.log')}"
             assert time.monotonic() < deadline, f"head not up in 120 s:\n{_tail(tmp_path / 'head.log')}"
             time.sleep(0.5)
-        worker = _spawn([ray_cli, "start", f"--address={cluster.gcs}", *_node_args(rest[6:12], temp_root / "w")],
+        worker = spawn([ray_cli, "start", f"--address={cluster.gcs}", *_node_args(rest[6:12], temp_root / "w")],
                         env, tmp_path / "worker.log")
         procs.append(worker)
         while len(cluster.alive_nodes()) < 2:
             assert worker.poll() is None, f"ray start (worker) exited:\n{_tail(tmp_path / 'worker.log')}"
             assert time.monotonic() < deadline, f"2 nodes not up in 120 s:\n{_tail(tmp_path / 'worker.log')}"
             time.sleep(0.5)
-        running = [args for _, args in _processes({p.pid for p in procs}, markers)]
+        running = [args for _, args in processes({p.pid for p in procs}, markers)]
         assert sum("/raylet " in a for a in running) == 2, running  # what teardown checks is visible to ps
         yield cluster
     finally:
-        leftovers, killed = _stop_groups(procs, markers)
+        leftovers, killed = stop_groups(procs, markers)
         shutil.rmtree(temp_root, ignore_errors=True)
     if killed:
         warnings.warn("the two-node cluster needed SIGKILL: SIGTERM did not stop it in time", stacklevel=1)
@@ -290,7 +190,7 @@ def test_a_finetune_submitted_as_a_ray_job_trains_on_two_nodes_with_checkpoints_
     nodes = cluster.alive_nodes()
     assert len(nodes) == 2
     # token auth is really on: the dashboard refuses a request without the token
-    assert _http(f"{cluster.dashboard}/api/version")[0] == 401
+    assert http_status(f"{cluster.dashboard}/api/version")[0] == 401
 
     storage = s3_server.uri("cluster-ckpt")
     db = tmp_path / "mlflow.db"
@@ -356,26 +256,15 @@ class MlflowServer:
 
 @pytest.fixture
 def mlflow_server(s3_server, tmp_path) -> Iterator[MlflowServer]:
-    port, = free_ports(1)
     prefix = f"mlflow-{uuid.uuid4().hex[:10]}"
     workdir = tmp_path / "srv"
-    workdir.mkdir()
-    log = tmp_path / "mlflow-server.log"
-    env = _venv_env(MLFLOW_S3_ENDPOINT_URL=s3_server.endpoint)  # the server writes the artifacts to S3
-    proc = _spawn([str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                   "--workers", "1", "--backend-store-uri", f"sqlite:///{workdir / 'srv.db'}",
-                   "--artifacts-destination", f"s3://{s3_server.bucket}/{prefix}"], env, log, cwd=workdir)
-    url = f"http://127.0.0.1:{port}"
+    env = venv_env(MLFLOW_S3_ENDPOINT_URL=s3_server.endpoint)  # the server writes the artifacts to S3
+    service = start_mlflow_server(workdir, f"s3://{s3_server.bucket}/{prefix}", env, timeout_s=90)
     try:
-        deadline = time.monotonic() + 90
-        while _http(f"{url}/health")[0] != 200:
-            assert proc.poll() is None, f"mlflow server exited ({proc.returncode}):\n{_tail(log)}"
-            assert time.monotonic() < deadline, f"mlflow server not up in 90 s:\n{_tail(log)}"
-            time.sleep(0.3)
-        assert any("mlflow" in args for _, args in _processes({proc.pid}, ()))
-        yield MlflowServer(url, prefix, workdir)
+        assert any("mlflow" in args for _, args in processes({service.proc.pid}, ()))
+        yield MlflowServer(service.url, prefix, workdir)
     finally:
-        leftovers, killed = _stop_groups([proc], (f"--port {port}", str(workdir)), grace_s=15)
+        leftovers, killed = stop_groups([service.proc], service.markers, grace_s=15)
     if killed:
         warnings.warn("the MLflow server needed SIGKILL: SIGTERM did not stop it in time", stacklevel=1)
     assert not leftovers, f"MLflow server processes outlived their process group: {leftovers}"

@@ -1,0 +1,62 @@
+"""The demo's report (`pipelines.report`): the metric table and the self-contained HTML file."""
+
+import base64
+import io
+import re
+
+from PIL import Image
+
+from pipelines.report import Report, Sample, TaskResult, annotated_png, metric_table, render_html
+
+
+def _png(size=(64, 64), colour=(255, 255, 255)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+RESULTS = [TaskResult("vqa", "ofa-vqa v3", "vqa_score", 0.9132, 0.3, "always 'no'", 400),
+           TaskResult("grounding", "ofa-grounding v1", "acc50", 0.5, 0.1, "whole-image box", 400)]
+
+
+def test_metric_table_lines_up_and_holds_every_value():
+    lines = metric_table(RESULTS).splitlines()
+    assert lines[0].split() == ["task", "model", "metric", "value", "baseline", "baseline", "is", "rows"]
+    assert set(lines[1].replace(" ", "")) == {"-"}
+    assert "0.9132" in lines[2] and "0.3000" in lines[2] and "always 'no'" in lines[2]
+    assert lines[2].index("0.9132") == lines[3].index("0.5000")  # columns line up
+
+
+def test_boxes_are_drawn_where_they_are():
+    png = annotated_png(_png(), {"reference": [8, 8, 24, 24], "prediction": [40, 40, 56, 56]}, scale=2)
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    assert img.size == (128, 128)
+    assert img.getpixel((16, 30)) == (0, 170, 0)  # left edge of the reference box, x=8*2
+    assert img.getpixel((80, 100)) == (220, 0, 0)  # left edge of the prediction, x=40*2
+    assert img.getpixel((60, 60)) == (255, 255, 255)  # between the boxes: untouched
+
+
+def test_html_stands_alone_with_one_image_per_sample_and_the_metric_table():
+    samples = [Sample("vqa", _png(), "what color?", "red", ["red"], 12.0),
+               Sample("caption", _png(), "(caption)", "a red circle", "a red circle", 15.0),
+               Sample("grounding", _png(), "red circle", [1.0, 2.0, 30.0, 40.0], [0.0, 0.0, 32.0, 32.0], 9.0)]
+    html = render_html(Report(RESULTS, samples, curves={"vqa": {"train/loss": [(1, 2.0), (2, 1.0)]}},
+                              sweep_rows=[{"trial": "t1", "optim.lr": 1e-4, "best": 0.9}]))
+    rows = re.findall(r"<tr class='sample-row' data-task='(\w+)'>(.*?)</tr>", html, re.S)
+    assert [t for t, _ in rows] == ["vqa", "caption", "grounding"]
+    for _, row in rows:
+        src = re.findall(r'src="data:image/png;base64,([^"]+)"', row)
+        assert len(src) == 1
+        Image.open(io.BytesIO(base64.b64decode(src[0]))).verify()  # a real PNG, inlined
+    assert "a red circle" in rows[1][1] and "[1.0, 2.0, 30.0, 40.0]" in rows[2][1]
+    table = html[html.index("<table id='metrics'>"):]
+    assert "0.9132" in table[: table.index("</table>")] and "whole-image box" in table
+    assert "src=\"http" not in html and "<script" not in html  # nothing fetched: one file
+    assert html.count("data:image/png;base64,") == 3 + 1  # samples + the training curves
+    assert "optim.lr" in html
+
+
+def test_html_escapes_what_it_shows():
+    s = Sample("vqa", _png(), "<script>alert(1)</script>", "<b>x</b>", ["y"])
+    html = render_html(Report([], [s]))
+    assert "<script>alert" not in html and "&lt;script&gt;" in html and "&lt;b&gt;x" in html
