@@ -1,0 +1,87 @@
+"""The Serve application: an HTTP ingress (`serve_app.api`) and one model deployment per configured model
+(`serve_app.model`), built from a `ServeConfig`.
+
+    serve run serve_app.app:build_app model=bundles/ofa-tiny           # args: ServeConfig keys, key=value
+    serve run serve_app.app:build_app config=serve.yaml autoscaling.max_replicas=4
+    serve deploy serve_config.yaml                                     # args: under applications[0].args
+    python -m jobs.serve --model models:/ofa-vqa@champion              # local Ray + the app, Ctrl-C stops both
+
+Each model deployment `model-<name>` gets `user_config: {source: ...}`; changing only that (in
+serve_config.yaml's `deployments:` section, then `serve deploy`) switches the model in place through
+`reconfigure`, without restarting replicas or dropping requests. Changing `args` restarts the replicas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ray.serve import Application
+from ray.serve.config import BackpressureConfig
+
+from serve_app.api import OFAIngress
+from serve_app.config import ServeConfig, config_from_args, read_api_key
+from serve_app.model import OFAModelServer
+
+
+def deployment_name(model: str) -> str:
+    return f"model-{model}"
+
+
+def absolute_paths(cfg: ServeConfig) -> ServeConfig:
+    """Local paths (bundle sources, the key file, the model cache) made absolute where they exist here, so
+    replicas, whatever their working directory, find them."""
+
+    def absolute(p: str | None) -> str | None:
+        if p is None or p.startswith("models:"):
+            return p
+        path = Path(p).expanduser()
+        return str(path.resolve()) if path.exists() else p
+
+    models = {name: dataclasses.replace(m, source=absolute(m.source)) for name, m in cfg.models.items()}
+    return dataclasses.replace(cfg, models=models, api_key_file=absolute(cfg.api_key_file),
+                               model_cache=absolute(cfg.model_cache))
+
+
+def build(cfg: ServeConfig) -> Application:
+    """The application of `cfg`: the ingress bound to one model deployment per model."""
+    cfg = absolute_paths(cfg)
+    read_api_key(cfg)  # a configured key must be readable now, not at the first request
+    retry = BackpressureConfig(status_code=503, retry_after_s=float(math.ceil(max(cfg.retry_after_s, 1.0))))
+    a = cfg.autoscaling
+    handles = {}
+    for name, m in cfg.models.items():
+        handles[name] = OFAModelServer.options(
+            name=deployment_name(name),
+            ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+            autoscaling_config={"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                                "initial_replicas": max(a.min_replicas, 1),
+                                "target_ongoing_requests": a.target_ongoing_requests,
+                                "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
+                                "look_back_period_s": a.look_back_period_s},
+            max_ongoing_requests=cfg.max_ongoing_requests,
+            max_queued_requests=cfg.max_queued_requests,
+            backpressure_config=retry,
+            user_config={"source": m.source},
+            graceful_shutdown_timeout_s=cfg.request_timeout_s + 5,  # a replica going away finishes its requests
+            logging_config={"encoding": cfg.log_encoding},
+        ).bind(name, cfg)
+    i = cfg.ingress
+    return OFAIngress.options(
+        num_replicas=i.replicas,
+        ray_actor_options={"num_cpus": i.num_cpus},
+        max_ongoing_requests=i.max_ongoing_requests,
+        max_queued_requests=i.max_queued_requests,
+        backpressure_config=retry,
+        graceful_shutdown_timeout_s=cfg.request_timeout_s + 5,
+        logging_config={"encoding": cfg.log_encoding},
+    ).bind(cfg, handles)
+
+
+def build_app(args: Mapping[str, Any]) -> Application:
+    """Application builder for `serve run serve_app.app:build_app key=value ...` and `serve deploy`'s
+    `import_path` (see `serve_app.config.config_from_args` for the arguments)."""
+    return build(config_from_args(args))
