@@ -116,6 +116,7 @@ class Stages:
         try:
             yield
         except BaseException as exc:
+            logger.exception("stage '%s' failed", name)  # the traceback goes to demo.log
             raise StageError(name, exc) from exc
         _say(f"    done in {_clock(time.monotonic() - t)}")
 
@@ -221,7 +222,10 @@ def connect(svc: Services) -> None:
         if key in svc.env:
             os.environ[key] = svc.env[key]
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(address=svc.ray_address, log_to_driver=True, logging_level=logging.WARNING)
+    # RAY_ADDRESS in the job's workers too: Ray's own helpers there (e.g. Train's placement-group cleaner) find
+    # the cluster by it when another Ray runs on the same machine
+    ray.init(address=svc.ray_address, log_to_driver=True, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {"RAY_ADDRESS": svc.ray_address}})
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
@@ -229,12 +233,12 @@ def connect(svc: Services) -> None:
 # Stages
 
 
-def _train(config: str, overrides: list[str]):
+def _train(config: str, overrides: list[str], output_dir: Path):
     from pipelines.job_config import load_config
     from pipelines.train import train
     from pipelines.train_config import TrainConfig
 
-    return train(load_config(TrainConfig, REPO / config, overrides))
+    return train(load_config(TrainConfig, REPO / config, overrides), output_dir=output_dir)
 
 
 def _common(svc: Services, corpus: str, size: Size, run: str, epochs: int, steps: int | None) -> list[str]:
@@ -369,8 +373,10 @@ def run_demo(opts: DemoOptions) -> int:
             _say(f"    {summary['rows_ok']} rows ({summary['counts']}), {summary['rows_per_s']:.0f} rows/s -> {corpus}")
         runs: dict[str, str] = {}
         with stages.stage("pretrain ofa-micro on the multi-task mixture (vqa, caption, grounding, entailment, itm)"):
+            mixture = ["mixture={vqa: 2, caption: 1, grounding: 1}"] if opts.quick else []
             out = _train("configs/pretrain/easyvqa_micro.yaml",
-                         _common(svc, corpus, size, "demo-pretrain", size.pretrain_epochs, size.pretrain_steps))
+                         _common(svc, corpus, size, "demo-pretrain", size.pretrain_epochs, size.pretrain_steps)
+                         + mixture, workdir / "bundles" / "pretrain")
             runs["pretrain"] = out.mlflow_run_id
             pretrained = out.bundle
             _say(f"    pretrained bundle {pretrained} (registered ofa-pretrained v{out.registered_version})")
@@ -379,7 +385,7 @@ def run_demo(opts: DemoOptions) -> int:
             for task in TASKS:
                 out = _train(f"configs/finetune/{task}_easyvqa.yaml",
                              _common(svc, corpus, size, f"demo-{task}", size.finetune_epochs, size.finetune_steps)
-                             + [f"model.init={pretrained}", "model.arch=null"])
+                             + [f"model.init={pretrained}"], workdir / "bundles" / task)
                 runs[task] = out.mlflow_run_id
                 finetuned[task] = out
                 _say(f"    {task}: {out.metrics} -> ofa-{task} v{out.registered_version}"
@@ -387,7 +393,7 @@ def run_demo(opts: DemoOptions) -> int:
         sweep = None
         with stages.stage(f"Ray Tune sweep for vqa ({size.sweep_samples} trials, ASHA)"):
             sweep = _sweep(svc, corpus, size, pretrained, workdir)
-            _say(sweep.table())
+            _say(sweep.table)
             _say(f"    best config: {sweep.best_config}; registered v{sweep.registered_version}"
                  f"{' (new champion)' if sweep.champion else ' (did not beat the champion)'}")
         results: list[TaskResult] = []
@@ -496,7 +502,7 @@ def _sweep(svc: Services, corpus: str, size: Size, pretrained: str, workdir: Pat
     cfg = load_sweep_config(REPO / "configs/tune/vqa_easyvqa.yaml", [
         f"train.data.uri={corpus}", f"num_samples={size.sweep_samples}", f"train.epochs={size.sweep_epochs}",
         f"train.max_steps_per_epoch={size.sweep_steps}", f"train.validation.max_rows={size.val_rows}",
-        f"train.tracking.tracking_uri={svc.mlflow_url}", f"train.model.init={pretrained}", "train.model.arch=null",
+        f"train.tracking.tracking_uri={svc.mlflow_url}", f"train.model.init={pretrained}",
         f"storage_path=s3://{svc.bucket}/tune", "name=demo-vqa-sweep"])
     return run_sweep(plan_sweep(cfg), output_dir=workdir / "sweep")
 

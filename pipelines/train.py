@@ -169,14 +169,18 @@ def _resume_state(cfg: TrainConfig) -> dict | None:
 
 
 def latest_state_summary(storage_path: str, name: str) -> dict | None:
-    """The newest `train_state.json` (by step) among the run's checkpoint directories, with its "path"."""
+    """The newest `train_state.json` (by step) among the run's checkpoint directories that also hold their
+    `train_state.pt` (an upload cut short leaves the summary without the state), with its "path"."""
     run_dir = storage.join(storage_path, name)
     try:
         files = storage.list_files(run_dir, suffix=STATE_JSON)
+        complete = {uri.rsplit("/", 1)[0] for uri in storage.list_files(run_dir, suffix=STATE_FILE)}
     except (FileNotFoundError, OSError):
         return None
     best = None
     for uri in files:
+        if uri.rsplit("/", 1)[0] not in complete:
+            continue
         try:
             summary = json.loads(storage.read_bytes(uri))
         except (OSError, ValueError):

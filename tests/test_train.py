@@ -208,11 +208,17 @@ def test_storage_paths_are_listed_for_resume(tmp_path):
     run = tmp_path / "r" / "checkpoint_1"
     run.mkdir(parents=True)
     (run / "train_state.json").write_text(json.dumps({"epoch": 0, "step": 4, "epoch_done": False, "metrics": {}}))
+    (run / "train_state.pt").write_bytes(b"state")
     later = tmp_path / "r" / "checkpoint_2"
     later.mkdir()
     (later / "train_state.json").write_text(json.dumps({"epoch": 0, "step": 8, "epoch_done": True, "metrics": {}}))
+    (later / "train_state.pt").write_bytes(b"state")
     (tmp_path / "r" / "checkpoint_3").mkdir()
     (tmp_path / "r" / "checkpoint_3" / "train_state.json").write_text("{half written")
+    (tmp_path / "r" / "checkpoint_3" / "train_state.pt").write_bytes(b"state")
+    cut = tmp_path / "r" / "checkpoint_4"  # an upload cut short: the summary without its state
+    cut.mkdir()
+    (cut / "train_state.json").write_text(json.dumps({"epoch": 1, "step": 12, "epoch_done": True, "metrics": {}}))
     got = latest_state_summary(str(tmp_path), "r")
     assert got["step"] == 8 and got["epoch_done"] and got["path"] == storage.join(str(tmp_path), "r", "checkpoint_2")
 
