@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -27,67 +26,9 @@ from typing import Any, TypeVar
 import pydantic
 import yaml
 
+from ofa_model.config_text import ConfigError, merge, parse_overrides, read_yaml  # noqa: F401 (re-exported)
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the key and the file."""
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2's rules for plain scalars: 1e-5 is a float (1.1 makes it a string) and only
-    true/false are booleans (1.1 also turns yes, no, on, off into booleans: answers like `yes` stay words)."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def read_yaml(text: str, source: str = "<string>") -> Any:
-    try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
-
-
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """`["a.b=1", "c=x"]` -> `{"a": {"b": 1}, "c": "x"}`; values parsed as YAML."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key):
-            raise ConfigError(f"override {item!r}: expected dotted.key=value")
-        value = read_yaml(raw, f"override {key}") if raw.strip() else None
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override {item!r}: {part} is set to a value and also used as a section")
-            node = nxt
-        node[parts[-1]] = value
-    return out
-
-
-def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """`over` merged into `base`, section by section (a value replaces, a mapping merges into a mapping)."""
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),

@@ -7,22 +7,14 @@ starts from (`model.init`), or from a named size (`model.arch`) when training fr
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from ofa_model.config import Regularization
+from ofa_model.config_text import check as _check
+from ofa_model.config_text import check_finite as _finite
 from ofa_model.tasks import TASKS
 from pipelines.config import DataConfig
-
-
-def _check(cond: bool, what: str) -> None:
-    if not cond:
-        raise ValueError(what)
-
-
-def _finite(name: str, value: float, lo: float, hi: float) -> None:
-    _check(math.isfinite(value) and lo <= value <= hi, f"{name} must lie in [{lo}, {hi}], got {value}")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ serve_app.app:build_app` and `python -m jobs.serve`.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -25,21 +24,14 @@ from typing import Any, Literal
 import pydantic
 from pydantic import ConfigDict
 
+from ofa_model.config_text import ConfigError, merge, parse_overrides, read_yaml
+from ofa_model.config_text import check as _check
+from ofa_model.config_text import check_finite as _finite
 from ofa_model.predictor import PredictorLimits
-from pipelines.job_config import ConfigError, merge, parse_overrides, read_yaml
 
 _FORBID = ConfigDict(extra="forbid")  # `serve_config`: an unknown key is an error
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")  # model and application names
 MIN_KEY_CHARS = 16  # an API key shorter than this is refused as guessable
-
-
-def _check(cond: bool, what: str) -> None:
-    if not cond:
-        raise ValueError(what)
-
-
-def _finite(name: str, value: float, lo: float, hi: float) -> None:
-    _check(math.isfinite(value) and lo <= value <= hi, f"{name} must lie in [{lo}, {hi}], got {value}")
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,14 @@ image, decoding settings out of range, too many candidates) is the predictor's t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ofa_model.errors import BAD_TYPE, IMAGE_TOO_LARGE, MISSING_FIELD
+from ofa_model.generation import GenerationConfig
 
 # Reasons of the HTTP layer, beside the predictor's (`ofa_model.errors`).
 MALFORMED_BODY = "malformed_body"  # not JSON, or not a multipart form
@@ -71,9 +73,8 @@ _STRICT = ConfigDict(extra="forbid", strict=True)
 _IMAGE = Field(None, description="the image: base64 of its bytes (a data: URL prefix is allowed), or a multipart "
                                  "file part named 'image'. Image URLs are never fetched.")
 _DECODING = Field(None, description="overrides of the task's decoding settings (GenerationConfig fields: "
-                                    "beam_size, max_len_a, max_len_b, min_len, length_penalty, "
-                                    "no_repeat_ngram_size, sampling, top_k, top_p, temperature, "
-                                    "num_return_sequences, seed, normalize_scores), within the server's limits")
+                                    + ", ".join(f.name for f in dataclasses.fields(GenerationConfig))
+                                    + "), within the server's limits")
 _CANDIDATES = Field(None, description="candidate answers or labels, scored by the model")
 
 
