@@ -3,8 +3,11 @@
     python -m bench.inference speed [--arch ofa-tiny]             # encoder 480², greedy 480², beam-5 256²
     python -m bench.inference fidelity [--arch ofa-tiny] [--bundle DIR --corpus URI]
 
-speed: images/s of each configuration against eager fp32, run alternately (a noisy machine affects every
-side alike). The encoder at 480² (batch 16), greedy captions at 480² (batch 16, up to 16 tokens) and beam-5
+speed: images/s of each configuration (CONFIGS) against eager fp32 as it ran before this benchmark (position
+biases built per row), run alternately (a noisy machine affects every side alike). The configurations: eager
+fp32 today (biases shared across the batch), channels-last, the predictor's DEFAULT (channels-last, BatchNorms
+folded), and candidates that must pass the fidelity bar before they may be defaults: bf16 in the ResNet only,
+bf16 autocast throughout, int8 dynamic quantization of the Transformer's linear layers. The encoder at 480² (batch 16), greedy captions at 480² (batch 16, up to 16 tokens) and beam-5
 captions at 256² (batch 16, up to 16 tokens, no-repeat 3).
 
 fidelity: the bar a configuration must pass against fp32 on the same weights before it may be a default:
@@ -27,12 +30,14 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ofa_model.checkpoint import load_bundle
 from ofa_model.config import get_config
 from ofa_model.generation import GenerationConfig, SpecialIds, generate
 from ofa_model.model import OFAModel
@@ -42,8 +47,68 @@ from ofa_model.preprocess import PreprocessConfig, pad_sequences
 from ofa_model.tasks import TASKS, inference_request
 from ofa_model.vocab import Vocabulary
 
-CONFIGS = [("fp32", "contiguous"), ("fp32", "channels_last"), ("bf16", "contiguous"), ("bf16", "channels_last")]
 BAR_TOP1, BAR_BEAM, BAR_METRIC = 0.999, 0.99, 0.2
+
+
+class _Bf16Images(torch.nn.Module):
+    """The ResNet under bf16 autocast, its features back in fp32: the rest of the model stays fp32."""
+
+    def __init__(self, resnet: torch.nn.Module):
+        super().__init__()
+        self.resnet = resnet
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.resnet(x).float()
+
+
+def _bf16_resnet(model: OFAModel) -> OFAModel:
+    model.encoder.embed_images = _Bf16Images(model.encoder.embed_images)
+    return model
+
+
+def _int8_linear(model: OFAModel) -> OFAModel:
+    """int8 dynamic quantization of the Transformer's linear layers (not the tied output projection, which
+    scoring reads as a weight)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "output_projection" not in n}
+    return quantize_dynamic(model, names, dtype=torch.qint8)
+
+
+def _per_row_biases(model: OFAModel) -> OFAModel:
+    """The encoder as it ran before its position biases were shared across the batch: patch position ids per
+    row (B, N), so the absolute and relative position biases are built B times (the same values)."""
+    embed = model.encoder.embed_image
+
+    def per_row(patch_images, *args):
+        x, pad, ids = embed(patch_images, *args)
+        return x, pad, ids.expand(x.shape[0], -1)
+
+    model.encoder.embed_image = per_row
+    return model
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    precision: str
+    memory_format: str
+    fold: bool
+    transform: Callable[[OFAModel], OFAModel] | None = None  # bench-only variants, not predictor options
+
+
+# The first is the reference: plain eager fp32, as the model ran before this benchmark's settings existed
+# (position biases per row); then the same eager fp32 with the biases shared across the batch (today's code).
+CONFIGS = [
+    Config("fp32 eager, before", "fp32", "contiguous", False, _per_row_biases),
+    Config("fp32 eager", "fp32", "contiguous", False),
+    Config("fp32 channels-last", "fp32", "channels_last", False),
+    Config("DEFAULT fp32 CL folded", "fp32", "channels_last", True),
+    Config("bf16-ResNet CL folded", "fp32", "channels_last", True, _bf16_resnet),
+    Config("bf16 CL folded", "bf16", "channels_last", True),
+    Config("int8-linear CL folded", "fp32", "channels_last", True, _int8_linear),
+]
 
 
 def _peaked(model: OFAModel) -> OFAModel:
@@ -54,9 +119,10 @@ def _peaked(model: OFAModel) -> OFAModel:
     return model
 
 
-def _copy(model: OFAModel, precision: str, memory_format: str) -> tuple[OFAModel, Execution]:
-    ex = Execution.resolve(precision, memory_format, "cpu")
-    return ex.prepare_model(copy.deepcopy(model)).eval(), ex
+def _copy(model: OFAModel, c: Config) -> tuple[OFAModel, Execution]:
+    ex = Execution.resolve(c.precision, c.memory_format, "cpu")
+    model = ex.prepare_inference(copy.deepcopy(model), fold_batchnorm=c.fold)
+    return (c.transform(model) if c.transform else model).eval(), ex
 
 
 def _median_interleaved(fns: dict[str, Callable[[], None]], repeat: int) -> dict[str, float]:
@@ -83,7 +149,7 @@ def speed(arch: str, repeat: int) -> None:
     g = torch.Generator().manual_seed(0)
     b = 16
     src = torch.randint(4, 50000, (b, 12), generator=g)
-    models = {f"{p} {m}": _copy(base, p, m) for p, m in CONFIGS}
+    models = {c.name: _copy(base, c) for c in CONFIGS}
 
     def case(title: str, size: int, run: Callable[[OFAModel, torch.Tensor], None]) -> None:
         img = torch.randn(b, 3, size, size, generator=g)
@@ -95,7 +161,7 @@ def speed(arch: str, repeat: int) -> None:
             return call
 
         t = _median_interleaved({k: fn(m, ex) for k, (m, ex) in models.items()}, repeat)
-        ref = t["fp32 contiguous"]
+        ref = t[CONFIGS[0].name]
         print(f"\n{title} (batch {b}, {size}x{size}), median of {repeat}")
         for k, v in t.items():
             print(f"  {k:24s} {v:7.2f} s  {b / v:6.2f} images/s  {ref / v:5.2f}x")
@@ -172,7 +238,7 @@ def fidelity(arch: str, n_images: int, bundle: str | None, corpus: str | None, r
     vocab, pre = Vocabulary.gpt2(), PreprocessConfig(patch_image_size=256)
     items = _items(_images(n_images))
     base = _peaked(OFAModel(get_config(arch))).eval()
-    ref = OFAPredictor(base, vocab, pre, max_batch_size=16)
+    ref = OFAPredictor(base, vocab, pre, max_batch_size=16, memory_format="contiguous", fold_batchnorm=False)
     want = [ref.predict(task, [item])[0] for task, item in items]
     hyps = []
     for task, item in items:  # fp32's beam-5 tokens, for teacher forcing
@@ -185,14 +251,15 @@ def fidelity(arch: str, n_images: int, bundle: str | None, corpus: str | None, r
     print(f"fidelity on {arch}, random weights (logit std ~4), {len(items)} items over "
           f"{sorted({t for t, _ in items})}, {sum(len(h) + 1 for h in hyps)} teacher-forced positions")
     print(f"  {'configuration':24s} {'top-1 agree':>12s} {'beam-5 same':>12s}  bar (>= {BAR_TOP1:.1%}, >= {BAR_BEAM:.0%})")
-    for p, m in CONFIGS[1:]:
-        model, ex = _copy(base, p, m)
-        pred = OFAPredictor(model, vocab, pre, max_batch_size=16, precision=p, memory_format=m)
+    for c in CONFIGS:
+        model, ex = _copy(base, c)
+        pred = OFAPredictor(model, vocab, pre, max_batch_size=16, precision=c.precision,
+                            memory_format=c.memory_format, fold_batchnorm=c.fold)
         got = [pred.predict(task, [item])[0] for task, item in items]
         same = sum(_answer(a) == _answer(b) for a, b in zip(want, got, strict=True)) / len(items)
         agree, total = _top1_agreement(base, model, ex, vocab, pre, items, hyps)
         ok = agree / total >= BAR_TOP1 and same >= BAR_BEAM
-        print(f"  {p + ' ' + m:24s} {agree / total:12.4%} {same:12.2%}  {'passes' if ok else 'FAILS'}")
+        print(f"  {c.name:24s} {agree / total:12.4%} {same:12.2%}  {'passes' if ok else 'FAILS'}")
     if bundle:
         _bundle_metric(bundle, corpus, rows)
 
@@ -209,19 +276,22 @@ def _bundle_metric(bundle: str, corpus: str | None, rows: int) -> None:
                .splitlines() if a.strip()]
     print(f"\ntrained bundle {bundle}: VQA score on {rows} easy-VQA test questions")
     scores = {}
-    for p, m in CONFIGS:
-        pred = OFAPredictor.from_bundle(bundle, max_batch_size=64, precision=p, memory_format=m)
+    for c in CONFIGS:
+        b = load_bundle(bundle)
+        model, _ = _copy(b.model, c)
+        pred = OFAPredictor(model, b.vocab, b.preprocess, tasks=b.tasks, max_batch_size=64, precision=c.precision,
+                            memory_format=c.memory_format, fold_batchnorm=c.fold)
         for mode in ("allcand", "open"):
             t = time.perf_counter()
             test = itertools.islice(iter_rows(corpus, splits=["test"], tasks=["vqa"]), rows)
             res = evaluate_rows(pred, "vqa", test, mode=mode, candidates=answers if mode == "allcand" else None)
-            scores[(p, m, mode)] = res.metrics["vqa_score"]
-            print(f"  {p + ' ' + m:24s} {mode:8s} {100 * res.metrics['vqa_score']:7.2f}  "
+            scores[(c.name, mode)] = res.metrics["vqa_score"]
+            print(f"  {c.name:24s} {mode:8s} {100 * res.metrics['vqa_score']:7.2f}  "
                   f"({time.perf_counter() - t:.0f} s)")
-    for (p, m, mode), v in scores.items():
-        d = 100 * abs(v - scores[("fp32", "contiguous", mode)])
-        if (p, m) != ("fp32", "contiguous"):
-            print(f"  {p} {m} {mode}: moves {d:.2f} points ({'passes' if d <= BAR_METRIC else 'FAILS'} "
+    for (name, mode), v in scores.items():
+        d = 100 * abs(v - scores[(CONFIGS[0].name, mode)])
+        if name != CONFIGS[0].name:
+            print(f"  {name} {mode}: moves {d:.2f} points ({'passes' if d <= BAR_METRIC else 'FAILS'} "
                   f"the {BAR_METRIC} bar)")
 
 

@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--candidates", help="comma-separated answers (VQA allcand / trie)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="fp32",
+                   help="fp32 (default) keeps the reference answers; bf16 is faster on AMX/AVX-512 BF16 CPUs and "
+                        "Ampere+ GPUs but may change some (bench/inference.py fidelity); fp16 needs CUDA")
+    p.add_argument("--memory-format", choices=("auto", "contiguous", "channels_last"), default="auto",
+                   help="the ResNet's layout (auto: channels_last)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
@@ -46,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         out = evaluate_corpus(args.model, args.data, args.task, split=args.split, output=args.output,
                               limit=args.limit, mode=args.mode, candidates=cands, batch_size=args.batch_size,
-                              device=args.device, tracking=args.tracking_uri)
+                              device=args.device, tracking=args.tracking_uri, precision=args.precision,
+                              memory_format=args.memory_format)
     except (ModelSourceError, InputError, FileNotFoundError) as exc:
         fail(PROG, exc)
     except ValueError as exc:  # bad manifest, unknown task

@@ -148,7 +148,7 @@ class EncoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(d, eps=eps)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """x (B, S, D), bias (B, H, S, S) -> (B, S, D)."""
+        """x (B, S, D), bias (B or 1, H, S, S) -> (B, S, D)."""
         h = self.self_attn_layer_norm(x)
         h = self.attn_ln(self.self_attn(h, *self.self_attn.project_kv(h), bias))
         x = x + drop_path(F.dropout(h, self.dropout, self.training), self.drop_path_rate, self.training)
@@ -278,14 +278,18 @@ class Encoder(nn.Module):
 
     def embed_image(self, patch_images: torch.Tensor, patch_masks: torch.Tensor | None, sample_patch_num: int | None,
                     generator: torch.Generator | None):
-        """Patch embeddings (B, N, D), padding (B, N), position ids (B, N) of images (B, 3, H, W)."""
+        """Patch embeddings (B, N, D), padding (B, N), position ids of images (B, 3, H, W).
+
+        The position ids are (1, N) when every row has the same patches (no patch sampling), so that the
+        position biases built from them are computed once and broadcast over the batch; else (B, N).
+        """
         feats = self.embed_images(patch_images)  # (B, C, h, w)
         b, _, h, w = feats.shape
         if max(h, w) > self.cfg.image_bucket_size:
             raise ValueError(f"image grid {h}x{w} exceeds image_bucket_size {self.cfg.image_bucket_size} "
                              f"(max {self.cfg.image_bucket_size * 16} px)")
         feats = feats.flatten(2).transpose(1, 2)  # (B, N, C)
-        pos_ids = image_position_ids(h, w, self.cfg.image_bucket_size, feats.device).expand(b, -1)
+        pos_ids = image_position_ids(h, w, self.cfg.image_bucket_size, feats.device)[None]  # (1, N)
         if patch_masks is None:
             pad = torch.zeros(b, h * w, dtype=torch.bool, device=feats.device)
         else:
@@ -294,7 +298,7 @@ class Encoder(nn.Module):
             order = torch.stack([torch.randperm(h * w, generator=generator)[:sample_patch_num] for _ in range(b)])
             order = order.sort(dim=1).values.to(feats.device)
             feats = feats.gather(1, order[..., None].expand(-1, -1, feats.shape[-1]))
-            pos_ids, pad = pos_ids.gather(1, order), pad.gather(1, order)
+            pos_ids, pad = pos_ids.expand(b, -1).gather(1, order), pad.gather(1, order)
         x = self.image_proj(feats) + self.type_embedding.weight[1]
         return self.patch_layernorm_embedding(x), pad, pos_ids
 
@@ -310,29 +314,32 @@ class Encoder(nn.Module):
         x = self.layernorm_embedding(self.embed_tokens(src_tokens) + self.type_embedding.weight[0])  # (B, L, D)
         x = F.dropout(x, self.dropout, self.training)
         pad = src_tokens.eq(cfg.pad_id)  # (B, L)
-        pos = self.pos_ln(self.embed_positions(torch.arange(length, device=dev)))[None].expand(b, -1, -1)  # (B, L, D)
+        # Positions, and the biases built from them, are the same in every row unless patches were sampled
+        # per row: they stay at batch size P = 1 then and broadcast (B x less work on the (H, S, S) biases).
+        pos = self.pos_ln(self.embed_positions(torch.arange(length, device=dev)))[None]  # (1, L, D)
         n_img, img_ids = 0, None
         if patch_images is not None:
             xi, img_pad, img_ids = self.embed_image(patch_images, patch_masks, sample_patch_num, generator)
             n_img = xi.shape[1]
             x = torch.cat([F.dropout(xi, self.dropout, self.training), x], dim=1)
             pad = torch.cat([img_pad, pad], dim=1)
-            pos = torch.cat([self.image_pos_ln(self.embed_image_positions(img_ids)), pos], dim=1)  # (B, S, D)
+            img_pos = self.image_pos_ln(self.embed_image_positions(img_ids))  # (P, N, D)
+            pos = torch.cat([img_pos, pos.expand(img_pos.shape[0], -1, -1)], dim=1)  # (P, S, D)
         x = x * (~pad)[..., None].to(x.dtype)  # (B, S, D)
         abs_bias = _pos_bias(self.pos_q_linear, self.pos_k_linear, pos, pos, cfg.attention_heads, self.pos_scaling)
         ar = torch.arange(length, device=dev)
         tok_bucket = token_bucket_matrix(ar, ar, cfg.token_bucket_size, cfg.max_source_positions)  # (L, L)
-        img_bucket = image_rel_bucket(img_ids, img_ids, cfg.image_bucket_size) if n_img else None  # (B, N, N)
+        img_bucket = image_rel_bucket(img_ids, img_ids, cfg.image_bucket_size) if n_img else None  # (P, N, N)
         key_pad = pad[:, None, None, :] if bool(pad.any()) else None  # (B, 1, 1, S)
         for i, layer in enumerate(self.layers):
-            bias = abs_bias.clone()  # (B, H, S, S)
+            bias = abs_bias.clone()  # (P, H, S, S)
             bias[:, :, n_img:, n_img:] += self.token_rel_pos_table_list[i].weight[tok_bucket].permute(2, 0, 1)
             if n_img:
                 bias[:, :, :n_img, :n_img] += self.image_rel_pos_table_list[i].weight[img_bucket].permute(0, 3, 1, 2)
             if key_pad is not None:
-                bias = bias.masked_fill(key_pad, _mask_value(bias.dtype))
+                bias = bias.masked_fill(key_pad, _mask_value(bias.dtype))  # (B, H, S, S)
             x = layer(x, bias)
-        return EncoderOut(self.layer_norm(x), pad, pos)
+        return EncoderOut(self.layer_norm(x), pad, pos.expand(b, -1, -1))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@
   `auto` is channels_last, which bench/train.py and bench/model.py measure faster on CPU and GPU alike.
 
 The caller decides what `auto` means for its purpose: training passes `auto` through; inference picks its
-default from the fidelity report (bench/fidelity.py), since a default must never silently change answers.
+default from the fidelity report (`python -m bench.inference fidelity`), since a default must never silently
+change answers. `Execution.prepare_inference` also folds the ResNet's BatchNorms into its convolutions
+(`ofa_model.resnet`): exact up to fp32 rounding, and it passes the same bar.
 """
 
 from __future__ import annotations
@@ -83,6 +85,15 @@ class Execution:
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Moves the model to the device in the memory format (4-D conv weights only; the rest is unchanged)."""
         return model.to(self.device, memory_format=self.torch_memory_format)
+
+    def prepare_inference(self, model: torch.nn.Module, *, fold_batchnorm: bool = True) -> torch.nn.Module:
+        """`prepare_model`, in eval mode, with the ResNet's BatchNorms folded into its convolutions for forwards
+        without autograd (the model's weights and state dict are unchanged; training never sees the folding)."""
+        model = self.prepare_model(model).eval()
+        resnet = getattr(getattr(model, "encoder", None), "embed_images", None)
+        if resnet is not None and hasattr(resnet, "fold_batchnorm"):
+            resnet.fold_batchnorm(fold_batchnorm)
+        return model
 
     def images(self, images: torch.Tensor | None) -> torch.Tensor | None:
         if images is None or images.ndim != 4:

@@ -1,11 +1,19 @@
 """The truncated ResNet that turns an image into patch features (stem + stages 1-3, stride 16).
 
 Module names follow the official checkpoints (`conv1`, `bn1`, `layer1.0.conv1`, `downsample.0`, ...).
+
+Inference folds each BatchNorm into the convolution before it (`ResNet.fold_batchnorm(True)`, which
+`OFAPredictor` sets): one convolution with scaled weights and a bias instead of a convolution plus a
+normalisation pass over the activations. Only in eval mode without autograd, so training, and gradients
+taken in eval mode, never see it; the folded weights are cached per convolution and recomputed when any of
+the five source tensors changes (in place or by a move). In fp32 it changes results by rounding only
+(bench/inference.py fidelity: identical top-1 and beam outputs).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -23,6 +31,27 @@ def linspace(rate: float, n: int) -> list[float]:
     return [rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
 
 
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """`conv` then eval-mode `bn` as one convolution's (weight, bias), cached on `conv`."""
+    sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
+    cached = getattr(conv, "_ofa_folded", None)
+    if cached is None or cached[0] != key:
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (C_out,)
+        weight = conv.weight * scale.view(-1, 1, 1, 1)  # keeps the weight's memory format
+        cached = (key, weight, bn.bias - bn.running_mean * scale)
+        conv._ofa_folded = cached
+    return cached[1], cached[2]
+
+
+def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, fold: bool) -> torch.Tensor:
+    """bn(conv(x)), as one folded convolution when `fold` in eval mode without autograd."""
+    if not fold or bn.training or torch.is_grad_enabled() or conv.bias is not None:
+        return bn(conv(x))
+    weight, bias = _folded(conv, bn)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 class Bottleneck(nn.Module):
     """ResNet v1.5 bottleneck (stride on the 3x3 conv) with drop-path on the residual branch."""
 
@@ -38,15 +67,19 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
+        self.downsample = downsample  # Sequential(conv, bn) or None
         self.drop_path_rate = drop_path_rate
+        self.fold = False  # set by ResNet.fold_batchnorm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, inplanes, H, W) -> (B, 4 * planes, H / stride, W / stride)."""
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        fold = self.fold
+        identity = x if self.downsample is None else conv_bn(self.downsample[0], self.downsample[1], x, fold)
+        out = self.relu(conv_bn(self.conv1, self.bn1, x, fold))
+        out = self.relu(conv_bn(self.conv2, self.bn2, out, fold))
+        out = conv_bn(self.conv3, self.bn3, out, fold)
+        if not torch.is_grad_enabled() and not self.training:  # the same sum, without a fresh activation buffer
+            return out.add_(identity).relu_()
         return self.relu(identity + drop_path(out, self.drop_path_rate, self.training))
 
 
@@ -66,6 +99,13 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.fold = False
+
+    def fold_batchnorm(self, enabled: bool) -> None:
+        """Whether eval-mode forwards without autograd fold each BatchNorm into its convolution."""
+        for m in self.modules():
+            if isinstance(m, (ResNet, Bottleneck)):
+                m.fold = bool(enabled)
 
     @staticmethod
     def _stage(inplanes: int, planes: int, blocks: int, stride: int, rate: float) -> tuple[nn.Sequential, int]:
@@ -80,5 +120,5 @@ class ResNet(nn.Module):
         return nn.Sequential(*mods), out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4)
+        x = self.maxpool(self.relu(conv_bn(self.conv1, self.bn1, x, self.fold)))  # (B, 64, H/4, W/4)
         return self.layer3(self.layer2(self.layer1(x)))

@@ -38,10 +38,13 @@ class EvaluationOutput:
 def evaluate_corpus(model: str, data: str, task: str, *, split: str = "test", output: str | None = None,
                     limit: int | None = None, mode: str | None = None, candidates: list[str] | None = None,
                     batch_size: int = 16, device: str = "cpu", tracking: str | None = None,
-                    s3: S3Options | None = None) -> EvaluationOutput:
-    """Predict `limit` rows (None: all) of `task` in `split` of the corpus at `data` and score them."""
+                    s3: S3Options | None = None, precision: str = "fp32",
+                    memory_format: str = "auto") -> EvaluationOutput:
+    """Predict `limit` rows (None: all) of `task` in `split` of the corpus at `data` and score them.
+    `precision` / `memory_format`: `OFAPredictor`'s (its defaults keep fp32's answers)."""
     resolved = resolve_model(model, tracking=tracking)
-    predictor = OFAPredictor.from_bundle(resolved.path, device=device, max_batch_size=batch_size)
+    predictor = OFAPredictor.from_bundle(resolved.path, device=device, max_batch_size=batch_size,
+                                         precision=precision, memory_format=memory_format)
     if task not in predictor.tasks:
         raise ValueError(f"unknown task {task!r}; the model knows {sorted(predictor.tasks)}")
 

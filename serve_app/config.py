@@ -129,7 +129,9 @@ class ServeConfig:
     model replica; max_queued_requests: requests waiting for a replica, the excess answered 503 with
     Retry-After: retry_after_s. request_timeout_s: a request's time in the model deployment before it is
     answered 504. max_body_bytes: request bodies over it are answered 413 unread. device: "auto" is CUDA where
-    the replica sees a CUDA device, else CPU (logged). precision / memory_format: passed to `OFAPredictor`.
+    the replica sees a CUDA device, else CPU (logged). precision / memory_format: passed to `OFAPredictor`; the
+    defaults (fp32, channels-last, BatchNorms folded) keep plain fp32's answers, bf16 is faster on AMX/AVX-512
+    BF16 CPUs and Ampere+ GPUs but changes some beam outputs (bench/inference.py fidelity).
     torch_threads: torch's intra-op threads per replica (None: torch's default). api_key_env / api_key_file:
     where the replicas read the API key (never from the command line); none: no key required. tracking_uri:
     MLflow for models:/ sources (None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working
@@ -156,7 +158,7 @@ class ServeConfig:
     limits: LimitsSection = field(default_factory=LimitsSection)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
-    memory_format: Literal["auto", "contiguous", "channels_last"] = "contiguous"
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
     torch_threads: int | None = None
     api_key_env: str | None = None
     api_key_file: str | None = None

@@ -41,18 +41,37 @@ def test_autocast_and_layout_apply():
     assert ex.images(None) is None
 
 
-@pytest.mark.parametrize("precision,memory_format", [("fp32", "channels_last"), ("bf16", "contiguous")])
-def test_predictor_answers_agree_with_fp32(precision, memory_format):
-    """Same weights: channels-last fp32 is the same computation up to rounding; bf16 keeps the ranking of
-    well-separated candidates and the greedy tokens of a short caption on this fixed set."""
+def _random_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial BatchNorm statistics and affine parameters (a fresh model's are 0/1, which folding keeps)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.2)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+
+
+@pytest.mark.parametrize("precision,memory_format,fold", [("fp32", "channels_last", False),
+                                                          ("fp32", "auto", True), ("bf16", "contiguous", False)])
+def test_predictor_answers_agree_with_fp32(precision, memory_format, fold):
+    """Same weights: channels-last fp32, and the default (channels-last, folded BatchNorms), are the same
+    computation as plain fp32 up to rounding; bf16 keeps the ranking of well-separated candidates and the
+    greedy tokens of a short caption on this fixed set."""
     torch.manual_seed(0)
     model = OFAModel(get_config("ofa-micro"))
+    if fold:  # folding a fresh model's 0/1 statistics would test nothing
+        _random_batchnorm(model)
     vocab, pre = Vocabulary.gpt2(), PreprocessConfig(patch_image_size=64)
-    base = OFAPredictor(model, vocab, pre)
+    base = OFAPredictor(model, vocab, pre, memory_format="contiguous", fold_batchnorm=False)
     other = OFAPredictor(OFAModel(get_config("ofa-micro")), vocab, pre, precision=precision,
-                         memory_format=memory_format)
+                         memory_format=memory_format, fold_batchnorm=fold)
     other.model.load_state_dict(model.state_dict())
-    assert other.execution.describe() == f"cpu {precision} {memory_format}"
+    layout = "channels_last" if memory_format == "auto" else memory_format
+    assert other.execution.describe() == f"cpu {precision} {layout}"
+    assert other.model.encoder.embed_images.fold is fold
     inputs = [{"image": png(color=c), "candidates": ["red", "blue", "green square"]}
               for c in [(200, 30, 30), (20, 20, 220), (10, 200, 10)]]
     want = base.predict("image_classification", inputs)
@@ -68,3 +87,55 @@ def test_predictor_answers_agree_with_fp32(precision, memory_format):
     else:  # bf16 may flip a near-tie of random weights; most tokens agree
         agree = sum(a == b for a, b in zip(" ".join(got_caps).split(), " ".join(want_caps).split(), strict=False))
         assert agree >= 0.5 * len(" ".join(want_caps).split())
+
+
+def test_predictor_default_is_fp32_channels_last_folded():
+    pred = OFAPredictor(OFAModel(get_config("ofa-micro")), Vocabulary.gpt2(), PreprocessConfig(patch_image_size=64))
+    assert pred.execution.describe() == "cpu fp32 channels_last"
+    assert pred.model.encoder.embed_images.fold is True
+
+
+def _resnet_pair():
+    torch.manual_seed(0)
+    model = OFAModel(get_config("ofa-micro"))
+    _random_batchnorm(model, seed=1)
+    return model.encoder.embed_images.eval(), torch.randn(2, 3, 32, 32)
+
+
+def test_folded_batchnorm_matches_and_follows_weight_changes():
+    resnet, x = _resnet_pair()
+    keys = set(resnet.state_dict())
+    with torch.no_grad():
+        want = resnet(x)
+        resnet.fold_batchnorm(True)
+        got = resnet(x)
+        assert hasattr(resnet.conv1, "_ofa_folded")  # the folded path ran
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+        # an in-place weight change (an optimizer step) and a BatchNorm statistics change invalidate the cache
+        resnet.layer1[0].conv2.weight.mul_(1.5)
+        resnet.layer2[0].bn3.running_var.mul_(3.0)
+        got = resnet(x)
+        resnet.fold_batchnorm(False)
+        want = resnet(x)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    assert set(resnet.state_dict()) == keys  # the weights the checkpoint holds are untouched
+
+
+def test_folding_never_reaches_training_or_autograd():
+    resnet, x = _resnet_pair()
+    want = resnet(x)  # eval mode with autograd: never folded
+    want.sum().backward()
+    grads = {n: p.grad.clone() for n, p in resnet.named_parameters()}
+    resnet.zero_grad()
+    resnet.fold_batchnorm(True)
+    got = resnet(x)
+    got.sum().backward()
+    assert not hasattr(resnet.conv1, "_ofa_folded")
+    assert torch.equal(got, want)
+    assert all(torch.equal(p.grad, grads[n]) for n, p in resnet.named_parameters())
+    resnet.train()  # training mode: batch statistics, as without folding
+    torch.manual_seed(1)
+    a = resnet(x)
+    resnet.fold_batchnorm(False)
+    torch.manual_seed(1)
+    assert torch.equal(a, resnet(x))

@@ -184,6 +184,17 @@ def test_evaluate_an_official_format_bundle_writes_metrics_of_its_predictions(co
     assert printed["metrics"]["vqa_score"] == pytest.approx(expected, abs=1e-12)
     ids = {r["id"] for r in records}
     assert all(i.startswith("easy-vqa/test/vqa/") for i in ids)
+    # the precision flags reach the predictor: plain contiguous fp32 gives the default's answers; fp16 needs CUDA
+    plain = subprocess.run([os.sys.executable, "-m", "jobs.evaluate", "--model", str(bundle), "--data", corpus,
+                            "--task", "vqa", "--split", "test", "--limit", "20", "--mode", "allcand",
+                            "--candidates", ",".join(ANSWERS), "--memory-format", "contiguous",
+                            "--output", str(tmp_path / "eval-plain")], capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    plain_records = [json.loads(line) for line in (tmp_path / "eval-plain/predictions.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in plain_records] == [r["prediction"] for r in records]
+    fp16 = subprocess.run([os.sys.executable, "-m", "jobs.evaluate", "--model", str(bundle), "--data", corpus,
+                           "--task", "vqa", "--precision", "fp16"], capture_output=True, text=True, timeout=300)
+    assert fp16.returncode == 2 and "fp16 needs a CUDA device" in fp16.stderr
 
 
 def test_bad_configs_fail_before_anything_starts(corpus, tmp_path, capsys):
