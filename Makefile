@@ -14,7 +14,7 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=25
 
 demo: $(STAMP)
 	$(VENV)/bin/python -m jobs.demo $(ARGS)

@@ -157,3 +157,7 @@ def main(argv: list[str] | None = None) -> None:
                           f"ratio per core {steady / cores / bare:.2f} steady, {overall / cores / bare:.2f} end to end")
         finally:
             ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

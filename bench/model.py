@@ -100,3 +100,7 @@ def main() -> None:
               f"full recompute {tf:.2f} s, speed-up {tf / tc:.1f}x")
     ips = beam_captions(model)
     print(f"beam-5 captions (max 16 tokens, no-repeat 3), batch 16, 256x256: {ips:.2f} images/s")
+
+
+if __name__ == "__main__":
+    main()

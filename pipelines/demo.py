@@ -26,6 +26,7 @@ the demo's log, and the services are still stopped.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("vqa", "caption", "grounding")
 STATE_FILE = "services.json"
+RAY_CPUS = 6  # logical CPUs of the demo's Ray head (2 physical cores here): room for three fine-tunes at once
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ class Size:
 FULL = Size(images=1000, pretrain_epochs=2, pretrain_steps=150, finetune_epochs=3, finetune_steps=80,
             sweep_samples=4, sweep_epochs=2, sweep_steps=30, eval_rows=400, val_rows=200)
 QUICK = Size(images=40, pretrain_epochs=1, pretrain_steps=4, finetune_epochs=1, finetune_steps=4,
-             sweep_samples=2, sweep_epochs=2, sweep_steps=2, eval_rows=24, val_rows=16)
+             sweep_samples=2, sweep_epochs=1, sweep_steps=2, eval_rows=24, val_rows=16)
 
 
 @dataclass
@@ -172,23 +174,32 @@ def start_services(workdir: Path, keep: bool) -> Services:
     for name in CONFLICTING_ENV:
         env.pop(name, None)
     svc = Services(s3.endpoint, s3.bucket, "", "", "", env, [proc], [str(workdir / "s3")], [proc.pid])
+    env.update(RAY_AUTH_MODE="disabled", PYTHONPATH=str(REPO), RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5",
+               RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    # Ray's unix socket paths must stay under 107 bytes: a short temp dir, recorded in the work dir
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ofa-demo-ray-", dir="/tmp"))
+    (workdir / "ray-temp-dir").write_text(str(ray_tmp))
+    # The MLflow server and the Ray head start side by side (each spends most of its start-up importing).
+    # Logical CPUs: the three fine-tunes run at once, each a 1-CPU worker plus its data actor and reads.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        mlflow_f = pool.submit(start_mlflow_server, workdir / "mlflow", f"s3://{s3.bucket}/mlflow-artifacts",
+                               dict(env))
+        head_f = pool.submit(start_ray_head, ray_tmp, dict(env), num_cpus=RAY_CPUS)
+        started = []
+        for f in (mlflow_f, head_f):
+            with contextlib.suppress(Exception):
+                started.append(f.result())
+    for service in started:
+        svc.procs.append(service.proc)
+        svc.markers += list(service.markers)
     try:
-        mlflow = start_mlflow_server(workdir / "mlflow", f"s3://{s3.bucket}/mlflow-artifacts", env)
-        svc.procs.append(mlflow.proc)
-        svc.markers += list(mlflow.markers)
-        svc.mlflow_url = mlflow.url
-        env.update(MLFLOW_TRACKING_URI=mlflow.url, RAY_AUTH_MODE="disabled", PYTHONPATH=str(REPO),
-                   RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5", RAY_DATA_DISABLE_PROGRESS_BARS="1")
-        # Ray's unix socket paths must stay under 107 bytes: a short temp dir, recorded in the work dir
-        ray_tmp = Path(tempfile.mkdtemp(prefix="ofa-demo-ray-", dir="/tmp"))
-        (workdir / "ray-temp-dir").write_text(str(ray_tmp))
-        head = start_ray_head(ray_tmp, env, num_cpus=4)
-        svc.procs.append(head.proc)
-        svc.markers += list(head.markers)
-        svc.ray_address, svc.ray_dashboard = head.url, head.info["dashboard"]
+        mlflow, head = mlflow_f.result(), head_f.result()  # raises the first failure, after recording the rest
     except BaseException:
         stop_services(svc)
         raise
+    svc.mlflow_url = mlflow.url
+    env.update(MLFLOW_TRACKING_URI=mlflow.url)
+    svc.ray_address, svc.ray_dashboard = head.url, head.info["dashboard"]
     state = {"pgids": [p.pid for p in svc.procs], "urls": {"s3": svc.s3_endpoint, "mlflow": svc.mlflow_url,
                                                            "ray": svc.ray_dashboard}}
     (workdir / STATE_FILE).write_text(json.dumps(state, indent=1))
@@ -225,7 +236,7 @@ def connect(svc: Services) -> None:
     # RAY_ADDRESS in the job's workers too: Ray's own helpers there (e.g. Train's placement-group cleaner) find
     # the cluster by it when another Ray runs on the same machine
     ray.init(address=svc.ray_address, log_to_driver=True, logging_level=logging.WARNING,
-             runtime_env={"env_vars": {"RAY_ADDRESS": svc.ray_address}})
+             runtime_env={"env_vars": {"RAY_ADDRESS": svc.ray_address, "MLFLOW_TRACKING_URI": svc.mlflow_url}})
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
@@ -344,6 +355,7 @@ def run_demo(opts: DemoOptions) -> int:
     _stop_leftover_services(workdir) if workdir.exists() else None
     if workdir.exists():
         _say(f"work directory {workdir}: cleaning what an earlier run left there")
+        _cleanup_ray_temp(workdir)
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     log_path = workdir / "demo.log"
@@ -381,11 +393,16 @@ def run_demo(opts: DemoOptions) -> int:
             pretrained = out.bundle
             _say(f"    pretrained bundle {pretrained} (registered ofa-pretrained v{out.registered_version})")
         finetuned: dict[str, Any] = {}
-        with stages.stage("fine-tune vqa, caption and grounding from the pretrained bundle"):
+        with stages.stage("fine-tune vqa, caption and grounding from the pretrained bundle (at once)"):
+            # three independent training runs, side by side on the cluster (each its own worker group)
+            with concurrent.futures.ThreadPoolExecutor(len(TASKS)) as pool:
+                futures = {task: pool.submit(
+                    _train, f"configs/finetune/{task}_easyvqa.yaml",
+                    _common(svc, corpus, size, f"demo-{task}", size.finetune_epochs, size.finetune_steps)
+                    + [f"model.init={pretrained}"], workdir / "bundles" / task) for task in TASKS}
+                concurrent.futures.wait(futures.values())
             for task in TASKS:
-                out = _train(f"configs/finetune/{task}_easyvqa.yaml",
-                             _common(svc, corpus, size, f"demo-{task}", size.finetune_epochs, size.finetune_steps)
-                             + [f"model.init={pretrained}"], workdir / "bundles" / task)
+                out = futures[task].result()
                 runs[task] = out.mlflow_run_id
                 finetuned[task] = out
                 _say(f"    {task}: {out.metrics} -> ofa-{task} v{out.registered_version}"
@@ -447,7 +464,12 @@ def run_demo(opts: DemoOptions) -> int:
             else:
                 leftovers = stop_services(svc)
                 (workdir / STATE_FILE).unlink(missing_ok=True)
-                _cleanup_ray_temp(workdir)
+                if status == 0:
+                    _cleanup_ray_temp(workdir)
+                else:  # the replicas' and workers' own logs say what the demo's log cannot
+                    ray_tmp = (workdir / "ray-temp-dir").read_text().strip()
+                    _say(f"Ray's logs (workers, Serve replicas): {ray_tmp}/session_latest/logs "
+                         f"(removed by the next run, or `make demo-stop`)")
                 if leftovers:
                     _say(f"processes had to be killed after the services stopped: {leftovers}")
                     status = status or 1
@@ -521,7 +543,8 @@ def _serve(svc: Services) -> str:
 
     port, = free_ports(1)
     models = {task: {"source": f"models:/ofa-{task}@champion", "tasks": [task]} for task in TASKS}
-    cfg = serve_config(None, data={"models": models, "port": port, "host": "127.0.0.1"})
+    cfg = serve_config(None, data={"models": models, "port": port, "host": "127.0.0.1",
+                                   "tracking_uri": svc.mlflow_url})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(cfg), name="ofa", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"

@@ -5,8 +5,10 @@
     resolve_model("models:/ofa-vqa/3")             # ... or a version: downloaded once into the cache
 
 A registered version's `source` is the bundle directory logged as run artifacts (`register_bundle`). Versions
-are immutable, so a download is cached by (name, version) and written atomically (temporary directory, then
-rename): two processes resolving the same version at once both end with a complete copy.
+are immutable, so a download is cached by (name, version, source) and written atomically (temporary directory,
+then rename): two processes resolving the same version at once both end with a complete copy. The source (its
+artifact URI names the training run) is in the key because another registry (a new tracking server, a fresh
+sqlite file) has its own `ofa-vqa` version 1, a different model.
 
 The `champion` alias moves only when a new version's validation metric beats the current champion's
 (`promote_if_better`); the metric and its direction are tags on every version, so the rule needs no run lookup.
@@ -16,6 +18,7 @@ This is the one module of `pipelines` that `serve_app` may import.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -80,11 +83,17 @@ def resolve_model(uri: str, *, tracking: str | None = None, cache_dir: str | Pat
             mv = client.get_model_version(m["name"], m["version"])
     except MlflowException as exc:
         raise ModelSourceError(f"{uri}: not in the registry at {tracking_uri(tracking)} ({exc.message})") from exc
-    target = Path(cache_dir or DEFAULT_CACHE) / mv.name / str(mv.version)
+    target = Path(cache_dir or DEFAULT_CACHE) / mv.name / _cache_entry(mv)
     if not (target / "config.json").is_file():
         _download(mv.source, target, tracking)
     logger.info("model %s -> %s version %s at %s", uri, mv.name, mv.version, target)
     return ResolvedModel(path=target, uri=uri, name=mv.name, version=str(mv.version), tags=dict(mv.tags))
+
+
+def _cache_entry(mv) -> str:
+    """`<version>-<digest of the version's source and run>`: one registry's version never serves another's."""
+    digest = hashlib.sha256(f"{mv.source}\n{mv.run_id}".encode()).hexdigest()[:16]
+    return f"{mv.version}-{digest}"
 
 
 def _download(source: str, target: Path, tracking: str | None) -> None:

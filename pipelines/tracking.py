@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 
 from pipelines.registry import tracking_uri
 
@@ -51,10 +52,19 @@ def client_for(uri: str | None) -> tuple[MlflowClient, str]:
 
 
 def experiment_id(client: MlflowClient, uri: str, name: str) -> str:
+    """The experiment `name`, created if missing; two jobs starting at once may both try, and one wins."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location(uri, name))
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(uri, name))
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        raise RuntimeError(f"MLflow experiment {name!r} was reported created but cannot be found at {uri}")
+    return exp.experiment_id
 
 
 def start_or_resume_run(uri: str | None, experiment: str, *, name: str, key: str,

@@ -72,7 +72,7 @@ def test_champion_moves_only_on_improvement_and_resolves(mlflow_env, tmp_path, c
     assert (got.name, got.version) == ("ofa-vqa", "3")
     assert json.loads((got.path / "config.json").read_text()) == {"tag": "c"}
     assert (got.path / "model.safetensors").read_bytes() == b"c" * 100
-    assert got.path == cache / "ofa-vqa" / "3"
+    assert got.path.parent == cache / "ofa-vqa" and got.path.name.startswith("3-")
     # a version is immutable: the cached copy serves once the artifacts are gone
     (tmp_path / "artifacts").rename(tmp_path / "moved")
     again = resolve_model("models:/ofa-vqa/3", tracking=uri, cache_dir=cache)
@@ -105,3 +105,47 @@ def test_a_champion_chosen_by_another_metric_stays(mlflow_env, tmp_path, caplog)
         assert not promote_if_better("m", v2, tracking=uri)
     assert "chosen by cider, not bleu4" in caplog.text
     assert str(client.get_model_version_by_alias("m", "champion").version) == v1
+
+
+def test_jobs_starting_at_once_share_one_experiment(mlflow_env):
+    """Several jobs creating the same experiment at the same moment (the demo's fine-tunes, parallel cluster jobs)
+    all get its id; none fails on the losing side of the create."""
+    import threading
+
+    from pipelines.tracking import client_for, experiment_id
+
+    uri, _, _ = mlflow_env
+    barrier, ids, errors = threading.Barrier(4), [], []
+
+    def start():
+        client, resolved = client_for(uri)
+        barrier.wait()
+        try:
+            ids.append(experiment_id(client, resolved, "ofa-at-once"))
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert len(ids) == 4 and len(set(ids)) == 1
+    assert MlflowClient(uri).get_experiment_by_name("ofa-at-once").experiment_id == ids[0]
+
+
+def test_another_registry_with_the_same_name_and_version_is_not_served_from_the_cache(tmp_path):
+    """Two registries (a demo rerun's fresh tracking server, a second project) each have ofa-vqa version 1, with
+    different weights: one shared cache must give each its own bundle."""
+    cache, got = tmp_path / "cache", []
+    for tag in ("first", "second"):
+        uri = f"sqlite:///{tmp_path / tag}.db"
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        exp = client.create_experiment("reg", artifact_location=str(tmp_path / f"artifacts-{tag}"))
+        run_id, source = _logged_bundle(client, exp, tmp_path, tag)
+        assert register_bundle("ofa-vqa", source, run_id=run_id, metric="acc", value=0.5, tracking=uri) == "1"
+        assert promote_if_better("ofa-vqa", "1", tracking=uri)
+        got.append(resolve_model("models:/ofa-vqa@champion", tracking=uri, cache_dir=cache))
+    assert [g.version for g in got] == ["1", "1"] and got[0].path != got[1].path
+    assert [json.loads((g.path / "config.json").read_text()) for g in got] == [{"tag": "first"}, {"tag": "second"}]

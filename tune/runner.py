@@ -224,8 +224,11 @@ def _finish(plan: SweepPlan, parent: str, trials: list[TrialSummary], out: Path,
         for k, v in {"tune.epochs_run": t.epochs, "tune.stopped_early": str(t.stopped_early).lower(),
                      f"tune.best_{plan.metric}": t.best}.items():
             client.set_tag(t.mlflow_run_id, k, str(v))
-        if t.stopped_early and client.get_run(t.mlflow_run_id).info.status == "RUNNING":
-            client.set_terminated(t.mlflow_run_id, status="KILLED")  # ended by the scheduler, mid-run
+        # ended by the scheduler mid-run: still RUNNING when its actor died, or FAILED when the training noticed
+        # the stop first (Tune itself recorded no error for the trial)
+        if (t.stopped_early and t.error is None
+                and client.get_run(t.mlflow_run_id).info.status in ("RUNNING", "FAILED")):
+            client.set_terminated(t.mlflow_run_id, status="KILLED")
     spent, full = savings(trials, plan.max_t)
     best = trials[0] if trials and not math.isnan(trials[0].best) else None
     parent_log = MetricLogger(tracking.tracking_uri, parent)
