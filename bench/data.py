@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                     cfg = DataConfig(uri=uri, preprocess=pcfg, batch_size=BATCH, image_dtype=dtype,
                                      num_actors=(actors, actors), actor_num_cpus=(cores - 0.25) / actors,
                                      read_num_cpus=0.25, read_concurrency=1, rows_per_map_batch=32,
-                                     rows_per_read_block=256, prefetch_batches=2)
+                                     prefetch_batches=2)  # rows_per_read_block: the default (sized by bytes)
                     steady, overall, first = ray_pipeline(cfg, vocab)
                     epoch_s = num_rows / overall
                     print(f"S={size} {dtype}: bare 1 process {bare:.0f} rows/s ({bare_s:.0f} s) | Ray Data {actors} "

@@ -5,9 +5,9 @@ Module names follow the official checkpoints (`conv1`, `bn1`, `layer1.0.conv1`, 
 Inference folds each BatchNorm into the convolution before it (`ResNet.fold_batchnorm(True)`, which
 `OFAPredictor` sets): one convolution with scaled weights and a bias instead of a convolution plus a
 normalisation pass over the activations. Only in eval mode without autograd, so training, and gradients
-taken in eval mode, never see it; the folded weights are cached per convolution and recomputed when any of
-the five source tensors changes (in place or by a move). In fp32 it changes results by rounding only
-(bench/inference.py fidelity: identical top-1 and beam outputs).
+taken in eval mode, never see it. The folded weights are computed per forward (a few ms; a cache would go
+stale, see `conv_bn`). In fp32 it changes results by rounding only (bench/inference.py fidelity: identical
+top-1 and beam outputs).
 """
 
 from __future__ import annotations
@@ -31,25 +31,16 @@ def linspace(rate: float, n: int) -> list[float]:
     return [rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
 
 
-def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """`conv` then eval-mode `bn` as one convolution's (weight, bias), cached on `conv`."""
-    sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
-    cached = getattr(conv, "_ofa_folded", None)
-    if cached is None or cached[0] != key:
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (C_out,)
-        weight = conv.weight * scale.view(-1, 1, 1, 1)  # keeps the weight's memory format
-        cached = (key, weight, bn.bias - bn.running_mean * scale)
-        conv._ofa_folded = cached
-    return cached[1], cached[2]
-
-
 def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, fold: bool) -> torch.Tensor:
     """bn(conv(x)), as one folded convolution when `fold` in eval mode without autograd."""
     if not fold or bn.training or torch.is_grad_enabled() or conv.bias is not None:
         return bn(conv(x))
-    weight, bias = _folded(conv, bn)
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    # computed per call, never cached: optimizers (fused AdamW) and BatchNorm's running-statistics updates change
+    # these tensors in place without bumping their version counters, so a cache could not tell it went stale
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (C_out,)
+    weight = conv.weight * scale.view(-1, 1, 1, 1)  # keeps the weight's memory format
+    return F.conv2d(x, weight, bn.bias - bn.running_mean * scale, conv.stride, conv.padding, conv.dilation,
+                    conv.groups)
 
 
 class Bottleneck(nn.Module):

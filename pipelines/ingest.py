@@ -50,7 +50,7 @@ from ofa_model.errors import (
 from ofa_model.preprocess import PreprocessConfig
 from ofa_model.tasks import TASKS, TaskSpec, build_example
 from pipelines import storage
-from pipelines.config import IMAGE_DTYPES, DataConfig
+from pipelines.config import IMAGE_DTYPES, DataConfig, read_block_rows
 from pipelines.rowstats import ResumeState
 from pipelines.schema import UNREADABLE_SHARD
 from pipelines.shards import Manifest, read_manifest
@@ -239,7 +239,7 @@ def build_dataset(cfg: DataConfig, vocab: Any, *, split: str | Sequence[str] | N
     # preprocessing then expands ~1000x; asking for one block per rows_per_read_block rows makes Ray split
     # read outputs (SplitBlocks) so that preprocessing work is spread evenly over the actors.
     to_read = plan.total_rows - (len(resume.seqs()) if resume is not None else 0)
-    blocks = max(1, math.ceil(to_read / cfg.rows_per_read_block))
+    blocks = max(1, math.ceil(to_read / read_block_rows(cfg)))
     ds = ray.data.read_datasource(source, num_cpus=cfg.read_num_cpus, compute=pool, override_num_blocks=blocks)
     ctx = ds.context  # this dataset's own copy of the DataContext
     ctx.execution_options.preserve_order = cfg.preserve_order

@@ -617,3 +617,20 @@ def test_a_bug_fails_the_ray_pipeline(corpus, vocab, ray_cluster):
     with pytest.raises(Exception, match="Unknown format code 'q'") as err:
         list(iter_train_batches(ds, vocab, 4, bad_row_threshold=None))
     assert not isinstance(err.value, BadDataError)
+
+
+def test_read_blocks_are_sized_by_their_preprocessed_bytes():
+    """Large images get small blocks (one 256-row block of 480x480 pixels is 177 MB: it held one actor's output
+    past the object store's budget while the other actor idled); small ones keep the 256-row cap."""
+    from ofa_model.preprocess import PreprocessConfig
+    from pipelines.config import read_block_rows
+
+    def rows(size, dtype="uint8", per_map=16, fixed=None):
+        return read_block_rows(DataConfig(uri="s3://b/c", preprocess=PreprocessConfig(patch_image_size=size),
+                                          image_dtype=dtype, rows_per_map_batch=per_map, rows_per_read_block=fixed))
+
+    assert rows(480) == 32 and rows(480, per_map=32) == 32 and rows(480, "float32") == 16  # 24 MB / 691 KB = 36
+    assert rows(256) == 128 and rows(64) == 256 and rows(64, per_map=300) == 300  # never below one map batch
+    assert rows(480, fixed=7) == 7  # an explicit setting wins
+    with pytest.raises(ValueError, match="rows_per_read_block"):
+        DataConfig(uri="s3://b/c", rows_per_read_block=0)
