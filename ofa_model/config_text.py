@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -49,6 +50,22 @@ def read_yaml(text: str, source: str = "<string>") -> Any:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+
+
+def read_config_file(path: str | Path | None, source: str) -> dict[str, Any]:
+    """The top-level mapping of the YAML file at `path` ({} for None or an empty file); anything else is a
+    ConfigError naming `source`."""
+    if path is None:
+        return {}
+    try:
+        raw = read_yaml(Path(path).read_text(), source)
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    return dict(raw)
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:

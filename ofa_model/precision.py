@@ -90,9 +90,7 @@ class Execution:
         """`prepare_model`, in eval mode, with the ResNet's BatchNorms folded into its convolutions for forwards
         without autograd (the model's weights and state dict are unchanged; training never sees the folding)."""
         model = self.prepare_model(model).eval()
-        resnet = getattr(getattr(model, "encoder", None), "embed_images", None)
-        if resnet is not None and hasattr(resnet, "fold_batchnorm"):
-            resnet.fold_batchnorm(fold_batchnorm)
+        model.encoder.embed_images.fold_batchnorm(fold_batchnorm)  # an OFAModel's ResNet
         return model
 
     def images(self, images: torch.Tensor | None) -> torch.Tensor | None:

@@ -174,4 +174,4 @@ def read_block_rows(cfg: DataConfig) -> int:
     row_bytes = 3 * cfg.preprocess.patch_image_size ** 2 * itemsize
     step = cfg.rows_per_map_batch
     rows = (READ_BLOCK_BYTES // row_bytes) // step * step
-    return max(step, min(rows, max(step, MAX_READ_BLOCK_ROWS)))
+    return max(step, min(rows, MAX_READ_BLOCK_ROWS))

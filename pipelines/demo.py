@@ -185,13 +185,10 @@ def start_services(workdir: Path, keep: bool) -> Services:
         mlflow_f = pool.submit(start_mlflow_server, workdir / "mlflow", f"s3://{s3.bucket}/mlflow-artifacts",
                                dict(env))
         head_f = pool.submit(start_ray_head, ray_tmp, dict(env), num_cpus=RAY_CPUS)
-        started = []
-        for f in (mlflow_f, head_f):
-            with contextlib.suppress(Exception):
-                started.append(f.result())
-    for service in started:
-        svc.procs.append(service.proc)
-        svc.markers += list(service.markers)
+    for f in (mlflow_f, head_f):  # record what started, so that a failure of the other still stops it
+        if f.exception() is None:
+            svc.procs.append(f.result().proc)
+            svc.markers += list(f.result().markers)
     try:
         mlflow, head = mlflow_f.result(), head_f.result()  # raises the first failure, after recording the rest
     except BaseException:
@@ -400,7 +397,6 @@ def run_demo(opts: DemoOptions) -> int:
                     _train, f"configs/finetune/{task}_easyvqa.yaml",
                     _common(svc, corpus, size, f"demo-{task}", size.finetune_epochs, size.finetune_steps)
                     + [f"model.init={pretrained}"], workdir / "bundles" / task) for task in TASKS}
-                concurrent.futures.wait(futures.values())
             for task in TASKS:
                 out = futures[task].result()
                 runs[task] = out.mlflow_run_id

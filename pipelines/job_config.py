@@ -26,7 +26,13 @@ from typing import Any, TypeVar
 import pydantic
 import yaml
 
-from ofa_model.config_text import ConfigError, merge, parse_overrides, read_yaml  # noqa: F401 (re-exported)
+from ofa_model.config_text import (  # noqa: F401 (re-exported)
+    ConfigError,
+    merge,
+    parse_overrides,
+    read_config_file,
+    read_yaml,
+)
 
 T = TypeVar("T")
 
@@ -35,18 +41,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
                 *, data: Mapping[str, Any] | None = None) -> T:
     """`cls` from the YAML file at `path` (or `data`), with `overrides` applied."""
     source = str(path) if path is not None else "<config>"
-    raw: Any = {}
-    if path is not None:
-        try:
-            raw = read_yaml(Path(path).read_text(), source)
-        except OSError as exc:
-            raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from exc
-    elif data is not None:
+    raw: Any = read_config_file(path, source)
+    if path is None and data is not None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
         raw = data
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(raw).__name__}")
     raw = merge(raw, parse_overrides(overrides))
     return build(cls, raw, source)
 

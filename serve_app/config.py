@@ -24,7 +24,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import ConfigDict
 
-from ofa_model.config_text import ConfigError, merge, parse_overrides, read_yaml
+from ofa_model.config_text import ConfigError, merge, parse_overrides, read_config_file
 from ofa_model.config_text import check as _check
 from ofa_model.config_text import check_finite as _finite
 from ofa_model.predictor import PredictorLimits
@@ -235,17 +235,7 @@ def serve_config(path: str | Path | None = None, overrides: Sequence[str] = (), 
     then the shortcuts: `model` replaces `models` with one fallback model of that source; `host` and `port`
     replace theirs. Any problem is a ConfigError naming the dotted key."""
     source = str(path) if path is not None else "<args>"
-    raw: Any = {}
-    if path is not None:
-        try:
-            raw = read_yaml(Path(path).read_text(), source)
-        except OSError as exc:
-            raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(raw).__name__}")
-    raw = merge(merge(raw, data or {}), parse_overrides(overrides))
+    raw = merge(merge(read_config_file(path, source), data or {}), parse_overrides(overrides))
     if model is not None:
         raw["models"] = {"default": {"source": model}}
     if host is not None:

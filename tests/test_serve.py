@@ -16,29 +16,26 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import io
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import pytest
 import requests
 import torch
 from mlflow import MlflowClient
-from PIL import Image
 
 from ofa_model import OFAModel, Vocabulary, get_config, save_bundle
 from ofa_model.predictor import OFAPredictor, PredictorLimits
 from ofa_model.preprocess import PreprocessConfig
 from pipelines.local_s3 import free_ports
 from pipelines.registry import promote_if_better, register_bundle
+from tests.test_predictor import huge_header_png, png
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -46,21 +43,6 @@ REPO = Path(__file__).resolve().parents[1]
 REGISTERED = "ofa-micro-serve"
 API_KEY = "k3y-" + "0123456789abcdef" * 2
 CUSTOM = {"describe": "[IMAGE:img] describe the picture -> [TEXT:caption]"}
-
-
-def png(size=(80, 60), color=(200, 30, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def huge_header_png(w=30000, h=30000) -> bytes:
-    """A PNG whose header claims w x h pixels (no pixel data)."""
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
 
 
 def b64(data: bytes) -> str:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipelines.job_config import ConfigError, build, merge, parse_overrides, read_yaml, to_dict
+from pipelines.job_config import ConfigError, build, merge, parse_overrides, read_config_file, to_dict
 from pipelines.train_config import TrainConfig
 
 Scalar = bool | int | float | str
@@ -166,12 +166,7 @@ class SweepConfig:
 def load_sweep_config(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
     """The sweep config at `path` with `key=value` overrides (`train.optim.lr=...` reaches the base config)."""
     source = str(path)
-    try:
-        raw = read_yaml(Path(path).read_text(), source)
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from exc
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    raw = read_config_file(path, source)
     over = parse_overrides(overrides)
     space_over = over.pop("space", None)
     raw = merge(raw, over)
@@ -267,9 +262,7 @@ def plan_sweep(cfg: SweepConfig, *, source: str = "<sweep>") -> SweepPlan:
         raise ConfigError(f"{source}: base: {cfg.base} is not a file (paths are relative to the working "
                           f"directory, {Path.cwd()})")
     where = f"{cfg.base} + {source} train"
-    raw_base = read_yaml(Path(cfg.base).read_text(), cfg.base) or {}
-    if not isinstance(raw_base, Mapping):
-        raise ConfigError(f"{cfg.base}: the top level must be a mapping of keys, got {type(raw_base).__name__}")
+    raw_base = read_config_file(cfg.base, cfg.base)
     base = user_base = build(TrainConfig, merge(raw_base, cfg.train), where)
     # pinned on the driver: a trial runs in another working directory, where a default sqlite:///<cwd>/mlflow.db
     # or a relative ./ray_results would name other files
