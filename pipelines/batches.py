@@ -35,6 +35,7 @@ the slots used and each source's ResumeState.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 import math
@@ -182,6 +183,15 @@ class CorpusStream:
         logger.log(level, "bad row %s (%s, %d row%s): %s", row_id or "-", reason, span, "s" * (span != 1), detail)
 
 
+def _started(rows: Mapping[str, Iterator[StreamRow]]) -> dict[str, Iterator[StreamRow]]:
+    """The streams with their first rows fetched side by side (threads), so that a mixture's Ray Data
+    executions (one per source: a SplitCoordinator and its preprocessing actors, several seconds to start) start
+    together rather than one after another as the schedule first reaches each source."""
+    with concurrent.futures.ThreadPoolExecutor(len(rows), thread_name_prefix="start-stream") as pool:
+        firsts = dict(zip(rows, pool.map(lambda it: next(it, None), rows.values()), strict=True))
+    return {n: itertools.chain(() if firsts[n] is None else (firsts[n],), it) for n, it in rows.items()}
+
+
 class BatchIterator:
     """Batches of `collate` drawn from one or more CorpusStreams (build it with `iter_train_batches` or
     `iter_mixture_batches`).
@@ -229,7 +239,8 @@ class BatchIterator:
         return {n: s.stats for n, s in self.streams.items()}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        rows = {n: iter(s) for n, s in self.streams.items()}
+        gens = {n: iter(s) for n, s in self.streams.items()}
+        rows = _started(gens) if self.mixture else gens
         schedule = self._schedule()
         pending: list[tuple[str, StreamRow]] = []
         used = self.slots
@@ -248,7 +259,7 @@ class BatchIterator:
             if pending and not self.drop_last:
                 yield self._emit(pending, used)
         finally:
-            for it in rows.values():
+            for it in gens.values():
                 it.close()  # stops the Ray executors of streams that did not run out
         self.progress.tick(self._progress_done(), self.stats.bad, force=True)
         for stream in self.streams.values():

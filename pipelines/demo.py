@@ -382,10 +382,9 @@ def run_demo(opts: DemoOptions) -> int:
             _say(f"    {summary['rows_ok']} rows ({summary['counts']}), {summary['rows_per_s']:.0f} rows/s -> {corpus}")
         runs: dict[str, str] = {}
         with stages.stage("pretrain ofa-micro on the multi-task mixture (vqa, caption, grounding, entailment, itm)"):
-            mixture = ["mixture={vqa: 2, caption: 1, grounding: 1}"] if opts.quick else []
             out = _train("configs/pretrain/easyvqa_micro.yaml",
-                         _common(svc, corpus, size, "demo-pretrain", size.pretrain_epochs, size.pretrain_steps)
-                         + mixture, workdir / "bundles" / "pretrain")
+                         _common(svc, corpus, size, "demo-pretrain", size.pretrain_epochs, size.pretrain_steps),
+                         workdir / "bundles" / "pretrain")
             runs["pretrain"] = out.mlflow_run_id
             pretrained = out.bundle
             _say(f"    pretrained bundle {pretrained} (registered ofa-pretrained v{out.registered_version})")

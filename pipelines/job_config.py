@@ -9,7 +9,8 @@
   strings for numbers: `lr: "1e-5"` is an error, `lr: 1e-5` is a float (YAML 1.2 float syntax is accepted).
 * Overrides reach nested fields with dots; their values are parsed as YAML (`optim.lr=3e-5`,
   `data.tasks=[vqa,caption]`, `init=null`). An override may add a key the file omits, not one the
-  dataclass lacks.
+  dataclass lacks. A mapping value merges into the mapping it overrides (`mixture={vqa: 3}` changes one
+  weight and keeps the file's other tasks); to drop keys, use a config file.
 
 `to_dict(cfg)` is the inverse (plain YAML-ready values); `flatten` gives MLflow-style dotted params.
 """

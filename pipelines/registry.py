@@ -137,7 +137,8 @@ def promote_if_better(name: str, version: str, *, alias: str = CHAMPION, trackin
     """Point `alias` at `version` if there is no champion yet or the version's metric beats the champion's.
 
     Returns whether the alias moved. A tie does not move it; nor does a champion measured on another metric
-    (that is a different contest: register under another name)."""
+    (that is a different contest: register under another name). MLflow has no compare-and-set on aliases: two
+    promoters of one model deciding in the same instant may both move it, the last one winning."""
     client = _client(tracking)
     new = client.get_model_version(name, version)
     metric, mode = new.tags[METRIC_TAG], new.tags[MODE_TAG]

@@ -567,6 +567,30 @@ def test_a_mixture_stopped_before_a_source_ends_gives_that_source_the_early_chec
     assert state.sources["b"].consumed == ((0, 20),)
 
 
+class _SlowStart(_Blocks):
+    """A source whose first block waits until every source of the mixture has asked for its first block (a
+    Ray Data execution takes seconds to start: a mixture must not start its sources one after another)."""
+
+    def __init__(self, tables, barrier: threading.Barrier):
+        super().__init__(tables)
+        self.barrier = barrier
+
+    def iter_batches(self, **kw):
+        self.barrier.wait(timeout=10)  # BrokenBarrierError when the sources start one at a time
+        yield from self.tables
+
+
+def test_a_mixture_starts_all_its_sources_side_by_side():
+    barrier = threading.Barrier(3)
+    sources = {n: _SlowStart([_good(range(50), n)], barrier) for n in "abc"}
+    it = iter_mixture_batches(sources, {"a": 4, "b": 1, "c": 1}, 1, 8, num_rows=16, block=6, with_meta=True)
+    ids, batches = consume(it)
+    assert len(ids) == 16 and not barrier.broken
+    assert [s for b in batches for s in b["sources"]].count("a") > 8  # the schedule is unchanged by the start
+    assert {n: st.ok for n, st in it.stats_by_source.items()} == {
+        n: sum(s == n for b in batches for s in b["sources"]) for n in "abc"}  # a fetched first row is not counted
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Only input errors count as bad rows
 
