@@ -240,12 +240,12 @@ class BatchIterator:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         gens = {n: iter(s) for n, s in self.streams.items()}
-        rows = _started(gens) if self.mixture else gens
         schedule = self._schedule()
         pending: list[tuple[str, StreamRow]] = []
         used = self.slots
         limit = math.inf if self.num_rows is None else self.num_rows - self._resumed_ok
         try:
+            rows = _started(gens) if self.mixture else gens
             while self.rows + len(pending) < limit:
                 name = next(schedule)
                 row = next(rows[name], None)
