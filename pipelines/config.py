@@ -43,8 +43,9 @@ class DataConfig:
     preprocessing call; rows_per_read_block: rows per block handed from reading to preprocessing (the unit
     of work of an actor); null sizes blocks by their preprocessed bytes (`read_block_rows`: ~24 MB of
     images, a multiple of rows_per_map_batch, at most 256 rows), so large images do not hold one actor's
-    output beyond the object store's budget while the others wait (at 480x480 uint8: 32 rows). read_num_cpus: CPUs per read task; read_concurrency: most read tasks at once
-    (None: Ray decides); read_retries: extra attempts on I/O errors.
+    output beyond the object store's budget while the others wait (at 480x480 uint8: 32 rows).
+    read_num_cpus: CPUs per read task; read_concurrency: most read tasks at once (None: Ray decides);
+    read_retries: extra attempts on I/O errors.
     max_object_store_bytes: cap on this dataset's object-store use (None: Ray's default). prefetch_batches:
     batches fetched ahead by the consumer. progress_every_s: seconds between progress log lines.
     log_bad_rows: bad rows logged at WARNING per reason (the rest at DEBUG). s3: endpoint / region overrides.
