@@ -75,12 +75,15 @@ class Size:
     sweep_steps: int
     eval_rows: int
     val_rows: int
+    preprocess_on: str  # DataConfig.preprocess_on: "tasks" spares each smoke-sized dataset an actor start
 
 
 FULL = Size(images=1000, pretrain_epochs=2, pretrain_steps=150, finetune_epochs=3, finetune_steps=80,
-            sweep_samples=4, sweep_epochs=2, sweep_steps=30, eval_rows=400, val_rows=200)
+            sweep_samples=4, sweep_epochs=2, sweep_steps=30, eval_rows=400, val_rows=200,
+            preprocess_on="actors")
 QUICK = Size(images=40, pretrain_epochs=1, pretrain_steps=4, finetune_epochs=1, finetune_steps=4,
-             sweep_samples=2, sweep_epochs=1, sweep_steps=2, eval_rows=24, val_rows=16)
+             sweep_samples=2, sweep_epochs=1, sweep_steps=2, eval_rows=24, val_rows=16,
+             preprocess_on="tasks")
 
 
 @dataclass
@@ -253,7 +256,7 @@ def _common(svc: Services, corpus: str, size: Size, run: str, epochs: int, steps
     return [f"data.uri={corpus}", f"run.name={run}", f"run.storage_path=s3://{svc.bucket}/runs",
             f"tracking.tracking_uri={svc.mlflow_url}", f"epochs={epochs}",
             f"max_steps_per_epoch={'null' if steps is None else steps}", f"validation.max_rows={size.val_rows}",
-            "scaling.cpus_per_worker=1", "run.log_every_s=10"]
+            "scaling.cpus_per_worker=1", "run.log_every_s=10", f"data.preprocess_on={size.preprocess_on}"]
 
 
 def _majority_baseline(task: str, corpus: str, records: list[dict]) -> tuple[float, str]:
@@ -518,7 +521,8 @@ def _sweep(svc: Services, corpus: str, size: Size, pretrained: str, workdir: Pat
 
     cfg = load_sweep_config(REPO / "configs/tune/vqa_easyvqa.yaml", [
         f"train.data.uri={corpus}", f"num_samples={size.sweep_samples}", f"train.epochs={size.sweep_epochs}",
-        f"train.max_steps_per_epoch={size.sweep_steps}", f"train.validation.max_rows={size.val_rows}",
+        f"train.max_steps_per_epoch={size.sweep_steps}", f"train.data.preprocess_on={size.preprocess_on}",
+        f"train.validation.max_rows={size.val_rows}",
         f"train.tracking.tracking_uri={svc.mlflow_url}", f"train.model.init={pretrained}",
         f"storage_path=s3://{svc.bucket}/tune", "name=demo-vqa-sweep"])
     return run_sweep(plan_sweep(cfg), output_dir=workdir / "sweep")

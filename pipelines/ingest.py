@@ -5,7 +5,8 @@
    unreadable shards and wrongly typed columns become marker rows ("unreadable_shard" with the shard URI,
    "bad_type" with the ids); rows consumed before a resume are dropped there, before any image is decoded.
 2. `map_batches(_Preprocess)` on an actor pool: each actor builds the vocabulary once and runs the shared
-   `ofa_model.tasks.build_example` per row. Output columns (`output_schema()`): id, task, seq, span, ok,
+   `ofa_model.tasks.build_example` per row (or, with `DataConfig.preprocess_on` "tasks", the same code fused
+   into the read tasks). Output columns (`output_schema()`): id, task, seq, span, ok,
    reason, detail, source / prev_output / target (int32 token lists), image (flattened (3, S, S), null for
    text-only rows), image_width / image_height, target_weight, code_mask, image_blank, image_norm.
    With image_dtype "uint8" (the default) the image is the resized uint8 pixels (a quarter of float32's
@@ -175,6 +176,12 @@ class _Preprocess:
         return preprocess_row(spec, row, self.vocab, self.pcfg, train=self.train, rng=rng, pixels=self.pixels)
 
 
+def _preprocess_batch(batch: pa.Table, kwargs: dict[str, Any]) -> pa.Table:
+    """The task form of `_Preprocess` (DataConfig.preprocess_on "tasks"). Ray deserialises `kwargs`, and so
+    rebuilds the vocabulary, once per task; constructing `_Preprocess` from them per batch only stores them."""
+    return _Preprocess(**kwargs)(batch)
+
+
 def _image_array(images: list[np.ndarray | None], type_: pa.DataType) -> pa.Array:
     """Flattened images as a large_list column; None entries become nulls."""
     present = [im for im in images if im is not None]
@@ -248,10 +255,14 @@ def build_dataset(cfg: DataConfig, vocab: Any, *, split: str | Sequence[str] | N
     if cfg.max_object_store_bytes is not None:
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
             object_store_memory=cfg.max_object_store_bytes)
+    kwargs = {"vocab": vocab, "pcfg": cfg.preprocess, "specs": specs, "train": train, "seed": cfg.seed,
+              "epoch": plan.epoch, "image_dtype": cfg.image_dtype}
+    if cfg.preprocess_on == "tasks":  # fused into the read tasks: no actor to start (see DataConfig)
+        return ds.map_batches(_preprocess_batch, fn_kwargs={"kwargs": kwargs}, batch_size=cfg.rows_per_map_batch,
+                              batch_format="pyarrow", num_cpus=cfg.read_num_cpus)
     return ds.map_batches(
         _Preprocess,
-        fn_constructor_kwargs={"vocab": vocab, "pcfg": cfg.preprocess, "specs": specs, "train": train,
-                               "seed": cfg.seed, "epoch": plan.epoch, "image_dtype": cfg.image_dtype},
+        fn_constructor_kwargs=kwargs,
         batch_size=cfg.rows_per_map_batch,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=cfg.num_actors[0], max_size=cfg.num_actors[1]),

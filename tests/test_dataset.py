@@ -205,6 +205,8 @@ def test_config_from_dict_validates_and_names_unknown_keys():
                 {"tasks": "vqa"}, {"uri": ""}, {"actor_num_cpus": 0}, {"shuffle_files": "yes"}):
         with pytest.raises(ValueError):
             DataConfig(**{"uri": "x", **bad})
+    with pytest.raises(ValueError, match=r"preprocess_on must be one of \['actors', 'tasks'\], got 'threads'"):
+        DataConfig(uri="x", preprocess_on="threads")
 
 
 def test_example_yaml_config_loads():
@@ -333,6 +335,25 @@ def test_batches_from_s3_equal_direct_preprocessing_and_bad_rows_are_counted(run
     assert examples["unreadable_shard"] == [storage.join(corpus, "train-caption-garbage.parquet")]
     assert set(examples["bad_type"]) == set(TYPED_IDS)
     assert it.stats.bad_by_task["vqa"] == 5 + 3 and it.stats.bad_by_task["caption"] == 1 + GARBAGE_ROWS
+
+
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_preprocessing_fused_into_read_tasks_gives_the_same_rows(run, corpus, vocab):
+    output, plan = run
+    tasks = build_dataset(config(corpus, seed=SEED, preprocess_on="tasks"), vocab, train=True, plan=plan)
+    assert "ActorPool" not in str(tasks)  # no actor to start: the map runs in the read tasks' workers
+
+    def rows(ds):
+        return sorted(ds.take_all(), key=lambda r: r["seq"])
+
+    got, want = rows(tasks), rows(output)
+    assert [r["id"] for r in got] == [r["id"] for r in want] and len(got) == 31  # good rows and markers
+    for a, b in zip(got, want, strict=True):  # every column, images byte for byte
+        assert a.keys() == b.keys()
+        for key in a:
+            x, y = a[key], b[key]
+            same = np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y
+            assert same, (a["id"], key)
 
 
 @pytest.mark.timeout(RAY_TIMEOUT)

@@ -44,8 +44,9 @@ def corpus(s3_server) -> str:
 def config(corpus: str, tmp: Path, name: str, **sections) -> TrainConfig:
     raw = {
         "task": "vqa", "answers": ANSWERS, "epochs": 1, "max_steps_per_epoch": 3, "seed": 0,
+        # preprocessing in the read tasks: no actor start per epoch (the two-worker test keeps the actor pool)
         "data": {"uri": corpus, "tasks": ["vqa"], "batch_size": 8, "num_actors": [1, 1], "actor_num_cpus": 0.25,
-                 "read_num_cpus": 0.25, "progress_every_s": 600.0,
+                 "read_num_cpus": 0.25, "progress_every_s": 600.0, "preprocess_on": "tasks",
                  "preprocess": {"patch_image_size": 32, "max_src_length": 24, "max_tgt_length": 6}},
         "model": {"arch": "ofa-micro"},
         "optim": {"lr": 1e-3, "warmup_ratio": 0.1},
@@ -67,7 +68,7 @@ def _mlflow(cfg: TrainConfig) -> MlflowClient:
 
 def test_two_worker_finetune_over_s3_logs_registers_and_keeps_the_champion_rule(corpus, s3_server, tmp_path,
                                                                                ray_cluster):
-    cfg = config(corpus, tmp_path, "ft2", scaling={"num_workers": 2},
+    cfg = config(corpus, tmp_path, "ft2", scaling={"num_workers": 2}, data={"preprocess_on": "actors"},
                  run={"storage_path": s3_server.uri("ray-results")}, tracking={"registered_model": "ofa-vqa-ft"})
     out = train(cfg, output_dir=tmp_path / "out1")
     assert (out.epochs_done, out.step) == (1, 3)
@@ -212,6 +213,26 @@ def test_bad_configs_fail_before_anything_starts(corpus, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--config", str(cfg), "optim.lr=1e-4", "custom_tasks={vqa: '[IMAGE:image] x -> [TEXT:target]'}"])
     assert "cannot replace a built-in task" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # labels name the mixture's other tasks; the main task's set is answers
+        main(["--config", str(cfg), "optim.lr=1e-4", "labels={vqa: [yes]}"])
+    assert "labels.vqa: labels are for the mixture's other tasks" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--config", str(cfg), "optim.lr=1e-4", "mixture={vqa: 3, image_classification: 1}",
+              "labels={image_classification: []}"])
+    assert "labels.image_classification: a non-empty list" in capsys.readouterr().err
+
+
+def test_every_recipe_loads():
+    from pipelines.job_config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    recipes = sorted([*root.glob("finetune/*.yaml"), *root.glob("pretrain/*.yaml")])
+    loaded = {p.stem: load_config(TrainConfig, p) for p in recipes}
+    assert len(loaded) >= 13
+    multitask = loaded["vqa_easyvqa_multitask"]
+    assert multitask.mixture == {"vqa": 3, "image_classification": 1}
+    assert multitask.labels == {"image_classification": ("circle", "rectangle", "triangle")}
+    assert set(multitask.labels["image_classification"]) < set(multitask.answers)
 
 
 def test_storage_paths_are_listed_for_resume(tmp_path):
