@@ -124,3 +124,25 @@ def target_constraints(spec, vocab, pcfg, target: torch.Tensor, answers: tuple[s
             allowed[b, start + j] = False
             allowed[b, start + j, toks] = True
     return allowed
+
+
+def mixture_constraints(specs: list, vocab, pcfg, target: torch.Tensor, answers: list[tuple[str, ...]]
+                        ) -> torch.Tensor | None:
+    """`target_constraints` row by row for a batch of several tasks: row i trains under the rule of its own
+    task `specs[i]` with its closed answer set `answers[i]` (empty: the task's labels), exactly as it would in a
+    batch of that task alone. (B, T, V), True everywhere in rows without a constraint; None when no row has one.
+    """
+    if len(specs) != target.shape[0] or len(answers) != target.shape[0]:
+        raise ValueError(f"{target.shape[0]} target rows but {len(specs)} specs and {len(answers)} answer sets")
+    groups: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+    for i, (spec, ans) in enumerate(zip(specs, answers, strict=True)):
+        groups.setdefault((spec.name, tuple(ans)), []).append(i)
+    allowed = None
+    for (_, ans), rows in groups.items():
+        part = target_constraints(specs[rows[0]], vocab, pcfg, target[rows], ans)
+        if part is None:
+            continue
+        if allowed is None:
+            allowed = torch.ones(*target.shape, len(vocab), dtype=torch.bool)
+        allowed[rows] = part if part.ndim == 3 else part.expand(len(rows), target.shape[1], -1)
+    return allowed

@@ -58,7 +58,7 @@ from ray.train.torch import TorchTrainer
 from ofa_model import OFAModel, get_config
 from ofa_model.checkpoint import load_bundle, load_bundle_vocab, save_bundle
 from ofa_model.evaluation import evaluate_rows, primary_metric
-from ofa_model.losses import label_smoothed_nll, target_constraints
+from ofa_model.losses import label_smoothed_nll, mixture_constraints, target_constraints
 from ofa_model.precision import Execution
 from ofa_model.predictor import OFAPredictor
 from ofa_model.scst import CiderD, scst_loss
@@ -346,7 +346,7 @@ def train_loop(loop_config: dict) -> None:
         if state is not None:
             mlflow.log({"train/resumed_from_step": step}, step)  # a restart shows in the run, not only in logs
     spec = specs[cfg.task]
-    constrained = cfg.mixture is None
+    row_answers = {t: cfg.answers if t == cfg.task else cfg.labels.get(t, ()) for t in (cfg.mixture or {})}
     pad = vocab.pad_id
     scst = _scst_setup(cfg) if cfg.scst.enabled else None
     running = {"loss": 0.0, "nll": 0.0, "tokens": 0}
@@ -360,8 +360,11 @@ def train_loop(loop_config: dict) -> None:
             break
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         batch["patch_images"] = execution.images(batch.get("patch_images"))
-        allowed = target_constraints(spec, vocab, cfg.data.preprocess, batch["target"], cfg.answers) \
-            if constrained else None
+        if cfg.mixture:  # each row under its own task's constraint, as in a batch of that task alone
+            allowed = mixture_constraints([specs[t] for t in batch["tasks"]], vocab, cfg.data.preprocess,
+                                          batch["target"], [row_answers[t] for t in batch["tasks"]])
+        else:
+            allowed = target_constraints(spec, vocab, cfg.data.preprocess, batch["target"], cfg.answers)
         code_masks = batch["code_masks"] if bool(batch["code_masks"].any()) else None
         sync = (micro + 1) % cfg.optim.grad_accum == 0
         ctx_sync = model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
@@ -477,8 +480,8 @@ def _scst_setup(cfg: TrainConfig) -> tuple[dict[str, list[str]], CiderD]:
 
 def _batches(cfg: TrainConfig, vocab: Vocabulary, plans: Mapping, resume):
     opts = {**iterator_options(cfg.data), "bad_row_threshold": None}  # the rule is applied globally
-    if cfg.scst.enabled:
-        opts["with_meta"] = True  # row ids: the rewards need each row's references
+    if cfg.scst.enabled or cfg.mixture:
+        opts["with_meta"] = True  # row ids: the rewards need each row's references; a mixture, each row's task
     if cfg.mixture:
         shards = {n: ray.train.get_dataset_shard(n) for n in plans}
         return iter_mixture_batches(shards, cfg.mixture, vocab, cfg.data.batch_size,

@@ -161,13 +161,16 @@ class ScstSection:
 class TrainConfig:
     """task: the task trained (a key of TASKS or of custom_tasks); mixture: task -> weight for multi-task
     pretraining (then `task` names the one validated). answers: the closed answer set of VQA-style tasks
-    (trie-constrained loss and `allcand` validation, as OFA's ans2label); empty: unconstrained."""
+    (trie-constrained loss and `allcand` validation, as OFA's ans2label); empty: unconstrained. labels: the
+    closed label sets of the mixture's other tasks (task -> labels; built-in label tasks such as itm and
+    visual_entailment have theirs). In a mixture every row trains under its own task's constraint, as alone."""
 
     data: DataConfig
     task: str = "vqa"
     mixture: dict[str, float] | None = None
     custom_tasks: dict[str, str] = field(default_factory=dict)
     answers: tuple[str, ...] = ()
+    labels: dict[str, tuple[str, ...]] = field(default_factory=dict)
     epochs: int = 1
     max_steps_per_epoch: int | None = None
     seed: int = 0
@@ -192,3 +195,9 @@ class TrainConfig:
         known = set(TASKS) | set(self.custom_tasks)
         for name in [self.task, *(self.mixture or {})]:
             _check(name in known, f"unknown task {name!r}; known: {', '.join(sorted(known))}")
+        for name, labels in self.labels.items():
+            _check(name in (self.mixture or {}) and name != self.task,
+                   f"labels.{name}: labels are for the mixture's other tasks ({name!r} is not one; the main "
+                   f"task's closed set is `answers`)")
+            _check(bool(labels) and all(isinstance(x, str) and x.strip() for x in labels),
+                   f"labels.{name}: a non-empty list of non-empty labels expected")

@@ -173,3 +173,34 @@ def test_features_only_projects_to_the_same_logits():
         hidden = model(src, imgs, torch.ones(2, dtype=torch.bool), prev, features_only=True)
     assert hidden.shape == (2, 5, model.config.embed_dim)
     torch.testing.assert_close(model.decoder.project(hidden), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_mixture_rows_train_under_their_own_tasks_constraint():
+    from ofa_model.losses import mixture_constraints, target_constraints
+    from ofa_model.preprocess import PreprocessConfig, collate
+    from ofa_model.tasks import TASKS, build_example
+    from ofa_model.vocab import Vocabulary
+    from tests.test_tasks import png
+
+    vocab, pcfg = Vocabulary.gpt2(), PreprocessConfig(patch_image_size=32)
+    shapes = ("circle", "rectangle", "triangle")
+    rows = [("vqa", {"image": png(), "text": "what shape?", "target": "circle"}, ("circle", "red")),
+            ("caption", {"image": png(), "target": "a red circle"}, ()),
+            ("image_classification", {"image": png(), "target": "triangle"}, shapes),
+            ("itm", {"image": png(), "text": "a red circle", "target": "no"}, ()),
+            ("vqa", {"image": png(), "text": "what colour?", "target": "red"}, ("circle", "red"))]
+    samples = [build_example(TASKS[t], r, vocab, pcfg) for t, r, _ in rows]
+    batch = collate(samples, vocab.pad_id)
+    got = mixture_constraints([TASKS[t] for t, _, _ in rows], vocab, pcfg, batch["target"], [a for *_, a in rows])
+    assert got.shape == (*batch["target"].shape, len(vocab))
+    for i, (task, _, answers) in enumerate(rows):  # each row as computed in a batch of its own
+        alone = target_constraints(TASKS[task], vocab, pcfg, batch["target"][i:i + 1], answers)
+        want = torch.ones_like(got[i]) if alone is None else alone[0]
+        assert torch.equal(got[i], want), task
+    start = next(j for j, t in enumerate(batch["target"][2].tolist()) if t != vocab.pad_id)
+    assert set(got[2, start].nonzero().flatten().tolist()) == {vocab.encode(" " + s)[0] for s in shapes}
+    assert bool(got[1].all()) and not bool(got[3].all())  # a caption row is free; itm keeps its yes/no labels
+    captions = [TASKS["caption"]] * 2
+    assert mixture_constraints(captions, vocab, pcfg, batch["target"][1:3], [(), ()]) is None
+    with pytest.raises(ValueError, match="5 target rows but 2 specs"):
+        mixture_constraints(captions, vocab, pcfg, batch["target"], [(), ()])
