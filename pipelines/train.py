@@ -6,7 +6,10 @@ Epochs meet Ray Train like this (the decision):
 
 * One `TorchTrainer.fit()` per epoch, all under the same run (`run.name` + `run.storage_path`). Ray Train
   takes its datasets once per fit, and one `build_dataset(..., epoch=e)` is one epoch with its own seeded shard
-  order, so each fit gets the epoch's Dataset, split across the workers (`streaming_split`). Each fit finds the
+  order, so each fit gets the epoch's Dataset, split across the workers (`streaming_split`). A run of one
+  worker skips the split: the worker builds and runs the epoch's Datasets itself (the same `build_dataset`,
+  from the checkpoint's data position), which spares each fit a SplitCoordinator per dataset and Ray Train's
+  dataset manager, two process starts each (seconds of CPU on a small machine). Each fit finds the
   run's snapshot in storage, so `ray.train.get_checkpoint()` is the latest checkpoint of the run and the
   best-N bookkeeping (`CheckpointConfig`) spans epochs. A fit costs a worker-group start (~10 s here), small
   against real epochs.
@@ -336,7 +339,7 @@ def train_loop(loop_config: dict) -> None:
                     per_epoch, total_updates, len(frozen) or "nothing", setup.init, step)
 
     resume = _worker_resume(state, epoch, rank)
-    batches = _batches(cfg, vocab, plans, resume)
+    batches = _batches(cfg, vocab, specs, plans, resume)
     mlflow = MetricLogger(cfg.tracking.tracking_uri, loop_config["mlflow_run_id"]) if rank == 0 else None
     progress = _Progress(cfg.run.log_every_s, total_updates, per_epoch)
     nodes = _all_gather(ray.get_runtime_context().get_node_id(), world)
@@ -478,17 +481,27 @@ def _scst_setup(cfg: TrainConfig) -> tuple[dict[str, list[str]], CiderD]:
     return refs, CiderD(refs.values())
 
 
-def _batches(cfg: TrainConfig, vocab: Vocabulary, plans: Mapping, resume):
+def _worker_builds_datasets(cfg: TrainConfig) -> bool:
+    """One worker runs its epoch's Datasets itself (see the module docstring); several share the driver's."""
+    return cfg.scaling.num_workers == 1
+
+
+def _batches(cfg: TrainConfig, vocab: Vocabulary, specs: Mapping[str, TaskSpec], plans: Mapping, resume):
     opts = {**iterator_options(cfg.data), "bad_row_threshold": None}  # the rule is applied globally
     if cfg.scst.enabled or cfg.mixture:
         opts["with_meta"] = True  # row ids: the rewards need each row's references; a mixture, each row's task
+    if _worker_builds_datasets(cfg):  # the source skips what the run consumed already
+        starts = resume.sources if isinstance(resume, MixtureState) else {n: resume for n in plans}
+        data = {n: build_dataset(_data_for(cfg, n), vocab, train=True, specs=specs, plan=plan,
+                                 resume=starts.get(n))
+                for n, plan in plans.items()}
+    else:
+        data = {n: ray.train.get_dataset_shard(n) for n in plans}
     if cfg.mixture:
-        shards = {n: ray.train.get_dataset_shard(n) for n in plans}
-        return iter_mixture_batches(shards, cfg.mixture, vocab, cfg.data.batch_size,
+        return iter_mixture_batches(data, cfg.mixture, vocab, cfg.data.batch_size,
                                     infos={n: p.info for n, p in plans.items()}, resume=resume, **opts)
     (name, plan), = plans.items()
-    return iter_train_batches(ray.train.get_dataset_shard(name), vocab, cfg.data.batch_size, info=plan.info,
-                              resume=resume, **opts)
+    return iter_train_batches(data[name], vocab, cfg.data.batch_size, info=plan.info, resume=resume, **opts)
 
 
 def _validate(cfg: TrainConfig, setup: Setup, raw: OFAModel, ema: Ema | None,
@@ -605,9 +618,9 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None) -> TrainOut
         result = None
         for epoch in range(start, cfg.epochs):
             logger.info("run %s: epoch %d/%d", cfg.run.name, epoch + 1, cfg.epochs)
-            datasets = {n: build_dataset(_data_for(cfg, n), vocab, train=True, epoch=epoch,
-                                         specs=specs)
-                        for n in (sorted(cfg.mixture) if cfg.mixture else [cfg.task])}
+            datasets = {} if _worker_builds_datasets(cfg) else {
+                n: build_dataset(_data_for(cfg, n), vocab, train=True, epoch=epoch, specs=specs)
+                for n in (sorted(cfg.mixture) if cfg.mixture else [cfg.task])}
             trainer = TorchTrainer(
                 train_loop,
                 train_loop_config={"cfg": to_dict(cfg), "epoch": epoch, "mlflow_run_id": run_id,
@@ -619,7 +632,7 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None) -> TrainOut
                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
                                                        checkpoint_score_attribute=f"val/{metric}",
                                                        checkpoint_score_order=mode)),
-                datasets=datasets,
+                datasets=datasets or None,
                 dataset_config=ray.train.DataConfig(datasets_to_split="all"),
             )
             result = trainer.fit()
