@@ -58,7 +58,7 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from ofa_model import OFAModel, get_config
+from ofa_model import OFAModel
 from ofa_model.checkpoint import load_bundle, load_bundle_vocab, save_bundle
 from ofa_model.evaluation import evaluate_rows, primary_metric
 from ofa_model.losses import label_smoothed_nll, mixture_constraints, target_constraints
@@ -120,8 +120,9 @@ def build_setup(cfg: TrainConfig) -> Setup:
         vocab, init = bundle.vocab, cfg.model.init
     else:
         vocab = Vocabulary.gpt2()
-        model = OFAModel(get_config(cfg.model.arch, vocab_size=len(vocab), pad_id=vocab.pad_id), reg)
-        init = f"scratch:{cfg.model.arch}"
+        arch = cfg.model.architecture(vocab_size=len(vocab), pad_id=vocab.pad_id)
+        model = OFAModel(arch, reg)
+        init = f"scratch:{arch.name}"
     return Setup(model, vocab, task_specs(cfg), init)
 
 

@@ -7,24 +7,48 @@ starts from (`model.init`), or from a named size (`model.arch`) when training fr
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ofa_model.config import Regularization
+from ofa_model.config import ConfigError, OFAConfig, Regularization, get_config
 from ofa_model.config_text import check as _check
 from ofa_model.config_text import check_finite as _finite
 from ofa_model.tasks import TASKS
 from pipelines.config import DataConfig
 
+DIMS = ("embed_dim", "ffn_dim", "encoder_layers", "decoder_layers", "attention_heads")
+
 
 @dataclass(frozen=True)
 class ModelSection:
-    """arch: a named size (`ofa_model.get_config`) for training from scratch. init: a bundle directory or a
-    `models:/name@alias` URI to start from (its architecture, vocabulary and weights; `arch` is then unused)."""
+    """arch: a named size (`ofa_model.get_config`) for training from scratch. dims: Transformer sizes that
+    replace the named size's (keys of DIMS, e.g. {embed_dim: 128, ffn_dim: 512}); the architecture is then
+    named `arch[key=value,...]` in the bundle. init: a bundle directory or a `models:/name@alias` URI to start
+    from (its architecture, vocabulary and weights; `arch` and `dims` must then be left at their defaults)."""
 
     arch: str = "ofa-micro"
+    dims: dict[str, int] = field(default_factory=dict)
     init: str | None = None
     regularization: Regularization = field(default_factory=Regularization)
+
+    def __post_init__(self) -> None:
+        for key, value in self.dims.items():
+            _check(key in DIMS, f"model.dims.{key}: not a Transformer size; choose from {', '.join(DIMS)}")
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                   f"model.dims.{key} must be a positive integer, got {value!r}")
+        _check(not (self.dims and self.init), "model.dims: the sizes of a model trained from scratch; a model "
+               "started from model.init has its bundle's architecture")
+        try:
+            self.architecture()
+        except ConfigError as exc:
+            raise ValueError(f"model.arch / model.dims: {exc}") from None
+
+    def architecture(self, **fixed) -> OFAConfig:
+        """The from-scratch architecture: the named size with `dims` (and the vocabulary's `fixed` fields)."""
+        name = self.arch + ("[" + ",".join(f"{k}={v}" for k, v in sorted(self.dims.items())) + "]" if self.dims
+                            else "")
+        return dataclasses.replace(get_config(self.arch, **self.dims, **fixed), name=name)
 
 
 @dataclass(frozen=True)

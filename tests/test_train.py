@@ -266,3 +266,23 @@ def test_self_critical_caption_training_runs_with_cider_rewards(corpus, tmp_path
     rewards = client.get_metric_history(out.mlflow_run_id, "train/scst_reward")
     assert [m.step for m in rewards] == [1, 2] and all(m.value >= 0.0 for m in rewards)
     assert "val/cider" in out.metrics and out.registered_version is None
+
+
+def test_model_dims_resize_a_named_architecture_and_bad_dims_name_the_key():
+    from ofa_model import OFAModel
+    from pipelines.job_config import ConfigError, load_config
+    from pipelines.train_config import TrainConfig
+
+    path = Path(__file__).resolve().parents[1] / "configs/finetune/vqa_easyvqa_multitask.yaml"
+    cfg = load_config(TrainConfig, path, ["model.dims={embed_dim: 128, ffn_dim: 512}"])
+    arch = cfg.model.architecture()
+    assert (arch.name, arch.embed_dim, arch.ffn_dim, arch.encoder_layers) == (
+        "ofa-micro[embed_dim=128,ffn_dim=512]", 128, 512, 2)
+    assert OFAModel(arch).encoder.embed_tokens.weight.shape[1] == 128
+    for bad, message in [("model.dims={embd_dim: 128}", "model.dims.embd_dim: not a Transformer size"),
+                         ("model.dims={embed_dim: 0}", "model.dims.embed_dim must be a positive integer"),
+                         ("model.dims={embed_dim: 130}", "not divisible by attention_heads 4"),
+                         ("model.init=/nowhere", None)]:
+        overrides = [bad] if message is not None else [bad, "model.dims={embed_dim: 128}"]
+        with pytest.raises(ConfigError, match=message or "model.dims: the sizes of a model trained from scratch"):
+            load_config(TrainConfig, path, overrides)
