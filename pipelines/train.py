@@ -4,15 +4,16 @@
 
 Epochs meet Ray Train like this (the decision):
 
-* One `TorchTrainer.fit()` per epoch, all under the same run (`run.name` + `run.storage_path`). Ray Train
-  takes its datasets once per fit, and one `build_dataset(..., epoch=e)` is one epoch with its own seeded shard
-  order, so each fit gets the epoch's Dataset, split across the workers (`streaming_split`). A run of one
-  worker skips the split: the worker builds and runs the epoch's Datasets itself (the same `build_dataset`,
-  from the checkpoint's data position), which spares each fit a SplitCoordinator per dataset and Ray Train's
-  dataset manager, two process starts each (seconds of CPU on a small machine). Each fit finds the
-  run's snapshot in storage, so `ray.train.get_checkpoint()` is the latest checkpoint of the run and the
-  best-N bookkeeping (`CheckpointConfig`) spans epochs. A fit costs a worker-group start (~10 s here), small
-  against real epochs.
+* Several workers: one `TorchTrainer.fit()` per epoch, all under the same run (`run.name` +
+  `run.storage_path`). Ray Train takes its datasets once per fit, and one `build_dataset(..., epoch=e)` is one
+  epoch with its own seeded shard order, so each fit gets the epoch's Dataset, split across the workers
+  (`streaming_split`). Each fit finds the run's snapshot in storage, so `ray.train.get_checkpoint()` is the
+  latest checkpoint of the run and the best-N bookkeeping (`CheckpointConfig`) spans epochs. A fit costs a
+  worker-group start, small against real epochs.
+* One worker: one fit for all the remaining epochs. The worker builds and runs each epoch's Datasets itself
+  (the same `build_dataset`, from the checkpoint's data position), which spares the run a SplitCoordinator per
+  dataset and Ray Train's dataset manager per epoch, and a worker-group start and model build per epoch
+  (process starts of seconds of CPU each: ~20 s an epoch on 2 cores).
 * A checkpoint (rank 0 writes it) holds the model, optimizer, scheduler, EMA, step, epoch, every rank's RNG
   state, and the data position: the `ResumeState`s of all workers merged (rows any worker consumed). Every
   restart (a worker failure inside a fit, or the job rerun with the same name) continues from it: the
@@ -253,9 +254,15 @@ def _merged_stats(stats: RowStats, world: int) -> RowStats:
     return total
 
 
-def steps_per_epoch(cfg: TrainConfig, rows: int, world: int) -> int:
-    """Optimizer updates in an epoch of `rows` rows on `world` workers (for the schedule and the ETA)."""
-    n = max(1, rows // (cfg.data.batch_size * world * cfg.optim.grad_accum))
+def steps_per_epoch(cfg: TrainConfig, rows: Mapping[str, int], world: int) -> int:
+    """Optimizer updates in an epoch on `world` workers (for the schedule and the ETA), from the rows of each
+    dataset (task -> rows). A mixture's epoch ends when its first source runs out: source n, drawn at its
+    weight's share w_n / W of the slots, lasts rows_n * W / w_n rows of the mixture."""
+    total = sum(rows.values())
+    if cfg.mixture:
+        weight = sum(cfg.mixture.values())
+        total = min([total, *(rows.get(n, 0) * weight / w for n, w in cfg.mixture.items())])
+    n = max(1, int(total) // (cfg.data.batch_size * world * cfg.optim.grad_accum))
     return min(n, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else n
 
 
@@ -283,10 +290,41 @@ def _merge_positions(positions: list, mixture: bool) -> dict:
             "sources": {n: ResumeState.merge([p.sources[n] for p in positions]).to_dict() for n in names}}
 
 
+@dataclass
+class _Run:
+    """What a worker's epochs share: the config, the model and its optimizer state, the step counter."""
+
+    cfg: TrainConfig
+    loop_config: dict
+    setup: Setup
+    model: torch.nn.Module  # DDP-wrapped on several workers
+    raw: OFAModel
+    execution: Execution
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: Ema | None
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    rank: int
+    world: int
+    mlflow: MetricLogger | None  # rank 0 only
+    frozen: int
+    per_epoch: int
+    total_updates: int
+    step: int
+    last_metrics: dict  # the latest epoch's metrics: mid-epoch checkpoints carry them (for the best-N choice)
+    scst: tuple | None  # self-critical training's references and CIDEr-D (`_scst_setup`), read once
+
+
 def train_loop(loop_config: dict) -> None:
-    """The Ray Train worker function: trains one epoch (`loop_config["epoch"]`) from the latest checkpoint."""
+    """The Ray Train worker function: trains epochs `loop_config["epoch"]` up to `loop_config["end_epoch"]`
+    (exclusive; default: that one epoch) from the run's latest checkpoint, which a restart finds further on."""
     cfg = build(TrainConfig, loop_config["cfg"], "train_loop_config")
-    epoch = int(loop_config["epoch"])
+    first = int(loop_config["epoch"])
+    end = int(loop_config.get("end_epoch", first + 1))
+    if end - first > 1 and not _worker_builds_datasets(cfg):
+        raise ValueError(f"epochs {first + 1}-{end} in one fit: only a one-worker run builds each epoch's Datasets "
+                         "itself; workers sharing the driver's Dataset run one fit per epoch")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -294,15 +332,15 @@ def train_loop(loop_config: dict) -> None:
     torch.set_flush_denormal(True)  # denormal activations slow CPU matmuls after some updates (bench/model.py)
 
     state = _resume_state(cfg)
-    if state is not None and (state["epoch"] > epoch or (state["epoch"] == epoch and state["epoch_done"])):
-        logger.info("epoch %d is already done (checkpoint at epoch %d, step %d)", epoch, state["epoch"],
-                    state["step"])
-        ray.train.report({"epoch": epoch, "step": state["step"], **state["metrics"]})
+    start = first if state is None else max(first, state["epoch"] + (1 if state["epoch_done"] else 0))
+    if start >= end:
+        logger.info("epochs %d-%d are already done (checkpoint at epoch %d, step %d)", first + 1, end,
+                    state["epoch"] + 1, state["step"])
+        ray.train.report({"epoch": end - 1, "step": state["step"], **state["metrics"]})
         return
 
     torch.manual_seed(cfg.seed)
     setup = build_setup(cfg)
-    vocab, specs = setup.vocab, setup.specs
     model = setup.model
     frozen = freeze(model, cfg.optim)
     if state is not None:
@@ -312,9 +350,8 @@ def train_loop(loop_config: dict) -> None:
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     raw = model.module if hasattr(model, "module") else model
 
-    plans = _plans(cfg, epoch)
-    rows = sum(p.info.total_rows for p in plans.values())
-    per_epoch = steps_per_epoch(cfg, rows, world)
+    plans = _plans(cfg, start)
+    per_epoch = steps_per_epoch(cfg, {n: p.info.total_rows for n, p in plans.items()}, world)
     total_updates = per_epoch * cfg.epochs
     optimizer = build_optimizer(raw, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_updates)
@@ -332,29 +369,44 @@ def train_loop(loop_config: dict) -> None:
         rng = state["rng"]
         if len(rng) == world:
             _set_rng_state(rng[rank])
-    step_at_epoch_start = state["step_at_epoch_start"] if state is not None and state["epoch"] == epoch \
-        and not state["epoch_done"] else step
-    if rank == 0:
-        logger.info("epoch %d/%d on %d worker(s), %s: %d rows, ~%d updates/epoch, %d in all; %s frozen; "
-                    "init %s; starting at step %d", epoch + 1, cfg.epochs, world, execution.describe(), rows,
-                    per_epoch, total_updates, len(frozen) or "nothing", setup.init, step)
-
-    resume = _worker_resume(state, epoch, rank)
-    batches = _batches(cfg, vocab, specs, plans, resume)
     mlflow = MetricLogger(cfg.tracking.tracking_uri, loop_config["mlflow_run_id"]) if rank == 0 else None
-    progress = _Progress(cfg.run.log_every_s, total_updates, per_epoch)
     nodes = _all_gather(ray.get_runtime_context().get_node_id(), world)
     if rank == 0:
         mlflow.set_tags({"train.nodes": ",".join(nodes), "train.world_size": world, "train.device": device,
                          "train.precision": execution.precision, "train.memory_format": execution.memory_format})
         if state is not None:
             mlflow.log({"train/resumed_from_step": step}, step)  # a restart shows in the run, not only in logs
+    run = _Run(cfg, loop_config, setup, model, raw, execution, optimizer, scheduler, ema, scaler, device, rank,
+               world, mlflow, len(frozen), per_epoch, total_updates, step, _last_metrics(state),
+               _scst_setup(cfg) if cfg.scst.enabled else None)
+    for epoch in range(start, end):
+        _train_epoch(run, epoch, plans if epoch == start else _plans(cfg, epoch), state)
+
+
+def _train_epoch(run: _Run, epoch: int, plans: Mapping, state: dict | None) -> None:
+    """One epoch (from `state`'s data position when it stopped inside this epoch), validation, checkpoint."""
+    cfg, setup, model, raw, execution = run.cfg, run.setup, run.model, run.raw, run.execution
+    optimizer, scheduler, ema, scaler = run.optimizer, run.scheduler, run.ema, run.scaler
+    device, rank, world, mlflow, step = run.device, run.rank, run.world, run.mlflow, run.step
+    vocab, specs = setup.vocab, setup.specs
+    rows = sum(p.info.total_rows for p in plans.values())
+    per_epoch, total_updates = run.per_epoch, run.total_updates
+    resuming = state is not None and state["epoch"] == epoch and not state["epoch_done"]
+    step_at_epoch_start = state["step_at_epoch_start"] if resuming else step
+    if rank == 0:
+        logger.info("epoch %d/%d on %d worker(s), %s: %d rows, ~%d updates/epoch, %d in all; %s frozen; "
+                    "init %s; starting at step %d", epoch + 1, cfg.epochs, world, execution.describe(), rows,
+                    per_epoch, total_updates, run.frozen or "nothing", setup.init, step)
+
+    batches = _batches(cfg, vocab, specs, plans, _worker_resume(state, epoch, rank))
+    progress = _Progress(cfg.run.log_every_s, total_updates, per_epoch)
     spec = specs[cfg.task]
     row_answers = {t: cfg.answers if t == cfg.task else cfg.labels.get(t, ()) for t in (cfg.mixture or {})}
     pad = vocab.pad_id
-    scst = _scst_setup(cfg) if cfg.scst.enabled else None
+    scst = run.scst
     running = {"loss": 0.0, "nll": 0.0, "tokens": 0}
     model.train()
+    optimizer.zero_grad(set_to_none=True)  # an epoch's updates start clean, as a fit of that epoch alone would
     it: Iterator = iter(batches)
     micro = 0
     epoch_steps_done = step - step_at_epoch_start
@@ -432,9 +484,8 @@ def train_loop(loop_config: dict) -> None:
             mlflow.log(m, step)
             running = {"loss": 0.0, "nll": 0.0, "tokens": 0}
         if cfg.run.checkpoint_every_steps and step % cfg.run.checkpoint_every_steps == 0:
-            _report(cfg, loop_config, setup, raw, optimizer, scheduler, ema, batches, epoch, step,
-                    step_at_epoch_start, done=False, world=world, rank=rank, metrics=_last_metrics(state),
-                    mlflow=mlflow, scaler=scaler)
+            run.step = step
+            _report(run, batches, epoch, step_at_epoch_start, done=False, metrics=run.last_metrics)
     if hasattr(it, "close"):
         it.close()
 
@@ -442,13 +493,14 @@ def train_loop(loop_config: dict) -> None:
     _bad_row_rule(cfg).check(stats, None, finished=True)
     metrics = {"epoch": epoch, "step": step, "data/rows_ok": stats.ok, "data/rows_bad": stats.bad}
     if rank == 0:
-        metrics.update(_validate(cfg, setup, raw, ema, execution))
+        metrics.update(_validate(cfg, setup, raw, ema, execution, last_epoch=epoch + 1 == cfg.epochs))
         logger.info("epoch %d done at step %d: %s", epoch + 1, step,
                     ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
         mlflow.log({k: v for k, v in metrics.items() if k != "epoch"}, step)
     metrics = _all_gather(metrics, world)[0]  # every rank reports rank 0's metrics
-    _report(cfg, loop_config, setup, raw, optimizer, scheduler, ema, batches, epoch, step, step_at_epoch_start,
-            done=True, world=world, rank=rank, metrics=metrics, mlflow=mlflow, scaler=scaler)
+    run.step = step
+    _report(run, batches, epoch, step_at_epoch_start, done=True, metrics=metrics)
+    run.last_metrics = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
 
 
 def _last_metrics(state: dict | None) -> dict:
@@ -505,31 +557,35 @@ def _batches(cfg: TrainConfig, vocab: Vocabulary, specs: Mapping[str, TaskSpec],
     return iter_train_batches(data[name], vocab, cfg.data.batch_size, info=plan.info, resume=resume, **opts)
 
 
-def _validate(cfg: TrainConfig, setup: Setup, raw: OFAModel, ema: Ema | None,
-              execution: Execution) -> dict[str, float]:
+def _validate(cfg: TrainConfig, setup: Setup, raw: OFAModel, ema: Ema | None, execution: Execution, *,
+              last_epoch: bool) -> dict[str, float]:
     """The task metric on the validation rows, through the inference path (EMA weights when enabled), in the
     training's precision and memory format (the one `run.precision` switch)."""
     was_training = raw.training
+    t0 = time.perf_counter()
     predictor = OFAPredictor(_published_weights(raw, ema), setup.vocab, cfg.data.preprocess,
                              device=execution.device, tasks=setup.specs, max_batch_size=cfg.validation.batch_size,
                              precision=execution.precision, memory_format=execution.memory_format)
     try:  # rows stream through the predictor chunk by chunk: a large validation split is never held whole
-        result = evaluate_rows(predictor, cfg.task, _validation_rows(cfg), mode=cfg.validation.mode,
+        rows = _validation_rows(cfg, None if last_epoch and cfg.validation.full_at_end else cfg.validation.max_rows)
+        result = evaluate_rows(predictor, cfg.task, rows, mode=cfg.validation.mode,
                                candidates=cfg.answers or None)
     finally:
         raw.train(was_training)
-    return {f"val/{k}": v for k, v in result.metrics.items()}
+    return {**{f"val/{k}": v for k, v in result.metrics.items()}, "val/seconds": time.perf_counter() - t0}
 
 
-def _validation_rows(cfg: TrainConfig) -> Iterator[dict]:
+def _validation_rows(cfg: TrainConfig, max_rows: int | None) -> Iterator[dict]:
     rows = iter_rows(cfg.data.uri, s3=cfg.data.s3, splits=[cfg.validation.split], tasks=[cfg.task])
-    return itertools.islice(rows, cfg.validation.max_rows)
+    return itertools.islice(rows, max_rows)
 
 
-def _report(cfg: TrainConfig, loop_config: dict, setup: Setup, raw: OFAModel, optimizer, scheduler, ema,
-            batches, epoch: int, step: int, step_at_epoch_start: int, *, done: bool, world: int, rank: int,
-            metrics: dict, mlflow: MetricLogger | None, scaler: torch.amp.GradScaler) -> None:
-    """A checkpoint of everything a restart needs (rank 0 writes it; every rank reports)."""
+def _report(run: _Run, batches, epoch: int, step_at_epoch_start: int, *, done: bool, metrics: dict) -> None:
+    """A checkpoint of everything a restart needs (rank 0 writes it; every rank reports). Once an epoch's last
+    checkpoint (`done`) has uploaded, rank 0 logs `train/checkpointed_step`: proof in MLflow that it is complete
+    (Tune's trials report an epoch on it)."""
+    cfg, raw, optimizer, scheduler, ema, scaler = run.cfg, run.raw, run.optimizer, run.scheduler, run.ema, run.scaler
+    step, world, rank = run.step, run.world, run.rank
     positions = _all_gather(batches.resume_state(), world)
     rngs = _all_gather(_rng_state(), world)
     if rank != 0:
@@ -546,9 +602,11 @@ def _report(cfg: TrainConfig, loop_config: dict, setup: Setup, raw: OFAModel, op
         torch.save(state, Path(d) / STATE_FILE)
         summary = {"epoch": epoch, "step": step, "epoch_done": done, "metrics": state["metrics"]}
         (Path(d) / STATE_JSON).write_text(json.dumps(summary, sort_keys=True))
-        _save_training_bundle(cfg, setup, raw, ema, Path(d) / BUNDLE_DIR, epoch=epoch, step=step,
-                              metrics=state["metrics"], fingerprint=loop_config["data_fingerprint"])
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        _save_training_bundle(cfg, run.setup, raw, ema, Path(d) / BUNDLE_DIR, epoch=epoch, step=step,
+                              metrics=state["metrics"], fingerprint=run.loop_config["data_fingerprint"])
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))  # returns once uploaded (SYNC mode)
+    if done:
+        run.mlflow.log({"train/checkpointed_step": step}, step)
 
 
 def _published_weights(raw: OFAModel, ema: Ema | None) -> OFAModel:
@@ -617,14 +675,19 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None) -> TrainOut
                         summary["epoch"] + 1, summary["step"], "epoch done" if summary["epoch_done"] else
                         "mid-epoch")
         result = None
-        for epoch in range(start, cfg.epochs):
-            logger.info("run %s: epoch %d/%d", cfg.run.name, epoch + 1, cfg.epochs)
-            datasets = {} if _worker_builds_datasets(cfg) else {
-                n: build_dataset(_data_for(cfg, n), vocab, train=True, epoch=epoch, specs=specs)
+        if _worker_builds_datasets(cfg):  # one fit runs every remaining epoch
+            fits = [(start, cfg.epochs)] if start < cfg.epochs else []
+        else:  # one fit per epoch, each given its epoch's Datasets
+            fits = [(epoch, epoch + 1) for epoch in range(start, cfg.epochs)]
+        for first, end in fits:
+            logger.info("run %s: epoch%s %s of %d", cfg.run.name, "s" if end - first > 1 else "",
+                        f"{first + 1}-{end}" if end - first > 1 else first + 1, cfg.epochs)
+            datasets = None if _worker_builds_datasets(cfg) else {
+                n: build_dataset(_data_for(cfg, n), vocab, train=True, epoch=first, specs=specs)
                 for n in (sorted(cfg.mixture) if cfg.mixture else [cfg.task])}
             trainer = TorchTrainer(
                 train_loop,
-                train_loop_config={"cfg": to_dict(cfg), "epoch": epoch, "mlflow_run_id": run_id,
+                train_loop_config={"cfg": to_dict(cfg), "epoch": first, "end_epoch": end, "mlflow_run_id": run_id,
                                    "data_fingerprint": manifest.fingerprint},  # read once, by the driver
                 scaling_config=_scaling(cfg),
                 run_config=RunConfig(
@@ -633,7 +696,7 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None) -> TrainOut
                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
                                                        checkpoint_score_attribute=f"val/{metric}",
                                                        checkpoint_score_order=mode)),
-                datasets=datasets or None,
+                datasets=datasets,
                 dataset_config=ray.train.DataConfig(datasets_to_split="all"),
             )
             result = trainer.fit()

@@ -116,7 +116,8 @@ class ScalingSection:
 class RunSection:
     """name: identifies the run: rerunning with the same name (and storage_path) continues it from its latest
     checkpoint. storage_path: local directory or s3:// prefix for checkpoints. max_failures: worker-group
-    restarts after a failure. keep_checkpoints: the best N by the validation metric (the latest is kept too).
+    restarts after a failure, per fit (per epoch with several workers, per run with one; pipelines.train).
+    keep_checkpoints: the best N by the validation metric (the latest is kept too).
     checkpoint_every_steps: also checkpoint mid-epoch (0: at epoch ends only). precision (training and the
     validation through the predictor alike; `ofa_model.precision`): "auto" is bf16 autocast where the hardware runs
     bf16 natively (CPUs with AVX-512 BF16/AMX, Ampere+ GPUs), fp32 elsewhere; "fp16" (CUDA only) adds a grad
@@ -154,12 +155,16 @@ class TrackingSection:
 @dataclass(frozen=True)
 class ValidationSection:
     """Validation after every epoch through `OFAPredictor`: `max_rows` rows of `split` (None: all).
-    mode: VQA inference mode (open / trie / allcand; None: the task's default)."""
+    mode: VQA inference mode (open / trie / allcand; None: the task's default). full_at_end: the run's last
+    epoch validates every row of the split, the epochs before it `max_rows` (a cheap curve and a final figure
+    on the whole split; the best-checkpoint choice then compares the last epoch's whole-split score with the
+    earlier epochs' subset scores)."""
 
     split: str = "val"
     max_rows: int | None = 500
     batch_size: int = 16
     mode: Literal["open", "trie", "allcand"] | None = None
+    full_at_end: bool = False
 
     def __post_init__(self) -> None:
         _check(self.max_rows is None or self.max_rows >= 1, "validation.max_rows must be >= 1 or null")

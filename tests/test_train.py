@@ -25,7 +25,7 @@ from pipelines.converters import prepare
 from pipelines.job_config import build
 from pipelines.registry import resolve_model
 from pipelines.shards import read_manifest
-from pipelines.train import latest_state_summary, read_state, train
+from pipelines.train import latest_state_summary, read_state, steps_per_epoch, train
 from pipelines.train_config import TrainConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -125,6 +125,39 @@ def test_a_rerun_with_the_same_name_continues_at_the_next_epoch(corpus, tmp_path
     assert losses == [1, 2, 3, 4, 5, 6]  # the loss curve continues where it stopped
 
 
+def test_one_worker_runs_all_its_epochs_in_one_fit(corpus, tmp_path, ray_cluster):
+    cfg = config(corpus, tmp_path, "onefit", epochs=2, validation={"max_rows": 4, "full_at_end": True})
+    out = train(cfg, output_dir=tmp_path / "o")
+    assert (out.epochs_done, out.step) == (2, 6)
+    client = _mlflow(cfg)
+    assert [m.step for m in client.get_metric_history(out.mlflow_run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
+    # validated after each epoch: 4 rows after the first, the whole test split (full_at_end) after the last
+    test_rows = read_manifest(corpus).counts["test"]["vqa"]
+    rows = sorted((m.step, m.value) for m in client.get_metric_history(out.mlflow_run_id, "val/rows"))
+    assert rows == [(3, 4.0), (6, float(test_rows))] and test_rows > 4
+    checkpointed = client.get_metric_history(out.mlflow_run_id, "train/checkpointed_step")
+    assert sorted(m.value for m in checkpointed) == [3.0, 6.0]
+    # one fit: the second epoch did not start a worker group that loaded the first epoch's checkpoint
+    assert client.get_metric_history(out.mlflow_run_id, "train/resumed_from_step") == []
+    state = read_state(latest_state_summary(cfg.run.storage_path, "onefit")["path"])
+    assert state["epoch"] == 1 and state["epoch_done"] and state["scheduler"]["last_epoch"] == 6
+
+
+def test_a_mixture_epoch_lasts_until_its_first_source_runs_out(tmp_path):
+    rows = {"vqa": 38575, "image_classification": 3837}
+    mixed = config("s3://b/c", tmp_path, "m", max_steps_per_epoch=None, mixture={"vqa": 3, "image_classification": 1})
+    # image classification has a quarter of the slots: it runs out after 4 * 3837 rows of the mixture
+    assert steps_per_epoch(mixed, rows, 1) == (4 * 3837) // 8 == 1918
+    assert steps_per_epoch(mixed, rows, 2) == (4 * 3837) // 16
+    even = config("s3://b/c", tmp_path, "m", max_steps_per_epoch=None, mixture={"vqa": 1, "image_classification": 1})
+    assert steps_per_epoch(even, rows, 1) == (2 * 3837) // 8
+    rare = config("s3://b/c", tmp_path, "m", max_steps_per_epoch=None, mixture={"vqa": 1, "image_classification": 0.01})
+    assert steps_per_epoch(rare, rows, 1) == 38575 * 1.01 // 8 == 4870  # vqa runs out first (at 38575 * 1.01 rows)
+    single = config("s3://b/c", tmp_path, "m", max_steps_per_epoch=None)
+    assert steps_per_epoch(single, {"vqa": 38575}, 1) == 38575 // 8
+    assert steps_per_epoch(config("s3://b/c", tmp_path, "m"), {"vqa": 38575}, 1) == 3  # max_steps_per_epoch
+
+
 def _train_worker_pids() -> list[int]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
     return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line and "ps -eo" not in line]
@@ -156,6 +189,36 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(corpus, tmp_path, ray
     assert (out.epochs_done, out.step) == (1, 60)
     resumed = _mlflow(cfg).get_metric_history(out.mlflow_run_id, "train/resumed_from_step")
     assert resumed and 4 <= resumed[0].value <= killed[0] and resumed[0].value % 4 == 0
+
+
+def test_a_killed_one_worker_run_restarts_inside_its_later_epoch(corpus, tmp_path, ray_cluster):
+    """One worker runs both epochs in one fit; killed in the second, it restarts there, not at the first."""
+    cfg = config(corpus, tmp_path, "fault1", epochs=2, max_steps_per_epoch=40, data={"batch_size": 4},
+                 run={"checkpoint_every_steps": 4, "max_failures": 2})
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.setdefault("out", train(cfg, output_dir=tmp_path / "o")),
+                              daemon=True)
+    thread.start()
+    killed = None
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and thread.is_alive():
+        summary = latest_state_summary(cfg.run.storage_path, "fault1")
+        pids = _train_worker_pids()
+        if summary is not None and summary["epoch"] == 1 and not summary["epoch_done"] and summary["step"] >= 48 \
+                and pids:
+            killed = (summary["step"], pids[0])
+            os.kill(pids[0], signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    thread.join(timeout=300)
+    assert killed is not None, "no mid-epoch checkpoint of the second epoch appeared while the run was going"
+    out = result["out"]
+    assert (out.epochs_done, out.step) == (2, 80)
+    client = _mlflow(cfg)
+    resumed = client.get_metric_history(out.mlflow_run_id, "train/resumed_from_step")
+    assert len(resumed) == 1 and 44 <= resumed[0].value <= killed[0] and resumed[0].value % 4 == 0
+    validated = sorted(m.step for m in client.get_metric_history(out.mlflow_run_id, "val/vqa_score"))
+    assert validated == [40, 80]  # the first epoch was not redone
 
 
 def test_evaluate_an_official_format_bundle_writes_metrics_of_its_predictions(corpus, tmp_path):

@@ -227,8 +227,8 @@ def sweep(corpus, s3_server, ray_cluster, tmp_path_factory):
         while time.monotonic() < deadline and driver.poll() is None and not before:
             runs = _trial_runs(client, "sweep")
             newest = max(runs.values(), key=lambda r: r.info.start_time, default=None)
-            # the third trial's second epoch has loaded its first epoch's checkpoint (so that one is complete)
-            if len(runs) == 3 and client.get_metric_history(newest.info.run_id, "train/resumed_from_step"):
+            # the third trial's first epoch's checkpoint is complete (uploaded), its second epoch under way
+            if len(runs) == 3 and client.get_metric_history(newest.info.run_id, "train/checkpointed_step"):
                 driver.kill()  # the sweep's driver dies mid-sweep: two trials done, one mid-way
                 driver.wait(timeout=60)
                 done = _terminated_trials(plan.experiment_path)

@@ -9,12 +9,12 @@ How epochs reach Tune (the decision):
   that decays to `end_lr` within it, then rises again: the trial would not measure the config it names.
 * The trial's own thread watches the trial's MLflow run, where rank 0 logs each epoch's `val/<metric>` (at the
   epoch's last step) just before the epoch's checkpoint is uploaded. An epoch counts as finished once its
-  checkpoint is complete, which shows when the next epoch's `TorchTrainer.fit()` has loaded it (the run's
-  `train/resumed_from_step` reaches the epoch's step: a fit starts only after the previous one's uploads have
-  returned), or when `train()` has returned. A checkpoint's `train_state.json` in storage is no such proof: the
-  files of a checkpoint directory upload in no fixed order. Then the trial calls `ray.tune.report` with the
-  epoch and the metric, and a small Tune checkpoint: epochs reported, trial time, the training run's name.
-  The price: a report comes one worker-group start after the epoch's validation.
+  checkpoint is complete, which shows when rank 0 logs `train/checkpointed_step` at or past the epoch's step
+  (logged once `ray.train.report` has returned from the upload), or when a later fit has loaded it
+  (`train/resumed_from_step`), or when `train()` has returned. A checkpoint's `train_state.json` in storage is
+  no such proof: the files of a checkpoint directory upload in no fixed order. Then the trial calls
+  `ray.tune.report` with the epoch and the metric, and a small Tune checkpoint: epochs reported, trial time,
+  the training run's name.
 * The last epoch is reported only after `train()` has returned, so the bundle is logged to the trial's MLflow
   run before ASHA's stop at max_t can end the trial. An earlier report may be answered by a stop: Tune then
   ends the trial's actor, and with it the Ray Train run it owns; the reported epoch's checkpoint is complete.
@@ -99,8 +99,9 @@ def finished_epochs(client, run_id: str, metric: str, *, train_returned: bool) -
     values = epoch_values(client, run_id, metric)
     if train_returned:
         return values
-    loaded = max((m.value for m in client.get_metric_history(run_id, "train/resumed_from_step")), default=-1.0)
-    return [(step, value) for step, value in values if step <= loaded]
+    complete = max((m.value for key in ("train/checkpointed_step", "train/resumed_from_step")
+                    for m in client.get_metric_history(run_id, key)), default=-1.0)
+    return [(step, value) for step, value in values if step <= complete]
 
 
 def _restored_progress(checkpoint) -> dict[str, Any]:
