@@ -25,7 +25,7 @@ from pipelines.converters import prepare
 from pipelines.job_config import build
 from pipelines.registry import resolve_model
 from pipelines.shards import read_manifest
-from pipelines.train import latest_state_summary, read_state, steps_per_epoch, train
+from pipelines.train import TrainOutcome, latest_state_summary, read_state, steps_per_epoch, train
 from pipelines.train_config import TrainConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -163,60 +163,50 @@ def _train_worker_pids() -> list[int]:
     return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line and "ps -eo" not in line]
 
 
-def test_a_killed_worker_restarts_from_the_last_checkpoint(corpus, tmp_path, ray_cluster):
-    cfg = config(corpus, tmp_path, "fault", max_steps_per_epoch=60, run={"checkpoint_every_steps": 4,
-                                                                       "max_failures": 2},
-                 scaling={"num_workers": 2}, data={"batch_size": 4})
+def _train_and_kill_a_worker(cfg: TrainConfig, out_dir: Path, when) -> tuple[TrainOutcome, int | None]:
+    """Run `train(cfg)` in a thread and SIGKILL a training worker the first time `when(summary)` holds for the
+    run's newest checkpoint summary; (the outcome, the checkpoint step seen at the kill or None)."""
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.setdefault("out", train(cfg, output_dir=tmp_path / "o")),
-                              daemon=True)
+    thread = threading.Thread(target=lambda: result.setdefault("out", train(cfg, output_dir=out_dir)), daemon=True)
     thread.start()
     killed = None
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and thread.is_alive():
-        summary = latest_state_summary(cfg.run.storage_path, "fault")
+        summary = latest_state_summary(cfg.run.storage_path, cfg.run.name)
         pids = _train_worker_pids()
-        # the second mid-epoch checkpoint: Ray has registered the first by then (a checkpoint uploaded but not yet
-        # registered when its worker dies is dropped, and the restart takes the one before)
-        if summary is not None and not summary["epoch_done"] and summary["step"] >= 8 and pids:
-            killed = (summary["step"], pids[0])
+        if summary is not None and when(summary) and pids:
+            killed = summary["step"]
             os.kill(pids[0], signal.SIGKILL)
             break
         time.sleep(0.05)
     thread.join(timeout=300)
+    return result.get("out"), killed
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint(corpus, tmp_path, ray_cluster):
+    cfg = config(corpus, tmp_path, "fault", max_steps_per_epoch=60, run={"checkpoint_every_steps": 4,
+                                                                       "max_failures": 2},
+                 scaling={"num_workers": 2}, data={"batch_size": 4})
+    # the second mid-epoch checkpoint: Ray has registered the first by then (a checkpoint uploaded but not yet
+    # registered when its worker dies is dropped, and the restart takes the one before)
+    out, killed = _train_and_kill_a_worker(cfg, tmp_path / "o", lambda s: not s["epoch_done"] and s["step"] >= 8)
     assert killed is not None, "no mid-epoch checkpoint appeared while the run was going"
-    out = result["out"]
     assert (out.epochs_done, out.step) == (1, 60)
     resumed = _mlflow(cfg).get_metric_history(out.mlflow_run_id, "train/resumed_from_step")
-    assert resumed and 4 <= resumed[0].value <= killed[0] and resumed[0].value % 4 == 0
+    assert resumed and 4 <= resumed[0].value <= killed and resumed[0].value % 4 == 0
 
 
 def test_a_killed_one_worker_run_restarts_inside_its_later_epoch(corpus, tmp_path, ray_cluster):
     """One worker runs both epochs in one fit; killed in the second, it restarts there, not at the first."""
     cfg = config(corpus, tmp_path, "fault1", epochs=2, max_steps_per_epoch=40, data={"batch_size": 4},
                  run={"checkpoint_every_steps": 4, "max_failures": 2})
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.setdefault("out", train(cfg, output_dir=tmp_path / "o")),
-                              daemon=True)
-    thread.start()
-    killed = None
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and thread.is_alive():
-        summary = latest_state_summary(cfg.run.storage_path, "fault1")
-        pids = _train_worker_pids()
-        if summary is not None and summary["epoch"] == 1 and not summary["epoch_done"] and summary["step"] >= 48 \
-                and pids:
-            killed = (summary["step"], pids[0])
-            os.kill(pids[0], signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    thread.join(timeout=300)
+    out, killed = _train_and_kill_a_worker(
+        cfg, tmp_path / "o", lambda s: s["epoch"] == 1 and not s["epoch_done"] and s["step"] >= 48)
     assert killed is not None, "no mid-epoch checkpoint of the second epoch appeared while the run was going"
-    out = result["out"]
     assert (out.epochs_done, out.step) == (2, 80)
     client = _mlflow(cfg)
     resumed = client.get_metric_history(out.mlflow_run_id, "train/resumed_from_step")
-    assert len(resumed) == 1 and 44 <= resumed[0].value <= killed[0] and resumed[0].value % 4 == 0
+    assert len(resumed) == 1 and 44 <= resumed[0].value <= killed and resumed[0].value % 4 == 0
     validated = sorted(m.step for m in client.get_metric_history(out.mlflow_run_id, "val/vqa_score"))
     assert validated == [40, 80]  # the first epoch was not redone
 
