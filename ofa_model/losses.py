@@ -86,6 +86,33 @@ def label_smoothed_nll(
     return LossOut(loss.sum(), nll.sum(), int(loss.numel()))
 
 
+def allowed_columns(allowed: torch.Tensor | None, target: torch.Tensor, vocab_size: int, max_share: float = 0.5
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The vocabulary columns a constrained loss can read: the union of the allowed sets of the N target tokens.
+
+    allowed: (V,) or (N, V) for target (N,) (real tokens only, no pad). Every other column is masked to -inf
+    before the softmax, so it adds nothing to the loss and receives no gradient: `label_smoothed_nll` of the
+    logits of these columns alone, with the returned mask and target, is the same loss with the same gradients,
+    and the projection costs C/V of the whole vocabulary's (13 answers of easy-VQA: 15 of 59457 columns).
+
+    Returns (columns (C,) ascending, allowed (C,) or (N, C), target as positions into columns (N,)), or None
+    when there is no constraint, the union is over `max_share` of the vocabulary, or a target lies outside it
+    (the full loss then says so).
+    """
+    if allowed is None:
+        return None
+    union = allowed if allowed.ndim == 1 else allowed.any(0)
+    columns = union.nonzero().squeeze(1)
+    if columns.numel() > max_share * vocab_size:
+        return None
+    position = torch.full((vocab_size,), -1, dtype=torch.long, device=target.device)
+    position[columns.to(target.device)] = torch.arange(columns.numel(), device=target.device)
+    sub_target = position[target]
+    if bool((sub_target < 0).any()):
+        return None
+    return columns, allowed[..., columns], sub_target
+
+
 def target_constraints(spec, vocab, pcfg, target: torch.Tensor, answers: tuple[str, ...] | list[str] = ()
                        ) -> torch.Tensor | None:
     """The tokens the loss's softmax runs over, as OFA trains each task (None: the whole vocabulary).
@@ -106,24 +133,67 @@ def target_constraints(spec, vocab, pcfg, target: torch.Tensor, answers: tuple[s
     cands = list(answers) or list(spec.labels)
     if not cands or spec.target_kind not in ("text", "label"):
         return None
-    text_spec = spec.replace(target_kind="text")
-    trie = PrefixTrie([text_target_tokens(text_spec, c, vocab, pcfg) for c in cands], vocab.eos_id)
+    trie = _answer_trie(spec, cands, vocab, pcfg)
     b_, t_ = target.shape
     allowed = torch.ones(b_, t_, vocab_size, dtype=torch.bool)
-    rows = target.tolist()
-    for b, row in enumerate(rows):
-        real = [i for i, tok in enumerate(row) if tok != vocab.pad_id]
-        if not real:
-            continue
-        start, end = real[0], real[-1] + 1  # the answer; the batch's right padding after it is not part of it
-        answer = row[start:end]
-        per_pos = [trie.allowed(answer[:j]) for j in range(len(answer))]
-        if any(answer[j] not in per_pos[j] for j in range(len(answer))):
-            continue  # not one of the answers: unconstrained
-        for j, toks in enumerate(per_pos):
+    for b, row in enumerate(target.tolist()):
+        start, per_pos = _answer_positions(trie, row, vocab.pad_id)
+        for j, toks in enumerate(per_pos or ()):  # None: not one of the answers, unconstrained
             allowed[b, start + j] = False
             allowed[b, start + j, toks] = True
     return allowed
+
+
+def _answer_trie(spec, cands: list[str], vocab, pcfg) -> PrefixTrie:
+    text_spec = spec.replace(target_kind="text")
+    return PrefixTrie([text_target_tokens(text_spec, c, vocab, pcfg) for c in cands], vocab.eos_id)
+
+
+def _answer_positions(trie: PrefixTrie, row: list[int], pad_id: int) -> tuple[int, list[list[int]] | None]:
+    """Where a target row's answer starts, and the tokens the trie allows at each of its positions ([] for a
+    row of padding; None when the answer leaves the trie)."""
+    real = [i for i, tok in enumerate(row) if tok != pad_id]
+    if not real:
+        return 0, []
+    start, end = real[0], real[-1] + 1  # the answer; the batch's right padding after it is not part of it
+    answer = row[start:end]
+    per_pos = [trie.allowed(answer[:j]) for j in range(len(answer))]
+    if any(answer[j] not in per_pos[j] for j in range(len(answer))):
+        return start, None
+    return start, per_pos
+
+
+def answer_columns(specs: list, vocab, pcfg, target: torch.Tensor, answers: list[tuple[str, ...]],
+                   max_share: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`allowed_columns` of `mixture_constraints(specs, ...)` at the target's real tokens, built from the answer
+    tries directly: the (B, T, V) masks cost more than the constrained step's projection. For a batch whose
+    every row trains under a closed answer set (its `answers`, else its task's labels); None when a row does not
+    (image codes, free text, an answer outside its set): then build the masks.
+    """
+    tries: dict[tuple[str, tuple[str, ...]], PrefixTrie] = {}
+    per_token: list[list[int]] = []  # allowed tokens of each real target token, row-major as target[keep]
+    for spec, ans, row in zip(specs, answers, target.tolist(), strict=True):
+        cands = tuple(ans) or tuple(spec.labels)
+        if spec.code_target or not cands or spec.target_kind not in ("text", "label"):
+            return None
+        key = (spec.name, cands)
+        if key not in tries:
+            tries[key] = _answer_trie(spec, list(cands), vocab, pcfg)
+        _, per_pos = _answer_positions(tries[key], row, vocab.pad_id)
+        if per_pos is None:
+            return None
+        per_token.extend(per_pos)
+    columns = sorted({tok for toks in per_token for tok in toks})
+    if len(columns) > max_share * len(vocab):
+        return None
+    where = {tok: j for j, tok in enumerate(columns)}
+    allowed = torch.zeros(len(per_token), len(columns), dtype=torch.bool)
+    for n, toks in enumerate(per_token):
+        allowed[n, [where[t] for t in toks]] = True
+    sub_target = torch.tensor([where[t] for t in target[target.ne(vocab.pad_id)].tolist()], dtype=torch.long)
+    if sub_target.numel() != len(per_token):  # an answer with padding inside: not a trie's answer
+        return None
+    return torch.tensor(columns, dtype=torch.long), allowed, sub_target
 
 
 def mixture_constraints(specs: list, vocab, pcfg, target: torch.Tensor, answers: list[tuple[str, ...]]

@@ -64,7 +64,13 @@ from ray.train.torch import TorchTrainer
 from ofa_model import OFAModel
 from ofa_model.checkpoint import load_bundle, load_bundle_vocab, save_bundle
 from ofa_model.evaluation import evaluate_rows, primary_metric
-from ofa_model.losses import label_smoothed_nll, mixture_constraints, target_constraints
+from ofa_model.losses import (
+    allowed_columns,
+    answer_columns,
+    label_smoothed_nll,
+    mixture_constraints,
+    target_constraints,
+)
 from ofa_model.precision import Execution
 from ofa_model.predictor import OFAPredictor
 from ofa_model.scst import CiderD, scst_loss
@@ -332,6 +338,7 @@ def train_loop(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_flush_denormal(True)  # denormal activations slow CPU matmuls after some updates (bench/model.py)
+    torch.set_num_threads(cfg.scaling.threads)  # the CPUs this worker reserved, not every core of the node
 
     state = _resume_state(cfg)
     start = first if state is None else max(first, state["epoch"] + (1 if state["epoch_done"] else 0))
@@ -375,7 +382,8 @@ def train_loop(loop_config: dict) -> None:
     nodes = _all_gather(ray.get_runtime_context().get_node_id(), world)
     if rank == 0:
         mlflow.set_tags({"train.nodes": ",".join(nodes), "train.world_size": world, "train.device": device,
-                         "train.precision": execution.precision, "train.memory_format": execution.memory_format})
+                         "train.precision": execution.precision, "train.memory_format": execution.memory_format,
+                         "train.threads": torch.get_num_threads()})
         if state is not None:
             mlflow.log({"train/resumed_from_step": step}, step)  # a restart shows in the run, not only in logs
     run = _Run(cfg, loop_config, setup, model, raw, execution, optimizer, scheduler, ema, scaler, device, rank,
@@ -402,8 +410,6 @@ def _train_epoch(run: _Run, epoch: int, plans: Mapping, state: dict | None) -> N
 
     batches = _batches(cfg, vocab, specs, plans, _worker_resume(state, epoch, rank))
     progress = _Progress(cfg.run.log_every_s, total_updates, per_epoch)
-    spec = specs[cfg.task]
-    row_answers = {t: cfg.answers if t == cfg.task else cfg.labels.get(t, ()) for t in (cfg.mixture or {})}
     pad = vocab.pad_id
     scst = run.scst
     running = {"loss": 0.0, "nll": 0.0, "tokens": 0}
@@ -418,11 +424,6 @@ def _train_epoch(run: _Run, epoch: int, plans: Mapping, state: dict | None) -> N
             break
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         batch["patch_images"] = execution.images(batch.get("patch_images"))
-        if cfg.mixture:  # each row under its own task's constraint, as in a batch of that task alone
-            allowed = mixture_constraints([specs[t] for t in batch["tasks"]], vocab, cfg.data.preprocess,
-                                          batch["target"], [row_answers[t] for t in batch["tasks"]])
-        else:
-            allowed = target_constraints(spec, vocab, cfg.data.preprocess, batch["target"], cfg.answers)
         code_masks = batch["code_masks"] if bool(batch["code_masks"].any()) else None
         sync = (micro + 1) % cfg.optim.grad_accum == 0
         ctx_sync = model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
@@ -439,13 +440,15 @@ def _train_epoch(run: _Run, epoch: int, plans: Mapping, state: dict | None) -> N
                     hidden = model(batch["src_tokens"], batch.get("patch_images"), batch.get("patch_masks"),
                                    batch["prev_output_tokens"], code_masks, features_only=True)  # (B, T, D)
                     keep = batch["target"].ne(pad)  # (B, T)
-                    logits = raw.decoder.project(hidden[keep]).unsqueeze(0)  # (1, N, V)
+                    # and, under a constraint, only at the columns it allows: the same loss and gradients
+                    index, allowed, target = _loss_targets(cfg, vocab, specs, batch, keep, device)
+                    logits = raw.decoder.project(hidden[keep], columns=index)  # (N, C|V)
             if scst is None:
                 ratio = cfg.optim.drop_worst_ratio if step >= cfg.optim.drop_worst_after else 0.0
                 weights = batch["target_weights"].unsqueeze(1).expand_as(keep)[keep].unsqueeze(0)  # (1, N)
-                if allowed is not None and allowed.ndim == 3:
-                    allowed = allowed.to(device)[keep].unsqueeze(0)  # (1, N, V)
-                out = label_smoothed_nll(logits, batch["target"][keep].unsqueeze(0), pad_id=pad,
+                if allowed is not None and allowed.ndim == 2:
+                    allowed = allowed.unsqueeze(0)  # (1, N, C|V)
+                out = label_smoothed_nll(logits.unsqueeze(0), target.unsqueeze(0), pad_id=-1,  # no pad among them
                                          epsilon=cfg.optim.label_smoothing, weights=weights, allowed=allowed,
                                          drop_worst_ratio=ratio)
             scaler.scale(out.loss / max(1, out.ntokens) / cfg.optim.grad_accum).backward()
@@ -557,6 +560,32 @@ def _batches(cfg: TrainConfig, vocab: Vocabulary, specs: Mapping[str, TaskSpec],
                                     infos={n: p.info for n, p in plans.items()}, resume=resume, **opts)
     (name, plan), = plans.items()
     return iter_train_batches(data[name], vocab, cfg.data.batch_size, info=plan.info, resume=resume, **opts)
+
+
+def _loss_targets(cfg: TrainConfig, vocab: Vocabulary, specs: Mapping[str, TaskSpec], batch: dict,
+                  keep: torch.Tensor, device: torch.device
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """What the loss reads of a batch's real target tokens (N,): the vocabulary columns to project onto (None:
+    all), the mask of allowed tokens at them ((C|V,) or (N, C|V); None: unconstrained) and the targets as
+    positions into those columns. Each row trains under its own task's constraint (a mixture's rows as in a
+    batch of their task alone): its closed answer set, else its task's labels, else codes or none."""
+    tasks = batch["tasks"] if cfg.mixture else [cfg.task] * batch["target"].shape[0]
+    row_specs = [specs[t] for t in tasks]
+    answers = [cfg.answers if t == cfg.task else cfg.labels.get(t, ()) for t in tasks]
+    columns = answer_columns(row_specs, vocab, cfg.data.preprocess, batch["target"].cpu(), answers)
+    if columns is None:  # codes, free text or an answer outside its set: the masks, and their columns
+        if cfg.mixture:
+            allowed = mixture_constraints(row_specs, vocab, cfg.data.preprocess, batch["target"], answers)
+        else:
+            allowed = target_constraints(row_specs[0], vocab, cfg.data.preprocess, batch["target"], cfg.answers)
+        target = batch["target"][keep]
+        if allowed is not None:
+            allowed = allowed.to(device)[keep] if allowed.ndim == 3 else allowed.to(device)  # (N|, V)
+        columns = allowed_columns(allowed, target, len(vocab))
+        if columns is None:
+            return None, allowed, target
+    index, allowed, target = columns
+    return index.to(device), allowed.to(device), target.to(device)
 
 
 def _validate(cfg: TrainConfig, setup: Setup, raw: OFAModel, ema: Ema | None, execution: Execution, *,

@@ -98,18 +98,30 @@ class OptimSection:
 @dataclass(frozen=True)
 class ScalingSection:
     """Ray Train workers: how many, the resources of each (GPUs only when use_gpu), and how they are placed:
-    PACK fills nodes first, SPREAD spreads them, STRICT_SPREAD puts each on its own node."""
+    PACK fills nodes first, SPREAD spreads them, STRICT_SPREAD puts each on its own node.
+    threads_per_worker: PyTorch's intra-op threads in each worker; null: the CPUs it reserves
+    (cpus_per_worker, rounded down, at least 1), as Ray gives its tasks. PyTorch's own default, every core of
+    the node, oversubscribes a node shared with other workers or the data pipeline: on 2 cores, a worker of
+    0.5 CPU beside its data actors trained faster with 1 thread than with 2 (`bench/learning_curve.py`)."""
 
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    threads_per_worker: int | None = None
 
     def __post_init__(self) -> None:
         _check(1 <= self.num_workers <= 4096, f"scaling.num_workers must lie in [1, 4096], got {self.num_workers}")
         _finite("scaling.cpus_per_worker", self.cpus_per_worker, 0.0, 1024.0)
         _finite("scaling.gpus_per_worker", self.gpus_per_worker, 0.0, 64.0)
+        _check(self.threads_per_worker is None or 1 <= self.threads_per_worker <= 1024,
+               f"scaling.threads_per_worker must be null or lie in [1, 1024], got {self.threads_per_worker}")
+
+    @property
+    def threads(self) -> int:
+        """The intra-op threads a worker runs (threads_per_worker, else its CPUs)."""
+        return self.threads_per_worker or max(1, int(self.cpus_per_worker))
 
 
 @dataclass(frozen=True)

@@ -679,3 +679,32 @@ def test_read_blocks_are_sized_by_their_preprocessed_bytes():
     assert rows(480, fixed=7) == 7  # an explicit setting wins
     with pytest.raises(ValueError, match="rows_per_read_block"):
         DataConfig(uri="s3://b/c", rows_per_read_block=0)
+
+
+def test_the_scheduling_loop_throttle_keeps_a_step_to_its_minimum_period(monkeypatch):
+    """A step that returns at once sleeps the rest of the period; one that already took it is not slowed."""
+    from pipelines import ingest
+
+    now, slept = [100.0], []
+
+    class Clock:
+        @staticmethod
+        def monotonic():
+            return now[0]
+
+        @staticmethod
+        def sleep(s):
+            slept.append(s)
+            now[0] += s
+
+    monkeypatch.setattr(ingest, "time", Clock)
+    throttle = ingest.IdleLoopThrottle()
+    period = ingest.IdleLoopThrottle.MIN_PERIOD_S
+    throttle.on_execution_step(None)  # the first step: long after the (zero) start
+    assert slept == []
+    now[0] += 0.004  # a spinning step: 4 ms of bookkeeping, no task to wait on
+    throttle.on_execution_step(None)
+    assert slept == [pytest.approx(period - 0.004)]
+    now[0] += period + 0.01  # a step that waited on a running task for longer than the period
+    throttle.on_execution_step(None)
+    assert len(slept) == 1

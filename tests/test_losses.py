@@ -204,3 +204,101 @@ def test_mixture_rows_train_under_their_own_tasks_constraint():
     assert mixture_constraints(captions, vocab, pcfg, batch["target"][1:3], [(), ()]) is None
     with pytest.raises(ValueError, match="5 target rows but 2 specs"):
         mixture_constraints(captions, vocab, pcfg, batch["target"], [(), ()])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_the_allowed_columns_alone_give_the_same_loss_and_gradients(shared):
+    """The trainer projects onto the union of the allowed sets only; against the whole-vocabulary loss."""
+    from ofa_model import OFAModel, get_config
+    from ofa_model.losses import allowed_columns
+
+    torch.manual_seed(0)
+    model = OFAModel(get_config("ofa-micro")).double()
+    vocab_size = model.config.vocab_size
+    hidden = torch.randn(6, model.config.embed_dim, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([40, 41, 2, 300, 41, 2])
+    if shared:  # one set for every position, as image codes are constrained
+        allowed = torch.zeros(vocab_size, dtype=torch.bool)
+        allowed[[2, 40, 41, 300, 301]] = True
+    else:  # a set per position, as an answer trie gives
+        allowed = torch.zeros(6, vocab_size, dtype=torch.bool)
+        for i, toks in enumerate([[40, 50], [41, 42], [2], [300, 40, 7], [41], [2, 9]]):
+            allowed[i, toks] = True
+    weights = torch.tensor([[1.0, 1.0, 1.0, 0.5, 0.5, 0.5]], dtype=torch.float64)
+
+    def loss_and_grads(columns):
+        model.zero_grad()
+        hidden.grad = None
+        if columns is None:
+            logits, a, t = model.decoder.project(hidden), allowed, target
+        else:
+            index, a, t = columns
+            logits = model.decoder.project(hidden, columns=index)
+        out = label_smoothed_nll(logits[None], t[None], pad_id=-1, epsilon=0.1, weights=weights,
+                                 allowed=a if a.ndim == 1 else a[None], drop_worst_ratio=0.2)
+        out.loss.backward()
+        return out, hidden.grad.clone(), model.decoder.output_projection.weight.grad.clone()
+
+    columns = allowed_columns(allowed, target, vocab_size)
+    assert columns is not None
+    index, _, sub_target = columns
+    want = [2, 7, 9, 40, 41, 42, 50, 300] if not shared else [2, 40, 41, 300, 301]
+    assert index.tolist() == want
+    assert index[sub_target].tolist() == target.tolist()
+    full, sub = loss_and_grads(None), loss_and_grads(columns)
+    assert full[0].ntokens == sub[0].ntokens == 4
+    close = dict(rtol=1e-5, atol=1e-8)  # the loss runs in float32: its rounding, summed in another order
+    torch.testing.assert_close(sub[0].loss, full[0].loss, **close)
+    torch.testing.assert_close(sub[0].nll, full[0].nll, **close)
+    torch.testing.assert_close(sub[1], full[1], **close)
+    torch.testing.assert_close(sub[2], full[2], **close)
+    assert float(full[2].abs().sum()) > 0 and float(full[1].abs().sum()) > 0
+
+
+def test_allowed_columns_falls_back_to_the_whole_vocabulary():
+    from ofa_model.losses import allowed_columns
+
+    target = torch.tensor([5, 6])
+    assert allowed_columns(None, target, 100) is None  # unconstrained
+    wide = torch.ones(2, 100, dtype=torch.bool)  # a row left unconstrained (target outside its trie)
+    wide[0, 7:] = False
+    assert allowed_columns(wide, target, 100) is None
+    narrow = torch.zeros(2, 100, dtype=torch.bool)
+    narrow[:, 5] = True  # 6 is not allowed: the full loss must say so, not a remapped one
+    assert allowed_columns(narrow, target, 100) is None
+
+
+def test_answer_columns_are_the_masks_columns_without_the_masks():
+    """The trainer's fast path for closed answer sets, against mixture_constraints + allowed_columns."""
+    from ofa_model.losses import allowed_columns, answer_columns, mixture_constraints
+    from ofa_model.preprocess import PreprocessConfig, collate
+    from ofa_model.tasks import TASKS, build_example
+    from ofa_model.vocab import Vocabulary
+    from tests.test_tasks import png
+
+    vocab, pcfg = Vocabulary.gpt2(), PreprocessConfig(patch_image_size=32)
+    shapes = ("circle", "rectangle", "triangle")
+    answers = ("circle", "red", "yes", "no", "light blue")
+
+    def build(rows):
+        samples = [build_example(TASKS[t], r, vocab, pcfg) for t, r, _ in rows]
+        batch = collate(samples, vocab.pad_id)
+        return batch["target"], [TASKS[t] for t, _, _ in rows], [a for *_, a in rows]
+
+    rows = [("vqa", {"image": png(), "text": "what shape?", "target": "circle"}, answers),
+            ("image_classification", {"image": png(), "target": "triangle"}, shapes),
+            ("itm", {"image": png(), "text": "a red circle", "target": "no"}, ()),  # its labels
+            ("vqa", {"image": png(), "text": "what colour?", "target": "light blue"}, answers)]
+    target, specs, ans = build(rows)
+    keep = target.ne(vocab.pad_id)
+    want = allowed_columns(mixture_constraints(specs, vocab, pcfg, target, ans)[keep], target[keep], len(vocab))
+    got = answer_columns(specs, vocab, pcfg, target, ans)
+    assert want is not None and got is not None
+    for w, g in zip(want, got, strict=True):
+        assert torch.equal(g, w)
+    assert got[0].numel() > 8 and got[1].shape == (int(keep.sum()), got[0].numel())
+
+    for other in [("caption", {"image": png(), "target": "a red circle"}, ()),  # free text
+                  ("vqa", {"image": png(), "text": "what colour?", "target": "green"}, answers)]:  # not an answer
+        target, specs, ans = build(rows[:1] + [other])
+        assert answer_columns(specs, vocab, pcfg, target, ans) is None

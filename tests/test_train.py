@@ -131,6 +131,8 @@ def test_one_worker_runs_all_its_epochs_in_one_fit(corpus, tmp_path, ray_cluster
     assert (out.epochs_done, out.step) == (2, 6)
     client = _mlflow(cfg)
     assert [m.step for m in client.get_metric_history(out.mlflow_run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
+    # the worker's 0.25 CPUs give it one intra-op thread, not PyTorch's default of every core
+    assert client.get_run(out.mlflow_run_id).data.tags["train.threads"] == "1"
     # validated after each epoch: 4 rows after the first, the whole test split (full_at_end) after the last
     test_rows = read_manifest(corpus).counts["test"]["vqa"]
     rows = sorted((m.step, m.value) for m in client.get_metric_history(out.mlflow_run_id, "val/rows"))
@@ -273,6 +275,9 @@ def test_bad_configs_fail_before_anything_starts(corpus, tmp_path, capsys):
         main(["--config", str(cfg), "optim.lr=1e-4", "mixture={vqa: 3, image_classification: 1}",
               "labels={image_classification: []}"])
     assert "labels.image_classification: a non-empty list" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--config", str(cfg), "optim.lr=1e-4", "scaling.threads_per_worker=0"])
+    assert "scaling.threads_per_worker must be null or lie in [1, 1024], got 0" in capsys.readouterr().err
 
 
 def test_every_recipe_loads():
