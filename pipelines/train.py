@@ -359,7 +359,8 @@ def train_loop(loop_config: dict) -> None:
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     raw = model.module if hasattr(model, "module") else model
 
-    plans = _plans(cfg, start)
+    manifest = read_manifest(cfg.data.uri, s3=cfg.data.s3)  # once per fit: every epoch plans from it
+    plans = _plans(cfg, start, manifest)
     per_epoch = steps_per_epoch(cfg, {n: p.info.total_rows for n, p in plans.items()}, world)
     total_updates = per_epoch * cfg.epochs
     optimizer = build_optimizer(raw, cfg.optim)
@@ -390,7 +391,7 @@ def train_loop(loop_config: dict) -> None:
                world, mlflow, len(frozen), per_epoch, total_updates, step, _last_metrics(state),
                _scst_setup(cfg) if cfg.scst.enabled else None)
     for epoch in range(start, end):
-        _train_epoch(run, epoch, plans if epoch == start else _plans(cfg, epoch), state)
+        _train_epoch(run, epoch, plans if epoch == start else _plans(cfg, epoch, manifest), state)
 
 
 def _train_epoch(run: _Run, epoch: int, plans: Mapping, state: dict | None) -> None:
@@ -516,9 +517,8 @@ def _bad_row_rule(cfg: TrainConfig) -> BadRowRule:
     return BadRowRule(cfg.data.bad_row_threshold, cfg.data.early_check_rows, cfg.data.early_factor)
 
 
-def _plans(cfg: TrainConfig, epoch: int) -> dict:
+def _plans(cfg: TrainConfig, epoch: int, manifest) -> dict:
     names = sorted(cfg.mixture) if cfg.mixture else [cfg.task]
-    manifest = read_manifest(cfg.data.uri, s3=cfg.data.s3)
     return {n: plan_epoch(_data_for(cfg, n), train=True, epoch=epoch, manifest=manifest) for n in names}
 
 
