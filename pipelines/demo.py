@@ -177,8 +177,10 @@ def start_services(workdir: Path, keep: bool) -> Services:
     for name in CONFLICTING_ENV:
         env.pop(name, None)
     svc = Services(s3.endpoint, s3.bucket, "", "", "", env, [proc], [str(workdir / "s3")], [proc.pid])
+    # Ray Train's preemption watcher (an actor per fit, ~2 CPU-seconds to start here) watches for nodes being
+    # drained: the demo's one local node never is
     env.update(RAY_AUTH_MODE="disabled", PYTHONPATH=str(REPO), RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5",
-               RAY_DATA_DISABLE_PROGRESS_BARS="1")
+               RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
     # Ray's unix socket paths must stay under 107 bytes: a short temp dir, recorded in the work dir
     ray_tmp = Path(tempfile.mkdtemp(prefix="ofa-demo-ray-", dir="/tmp"))
     (workdir / "ray-temp-dir").write_text(str(ray_tmp))
@@ -212,14 +214,19 @@ def stop_services(svc: Services) -> list[tuple[int, str]]:
 
     from pipelines.services import stop_groups
 
+    t = time.monotonic()
     with contextlib.suppress(Exception):
         from ray import serve
 
         if ray.is_initialized():
             serve.shutdown()
+    t_serve = time.monotonic()
     with contextlib.suppress(Exception):
         ray.shutdown()
+    t_ray = time.monotonic()
     leftovers, _ = stop_groups(list(reversed(svc.procs)), tuple(svc.markers), grace_s=30)
+    logger.info("services stopped: Serve %.1f s, Ray driver %.1f s, processes %.1f s", t_serve - t, t_ray - t_serve,
+                time.monotonic() - t_ray)
     return leftovers
 
 
@@ -229,7 +236,8 @@ def connect(svc: Services) -> None:
 
     for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION",
                 "AWS_EC2_METADATA_DISABLED", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE",
-                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_DATA_DISABLE_PROGRESS_BARS"):
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_DATA_DISABLE_PROGRESS_BARS",
+                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
         if key in svc.env:
             os.environ[key] = svc.env[key]
     os.environ.pop("RAY_ADDRESS", None)

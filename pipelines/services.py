@@ -164,6 +164,9 @@ def start_mlflow_server(workdir: Path, artifacts_destination: str, env: dict[str
     workdir.mkdir(parents=True, exist_ok=True)
     port, = free_ports(1)
     log = workdir / "mlflow-server.log"
+    # MLflow 3's server runs a job executor by default (seven huey consumer processes, ~27 CPU-seconds to start
+    # here) for features ofa-ray does not use (GenAI jobs, trace rollups): off
+    env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = spawn([str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                   "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
                   "--artifacts-destination", artifacts_destination], env, log, cwd=workdir)

@@ -44,6 +44,7 @@ def ray_cluster(s3_server: S3Server) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_AUTH_MODE", "disabled")  # throwaway cluster: no token file, no auth
         mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # ray.train.report returns fast
+        mp.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one node, never drained: no watcher actor per fit
         import ray
 
         ray.init(
