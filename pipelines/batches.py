@@ -100,7 +100,6 @@ class CorpusStream:
         self.stats = resume.row_stats() if resume is not None else RowStats()
         self.finished = False
         self._logged: dict[str, int] = {}
-        self._norms: dict[tuple[float, ...], PreprocessConfig] = {}
 
     @property
     def label(self) -> str:
@@ -153,26 +152,15 @@ class CorpusStream:
             if seq in self.skip:
                 continue
             width, height = lists["image_width"][i], lists["image_height"][i]
-            image = images[i]
-            if image is not None and image.dtype == torch.uint8:
-                image = self._normalize(image, lists["image_norm"][i], lists["image_blank"][i], cols["id"][i])
+            image, norm = images[i], None
+            if image is not None and image.dtype == torch.uint8:  # normalised per batch, in collate_rows
+                norm = _norm_key(lists["image_norm"][i], cols["id"][i])
             sample = {"id": cols["id"][i], "source": lists["source"][i], "prev_output": lists["prev_output"][i],
-                      "target": lists["target"][i], "image": image,
+                      "target": lists["target"][i], "image": image, "image_norm": norm,
+                      "image_blank": bool(norm is not None and lists["image_blank"][i]),
                       "target_weight": lists["target_weight"][i], "code_mask": lists["code_mask"][i],
                       "image_size": None if width is None else (width, height)}
             yield StreamRow(seq, cols["id"][i], cols["task"][i], sample)
-
-    def _normalize(self, pixels: torch.Tensor, norm: list[float] | None, blank: bool | None,
-                   row_id: str | None) -> torch.Tensor:
-        """uint8 (3, S, S) -> the float32 model input, as `build_example(pixels="float")` makes it."""
-        if norm is None or len(norm) != 6:
-            raise ValueError(f"row {row_id}: a uint8 image needs image_norm (mean and std, 6 values), got {norm!r}")
-        key = tuple(norm)
-        pcfg = self._norms.get(key)
-        if pcfg is None:  # only mean and std matter to normalize_pixels; they came from the actors' config
-            pcfg = self._norms[key] = PreprocessConfig(mean=key[:3], std=key[3:])
-        image = normalize_pixels(pixels, pcfg)
-        return blank_centre(image) if blank else image
 
     def _bad(self, reason: str, row_id: str | None, task: str | None, detail: str | None, span: int) -> None:
         example = row_id if row_id is not None else (detail or "").split(": ", 1)[0]
@@ -393,9 +381,40 @@ def _check_weights(weights: Mapping[str, float]) -> None:
         raise ValueError(f"mixture weights must be finite numbers >= 0, not all 0, got {dict(weights)}")
 
 
+def _norm_key(norm: list[float] | None, row_id: str | None) -> tuple[float, ...]:
+    if norm is None or len(norm) != 6:
+        raise ValueError(f"row {row_id}: a uint8 image needs image_norm (mean and std, 6 values), got {norm!r}")
+    return tuple(norm)
+
+
+def _normalized(pixels: torch.Tensor, norm: tuple[float, ...], blank: bool) -> torch.Tensor:
+    """uint8 (..., 3, S, S) -> the float32 model input, as `build_example(pixels="float")` makes it (only mean
+    and std matter to normalize_pixels; they came from the actors' config); `blank`: the centre zeroed."""
+    image = normalize_pixels(pixels, PreprocessConfig(mean=norm[:3], std=norm[3:]))
+    return blank_centre(image) if blank else image
+
+
 def collate_rows(rows: Sequence[StreamRow], pad_id: int, with_meta: bool = False) -> dict[str, Any]:
-    """`collate` of the rows' samples; with_meta adds lists ids, tasks, seqs and image_sizes ((w, h) or None)."""
-    batch = collate([r.sample for r in rows], pad_id)
+    """`collate` of the rows' samples, uint8 images made model inputs (`normalize_pixels`, `blank_centre`);
+    with_meta adds lists ids, tasks, seqs and image_sizes ((w, h) or None).
+
+    When every image is uint8 under one mean and std (one corpus's rows, the usual case), the bytes are stacked
+    and normalised once per batch: a quarter of the memory traffic of stacking float32 images normalised one by
+    one, which took a third of a core in the consumer at 480x480 (the values are the same: normalisation is
+    elementwise). Otherwise each row is normalised on its own."""
+    samples = [r.sample for r in rows]
+    norms = {s.get("image_norm") for s in samples if s.get("image") is not None}
+    if len(norms) == 1 and None not in norms:
+        batch = collate(samples, pad_id)
+        images = _normalized(batch["patch_images"], norms.pop(), blank=False)
+        images[~batch["patch_masks"]] = 0  # rows without an image: zeros, as collate gives them
+        for i, s in enumerate(samples):
+            if s.get("image_blank"):
+                blank_centre(images[i])
+        batch["patch_images"] = images
+    else:
+        batch = collate([{**s, "image": _normalized(s["image"], s["image_norm"], s.get("image_blank", False))}
+                         if s.get("image_norm") is not None else s for s in samples], pad_id)
     if with_meta:
         batch["ids"] = [r.id for r in rows]
         batch["tasks"] = [r.task for r in rows]

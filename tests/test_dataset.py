@@ -21,11 +21,11 @@ import yaml
 from PIL import Image
 
 from jobs import inspect_data
-from ofa_model.preprocess import PreprocessConfig, collate
+from ofa_model.preprocess import PreprocessConfig, blank_centre, collate, normalize_pixels
 from ofa_model.tasks import TASKS, build_example
 from ofa_model.vocab import Vocabulary
 from pipelines import storage
-from pipelines.batches import _images
+from pipelines.batches import StreamRow, _images, collate_rows
 from pipelines.dataset import (
     BadDataError,
     DataConfig,
@@ -305,6 +305,32 @@ def test_preprocess_udf_uint8_pixels_normalise_to_build_example_exactly(vocab):
         assert value.dtype == got[key].dtype and torch.equal(value, got[key]), key
     assert got["patch_images"][2, :, 8:24, 8:24].eq(0).all() and got["patch_images"][2, :, :8].ne(0).any()
 
+
+
+def test_uint8_rows_under_different_norms_are_normalised_one_by_one():
+    """collate_rows normalises a batch once when every image shares a mean/std; rows of two corpora (two norms),
+    a blanked row and a row without an image still get exactly their own normalisation."""
+    g = torch.Generator().manual_seed(0)
+    pixels = [torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8, generator=g) for _ in range(3)]
+    a, b = (0.5, 0.5, 0.5, 0.5, 0.5, 0.5), (0.485, 0.456, 0.406, 0.229, 0.224, 0.225)
+
+    def stream_row(i, image, norm, blank=False):
+        return StreamRow(i, f"r{i}", "caption", {"source": [5, 6], "prev_output": [0, 7], "target": [7, 2],
+                                                  "image": image, "image_norm": norm, "image_blank": blank})
+
+    def expected(image, norm, blank=False):
+        out = normalize_pixels(image, PreprocessConfig(mean=norm[:3], std=norm[3:]))
+        return blank_centre(out) if blank else out
+
+    for norms in ((a, a, a), (a, b, a)):  # one norm: the batch path; two: row by row
+        rows = [stream_row(0, pixels[0], norms[0]), stream_row(1, pixels[1], norms[1], blank=True),
+                stream_row(2, None, None), stream_row(3, pixels[2], norms[2])]
+        got = collate_rows(rows, pad_id=1)["patch_images"]
+        assert got.dtype == torch.float32
+        assert torch.equal(got[0], expected(pixels[0], norms[0]))
+        assert torch.equal(got[1], expected(pixels[1], norms[1], blank=True)) and got[1, :, 2:6, 2:6].eq(0).all()
+        assert torch.equal(got[2], torch.zeros(3, 8, 8))
+        assert torch.equal(got[3], expected(pixels[2], norms[2]))
 
 # ---------------------------------------------------------------------------------------------------------
 # With Ray and S3
