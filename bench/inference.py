@@ -61,6 +61,9 @@ class _Bf16Images(torch.nn.Module):
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
             return self.resnet(x).float()
 
+    def fold_batchnorm(self, enabled: bool) -> None:  # what `Execution.prepare_inference` sets on the ResNet
+        self.resnet.fold_batchnorm(enabled)
+
 
 def _bf16_resnet(model: OFAModel) -> OFAModel:
     model.encoder.embed_images = _Bf16Images(model.encoder.embed_images)

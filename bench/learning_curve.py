@@ -121,14 +121,14 @@ def curve(tracking: str, run_id: str, t0_ms: int) -> list[Point]:
                   int(rows.get(m.step, 0))) for i, m in enumerate(val)]
 
 
-def whole_split(bundle: str, corpus: str, answers: list[str], last: Point, t0: float) -> Point:
+def whole_split(bundle: str, corpus: str, answers: list[str], precision: str, last: Point, t0: float) -> Point:
     """The final bundle on every test question, as the last epoch's validation would have (allcand over the
-    config's answers, bf16), timed from t0."""
+    config's answers, at the run's precision), timed from t0."""
     from pipelines.evaluate import evaluate_corpus
 
     t = time.time()
     out = evaluate_corpus(bundle, corpus, "vqa", split="test", mode="allcand", candidates=answers or None,
-                          batch_size=64, precision="bf16")
+                          batch_size=64, precision=precision)
     return Point(last.epoch, last.step, (time.time() - t0) / 60, out.metrics["vqa_score"], time.time() - t,
                  int(out.metrics["rows"]))
 
@@ -140,8 +140,9 @@ def plot(points: list[Point], path: Path, title: str, budget_min: float, test_ro
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    subset = max((p.rows for p in points if p.rows != test_rows), default=0)
     ax.plot([0] + [p.minutes for p in points], [0] + [p.accuracy for p in points], marker="o",
-            label=f"test VQA accuracy after each epoch (first {VAL_SUBSET} questions)")
+            label=f"test VQA accuracy after each epoch (first {subset} questions)")
     full = [p for p in points if p.rows == test_rows]
     if full:
         ax.plot([p.minutes for p in full], [p.accuracy for p in full], marker="*", markersize=14, linestyle="none",
@@ -211,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
                                   constant_lr=True), output_dir=out / name)
             elapsed = time.time() - t0
             probe = curve(tracking, first.mlflow_run_id, t0_ms)
+            if len(probe) < PROBE_EPOCHS:
+                raise SystemExit(f"the probe logged {len(probe)} validation point(s) to MLflow, not {PROBE_EPOCHS}: "
+                                 f"no epoch time to plan with (run {first.mlflow_run_id} in {tracking})")
             epoch_s = (probe[-1].minutes - probe[-2].minutes) * 60  # an epoch inside a fit, its validation included
             restart_s = max(0.0, elapsed - PROBE_EPOCHS * epoch_s)  # what the continuation's start costs again
             val_s, val_rows = probe[-1].validation_s, probe[-1].rows
@@ -228,8 +232,8 @@ def main(argv: list[str] | None = None) -> None:
 
     points = curve(tracking, outcome.mlflow_run_id, t0_ms)
     if points and points[-1].rows != test_rows:  # no continuation validated the whole split: evaluate the bundle
-        answers = list(_config(args.config, overrides, 1, constant_lr=False).answers)
-        points.append(whole_split(outcome.bundle, corpus, answers, points[-1], t0))
+        cfg = _config(args.config, overrides, 1, constant_lr=False)
+        points.append(whole_split(outcome.bundle, corpus, list(cfg.answers), cfg.run.precision, points[-1], t0))
     cores = os.cpu_count()
     print(f"\nlearning curve: {args.arch} from scratch, {epochs} epoch(s), run {name} (MLflow run "
           f"{outcome.mlflow_run_id}, {tracking}); {total_min:.1f} min in all")
