@@ -43,6 +43,7 @@ __all__ = [
     "grounding_train_augment",
     "normalize_caption",
     "normalize_question",
+    "model_pixels",
     "normalize_pixels",
     "normalize_text",
     "pad_sequences",
@@ -301,6 +302,14 @@ def normalize_pixels(pixels: torch.Tensor, cfg: PreprocessConfig) -> torch.Tenso
     mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
     return pixels.float().div_(255.0).sub_(mean).div_(std).contiguous()
+
+
+def model_pixels(pixels: torch.Tensor, cfg: PreprocessConfig, *, blank: bool = False) -> torch.Tensor:
+    """uint8 pixels ``(..., 3, S, S)`` -> the float32 model input: :func:`normalize_pixels`, then, for image
+    infilling (``blank``), :func:`blank_centre`. The one path from resized pixels to what the model sees, for
+    a sample built here and for uint8 pixels shipped by the data pipeline."""
+    images = normalize_pixels(pixels, cfg)
+    return blank_centre(images) if blank else images
 
 
 def blank_centre(images: torch.Tensor) -> torch.Tensor:

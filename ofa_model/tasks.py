@@ -41,12 +41,11 @@ from ofa_model.errors import (
 from ofa_model.generation import Constraint, GenerationConfig, PrefixTrie
 from ofa_model.preprocess import (
     PreprocessConfig,
-    blank_centre,
     check_box,
     decode_image,
     grounding_train_augment,
+    model_pixels,
     normalize_caption,
-    normalize_pixels,
     normalize_question,
     normalize_text,
     resize_pixels,
@@ -341,9 +340,7 @@ def _load_image(spec, row, pcfg, train, rng, box=None, pixels="float"):
         box = box * np.array([s / size_after[0], s / size_after[1]] * 2)
     tensor = resize_pixels(img, pcfg)
     if pixels == "float":
-        tensor = normalize_pixels(tensor, pcfg)
-        if spec.image_infill:
-            blank_centre(tensor)
+        tensor = model_pixels(tensor, pcfg, blank=spec.image_infill)
     return tensor, size, box
 
 
@@ -424,7 +421,7 @@ def build_example(spec: TaskSpec, row: Mapping[str, Any], vocab, pcfg: Preproces
 
     pixels "float" (default): image is the (3, S, S) float32 model input. "uint8": image is the (3, S, S) uint8
     resized pixels and the sample also has image_blank (bool); the model input is then
-    `normalize_pixels(image, pcfg)` followed by `blank_centre` where image_blank, bit for bit the "float" image.
+    `model_pixels(image, pcfg, blank=image_blank)`, bit for bit the "float" image.
     """
     if pixels not in PIXEL_KINDS:
         raise ValueError(f"build_example: pixels must be one of {PIXEL_KINDS}, got {pixels!r}")

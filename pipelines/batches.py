@@ -12,10 +12,11 @@ How it is built: a mixture composes single-corpus streams, and a single corpus i
 `CorpusStream` holds everything one corpus needs: it reads a Ray DataIterator (or Dataset), takes the marker
 rows out of the stream and counts them (`RowStats`, by reason and task, with example ids, logged), checks the
 one bad-row rule (`pipelines.rowstats.BadRowRule`) after each, skips rows consumed before a resume (a marker
-counts only its rows not consumed yet), normalises uint8 images (`normalize_pixels`, `blank_centre`) and
-yields the good rows; it knows its epoch (`EpochInfo`) and gives its `ResumeState`. `BatchIterator` draws
-rows from its streams slot by slot, collates them into batches, logs progress (rows, rate, ETA) and, when the
-batches end, applies the rule's end-of-epoch check to every stream that was read to its end. With one
+counts only its rows not consumed yet) and yields the good rows; it knows its epoch (`EpochInfo`) and gives its
+`ResumeState`. `BatchIterator` draws rows from its streams slot by slot, collates them into batches
+(`collate_rows`, where uint8 images become model inputs: `model_pixels`, once per batch), logs progress (rows,
+rate, ETA) and, when the batches end, applies the rule's end-of-epoch check to every stream that was read to
+its end. With one
 stream every slot draws from it; with several a `weighted_schedule` decides.
 
 Mixtures: in every block of `block` slots each source gets its weight's share (largest remainder, the rounding
@@ -49,7 +50,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ofa_model.preprocess import PreprocessConfig, blank_centre, collate, normalize_pixels
+from ofa_model.preprocess import PreprocessConfig, blank_centre, collate, model_pixels
 from pipelines.config import DataConfig
 from pipelines.rowstats import BadRowRule, MixtureState, ResumeState, RowStats
 from pipelines.source import EpochInfo, SeqSet
@@ -388,14 +389,12 @@ def _norm_key(norm: list[float] | None, row_id: str | None) -> tuple[float, ...]
 
 
 def _normalized(pixels: torch.Tensor, norm: tuple[float, ...], blank: bool) -> torch.Tensor:
-    """uint8 (..., 3, S, S) -> the float32 model input, as `build_example(pixels="float")` makes it (only mean
-    and std matter to normalize_pixels; they came from the actors' config); `blank`: the centre zeroed."""
-    image = normalize_pixels(pixels, PreprocessConfig(mean=norm[:3], std=norm[3:]))
-    return blank_centre(image) if blank else image
+    """`model_pixels` under the mean and std the actors shipped (only those matter to it)."""
+    return model_pixels(pixels, PreprocessConfig(mean=norm[:3], std=norm[3:]), blank=blank)
 
 
 def collate_rows(rows: Sequence[StreamRow], pad_id: int, with_meta: bool = False) -> dict[str, Any]:
-    """`collate` of the rows' samples, uint8 images made model inputs (`normalize_pixels`, `blank_centre`);
+    """`collate` of the rows' samples, uint8 images made model inputs (`model_pixels`);
     with_meta adds lists ids, tasks, seqs and image_sizes ((w, h) or None).
 
     When every image is uint8 under one mean and std (one corpus's rows, the usual case), the bytes are stacked

@@ -83,7 +83,7 @@ from pipelines.job_config import build, flatten, to_dict
 from pipelines.optim import Ema, build_optimizer, build_scheduler, freeze
 from pipelines.registry import promote_if_better, register_bundle, resolve_model
 from pipelines.rowstats import BadRowRule, MixtureState, ResumeState, RowStats
-from pipelines.shards import iter_rows, read_manifest
+from pipelines.shards import Manifest, iter_rows, read_manifest
 from pipelines.tracking import MetricLogger, end_run, run_key, start_or_resume_run
 from pipelines.train_config import TrainConfig
 
@@ -517,7 +517,7 @@ def _bad_row_rule(cfg: TrainConfig) -> BadRowRule:
     return BadRowRule(cfg.data.bad_row_threshold, cfg.data.early_check_rows, cfg.data.early_factor)
 
 
-def _plans(cfg: TrainConfig, epoch: int, manifest) -> dict:
+def _plans(cfg: TrainConfig, epoch: int, manifest: Manifest) -> dict:
     names = sorted(cfg.mixture) if cfg.mixture else [cfg.task]
     return {n: plan_epoch(_data_for(cfg, n), train=True, epoch=epoch, manifest=manifest) for n in names}
 
