@@ -1,10 +1,10 @@
 """Data ingest throughput: rows/s of read + decode + preprocess from a local S3 server into training batches.
 
-The Ray Data pipeline (`pipelines.dataset`: read tasks -> preprocessing actor pool -> BatchIterator ->
+The Ray Data pipeline (`pipelines.data.dataset`: read tasks -> preprocessing actor pool -> BatchIterator ->
 `collate`) against a bare single-process loop doing the same work (pyarrow reads of the same shards from
 the same server, `tasks.build_example` per row, `collate` per batch) with one torch thread. Corpus: easy-VQA
 rows (64x64 PNGs; vqa, visual_entailment, itm, caption, grounding, image_classification) written as
-canonical shards to a SeaweedFS server started for the run (`pipelines.local_s3`).
+canonical shards to a SeaweedFS server started for the run (`pipelines.local.s3`).
 
 Image dtypes: "uint8" ships resized pixels from the actors and normalises them in the consumer (the default),
 "float32" / "float16" ship normalised tensors.
@@ -35,11 +35,11 @@ from ofa_model.preprocess import PreprocessConfig, collate
 from ofa_model.tasks import TASKS, build_example
 from ofa_model.vocab import Vocabulary
 from pipelines import storage
-from pipelines.converters.easyvqa import convert_easy_vqa
-from pipelines.dataset import DataConfig, build_dataset, iter_train_batches, plan_epoch
-from pipelines.local_s3 import CONFLICTING_ENV, local_s3
-from pipelines.readers import BadRow
-from pipelines.shards import canonical_schema, write_corpus
+from pipelines.data.converters.easyvqa import convert_easy_vqa
+from pipelines.data.dataset import DataConfig, build_dataset, iter_train_batches, plan_epoch
+from pipelines.data.readers import BadRow
+from pipelines.data.shards import canonical_schema, write_corpus
+from pipelines.local.s3 import CONFLICTING_ENV, local_s3
 
 IMAGES = 300  # easy-VQA train images -> ~6,500 rows
 BATCH = 32

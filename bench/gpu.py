@@ -4,7 +4,7 @@ Skipped (exit 0) where CUDA is absent, so `python -m bench` stays harmless on CP
 
 One training step is what the trainer does per batch: forward under bf16 autocast (fp32 master weights),
 `ofa_model.losses.label_smoothed_nll` in fp32, backward, gradient clipping, fused AdamW
-(`pipelines.optim.build_optimizer` picks fused on CUDA). Batch "auto" takes the largest of 64, 48, 32, 24, 16, 8,
+(`pipelines.train.optim.build_optimizer` picks fused on CUDA). Batch "auto" takes the largest of 64, 48, 32, 24, 16, 8,
 4, 2, 1 whose step runs without running out of memory. The FLOPs of one step (forward + backward; the optimizer's
 elementwise work is left out, as MFU conventionally does) are counted by `torch.utils.flop_counter.FlopCounterMode`
 (matmuls, convolutions, attention); MFU = counted FLOPs per step x steps/s / the device's dense bf16 peak, from
@@ -26,8 +26,8 @@ import torch
 from ofa_model.config import get_config
 from ofa_model.losses import label_smoothed_nll
 from ofa_model.model import OFAModel
-from pipelines.optim import build_optimizer
-from pipelines.train_config import OptimSection
+from pipelines.train.config import OptimSection
+from pipelines.train.optim import build_optimizer
 
 PEAK_ENV = "OFA_PEAK_BF16_FLOPS"
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, FLOP/s; first match of the name wins.

@@ -271,7 +271,7 @@ def _bundle_metric(bundle: str, corpus: str | None, rows: int) -> None:
     import itertools
 
     from ofa_model.evaluation import evaluate_rows
-    from pipelines.shards import iter_rows
+    from pipelines.data.shards import iter_rows
 
     if corpus is None:
         raise SystemExit("--bundle needs --corpus (the converted easy-VQA corpus the bundle was validated on)")

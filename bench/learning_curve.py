@@ -8,9 +8,9 @@ The goal it checks: >= 0.97 VQA accuracy on the whole easy-VQA test split within
 What it does:
 
 * converts the installed easy-VQA package (train and test; `--limit` images per split, default all) with
-  `pipelines.converters.prepare` once, in shards of `--shard-mb`, cached under the output directory (not
+  `pipelines.data.converters.prepare` once, in shards of `--shard-mb`, cached under the output directory (not
   counted in the minutes);
-* trains with `pipelines.train.train` on `--config` (default `configs/finetune/vqa_easyvqa_multitask.yaml`:
+* trains with `pipelines.train.loop.train` on `--config` (default `configs/finetune/vqa_easyvqa_multitask.yaml`:
   VQA with image classification alongside; `configs/finetune/vqa_easyvqa.yaml` is VQA alone, which plateaus
   near 0.78 because it never learns the shapes) plus RECIPE plus `--set` overrides:
   validation (allcand over the config's 13 answers) after every epoch on the first VAL_SUBSET test questions,
@@ -45,7 +45,7 @@ SHARD_MB = 0.25  # easy-VQA train VQA in ~75 shards of ~500 rows instead of one
 GOAL_ACCURACY, GOAL_MINUTES = 0.97, 30.0
 # On top of the config. One worker with 2 CPUs (2 torch threads; Ray has 4 logical CPUs, so the data actors and
 # read tasks fit beside it): bench/train.py's scaling part measured 39 samples/s against 26.5 for the config's 1
-# thread and 43 for 2 workers x 1 CPU, and one worker runs all its epochs in one fit (pipelines.train) and validates
+# thread and 43 for 2 workers x 1 CPU, and one worker runs all its epochs in one fit (pipelines.train.loop) and validates
 # on 2 threads. bf16 autocast (AMX on this CPU; the loss is unchanged, bench/train.py). Validation in larger
 # batches; progress every 5 s.
 RECIPE = (
@@ -76,8 +76,8 @@ class Point:
 def ensure_corpus(out: Path, limit: int | None, shard_mb: float | None = None) -> str:
     """The converted corpus under `out` (converted on the first call, then reused); shard_mb None: the
     converter's default shard size."""
-    from pipelines.converters import prepare
-    from pipelines.shards import read_manifest
+    from pipelines.data.converters import prepare
+    from pipelines.data.shards import read_manifest
 
     corpus = out / ("corpus" + ("" if limit is None else f"-limit{limit}") + ("" if shard_mb is None else
                                                                                 f"-shard{shard_mb:g}MB"))
@@ -99,7 +99,7 @@ def ensure_corpus(out: Path, limit: int | None, shard_mb: float | None = None) -
 
 def _config(config: Path, overrides: list[str], epochs: int, constant_lr: bool):
     from pipelines.job_config import load_config
-    from pipelines.train_config import TrainConfig
+    from pipelines.train.config import TrainConfig
 
     cfg = load_config(TrainConfig, config, [*overrides, f"epochs={epochs}"])
     if constant_lr:  # end_lr = lr: the rate stays at lr after the warm-up
@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     from mlflow import MlflowClient
 
     from bench.train import start_local_ray
-    from pipelines.shards import read_manifest
-    from pipelines.train import train
+    from pipelines.data.shards import read_manifest
+    from pipelines.train.loop import train
 
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     from ray import serve
 
-    from pipelines.local_s3 import free_ports
+    from pipelines.local.s3 import free_ports
 
     model = args.model or str(make_bundle(s.arch, s.image_size, output))
     body = caption_body(s.image_size)

@@ -1,5 +1,5 @@
 """The whole pipeline on easy-VQA in one command: services, data, pretraining, fine-tunes, a sweep, the registry,
-Ray Serve and a report (see `pipelines.demo`).
+Ray Serve and a report (see `jobs.apps.demo`).
 
     python -m jobs.demo [--quick] [--keep] [--workdir demo-work]      # `make demo ARGS="--quick --keep"`
     python -m jobs.demo --stop [--workdir demo-work]                  # stop what a --keep run left up
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.images is not None and args.images < 8:
         fail(PROG, "--images must be >= 8")
-    from pipelines.demo import DemoOptions, run_demo, stop_demo
+    from jobs.apps.demo import DemoOptions, run_demo, stop_demo
 
     if args.stop:
         stop_demo(Path(args.workdir))

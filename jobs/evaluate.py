@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_flush_denormal(True)  # process-wide, so the entry point's call: denormals slow CPU decoding 3x
     from ofa_model.errors import InputError
     from pipelines.evaluate import evaluate_corpus
-    from pipelines.registry import ModelSourceError
+    from pipelines.tracking.registry import ModelSourceError
 
     cands = [c.strip() for c in args.candidates.split(",") if c.strip()] if args.candidates else None
     try:

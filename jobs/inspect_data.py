@@ -13,7 +13,7 @@ afterwards) so that it is checked by the same pipeline with the same reasons; th
 added to the counts and the first --list-bad are listed in full under "conversion".
 
 Prints rows ok, rows bad by reason with example ids, per-task counts and rows/s (see
-`pipelines.dataset.inspect`). Uses the Ray cluster of RAY_ADDRESS if set, else starts a local one.
+`pipelines.data.dataset.inspect`). Uses the Ray cluster of RAY_ADDRESS if set, else starts a local one.
 Exits 0 whatever the data holds; 1 on bad options or an unreadable input, 2 when the command line does
 not parse.
 """
@@ -32,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    from pipelines.raw_inspect import INPUT_LAYOUTS
+    from pipelines.data.raw_inspect import INPUT_LAYOUTS
 
     p = _Parser(prog="python -m jobs.inspect_data", description=__doc__.split("\n")[0])
     p.add_argument("--input", required=True, help="corpus directory, OFA TSV file/directory or WebDataset tar/"
@@ -60,11 +60,11 @@ def main(argv: list[str] | None = None) -> None:
     import ray
 
     from ofa_model.vocab import Vocabulary
-    from pipelines.converters import OutputError
-    from pipelines.dataset import DataConfig, inspect
+    from pipelines.data.converters import OutputError
+    from pipelines.data.dataset import DataConfig, inspect
+    from pipelines.data.raw_convert import key_map_option
+    from pipelines.data.raw_inspect import input_source, inspect_raw
     from pipelines.job_config import ConfigError, load_config, merge, read_yaml
-    from pipelines.raw_convert import key_map_option
-    from pipelines.raw_inspect import input_source, inspect_raw
 
     try:
         raw = {}

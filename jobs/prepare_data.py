@@ -11,7 +11,7 @@ per split are given as SPLIT=PATH and repeated, e.g. `--annotations train=a.json
 These run in this process.
 
 ofa-tsv and webdataset read a file or every .tsv / .tar file under a directory or prefix (local, file://
-or s3://) and run as a Ray job, one task per file (`pipelines.raw_convert`), on the Ray cluster of
+or s3://) and run as a Ray job, one task per file (`pipelines.data.raw_convert`), on the Ray cluster of
 RAY_ADDRESS if set, else on a local one. S3 credentials come from the AWS environment of the Ray
 workers; --s3-endpoint / --s3-region override the rest.
 
@@ -25,8 +25,8 @@ import logging
 import re
 import sys
 
-from pipelines.converters import OutputError, prepare
-from pipelines.readers import LAYOUTS, WDS_TASKS
+from pipelines.data.converters import OutputError, prepare
+from pipelines.data.readers import LAYOUTS, WDS_TASKS
 from pipelines.storage import S3Options
 
 RAW_SOURCES = ("ofa-tsv", "webdataset")
@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("webdataset", parents=[raw], help="WebDataset tars (.tar, .tar.gz, .tgz)")
     p.add_argument("--task", default="caption", choices=WDS_TASKS, help="the task of every sample (default caption)")
     p.add_argument("--key-map", action="append", default=None, metavar="ROLE=CANDIDATE[,...]",
-                   help="where a role comes from, e.g. text=json:expr (repeatable; see pipelines.readers)")
+                   help="where a role comes from, e.g. text=json:expr (repeatable; see pipelines.data.readers)")
 
     p = add("easy-vqa", "the installed easy-vqa package")
     p.add_argument("--seed", type=int, default=0, help="seed of the ITM negatives")
@@ -168,7 +168,7 @@ def _options(args: argparse.Namespace) -> dict:
 def _prepare_raw(args: argparse.Namespace) -> dict:
     import ray
 
-    from pipelines.raw_convert import RawSource, convert_raw, key_map_option
+    from pipelines.data.raw_convert import RawSource, convert_raw, key_map_option
 
     s3 = S3Options(args.s3_endpoint, args.s3_region) if args.s3_endpoint or args.s3_region else None
     if args.source == "ofa-tsv":

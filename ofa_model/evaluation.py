@@ -1,6 +1,6 @@
 """Evaluation through the one inference path: canonical rows -> `OFAPredictor` -> the task's metric.
 
-    result = evaluate_rows(predictor, "vqa", rows)      # rows: canonical corpus rows (pipelines.schema)
+    result = evaluate_rows(predictor, "vqa", rows)      # rows: canonical corpus rows (pipelines.data.schema)
     result.metrics      # {"vqa_score": 0.97, "rows": 500, "errors": 0}
     result.predictions  # one JSON-ready dict per row: id, the prediction, its reference
 

@@ -1,7 +1,7 @@
 """Every OFA task as data: prompt, how a row becomes model inputs, how output becomes an answer.
 
 `TASKS` is a plain dict of frozen `TaskSpec`s. A row is a plain dict with the canonical fields of
-`pipelines/schema.py` (`image`, `text`, `text2`, `target`, `targets`, `target_weights`, `box`,
+`pipelines/data/schema.py` (`image`, `text`, `text2`, `target`, `targets`, `target_weights`, `box`,
 `object_boxes`, `object_labels`, `codes`) or, for custom tasks, any column names.
 
 `build_example(spec, row, ...)` gives one training/evaluation sample (the input of

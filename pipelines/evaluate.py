@@ -3,7 +3,7 @@
     result = evaluate_corpus("models:/ofa-vqa@champion", "s3://b/corpora/easy-vqa", "vqa", split="test",
                              output="s3://b/eval/vqa-1")
 
-The model is a bundle directory or a registry URI (`pipelines.registry`); rows are read from the canonical
+The model is a bundle directory or a registry URI (`pipelines.tracking.registry`); rows are read from the canonical
 corpus in manifest order and go through `ofa_model.evaluation.evaluate_rows` (the predictor), so the metrics
 equal `score_predictions` applied to the written predictions file.
 """
@@ -18,9 +18,9 @@ from typing import Any
 from ofa_model.evaluation import evaluate_rows
 from ofa_model.predictor import OFAPredictor
 from pipelines import storage
-from pipelines.registry import resolve_model
-from pipelines.shards import iter_rows
+from pipelines.data.shards import iter_rows
 from pipelines.storage import S3Options
+from pipelines.tracking.registry import resolve_model
 
 logger = logging.getLogger(__name__)
 

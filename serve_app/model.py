@@ -91,7 +91,7 @@ def pick_device(setting: str, num_gpus: float, cuda_available: bool) -> tuple[st
 def load_model(name: str, source: str, cfg: ServeConfig, device: str) -> LoadedModel:
     """The predictor of `source` (a bundle directory or models:/ URI) with the limits of `cfg`."""
     from ofa_model.checkpoint import load_bundle
-    from pipelines.registry import resolve_model  # imports mlflow: only where a model is loaded
+    from pipelines.tracking.registry import resolve_model  # imports mlflow: only where a model is loaded
 
     resolved = resolve_model(source, tracking=cfg.tracking_uri, cache_dir=cfg.model_cache)
     bundle = load_bundle(resolved.path, device=device)

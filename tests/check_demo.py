@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from pipelines.services import processes
+from pipelines.local.services import processes
 
 
 def check(workdir: Path) -> list[str]:

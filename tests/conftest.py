@@ -1,6 +1,6 @@
 """Session fixtures shared by the whole suite: a real S3 server (SeaweedFS) and a small local Ray cluster.
 
-* `s3_server`: `weed mini` (started by `pipelines.local_s3`, shared with the benchmarks) on 127.0.0.1,
+* `s3_server`: `weed mini` (started by `pipelines.local.s3`, shared with the benchmarks) on 127.0.0.1,
   every port it opens chosen free, data in a temporary directory, bucket "test-bucket", credentials
   test/testsecret. For the session it sets AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
   AWS_REGION, so plain s3:// URIs (pyarrow, boto3, Ray workers) reach it; the previous environment is
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipelines.local_s3 import CONFLICTING_ENV, S3Server, start_weed_retrying, stop_weed
+from pipelines.local.s3 import CONFLICTING_ENV, S3Server, start_weed_retrying, stop_weed
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,13 @@
 
 * `ofa_model` is plain PyTorch + tokenizers: it never imports ray, mlflow, fastapi, starlette or boto3, not at
   module top, not inside a function.
-* `serve_app` imports nothing from `pipelines` except `pipelines.registry`, the one module that resolves
-  models from the MLflow registry (the YAML config text helpers they share live in `ofa_model.config_text`).
+* The layers point one way: `ofa_model` <- `pipelines` <- `tune`, with `serve_app` beside `tune`, and the
+  applications and command lines (`jobs`, `jobs.apps`) above them all:
+  - `ofa_model` imports none of the project's other packages;
+  - `pipelines` imports none of `tune`, `serve_app` or `jobs` (the applications live in `jobs.apps`);
+  - `tune` imports neither `jobs` nor `serve_app`;
+  - `serve_app` imports neither `tune` nor `jobs`, and from `pipelines` only `pipelines.tracking.registry`,
+    the one module that resolves models from the MLflow registry.
 """
 
 from __future__ import annotations
@@ -17,7 +22,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN_IN_MODEL = ("ray", "mlflow", "fastapi", "starlette", "boto3", "botocore")
-SERVE_MAY_IMPORT_FROM_PIPELINES = ("pipelines.registry",)
+SERVE_MAY_IMPORT_FROM_PIPELINES = ("pipelines.tracking.registry",)
+PROJECT_PACKAGES = ("ofa_model", "pipelines", "tune", "serve_app", "jobs")
+# what each package must not import (top-level package names)
+FORBIDDEN_LAYERS = {
+    "ofa_model": ("pipelines", "tune", "serve_app", "jobs"),
+    "pipelines": ("tune", "serve_app", "jobs"),
+    "tune": ("serve_app", "jobs"),
+    "serve_app": ("tune", "jobs"),
+}
 
 
 def imported_modules(source: str, module: str) -> set[str]:
@@ -59,11 +72,19 @@ def serve_violations(source: str, module: str) -> list[str]:
     for name in imported_modules(source, module):
         if _top(name) != "pipelines" or name == "pipelines":
             continue
+        if any(ok.startswith(name + ".") for ok in SERVE_MAY_IMPORT_FROM_PIPELINES):
+            continue  # the package above an allowed module (`from pipelines.tracking import registry`)
         if not any(name == ok or name.startswith(ok + ".") for ok in SERVE_MAY_IMPORT_FROM_PIPELINES):
             bad.append(name)
-    # `from pipelines import registry` adds "pipelines" and "pipelines.registry": allowed; `from pipelines import
-    # dataset` adds "pipelines.dataset": caught above.
+    # `from pipelines.tracking import registry` adds "pipelines.tracking" and "pipelines.tracking.registry":
+    # allowed; `from pipelines import storage` adds "pipelines.storage": caught above.
     return sorted(bad)
+
+
+def layer_violations(source: str, module: str) -> list[str]:
+    """Project modules that `module` imports from a layer above (or beside) its own."""
+    forbidden = FORBIDDEN_LAYERS.get(_top(module), ())
+    return sorted(n for n in imported_modules(source, module) if _top(n) in forbidden)
 
 
 def _modules(package: str) -> list[tuple[str, str]]:
@@ -88,15 +109,26 @@ def test_the_scanners_catch_what_they_must():
     assert model_violations("from starlette.requests import Request\n", "ofa_model.x")
     assert model_violations("import torch, tokenizers\nfrom ofa_model import errors\n", "ofa_model.x") == []
     assert model_violations("import rayon_like\n", "ofa_model.x") == []  # a prefix is not the package
-    assert serve_violations("from pipelines.dataset import build_dataset\n", "serve_app.app") == [
-        "pipelines.dataset",
-        "pipelines.dataset.build_dataset",
+    assert serve_violations("from pipelines.data.dataset import build_dataset\n", "serve_app.app") == [
+        "pipelines.data.dataset",
+        "pipelines.data.dataset.build_dataset",
     ]
-    assert serve_violations("from pipelines import shards\n", "serve_app.app") == ["pipelines.shards"]
+    assert serve_violations("from pipelines import storage\n", "serve_app.app") == ["pipelines.storage"]
     # relative imports resolve: from serve_app/app.py, `..pipelines` is the top-level package
     assert serve_violations("from ..pipelines import storage\n", "serve_app.app") == ["pipelines.storage"]
-    assert serve_violations("from pipelines.registry import resolve_model\n", "serve_app.app") == []
-    assert serve_violations("from pipelines import registry\n", "serve_app.app") == []
+    assert serve_violations("from pipelines.tracking.registry import resolve_model\n", "serve_app.app") == []
+    assert serve_violations("from pipelines.tracking import registry\n", "serve_app.app") == []
+    assert layer_violations("from tune.runner import run_sweep\n", "pipelines.x") == ["tune.runner",
+                                                                                       "tune.runner.run_sweep"]
+    assert layer_violations("def f():\n    from jobs.apps import report\n", "pipelines.data.x") == [
+        "jobs.apps", "jobs.apps.report"]
+    assert layer_violations("from jobs._cli import fail\n", "tune.sweep") == ["jobs._cli", "jobs._cli.fail"]
+    assert layer_violations("import serve_app.api\n", "tune.runner") == ["serve_app.api"]
+    assert layer_violations("from tune import search\n", "serve_app.app") == ["tune", "tune.search"]
+    assert layer_violations("from pipelines import storage\n", "ofa_model.x") == ["pipelines", "pipelines.storage"]
+    assert layer_violations("from pipelines.train.loop import train\nfrom ofa_model import vocab\n",
+                            "tune.trial") == []
+    assert layer_violations("from tune.runner import run_sweep\nimport serve_app\n", "jobs.apps.demo") == []
 
 
 @pytest.mark.parametrize("module,source", _modules("ofa_model"), ids=lambda v: v if "\n" not in v else "")
@@ -107,6 +139,23 @@ def test_ofa_model_imports_no_service_library(module, source):
 @pytest.mark.parametrize("module,source", _modules("serve_app"), ids=lambda v: v if "\n" not in v else "")
 def test_serve_app_reaches_pipelines_only_through_the_registry(module, source):
     assert serve_violations(source, module) == [], f"{module} imports pipelines beyond pipelines.registry"
+
+
+@pytest.mark.parametrize(
+    "module,source",
+    [m for package in FORBIDDEN_LAYERS for m in _modules(package)],
+    ids=lambda v: v if "\n" not in v else "",
+)
+def test_imports_point_down_the_layers(module, source):
+    assert layer_violations(source, module) == [], f"{module} imports from a layer above its own"
+
+
+def test_every_command_line_lives_in_jobs():
+    """`python -m X` entry points (a `__main__` guard or module) exist only under jobs/ (and bench/, the
+    benchmarks' own runner)."""
+    stray = [m for package in FORBIDDEN_LAYERS for m, src in _modules(package)
+             if '__name__ == "__main__"' in src or m.endswith("__main__")]
+    assert stray == []
 
 
 def test_importing_every_ofa_model_module_loads_no_service_library():

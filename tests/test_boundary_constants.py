@@ -10,7 +10,7 @@ from ofa_model import errors
 from ofa_model.errors import InputError
 from ofa_model.preprocess import SUPPORTED_FORMATS, check_box
 from ofa_model.tasks import TaskInputError, _box
-from pipelines import ingest, readers, schema
+from pipelines.data import ingest, readers, schema
 
 
 def test_shared_reasons_and_image_formats_come_from_ofa_model():

@@ -1,4 +1,4 @@
-"""Tests for pipelines.converters and jobs.prepare_data: every converter on a tiny fixture in its public
+"""Tests for pipelines.data.converters and jobs.prepare_data: every converter on a tiny fixture in its public
 format (written here), easy-VQA on a slice of the real package data, bad inputs, and end-to-end shards."""
 
 import collections
@@ -15,20 +15,20 @@ from PIL import Image
 
 from jobs import prepare_data
 from ofa_model.tasks import TASKS
-from pipelines.converters import SOURCES, OutputError, convert, prepare
-from pipelines.converters.coco import convert_coco
-from pipelines.converters.easyvqa import COLORS, SHAPES, convert_easy_vqa, parse_yes_no
-from pipelines.converters.fashion_mnist import convert_fashion_mnist
-from pipelines.converters.gigaword import convert_gigaword
-from pipelines.converters.glue import GLUE_TASKS, convert_glue
-from pipelines.converters.imagefolder import convert_imagefolder
-from pipelines.converters.refcoco import convert_refcoco, load_refs
-from pipelines.converters.snli_ve import LABEL_WORDS as SNLI_VE_LABEL_WORDS
-from pipelines.converters.snli_ve import convert_snli_ve
-from pipelines.converters.vqav2 import convert_vqav2, soft_targets
-from pipelines.readers import BadRow, glue_label_words
-from pipelines.schema import BAD_REASONS, FIELDS
-from pipelines.shards import iter_rows, read_manifest
+from pipelines.data.converters import SOURCES, OutputError, convert, prepare
+from pipelines.data.converters.coco import convert_coco
+from pipelines.data.converters.easyvqa import COLORS, SHAPES, convert_easy_vqa, parse_yes_no
+from pipelines.data.converters.fashion_mnist import convert_fashion_mnist
+from pipelines.data.converters.gigaword import convert_gigaword
+from pipelines.data.converters.glue import GLUE_TASKS, convert_glue
+from pipelines.data.converters.imagefolder import convert_imagefolder
+from pipelines.data.converters.refcoco import convert_refcoco, load_refs
+from pipelines.data.converters.snli_ve import LABEL_WORDS as SNLI_VE_LABEL_WORDS
+from pipelines.data.converters.snli_ve import convert_snli_ve
+from pipelines.data.converters.vqav2 import convert_vqav2, soft_targets
+from pipelines.data.readers import BadRow, glue_label_words
+from pipelines.data.schema import BAD_REASONS, FIELDS
+from pipelines.data.shards import iter_rows, read_manifest
 
 EASY_VQA_DATA = Path(easy_vqa.__file__).parent / "data"
 # The exact RGB the easy-VQA generator paints each colour with (seen in the package images).

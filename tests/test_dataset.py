@@ -1,4 +1,4 @@
-"""Ray Data ingest (pipelines.dataset and the modules behind it) on a real S3 server and a local Ray cluster.
+"""Ray Data ingest (pipelines.data.dataset and the modules behind it) on a real S3 server and a local Ray cluster.
 
 One small corpus on S3 holds good rows of five tasks and every kind of bad input, with exact expected
 counts. Each real pipeline run costs a few seconds (preprocessing actors start cold and import torch), so
@@ -25,8 +25,8 @@ from ofa_model.preprocess import PreprocessConfig, blank_centre, collate, normal
 from ofa_model.tasks import TASKS, build_example
 from ofa_model.vocab import Vocabulary
 from pipelines import storage
-from pipelines.batches import StreamRow, _images, collate_rows
-from pipelines.dataset import (
+from pipelines.data.batches import StreamRow, _images, collate_rows
+from pipelines.data.dataset import (
     BadDataError,
     DataConfig,
     EpochInfo,
@@ -41,10 +41,10 @@ from pipelines.dataset import (
     plan_epoch,
     weighted_schedule,
 )
-from pipelines.ingest import _image_array, _Preprocess
-from pipelines.schema import normalize_row
-from pipelines.shards import write_corpus
-from pipelines.source import SOURCE_SCHEMA
+from pipelines.data.ingest import _image_array, _Preprocess
+from pipelines.data.schema import normalize_row
+from pipelines.data.shards import write_corpus
+from pipelines.data.source import SOURCE_SCHEMA
 
 PCFG = PreprocessConfig(patch_image_size=32, max_image_pixels=1000)  # 16x16 images pass, 40x40 is too large
 RAY_TIMEOUT = 120
@@ -645,7 +645,7 @@ def test_a_mixture_starts_all_its_sources_side_by_side():
 def test_a_bug_in_preprocessing_raises_instead_of_counting_a_bad_row(vocab, monkeypatch):
     from ofa_model.errors import InputError
     from ofa_model.tasks import TaskInputError
-    from pipelines import ingest
+    from pipelines.data import ingest
 
     good = normalize_row(good_rows()[-1])  # glue_sst2, text only
     source = pa.Table.from_pylist([{**good, "seq": 0, "span": 1}], schema=SOURCE_SCHEMA)
@@ -671,7 +671,7 @@ def test_a_bug_in_preprocessing_raises_instead_of_counting_a_bad_row(vocab, monk
 
 def test_a_box_in_the_margin_outside_the_image_is_a_bad_row_in_training(vocab):
     """grounding_train_augment used to raise a plain ValueError for it (a crash once only input errors count)."""
-    from pipelines.ingest import preprocess_row
+    from pipelines.data.ingest import preprocess_row
 
     grounding = normalize_row(row("g/0", "grounding", image=png((1, 2, 3)), text="it", box=[-1.0, 2.0, -0.5, 10.0]))
     sample, reason, detail = preprocess_row(TASKS["grounding"], grounding, vocab, PCFG, train=True,
@@ -694,7 +694,7 @@ def test_read_blocks_are_sized_by_their_preprocessed_bytes():
     """Large images get small blocks (one 256-row block of 480x480 pixels is 177 MB: it held one actor's output
     past the object store's budget while the other actor idled); small ones keep the 256-row cap."""
     from ofa_model.preprocess import PreprocessConfig
-    from pipelines.config import read_block_rows
+    from pipelines.data.config import read_block_rows
 
     def rows(size, dtype="uint8", per_map=16, fixed=None):
         return read_block_rows(DataConfig(uri="s3://b/c", preprocess=PreprocessConfig(patch_image_size=size),
@@ -709,7 +709,7 @@ def test_read_blocks_are_sized_by_their_preprocessed_bytes():
 
 def test_the_scheduling_loop_throttle_keeps_a_step_to_its_minimum_period(monkeypatch):
     """A step that returns at once sleeps the rest of the period; one that already took it is not slowed."""
-    from pipelines import ingest
+    from pipelines.data import ingest
 
     now, slept = [100.0], []
 

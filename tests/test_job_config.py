@@ -108,7 +108,7 @@ def test_a_missing_file_is_a_config_error(tmp_path):
 
 
 def test_the_data_config_loads_through_the_same_loader():
-    from pipelines.dataset import DataConfig
+    from pipelines.data.dataset import DataConfig
 
     cfg = load_config(DataConfig, "configs/data.yaml", ["preprocess.patch_image_size=256", "tasks=[vqa]"])
     assert cfg.preprocess.patch_image_size == 256 and cfg.tasks == ("vqa",)

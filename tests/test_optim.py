@@ -1,4 +1,4 @@
-"""pipelines.optim: the schedule against hand-worked values, EMA against its recurrence, freezing, AdamW."""
+"""pipelines.train.optim: the schedule against hand-worked values, EMA against its recurrence, freezing, AdamW."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ofa_model import OFAModel, get_config
-from pipelines.optim import Ema, build_optimizer, build_scheduler, freeze, polynomial_lr
-from pipelines.train_config import OptimSection
+from pipelines.train.config import OptimSection
+from pipelines.train.optim import Ema, build_optimizer, build_scheduler, freeze, polynomial_lr
 
 
 def test_polynomial_lr_hand_worked():

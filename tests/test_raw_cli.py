@@ -1,5 +1,5 @@
 """OFA TSV and WebDataset input from the command line: `jobs.prepare_data ofa-tsv|webdataset` (a parallel
-conversion on Ray, `pipelines.raw_convert`) and the dataset doctor on raw input (`jobs.inspect_data`).
+conversion on Ray, `pipelines.data.raw_convert`) and the dataset doctor on raw input (`jobs.inspect_data`).
 
 Every check runs the CLI entry (`main(argv)`, one through a subprocess) on small files made here, on the
 session's local Ray cluster and SeaweedFS S3 server, and asserts exact good and bad counts by reason.
@@ -23,8 +23,8 @@ from PIL import Image
 
 from jobs import inspect_data, prepare_data
 from pipelines import storage
-from pipelines.readers import read_ofa_tsv
-from pipelines.shards import iter_rows, read_manifest, write_corpus
+from pipelines.data.readers import read_ofa_tsv
+from pipelines.data.shards import iter_rows, read_manifest, write_corpus
 
 RAY_TIMEOUT = 120
 
@@ -129,7 +129,7 @@ def ids(uri: str) -> list[str]:
 
 @pytest.mark.timeout(RAY_TIMEOUT)
 def test_tsv_directory_converts_in_parallel_with_exact_counts(data, tmp_path, capsys, caplog, ray_cluster):
-    caplog.set_level(logging.INFO, logger="pipelines.raw_convert")
+    caplog.set_level(logging.INFO, logger="pipelines.data.raw_convert")
     tsv = str(data / "vqa_tsv")
     rc, summary, _ = run_prepare(capsys, "ofa-tsv", "--layout", "vqa", "--input", tsv, "--split", "train",
                                  "--output", str(tmp_path / "c3"), "--concurrency", "3", "--log-every-s", "0")

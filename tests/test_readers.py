@@ -1,4 +1,4 @@
-"""Tests for pipelines.readers: OFA TSV layouts and WebDataset tars, good rows and BadRows, local and s3://."""
+"""Tests for pipelines.data.readers: OFA TSV layouts and WebDataset tars, good rows and BadRows, local and s3://."""
 
 import base64
 import io
@@ -13,7 +13,7 @@ from PIL import Image
 from ofa_model.preprocess import SUPPORTED_FORMATS
 from ofa_model.tasks import TASKS
 from pipelines import storage
-from pipelines.readers import (
+from pipelines.data.readers import (
     LAYOUTS,
     READER_REASONS,
     TSV_SUFFIXES,
@@ -32,7 +32,7 @@ from pipelines.readers import (
     read_ofa_tsv_file,
     read_webdataset,
 )
-from pipelines.schema import (
+from pipelines.data.schema import (
     BAD_REASONS,
     FIELDS,
     GLUE_LABEL_WORDS,
@@ -40,7 +40,7 @@ from pipelines.schema import (
     NLI_LABEL_WORDS,
     normalize_row,
 )
-from pipelines.shards import iter_rows, write_corpus
+from pipelines.data.shards import iter_rows, write_corpus
 
 
 def f32(x: float) -> float:

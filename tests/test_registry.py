@@ -1,4 +1,4 @@
-"""pipelines.registry on a real MLflow (sqlite tracking + registry, artifacts on local disk)."""
+"""pipelines.tracking.registry on a real MLflow (sqlite tracking + registry, artifacts on local disk)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import pytest
 from mlflow import MlflowClient
 
-from pipelines.registry import ModelSourceError, promote_if_better, register_bundle, resolve_model
+from pipelines.tracking.registry import ModelSourceError, promote_if_better, register_bundle, resolve_model
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -101,7 +101,7 @@ def test_a_champion_chosen_by_another_metric_stays(mlflow_env, tmp_path, caplog)
     v1 = register_bundle("m", source, run_id=run_id, metric="cider", value=1.0, tracking=uri)
     assert promote_if_better("m", v1, tracking=uri)
     v2 = register_bundle("m", source, run_id=run_id, metric="bleu4", value=99.0, tracking=uri)
-    with caplog.at_level(logging.WARNING, logger="pipelines.registry"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.tracking.registry"):
         assert not promote_if_better("m", v2, tracking=uri)
     assert "chosen by cider, not bleu4" in caplog.text
     assert str(client.get_model_version_by_alias("m", "champion").version) == v1
@@ -112,7 +112,7 @@ def test_jobs_starting_at_once_share_one_experiment(mlflow_env):
     all get its id; none fails on the losing side of the create."""
     import threading
 
-    from pipelines.tracking import client_for, experiment_id
+    from pipelines.tracking.runs import client_for, experiment_id
 
     uri, _, _ = mlflow_env
     barrier, ids, errors = threading.Barrier(4), [], []

@@ -1,4 +1,4 @@
-"""The demo's report (`pipelines.report`): the metric table and the self-contained HTML file."""
+"""The demo's report (`jobs.apps.report`): the metric table and the self-contained HTML file."""
 
 import base64
 import io
@@ -6,7 +6,7 @@ import re
 
 from PIL import Image
 
-from pipelines.report import Report, Sample, TaskResult, annotated_png, metric_table, render_html
+from jobs.apps.report import Report, Sample, TaskResult, annotated_png, metric_table, render_html
 
 
 def _png(size=(64, 64), colour=(255, 255, 255)) -> bytes:

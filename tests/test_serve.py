@@ -33,8 +33,8 @@ from mlflow import MlflowClient
 from ofa_model import OFAModel, Vocabulary, get_config, save_bundle
 from ofa_model.predictor import OFAPredictor, PredictorLimits
 from ofa_model.preprocess import PreprocessConfig
-from pipelines.local_s3 import free_ports
-from pipelines.registry import promote_if_better, register_bundle
+from pipelines.local.s3 import free_ports
+from pipelines.tracking.registry import promote_if_better, register_bundle
 from tests.test_predictor import huge_header_png, png
 
 pytestmark = pytest.mark.timeout(180)

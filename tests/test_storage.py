@@ -1,4 +1,4 @@
-"""Tests for pipelines.storage (local, file://, s3:// on SeaweedFS) and pipelines.shards (canonical corpus)."""
+"""Tests for pipelines.storage (local, file://, s3:// on SeaweedFS) and pipelines.data.shards (canonical corpus)."""
 
 import hashlib
 import json
@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import storage
-from pipelines.schema import FIELDS, normalize_row, row_digest
-from pipelines.shards import (
+from pipelines.data.schema import FIELDS, normalize_row, row_digest
+from pipelines.data.shards import (
     Manifest,
     ShardWriter,
     iter_rows,

@@ -21,12 +21,12 @@ from mlflow import MlflowClient
 
 from ofa_model import metrics as M
 from pipelines import storage
-from pipelines.converters import prepare
+from pipelines.data.converters import prepare
+from pipelines.data.shards import read_manifest
 from pipelines.job_config import build
-from pipelines.registry import resolve_model
-from pipelines.shards import read_manifest
-from pipelines.train import TrainOutcome, latest_state_summary, read_state, steps_per_epoch, train
-from pipelines.train_config import TrainConfig
+from pipelines.tracking.registry import resolve_model
+from pipelines.train.config import TrainConfig
+from pipelines.train.loop import TrainOutcome, latest_state_summary, read_state, steps_per_epoch, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -329,7 +329,7 @@ def test_self_critical_caption_training_runs_with_cider_rewards(corpus, tmp_path
 def test_model_dims_resize_a_named_architecture_and_bad_dims_name_the_key():
     from ofa_model import OFAModel
     from pipelines.job_config import ConfigError, load_config
-    from pipelines.train_config import TrainConfig
+    from pipelines.train.config import TrainConfig
 
     path = Path(__file__).resolve().parents[1] / "configs/finetune/vqa_easyvqa_multitask.yaml"
     cfg = load_config(TrainConfig, path, ["model.dims={embed_dim: 128, ffn_dim: 512}"])

@@ -24,10 +24,10 @@ import pytest
 from mlflow import MlflowClient
 
 from ofa_model.checkpoint import load_bundle
-from pipelines.converters import prepare
-from pipelines.local_s3 import free_ports
-from pipelines.registry import resolve_model
-from pipelines.services import (
+from pipelines.data.converters import prepare
+from pipelines.data.shards import read_manifest
+from pipelines.local.s3 import free_ports
+from pipelines.local.services import (
     VENV_BIN,
     http_status,
     processes,
@@ -36,9 +36,9 @@ from pipelines.services import (
     stop_groups,
     venv_env,
 )
-from pipelines.services import log_tail as _tail
-from pipelines.shards import read_manifest
-from pipelines.train import train
+from pipelines.local.services import log_tail as _tail
+from pipelines.tracking.registry import resolve_model
+from pipelines.train.loop import train
 from tests.test_train import config
 
 pytestmark = [pytest.mark.slow]

@@ -22,7 +22,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipelines.job_config import ConfigError, dump_yaml, load_config
-from pipelines.train_config import TrainConfig
+from pipelines.train.config import TrainConfig
 from tests import test_train
 from tests.test_train import config
 from tune.report import TrialSummary, rank, savings, table
@@ -142,7 +142,7 @@ def test_overrides_trial_configs_and_ties(tmp_path):
 
 
 def test_the_cli_checks_the_task_before_starting_anything(tmp_path, capsys):
-    from tune.sweep import main
+    from jobs.sweep import main
 
     with pytest.raises(SystemExit) as exc:
         main(["--task", "caption", "--config", str(ROOT / "configs/tune/vqa_easyvqa.yaml")])
@@ -196,7 +196,7 @@ def _trial_runs(client: MlflowClient, sweep: str) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def sweep(corpus, s3_server, ray_cluster, tmp_path_factory):
-    """One sweep on S3, three trials one at a time, run by `python -m tune.sweep` in a subprocess (a second
+    """One sweep on S3, three trials one at a time, run by `python -m jobs.sweep` in a subprocess (a second
     driver on the session's cluster) that is killed mid-sweep, then resumed here with `run_sweep`.
 
     Trials in grid order: a learning rate that learns; one that leaves the model as initialised, which ASHA
@@ -216,7 +216,7 @@ def sweep(corpus, s3_server, ray_cluster, tmp_path_factory):
     client = MlflowClient(tracking_uri=plan.base.tracking.tracking_uri)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     log = (tmp / "driver.log").open("w")
-    driver = subprocess.Popen([sys.executable, "-m", "tune.sweep", "--task", "vqa", "--config", str(path)],
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.sweep", "--task", "vqa", "--config", str(path)],
                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     before: dict[str, tuple] = {}
     deadline = time.monotonic() + 600  # generous: a loaded 2-core machine runs this 2-3x slower

@@ -18,7 +18,7 @@
   is its best epoch's too). Its config is written as a fine-tune YAML (`best_config.yaml`: the base config with
   the trial's values, run name `<name>-best`), its best bundle is registered under the base config's
   `tracking.registered_model`, and `champion` moves only if it beats the current champion
-  (`pipelines.registry.promote_if_better`). A stopped trial's bundle is copied from its best checkpoint first.
+  (`pipelines.tracking.registry.promote_if_better`). A stopped trial's bundle is copied from its best checkpoint first.
 """
 
 from __future__ import annotations
@@ -35,7 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.job_config import dump_yaml, flatten, to_dict
-from pipelines.tracking import MetricLogger, client_for, end_run, experiment_id, run_key, start_or_resume_run
+from pipelines.tracking.runs import (
+    MetricLogger,
+    client_for,
+    end_run,
+    experiment_id,
+    run_key,
+    start_or_resume_run,
+)
 from tune.report import TrialSummary, plot, rank, savings, write_csv
 from tune.report import table as format_table
 from tune.search import SweepPlan, format_value, param_space
@@ -277,7 +284,7 @@ def _write_best_config(plan: SweepPlan, best: TrialSummary, path: Path) -> Path:
     """The base fine-tune config with the best trial's values, run name `<sweep>-best`, as written by the user
     (storage and tracking not pinned), registering under the base's registered model."""
     from pipelines.job_config import build
-    from pipelines.train_config import TrainConfig
+    from pipelines.train.config import TrainConfig
     from tune.search import apply_params
 
     raw = apply_params(to_dict(plan.user_base), best.params, plan.cfg.tie)
@@ -295,7 +302,7 @@ def _write_best_config(plan: SweepPlan, best: TrialSummary, path: Path) -> Path:
 def _register(plan: SweepPlan, parent: str, best: TrialSummary, client) -> tuple[str | None, bool]:
     """Register the best trial's best bundle and move `champion` only on improvement (once per sweep: a
     resumed, finished sweep reuses the parent's record)."""
-    from pipelines.registry import promote_if_better, register_bundle
+    from pipelines.tracking.registry import promote_if_better, register_bundle
 
     name = plan.base.tracking.registered_model
     if name is None:
@@ -325,7 +332,7 @@ def _best_bundle(plan: SweepPlan, best: TrialSummary, client) -> tuple[str, Mapp
     import pyarrow.fs as pafs
 
     from pipelines import storage
-    from pipelines.train import BUNDLE_DIR, STATE_JSON
+    from pipelines.train.loop import BUNDLE_DIR, STATE_JSON
 
     run_id = best.mlflow_run_id
     with tempfile.TemporaryDirectory(prefix="sweep-bundle-") as tmp:

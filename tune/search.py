@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipelines.job_config import ConfigError, build, merge, parse_overrides, read_config_file, to_dict
-from pipelines.train_config import TrainConfig
+from pipelines.train.config import TrainConfig
 
 Scalar = bool | int | float | str
 KINDS = ("loguniform", "uniform", "choice", "grid")
@@ -255,8 +255,8 @@ def apply_params(raw: Mapping[str, Any], params: Mapping[str, Any], tie: Mapping
 def plan_sweep(cfg: SweepConfig, *, source: str = "<sweep>") -> SweepPlan:
     """Check `cfg` against its base config (see the module docstring); ConfigError names what and where."""
     from ofa_model.evaluation import primary_metric
-    from pipelines.registry import tracking_uri
-    from pipelines.train import task_specs
+    from pipelines.tracking.registry import tracking_uri
+    from pipelines.train.loop import task_specs
 
     if not Path(cfg.base).is_file():
         raise ConfigError(f"{source}: base: {cfg.base} is not a file (paths are relative to the working "

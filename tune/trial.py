@@ -1,4 +1,4 @@
-"""One Tune trial: a function trainable that runs `pipelines.train.train` (the function `jobs.finetune` calls)
+"""One Tune trial: a function trainable that runs `pipelines.train.loop.train` (the function `jobs.finetune` calls)
 and reports each finished epoch's validation metric to Tune, so ASHA can stop it.
 
 How epochs reach Tune (the decision):
@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.job_config import flatten, to_dict
-from pipelines.tracking import client_for, run_key, start_or_resume_run
-from pipelines.train_config import TrainConfig
+from pipelines.tracking.runs import client_for, run_key, start_or_resume_run
+from pipelines.train.config import TrainConfig
 from tune.search import SweepPlan
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def trial_train_config(plan: SweepPlan, params: Mapping[str, Any], trial_id: str
 def start_trial_run(cfg: TrainConfig, ctx: TrialContext, trial_id: str) -> str:
     """The trial's MLflow run (created with the parent tag, or resumed): the run `train()` then continues. Its
     params and tags are those `train()` gives a new run, plus the sweep's."""
-    from pipelines.shards import read_manifest
+    from pipelines.data.shards import read_manifest
 
     manifest = read_manifest(cfg.data.uri, s3=cfg.data.s3)
     return start_or_resume_run(
@@ -115,7 +115,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     """The function trainable (see the module docstring). `params`: one value per space key."""
     from ray import tune as ray_tune
 
-    from pipelines.train import train
+    from pipelines.train.loop import train
 
     t0 = time.monotonic()
     trial_id = ray_tune.get_context().get_trial_id()

@@ -1,0 +1,570 @@
+"""`make demo`: the whole pipeline on easy-VQA, on this machine, in one command.
+
+    python -m jobs.demo [--quick] [--keep] [--workdir DIR]
+
+Stages, each through the library functions a user's jobs call (nothing here trains, serves or converts):
+
+ 1. services on loopback, every port free: SeaweedFS (S3), an MLflow tracking server (sqlite, artifacts on that
+    S3), a Ray head node (`ray start --head`), so Serve and the MLflow UI can outlive the demo with `--keep`;
+ 2. easy-VQA converted into canonical shards on S3 (`pipelines.data.converters.prepare`);
+ 3. a short multi-task pretraining (`pipelines.train.loop.train`, configs/pretrain/easyvqa_micro.yaml);
+ 4. fine-tunes of vqa, caption and grounding from the pretrained bundle (configs/finetune/*_easyvqa.yaml), each
+    registered in MLflow, `champion` moved on improvement;
+ 5. a small Ray Tune sweep for vqa (`tune.runner.run_sweep`, configs/tune/vqa_easyvqa.yaml), whose best bundle
+    competes for the vqa champion;
+ 6. the champions evaluated on the held-out test split (`pipelines.evaluate.evaluate_corpus`) against a trivial
+    baseline (the majority answer, the most common caption, the box of the whole image);
+ 7. the champions served by Ray Serve from the registry (`serve_app.app.build`), and real HTTP requests for each
+    task on held-out images;
+ 8. the report: a table in the terminal and one self-contained HTML file; where everything is; then every
+    service stopped (unless `--keep`), with a check that none of their processes is left.
+
+`--quick` runs the same stages at smoke size (a few steps each). A failing stage is named, with the tail of
+the demo's log, and the services are still stopped.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs.apps.report import Report, Sample, TaskResult, metric_table, render_html
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+TASKS = ("vqa", "caption", "grounding")
+STATE_FILE = "services.json"
+RAY_CPUS = 6  # logical CPUs of the demo's Ray head (2 physical cores here): room for three fine-tunes at once
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    workdir: Path = Path("demo-work")
+    quick: bool = False
+    keep: bool = False
+    images: int | None = None  # easy-VQA images per split; None: the size's default
+
+
+@dataclass(frozen=True)
+class Size:
+    """How much work each stage does."""
+
+    images: int  # easy-VQA images per split
+    pretrain_epochs: int
+    pretrain_steps: int | None
+    finetune_epochs: int
+    finetune_steps: int | None
+    sweep_samples: int
+    sweep_epochs: int
+    sweep_steps: int
+    eval_rows: int
+    val_rows: int
+    preprocess_on: str  # DataConfig.preprocess_on: "tasks" spares each smoke-sized dataset an actor start
+
+
+FULL = Size(images=1000, pretrain_epochs=2, pretrain_steps=150, finetune_epochs=3, finetune_steps=80,
+            sweep_samples=4, sweep_epochs=2, sweep_steps=30, eval_rows=400, val_rows=200,
+            preprocess_on="actors")
+QUICK = Size(images=40, pretrain_epochs=1, pretrain_steps=4, finetune_epochs=1, finetune_steps=4,
+             sweep_samples=2, sweep_epochs=1, sweep_steps=2, eval_rows=24, val_rows=16,
+             preprocess_on="tasks")
+
+
+@dataclass
+class Services:
+    """The running services and what a client needs to reach them."""
+
+    s3_endpoint: str
+    bucket: str
+    mlflow_url: str
+    ray_address: str
+    ray_dashboard: str
+    env: dict[str, str]
+    procs: list[Any] = field(default_factory=list)  # Popen objects (own sessions)
+    markers: list[str] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)
+
+
+class StageError(RuntimeError):
+    def __init__(self, stage: str, cause: BaseException):
+        super().__init__(f"stage '{stage}' failed: {type(cause).__name__}: {cause}")
+        self.stage = stage
+
+
+class Stages:
+    """Announces each stage with its number and elapsed time; a failure names the stage."""
+
+    def __init__(self, total: int):
+        self.total, self.n, self.t0 = total, 0, time.monotonic()
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.n += 1
+        t = time.monotonic()
+        _say(f"\n==> [{self.n}/{self.total}] {name}  (demo at {_clock(t - self.t0)})")
+        try:
+            yield
+        except BaseException as exc:
+            logger.exception("stage '%s' failed", name)  # the traceback goes to demo.log
+            raise StageError(name, exc) from exc
+        _say(f"    done in {_clock(time.monotonic() - t)}")
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s"
+
+
+# =============================================================================================================
+# Services
+
+
+def _stop_leftover_services(workdir: Path) -> None:
+    """Stops the services an earlier `--keep` run left up (their process groups, from the state file)."""
+    state = workdir / STATE_FILE
+    if not state.is_file():
+        return
+    info = json.loads(state.read_text())
+    _say(f"stopping the services an earlier run left up ({', '.join(info.get('urls', {}).values())})")
+    for pid in info.get("pgids", []):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(p) for p in info.get("pgids", [])):
+        time.sleep(0.5)
+    for pid in info.get("pgids", []):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    state.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def start_services(workdir: Path, keep: bool) -> Services:
+    from pipelines.local.s3 import CONFLICTING_ENV, start_weed_retrying
+    from pipelines.local.services import start_mlflow_server, start_ray_head, venv_env
+
+    proc, s3 = start_weed_retrying(workdir / "s3", detach=True)
+    env = venv_env(**s3.env(), MLFLOW_S3_ENDPOINT_URL=s3.endpoint)
+    for name in CONFLICTING_ENV:
+        env.pop(name, None)
+    svc = Services(s3.endpoint, s3.bucket, "", "", "", env, [proc], [str(workdir / "s3")], [proc.pid])
+    # Ray Train's preemption watcher (an actor per fit, ~2 CPU-seconds to start here) watches for nodes being
+    # drained: the demo's one local node never is
+    env.update(RAY_AUTH_MODE="disabled", PYTHONPATH=str(REPO), RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5",
+               RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
+    # Ray's unix socket paths must stay under 107 bytes: a short temp dir, recorded in the work dir
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ofa-demo-ray-", dir="/tmp"))
+    (workdir / "ray-temp-dir").write_text(str(ray_tmp))
+    # The MLflow server and the Ray head start side by side (each spends most of its start-up importing).
+    # Logical CPUs: the three fine-tunes run at once, each a 1-CPU worker plus its data actor and reads.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        mlflow_f = pool.submit(start_mlflow_server, workdir / "mlflow", f"s3://{s3.bucket}/mlflow-artifacts",
+                               dict(env))
+        head_f = pool.submit(start_ray_head, ray_tmp, dict(env), num_cpus=RAY_CPUS)
+    for f in (mlflow_f, head_f):  # record what started, so that a failure of the other still stops it
+        if f.exception() is None:
+            svc.procs.append(f.result().proc)
+            svc.markers += list(f.result().markers)
+    try:
+        mlflow, head = mlflow_f.result(), head_f.result()  # raises the first failure, after recording the rest
+    except BaseException:
+        stop_services(svc)
+        raise
+    svc.mlflow_url = mlflow.url
+    env.update(MLFLOW_TRACKING_URI=mlflow.url)
+    svc.ray_address, svc.ray_dashboard = head.url, head.info["dashboard"]
+    state = {"pgids": [p.pid for p in svc.procs], "urls": {"s3": svc.s3_endpoint, "mlflow": svc.mlflow_url,
+                                                           "ray": svc.ray_dashboard}}
+    (workdir / STATE_FILE).write_text(json.dumps(state, indent=1))
+    return svc
+
+
+def stop_services(svc: Services) -> list[tuple[int, str]]:
+    """Stops every service; returns the processes that had to be killed by pid (should be none)."""
+    import ray
+
+    from pipelines.local.services import stop_groups
+
+    t = time.monotonic()
+    with contextlib.suppress(Exception):
+        from ray import serve
+
+        if ray.is_initialized():
+            serve.shutdown()
+    t_serve = time.monotonic()
+    with contextlib.suppress(Exception):
+        ray.shutdown()
+    t_ray = time.monotonic()
+    leftovers, _ = stop_groups(list(reversed(svc.procs)), tuple(svc.markers), grace_s=30)
+    logger.info("services stopped: Serve %.1f s, Ray driver %.1f s, processes %.1f s", t_serve - t, t_ray - t_serve,
+                time.monotonic() - t_ray)
+    return leftovers
+
+
+def connect(svc: Services) -> None:
+    """Points this process at the services (environment for S3 and MLflow clients) and joins the Ray cluster."""
+    import ray
+
+    for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION",
+                "AWS_EC2_METADATA_DISABLED", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE",
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_DATA_DISABLE_PROGRESS_BARS",
+                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
+        if key in svc.env:
+            os.environ[key] = svc.env[key]
+    os.environ.pop("RAY_ADDRESS", None)
+    # RAY_ADDRESS in the job's workers too: Ray's own helpers there (e.g. Train's placement-group cleaner) find
+    # the cluster by it when another Ray runs on the same machine
+    ray.init(address=svc.ray_address, log_to_driver=True, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {"RAY_ADDRESS": svc.ray_address, "MLFLOW_TRACKING_URI": svc.mlflow_url}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+# =============================================================================================================
+# Stages
+
+
+def _train(config: str, overrides: list[str], output_dir: Path):
+    from pipelines.job_config import load_config
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.loop import train
+
+    return train(load_config(TrainConfig, REPO / config, overrides), output_dir=output_dir)
+
+
+def _common(svc: Services, corpus: str, size: Size, run: str, epochs: int, steps: int | None) -> list[str]:
+    return [f"data.uri={corpus}", f"run.name={run}", f"run.storage_path=s3://{svc.bucket}/runs",
+            f"tracking.tracking_uri={svc.mlflow_url}", f"epochs={epochs}",
+            f"max_steps_per_epoch={'null' if steps is None else steps}", f"validation.max_rows={size.val_rows}",
+            "scaling.cpus_per_worker=1", "run.log_every_s=10", f"data.preprocess_on={size.preprocess_on}"]
+
+
+def _majority_baseline(task: str, corpus: str, records: list[dict]) -> tuple[float, str]:
+    """The metric of a constant prediction: the train split's most common answer or caption; for grounding the
+    box of the whole image."""
+    from ofa_model.evaluation import score_predictions
+    from ofa_model.tasks import TASKS as SPECS
+    from pipelines.data.shards import iter_rows
+
+    spec = SPECS[task]
+    if task == "grounding":
+        const, what = None, "whole-image box"
+    else:
+        counts = Counter(str(r.get("target")) for r in iter_rows(corpus, splits=["train"], tasks=[task]))
+        const = counts.most_common(1)[0][0]
+        what = f"always '{const}'"
+    fake = []
+    for r in records:
+        rec = dict(r)
+        rec["prediction"] = const if task != "grounding" else [0.0, 0.0, 64.0, 64.0]
+        fake.append(rec)
+    metrics = score_predictions(spec, fake)
+    from ofa_model.evaluation import primary_metric
+
+    name, _ = primary_metric(spec)
+    return float(metrics[name]), what
+
+
+def _curves(tracking: str, run_ids: dict[str, str]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking)
+    out: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for name, run_id in run_ids.items():
+        run = client.get_run(run_id)
+        per = {}
+        for key in run.data.metrics:
+            if key == "train/loss" or (key.startswith("val/") and key not in ("val/rows", "val/errors")):
+                per[key] = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        out[name] = per
+    return out
+
+
+def _post(url: str, body: dict, timeout: float = 60.0) -> tuple[int, dict, float]:
+    data = json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    t = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, payload = resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        status, payload = exc.code, json.loads(exc.read() or b"{}")
+    return status, payload, (time.perf_counter() - t) * 1000
+
+
+def _held_out(corpus: str, task: str, n: int) -> list[dict]:
+    import itertools
+
+    from pipelines.data.shards import iter_rows
+
+    return list(itertools.islice(iter_rows(corpus, splits=["test"], tasks=[task]), n))
+
+
+def _requests(url: str, corpus: str, n: int) -> list[Sample]:
+    """Real HTTP requests for each task on held-out test images; raises on any non-200 answer."""
+    from ofa_model.tasks import TASKS as SPECS
+
+    samples: list[Sample] = []
+    for task, route in (("vqa", "/v1/vqa"), ("caption", "/v1/caption"), ("grounding", "/v1/grounding")):
+        rows = _held_out(corpus, task, n)
+        items = []
+        for r in rows:
+            item: dict[str, Any] = {"image": base64.b64encode(r["image"]).decode()}
+            if task != "caption":
+                item["text"] = r["text"]
+            items.append(item)
+        status, payload, ms = _post(url + route, {"items": items})
+        if status != 200:
+            raise RuntimeError(f"POST {route}: HTTP {status}: {json.dumps(payload)[:500]}")
+        for r, res in zip(rows, payload["results"], strict=True):
+            if "error" in res:
+                raise RuntimeError(f"POST {route}: item {r['id']}: {res['error']}")
+            pred = res.get(SPECS[task].answer_key, res)
+            ref = r.get("box") if task == "grounding" else r.get("target")
+            samples.append(Sample(task, r["image"], r.get("text") or "(caption)", pred, ref, ms / len(rows)))
+    return samples
+
+
+def run_demo(opts: DemoOptions) -> int:
+    """Runs the demo; returns the process exit status (0: every stage passed and nothing was left behind)."""
+    size = QUICK if opts.quick else FULL
+    if opts.images:
+        size = dataclasses.replace(size, images=opts.images)
+    workdir = opts.workdir.resolve()
+    t0 = time.monotonic()
+    _stop_leftover_services(workdir) if workdir.exists() else None
+    if workdir.exists():
+        _say(f"work directory {workdir}: cleaning what an earlier run left there")
+        _cleanup_ray_temp(workdir)
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    log_path = workdir / "demo.log"
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    _say(f"ofa-ray demo ({'quick' if opts.quick else 'full'}): easy-VQA, ofa-micro, {size.images} images per split; "
+         f"work directory {workdir}, log {log_path}")
+    stages = Stages(8)
+    svc: Services | None = None
+    status = 1
+    links: dict[str, str] = {}
+    try:
+        with stages.stage("services: SeaweedFS (S3), MLflow tracking server, Ray head node"):
+            svc = start_services(workdir, opts.keep)
+            connect(svc)
+            links = {"MLflow UI": svc.mlflow_url, "Ray dashboard": svc.ray_dashboard, "S3 endpoint": svc.s3_endpoint,
+                     "work directory": str(workdir)}
+            for k, v in links.items():
+                _say(f"    {k}: {v}")
+        corpus = f"s3://{svc.bucket}/corpora/easy-vqa"
+        with stages.stage(f"convert easy-VQA ({size.images} images per split) into canonical shards on S3"):
+            from pipelines.data.converters import prepare
+
+            summary = prepare("easy-vqa", {}, corpus, limit=size.images)
+            _say(f"    {summary['rows_ok']} rows ({summary['counts']}), {summary['rows_per_s']:.0f} rows/s -> {corpus}")
+        runs: dict[str, str] = {}
+        with stages.stage("pretrain ofa-micro on the multi-task mixture (vqa, caption, grounding, entailment, itm)"):
+            out = _train("configs/pretrain/easyvqa_micro.yaml",
+                         _common(svc, corpus, size, "demo-pretrain", size.pretrain_epochs, size.pretrain_steps),
+                         workdir / "bundles" / "pretrain")
+            runs["pretrain"] = out.mlflow_run_id
+            pretrained = out.bundle
+            _say(f"    pretrained bundle {pretrained} (registered ofa-pretrained v{out.registered_version})")
+        finetuned: dict[str, Any] = {}
+        with stages.stage("fine-tune vqa, caption and grounding from the pretrained bundle (at once)"):
+            # three independent training runs, side by side on the cluster (each its own worker group)
+            with concurrent.futures.ThreadPoolExecutor(len(TASKS)) as pool:
+                futures = {task: pool.submit(
+                    _train, f"configs/finetune/{task}_easyvqa.yaml",
+                    _common(svc, corpus, size, f"demo-{task}", size.finetune_epochs, size.finetune_steps)
+                    + [f"model.init={pretrained}"], workdir / "bundles" / task) for task in TASKS}
+            for task in TASKS:
+                out = futures[task].result()
+                runs[task] = out.mlflow_run_id
+                finetuned[task] = out
+                _say(f"    {task}: {out.metrics} -> ofa-{task} v{out.registered_version}"
+                     f"{' (champion)' if out.champion else ''}")
+        sweep = None
+        with stages.stage(f"Ray Tune sweep for vqa ({size.sweep_samples} trials, ASHA)"):
+            sweep = _sweep(svc, corpus, size, pretrained, workdir)
+            _say(sweep.table)
+            _say(f"    best config: {sweep.best_config}; registered v{sweep.registered_version}"
+                 f"{' (new champion)' if sweep.champion else ' (did not beat the champion)'}")
+        results: list[TaskResult] = []
+        with stages.stage("evaluate the champions on the held-out test split, against a trivial baseline"):
+            from pipelines.evaluate import evaluate_corpus
+            from pipelines.tracking.registry import resolve_model
+
+            for task in TASKS:
+                uri = f"models:/ofa-{task}@champion"
+                ev = evaluate_corpus(uri, corpus, task, limit=size.eval_rows, tracking=svc.mlflow_url,
+                                     candidates=_answers() if task == "vqa" else None,
+                                     mode="allcand" if task == "vqa" else None)
+                from ofa_model.evaluation import primary_metric
+                from ofa_model.tasks import TASKS as SPECS
+
+                name, _ = primary_metric(SPECS[task])
+                records = _records(corpus, task, size.eval_rows)
+                base, what = _majority_baseline(task, corpus, records)
+                resolved = resolve_model(uri, tracking=svc.mlflow_url)
+                results.append(TaskResult(task, f"ofa-{task} v{resolved.version}", name, ev.metrics[name], base,
+                                          what, int(ev.metrics.get("rows", 0))))
+            _say(metric_table(results))
+        samples: list[Sample] = []
+        with stages.stage("serve the champions from the MLflow registry on Ray Serve; HTTP requests per task"):
+            url = _serve(svc)
+            links["Serve API"] = url
+            samples = _requests(url, corpus, 3)
+            for s in samples:
+                _say(f"    {s.task:10s} {s.prompt[:40]:40s} -> {s.prediction}   (reference {s.reference}, "
+                     f"{s.latency_ms:.0f} ms)")
+        with stages.stage("report"):
+            sweep_rows = [_trial_row(t) for t in sweep.trials] if sweep is not None else []
+            plot = Path(sweep.output_dir) / "sweep.png" if sweep is not None else None
+            report = Report(results, samples, _curves(svc.mlflow_url, runs), sweep_rows,
+                            plot.read_bytes() if plot is not None and plot.is_file() else None, links)
+            html_path = workdir / "report.html"
+            html_path.write_text(render_html(report))
+            links["report"] = str(html_path)
+        _say("\nofa-ray demo finished in " + _clock(time.monotonic() - t0))
+        for k, v in links.items():
+            _say(f"  {k:15s} {v}")
+        status = 0
+    except StageError as exc:
+        _say(f"\nDEMO FAILED: {exc}\n--- last lines of {log_path} ---")
+        _say(_tail(log_path, 40))
+    finally:
+        if svc is not None:
+            if opts.keep and status == 0:
+                _say(f"\nservices left up (--keep). Stop them with: make demo-stop  (or python -m jobs.demo --stop "
+                     f"--workdir {workdir})")
+            else:
+                leftovers = stop_services(svc)
+                (workdir / STATE_FILE).unlink(missing_ok=True)
+                if status == 0:
+                    _cleanup_ray_temp(workdir)
+                else:  # the replicas' and workers' own logs say what the demo's log cannot
+                    ray_tmp = (workdir / "ray-temp-dir").read_text().strip()
+                    _say(f"Ray's logs (workers, Serve replicas): {ray_tmp}/session_latest/logs "
+                         f"(removed by the next run, or `make demo-stop`)")
+                if leftovers:
+                    _say(f"processes had to be killed after the services stopped: {leftovers}")
+                    status = status or 1
+                else:
+                    _say("services stopped; no processes left behind")
+        logging.getLogger().removeHandler(handler)
+    return status
+
+
+def stop_demo(workdir: Path) -> None:
+    """Stops the services a `--keep` run left up."""
+    workdir = workdir.resolve()
+    if not (workdir / STATE_FILE).is_file():
+        _say(f"no services recorded in {workdir}")
+        return
+    _stop_leftover_services(workdir)
+    _cleanup_ray_temp(workdir)
+    _say("services stopped")
+
+
+def _cleanup_ray_temp(workdir: Path) -> None:
+    marker = workdir / "ray-temp-dir"
+    if marker.is_file():
+        shutil.rmtree(marker.read_text().strip(), ignore_errors=True)
+
+
+def _tail(path: Path, n: int) -> str:
+    from pipelines.local.services import log_tail
+
+    return log_tail(path, n)
+
+
+def _answers() -> list[str]:
+    import easy_vqa
+
+    path = Path(easy_vqa.__file__).parent / "data" / "answers.txt"
+    return [a.strip() for a in path.read_text().splitlines() if a.strip()]
+
+
+def _records(corpus: str, task: str, rows: int) -> list[dict]:
+    """Records of the evaluated test rows with their references and no prediction (for the baselines)."""
+    from ofa_model.evaluation import prediction_record
+    from ofa_model.tasks import TASKS as SPECS
+
+    return [prediction_record(SPECS[task], row, {}) for row in _held_out(corpus, task, rows)]
+
+
+def _sweep(svc: Services, corpus: str, size: Size, pretrained: str, workdir: Path):
+    from tune.runner import run_sweep
+    from tune.search import load_sweep_config, plan_sweep
+
+    cfg = load_sweep_config(REPO / "configs/tune/vqa_easyvqa.yaml", [
+        f"train.data.uri={corpus}", f"num_samples={size.sweep_samples}", f"train.epochs={size.sweep_epochs}",
+        f"train.max_steps_per_epoch={size.sweep_steps}", f"train.data.preprocess_on={size.preprocess_on}",
+        f"train.validation.max_rows={size.val_rows}",
+        f"train.tracking.tracking_uri={svc.mlflow_url}", f"train.model.init={pretrained}",
+        f"storage_path=s3://{svc.bucket}/tune", "name=demo-vqa-sweep"])
+    return run_sweep(plan_sweep(cfg), output_dir=workdir / "sweep")
+
+
+def _trial_row(t) -> dict[str, Any]:
+    return {"trial": t.trial_id, **t.params, "best": t.best, "best epoch": t.best_epoch, "epochs": t.epochs,
+            "stopped early": t.stopped_early}
+
+
+def _serve(svc: Services) -> str:
+    from ray import serve
+
+    from pipelines.local.s3 import free_ports
+    from serve_app.app import build
+    from serve_app.config import serve_config
+
+    port, = free_ports(1)
+    models = {task: {"source": f"models:/ofa-{task}@champion", "tasks": [task]} for task in TASKS}
+    cfg = serve_config(None, data={"models": models, "port": port, "host": "127.0.0.1",
+                                   "tracking_uri": svc.mlflow_url})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build(cfg), name="ofa", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=5) as resp:
+                if resp.status == 200:
+                    return url
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Serve did not answer {url}/healthz within 180 s")
+        time.sleep(1)
+
+

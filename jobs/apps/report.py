@@ -1,0 +1,167 @@
+"""The demo's report: a metric table for the terminal and one self-contained HTML file (images inlined).
+
+Inputs are plain data gathered by `jobs.apps.demo`: per task its metric against a trivial baseline, sample
+predictions with their image bytes and references, training curves (metric histories) and a sweep table.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    task: str
+    model: str  # name@version
+    metric: str
+    value: float
+    baseline: float
+    baseline_what: str
+    rows: int
+
+
+@dataclass(frozen=True)
+class Sample:
+    task: str
+    image: bytes
+    prompt: str
+    prediction: Any  # text, or a box [x0, y0, x1, y1] in image pixels
+    reference: Any
+    latency_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Report:
+    results: list[TaskResult]
+    samples: list[Sample]
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)  # run -> metric -> points
+    sweep_rows: list[dict[str, Any]] = field(default_factory=list)
+    sweep_plot_png: bytes | None = None
+    links: dict[str, str] = field(default_factory=dict)
+
+
+def metric_table(results: Sequence[TaskResult]) -> str:
+    """A plain-text table: task, model, metric, value, baseline."""
+    head = ("task", "model", "metric", "value", "baseline", "baseline is", "rows")
+    rows = [(r.task, r.model, r.metric, f"{r.value:.4f}", f"{r.baseline:.4f}", r.baseline_what, str(r.rows))
+            for r in results]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+
+    def line(cells) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    return "\n".join([line(head), line("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def _is_box(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 4 and all(isinstance(v, (int, float)) for v in value)
+
+
+def annotated_png(image: bytes, boxes: Mapping[str, Any], scale: int = 4) -> bytes:
+    """The image enlarged `scale` times with each box drawn (green: reference, red: prediction)."""
+    img = Image.open(io.BytesIO(image)).convert("RGB")
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    draw = ImageDraw.Draw(img)
+    colours = {"reference": (0, 170, 0), "prediction": (220, 0, 0)}
+    for name, box in boxes.items():
+        if _is_box(box):
+            draw.rectangle([v * scale for v in box], outline=colours.get(name, (0, 0, 255)), width=3)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def curves_png(curves: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]]) -> bytes | None:
+    """One panel per metric name, one line per run."""
+    names = sorted({m for per_run in curves.values() for m in per_run})
+    if not names:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        for run, per_run in curves.items():
+            pts = per_run.get(name)
+            if pts:
+                ax.plot([s for s, _ in pts], [v for _, v in pts], marker="." if len(pts) < 30 else None, label=run)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _fmt(value: Any) -> str:
+    if _is_box(value):
+        return "[" + ", ".join(f"{v:.1f}" for v in value) + "]"
+    if isinstance(value, list):
+        return " | ".join(str(v) for v in value[:3])
+    return str(value)
+
+
+def render_html(report: Report, title: str = "ofa-ray demo") -> str:
+    """One HTML document; every image is a data: URI, so the file stands alone."""
+    esc = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
+             "body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:14px;vertical-align:top}"
+             "th{background:#f0f0f0}.sample img{image-rendering:pixelated}</style></head><body>",
+             f"<h1>{esc(title)}</h1>"]
+    if report.links:
+        parts.append("<ul>" + "".join(f"<li>{esc(k)}: <code>{esc(v)}</code></li>" for k, v in report.links.items())
+                     + "</ul>")
+    parts.append("<h2>Metrics (held-out test split)</h2><table id='metrics'><tr><th>task</th><th>model</th>"
+                 "<th>metric</th><th>value</th><th>baseline</th><th>baseline is</th><th>rows</th></tr>")
+    for r in report.results:
+        parts.append(f"<tr><td>{esc(r.task)}</td><td>{esc(r.model)}</td><td>{esc(r.metric)}</td>"
+                     f"<td>{r.value:.4f}</td><td>{r.baseline:.4f}</td><td>{esc(r.baseline_what)}</td>"
+                     f"<td>{r.rows}</td></tr>")
+    parts.append("</table><h2>Predictions over HTTP (Ray Serve), held-out images</h2>"
+                 "<p>Boxes: green the reference, red the prediction.</p><table class='sample'>"
+                 "<tr><th>task</th><th>image</th><th>prompt</th><th>prediction</th><th>reference</th>"
+                 "<th>latency</th></tr>")
+    for s in report.samples:
+        png = annotated_png(s.image, {"reference": s.reference, "prediction": s.prediction})
+        latency = f"{s.latency_ms:.0f} ms" if s.latency_ms is not None else ""
+        parts.append(f"<tr class='sample-row' data-task='{esc(s.task)}'><td>{esc(s.task)}</td>"
+                     f"<td>{_img(png, s.task)}</td><td>{esc(s.prompt)}</td><td>{esc(_fmt(s.prediction))}</td>"
+                     f"<td>{esc(_fmt(s.reference))}</td><td>{latency}</td></tr>")
+    parts.append("</table>")
+    curves = curves_png(report.curves)
+    if curves:
+        parts.append("<h2>Training curves</h2>" + _img(curves, "training curves"))
+    if report.sweep_rows:
+        keys = list(report.sweep_rows[0])
+        parts.append("<h2>Hyperparameter sweep (Ray Tune)</h2><table><tr>" +
+                     "".join(f"<th>{esc(k)}</th>" for k in keys) + "</tr>")
+        for row in report.sweep_rows:
+            parts.append("<tr>" + "".join(f"<td>{esc(_cell(row.get(k)))}</td>" for k in keys) + "</tr>")
+        parts.append("</table>")
+    if report.sweep_plot_png:
+        parts.append(_img(report.sweep_plot_png, "sweep: metric per epoch per trial"))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
