@@ -29,7 +29,7 @@ def check(workdir: Path) -> list[str]:
     for task in ("vqa", "caption", "grounding"):
         if f"<td>{task}</td>" not in table:
             problems.append(f"the metric table has no row for {task}")
-        rows = re.findall(rf"<tr class='sample-row' data-task='{task}'>(.*?)</tr>", html, re.S)
+        rows = re.findall(rf"<tr class='sample-row' data-task='{task}' data-judged='\w*'>(.*?)</tr>", html, re.S)
         if not rows:
             problems.append(f"no sample for {task}")
         elif not all(row.count("data:image/png;base64,") == 1 for row in rows):

@@ -6,7 +6,15 @@ import re
 
 from PIL import Image
 
-from jobs.apps.report import Report, Sample, TaskResult, annotated_png, metric_table, render_html
+from jobs.apps.report import (
+    Report,
+    Sample,
+    TaskResult,
+    annotated_png,
+    metric_table,
+    pick_samples,
+    render_html,
+)
 
 
 def _png(size=(64, 64), colour=(255, 255, 255)) -> bytes:
@@ -21,7 +29,8 @@ RESULTS = [TaskResult("vqa", "ofa-vqa v3", "vqa_score", 0.9132, 0.3, "always 'no
 
 def test_metric_table_lines_up_and_holds_every_value():
     lines = metric_table(RESULTS).splitlines()
-    assert lines[0].split() == ["task", "model", "metric", "value", "baseline", "baseline", "is", "rows"]
+    assert lines[0].split() == ["task", "model", "metric", "value", "baseline", "baseline", "is", "bar", "verdict",
+                                "rows"]
     assert set(lines[1].replace(" ", "")) == {"-"}
     assert "0.9132" in lines[2] and "0.3000" in lines[2] and "always 'no'" in lines[2]
     assert lines[2].index("0.9132") == lines[3].index("0.5000")  # columns line up
@@ -42,7 +51,7 @@ def test_html_stands_alone_with_one_image_per_sample_and_the_metric_table():
                Sample("grounding", _png(), "red circle", [1.0, 2.0, 30.0, 40.0], [0.0, 0.0, 32.0, 32.0], 9.0)]
     html = render_html(Report(RESULTS, samples, curves={"vqa": {"train/loss": [(1, 2.0), (2, 1.0)]}},
                               sweep_rows=[{"trial": "t1", "optim.lr": 1e-4, "best": 0.9}]))
-    rows = re.findall(r"<tr class='sample-row' data-task='(\w+)'>(.*?)</tr>", html, re.S)
+    rows = re.findall(r"<tr class='sample-row' data-task='(\w+)' data-judged='\w*'>(.*?)</tr>", html, re.S)
     assert [t for t, _ in rows] == ["vqa", "caption", "grounding"]
     for _, row in rows:
         src = re.findall(r'src="data:image/png;base64,([^"]+)"', row)
@@ -60,3 +69,29 @@ def test_html_escapes_what_it_shows():
     s = Sample("vqa", _png(), "<script>alert(1)</script>", "<b>x</b>", ["y"])
     html = render_html(Report([], [s]))
     assert "<script>alert" not in html and "&lt;script&gt;" in html and "&lt;b&gt;x" in html
+
+
+def test_verdict_reads_the_bar_else_the_baseline():
+    assert TaskResult("vqa", "m", "vqa_score", 0.91, 0.36, "always 'no'", 400, bar=0.9).verdict == "meets bar"
+    assert TaskResult("vqa", "m", "vqa_score", 0.89, 0.36, "always 'no'", 400, bar=0.9).verdict == "below bar"
+    assert TaskResult("vqa", "m", "vqa_score", 0.37, 0.36, "always 'no'", 400).verdict == "beats baseline"
+    assert TaskResult("vqa", "m", "vqa_score", 0.36, 0.36, "always 'no'", 400).verdict == "at or below baseline"
+    lines = metric_table([TaskResult("vqa", "m", "vqa_score", 0.91, 0.36, "always 'no'", 400, bar=0.9)]).splitlines()
+    assert lines[2].split()[-3:] == ["meets", "bar", "400"]
+
+
+def test_samples_show_right_and_wrong_per_task_and_the_note():
+    def s(task, i, ok):
+        return Sample(task, _png(), f"{task} {i}", "p", "r", 1.0, correct=ok)
+
+    samples = [s("vqa", i, True) for i in range(5)] + [s("vqa", 9, False), s("grounding", 0, False),
+                                                       s("grounding", 1, None)]
+    picked = pick_samples(samples, per_kind=3)
+    assert [(x.task, x.prompt, x.correct) for x in picked] == [
+        ("vqa", "vqa 0", True), ("vqa", "vqa 1", True), ("vqa", "vqa 2", True), ("vqa", "vqa 9", False),
+        ("grounding", "grounding 0", False), ("grounding", "grounding 1", None)]
+    html = render_html(Report(RESULTS, samples, note="smoke-sized models: not expected to beat the baselines"))
+    assert "smoke-sized models: not expected to beat the baselines" in html
+    assert html.index("id='note'") < html.index("id='metrics'")
+    judged = re.findall(r"data-task='vqa' data-judged='(\w*)'", html)
+    assert judged == ["right", "right", "right", "wrong"]

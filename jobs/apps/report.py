@@ -25,6 +25,14 @@ class TaskResult:
     baseline: float
     baseline_what: str
     rows: int
+    bar: float | None = None  # the value the model must reach to count as working (None: no bar)
+
+    @property
+    def verdict(self) -> str:
+        """"meets bar" / "below bar" (or "beats baseline" / "at or below baseline" without a bar)."""
+        if self.bar is not None:
+            return "meets bar" if self.value >= self.bar else "below bar"
+        return "beats baseline" if self.value > self.baseline else "at or below baseline"
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,7 @@ class Sample:
     prediction: Any  # text, or a box [x0, y0, x1, y1] in image pixels
     reference: Any
     latency_ms: float | None = None
+    correct: bool | None = None  # judged by the task's own per-example rule (None: not judged)
 
 
 @dataclass(frozen=True)
@@ -45,13 +54,14 @@ class Report:
     sweep_rows: list[dict[str, Any]] = field(default_factory=list)
     sweep_plot_png: bytes | None = None
     links: dict[str, str] = field(default_factory=dict)
+    note: str | None = None  # shown above everything, e.g. that a smoke run's models are not meant to work
 
 
 def metric_table(results: Sequence[TaskResult]) -> str:
-    """A plain-text table: task, model, metric, value, baseline."""
-    head = ("task", "model", "metric", "value", "baseline", "baseline is", "rows")
-    rows = [(r.task, r.model, r.metric, f"{r.value:.4f}", f"{r.baseline:.4f}", r.baseline_what, str(r.rows))
-            for r in results]
+    """A plain-text table: task, model, metric, value, baseline, bar and verdict."""
+    head = ("task", "model", "metric", "value", "baseline", "baseline is", "bar", "verdict", "rows")
+    rows = [(r.task, r.model, r.metric, f"{r.value:.4f}", f"{r.baseline:.4f}", r.baseline_what,
+             "" if r.bar is None else f"{r.bar:g}", r.verdict, str(r.rows)) for r in results]
     widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
 
     def line(cells) -> str:
@@ -117,6 +127,18 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def pick_samples(samples: Sequence[Sample], per_kind: int = 3) -> list[Sample]:
+    """Per task (in first-seen order), up to `per_kind` correct then up to `per_kind` wrong samples; unjudged
+    samples fill in after them up to the same count."""
+    tasks = list(dict.fromkeys(s.task for s in samples))
+    out: list[Sample] = []
+    for task in tasks:
+        mine = [s for s in samples if s.task == task]
+        for kind in (True, False, None):
+            out += [s for s in mine if s.correct is kind][:per_kind]
+    return out
+
+
 def render_html(report: Report, title: str = "ofa-ray demo") -> str:
     """One HTML document; every image is a data: URI, so the file stands alone."""
     esc = html.escape
@@ -125,23 +147,31 @@ def render_html(report: Report, title: str = "ofa-ray demo") -> str:
              "td,th{border:1px solid #ccc;padding:4px 8px;font-size:14px;vertical-align:top}"
              "th{background:#f0f0f0}.sample img{image-rendering:pixelated}</style></head><body>",
              f"<h1>{esc(title)}</h1>"]
+    if report.note:
+        parts.append(f"<p id='note' style='background:#fff3cd;border:1px solid #e0c060;padding:8px'>"
+                     f"<b>Note:</b> {esc(report.note)}</p>")
     if report.links:
         parts.append("<ul>" + "".join(f"<li>{esc(k)}: <code>{esc(v)}</code></li>" for k, v in report.links.items())
                      + "</ul>")
     parts.append("<h2>Metrics (held-out test split)</h2><table id='metrics'><tr><th>task</th><th>model</th>"
-                 "<th>metric</th><th>value</th><th>baseline</th><th>baseline is</th><th>rows</th></tr>")
+                 "<th>metric</th><th>value</th><th>baseline</th><th>baseline is</th><th>bar</th><th>verdict</th>"
+                 "<th>rows</th></tr>")
     for r in report.results:
+        bar = "" if r.bar is None else f"{r.bar:g}"
         parts.append(f"<tr><td>{esc(r.task)}</td><td>{esc(r.model)}</td><td>{esc(r.metric)}</td>"
                      f"<td>{r.value:.4f}</td><td>{r.baseline:.4f}</td><td>{esc(r.baseline_what)}</td>"
-                     f"<td>{r.rows}</td></tr>")
+                     f"<td>{bar}</td><td>{esc(r.verdict)}</td><td>{r.rows}</td></tr>")
     parts.append("</table><h2>Predictions over HTTP (Ray Serve), held-out images</h2>"
-                 "<p>Boxes: green the reference, red the prediction.</p><table class='sample'>"
-                 "<tr><th>task</th><th>image</th><th>prompt</th><th>prediction</th><th>reference</th>"
-                 "<th>latency</th></tr>")
-    for s in report.samples:
+                 "<p>Per task, a few predictions judged right and a few judged wrong (by the task's own rule: "
+                 "the exact answer, IoU &ge; 0.5, shape and colour both named). Boxes: green the reference, red "
+                 "the prediction.</p><table class='sample'><tr><th>task</th><th>judged</th><th>image</th>"
+                 "<th>prompt</th><th>prediction</th><th>reference</th><th>latency</th></tr>")
+    for s in pick_samples(report.samples):
         png = annotated_png(s.image, {"reference": s.reference, "prediction": s.prediction})
         latency = f"{s.latency_ms:.0f} ms" if s.latency_ms is not None else ""
-        parts.append(f"<tr class='sample-row' data-task='{esc(s.task)}'><td>{esc(s.task)}</td>"
+        judged = {True: "right", False: "wrong", None: ""}[s.correct]
+        parts.append(f"<tr class='sample-row' data-task='{esc(s.task)}' data-judged='{judged}'>"
+                     f"<td>{esc(s.task)}</td><td>{judged}</td>"
                      f"<td>{_img(png, s.task)}</td><td>{esc(s.prompt)}</td><td>{esc(_fmt(s.prediction))}</td>"
                      f"<td>{esc(_fmt(s.reference))}</td><td>{latency}</td></tr>")
     parts.append("</table>")
