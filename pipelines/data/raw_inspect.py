@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 from pipelines import storage
 from pipelines.data import readers
 from pipelines.data.raw_convert import RawSource, convert_raw, delete_dir
+from pipelines.data.rowstats import RowStats
 from pipelines.data.shards import MANIFEST_NAME
 from pipelines.storage import S3Options
 
@@ -114,7 +115,7 @@ def inspect_raw(
     several machines give an s3:// prefix), inspected with `cfg` (a DataConfig; its uri is replaced), the
     reader's bad rows added to the counts. Extra keys: input_layout, conversion (the reader's summary,
     with its first `list_bad` bad rows in full). The scratch corpus is deleted afterwards."""
-    from pipelines.data.dataset import RowStats, inspect
+    from pipelines.data.dataset import inspect
 
     s3 = cfg.s3
     if scratch is None:
