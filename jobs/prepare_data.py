@@ -28,7 +28,8 @@ import inspect
 
 from jobs._cli import Parser, fail, init_ray, print_json, setup_logging
 from pipelines.data.converters import SOURCES, ConverterOption, OutputError, converter_options, prepare
-from pipelines.data.readers import LAYOUTS, WDS_TASKS
+from pipelines.data.readers.ofa_tsv import LAYOUTS
+from pipelines.data.readers.webdataset import WDS_TASKS
 from pipelines.storage import S3Options
 
 PROG = "python -m jobs.prepare_data"
@@ -96,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("webdataset", parents=[raw], help="WebDataset tars (.tar, .tar.gz, .tgz)")
     p.add_argument("--task", default="caption", choices=WDS_TASKS, help="the task of every sample (default caption)")
     p.add_argument("--key-map", action="append", default=None, metavar="ROLE=CANDIDATE[,...]",
-                   help="where a role comes from, e.g. text=json:expr (repeatable; see pipelines.data.readers)")
+                   help="where a role comes from, e.g. text=json:expr (repeatable; see pipelines.data.readers.webdataset)")
     for source, converter in SOURCES.items():
         about = (inspect.getmodule(converter).__doc__ or source).split("\n")[0]
         p = sub.add_parser(source, parents=[common], help=about, description=about)

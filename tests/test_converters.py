@@ -26,7 +26,8 @@ from pipelines.data.converters.refcoco import convert_refcoco, load_refs
 from pipelines.data.converters.snli_ve import LABEL_WORDS as SNLI_VE_LABEL_WORDS
 from pipelines.data.converters.snli_ve import convert_snli_ve
 from pipelines.data.converters.vqav2 import convert_vqav2, soft_targets
-from pipelines.data.readers import BadRow, glue_label_words
+from pipelines.data.readers.ofa_tsv import glue_label_words
+from pipelines.data.readers.rows import BadRow
 from pipelines.data.schema import BAD_REASONS, FIELDS
 from pipelines.data.shards import iter_rows, read_manifest
 

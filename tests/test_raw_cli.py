@@ -23,7 +23,8 @@ from PIL import Image
 
 from jobs import inspect_data, prepare_data
 from pipelines import storage
-from pipelines.data.readers import read_ofa_tsv
+from pipelines.data.readers.files import input_files
+from pipelines.data.readers.ofa_tsv import TSV_SUFFIXES, read_ofa_tsv_file
 from pipelines.data.shards import iter_rows, read_manifest, write_corpus
 
 RAY_TIMEOUT = 120
@@ -157,7 +158,8 @@ def test_tsv_directory_converts_in_parallel_with_exact_counts(data, tmp_path, ca
     assert ids(str(tmp_path / "c3")) == sorted(f"ofa-vqa/train/{i}" for i in (1, 2, 3, 6, 9, 10, 14))
 
     # the fingerprint is the one a single ShardWriter computes for the same rows
-    rows = [r for r in read_ofa_tsv(tsv, "vqa", split="train") if isinstance(r, dict)]
+    rows = [r for f in input_files(tsv, TSV_SUFFIXES) for r in read_ofa_tsv_file(f, "vqa", split="train")
+            if isinstance(r, dict)]
     assert write_corpus(rows, str(tmp_path / "single")).fingerprint == manifest.fingerprint
 
     # one file at a time: the same rows, ids, shards and fingerprint

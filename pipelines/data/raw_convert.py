@@ -2,7 +2,7 @@
 
     convert_raw(RawSource("ofa-tsv", split="train", layout="vqa"), "s3://b/vqa_tsv/", "s3://b/corpus/")
 
-The driver lists the input files (`pipelines.data.readers.input_files`, sorted). One Ray task per file k reads
+The driver lists the input files (`pipelines.data.readers.files.input_files`, sorted). One Ray task per file k reads
 it with the readers and writes its rows with a `pipelines.data.shards.ShardWriter` into its own directory of the
 output corpus, `part-<k>/`: shard names never collide, and a task retried after a crash clears its
 directory and starts again. Row ids are the readers' (the TSV id column, the WebDataset key, or the
@@ -34,9 +34,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.data import readers
 from pipelines.data.converters import OutputError
-from pipelines.data.readers import BadRow, InputFile
+from pipelines.data.readers import ofa_tsv, webdataset
+from pipelines.data.readers.files import InputFile, input_files
+from pipelines.data.readers.rows import BadRow
 from pipelines.data.rowstats import RowStats
 from pipelines.data.schema import SCHEMA_VERSION
 from pipelines.data.shards import FINGERPRINT_MOD, MANIFEST_NAME, Manifest, ShardWriter
@@ -52,8 +53,8 @@ _FINGERPRINT_PREFIX = "sum-sha256:"  # shards.fingerprint_of's format
 class RawSource:
     """What the input files hold and how their rows are labelled.
 
-    kind: "ofa-tsv" (OFA's TSV, `layout` one of readers.LAYOUTS) or "webdataset" (tars, `task` one of
-    readers.WDS_TASKS, `key_map` role -> member candidates as for readers.read_webdataset).
+    kind: "ofa-tsv" (OFA's TSV, `layout` one of ofa_tsv.LAYOUTS) or "webdataset" (tars, `task` one of
+    webdataset.WDS_TASKS, `key_map` role -> member candidates as for webdataset.read_webdataset_file).
     split: the split of every row. dataset: the rows' dataset name (None: the reader's default).
     """
 
@@ -68,27 +69,27 @@ class RawSource:
         if self.kind == "ofa-tsv":
             if self.task is not None or self.key_map:
                 raise ValueError("an ofa-tsv source takes a layout, not a task or key_map")
-            readers.check_tsv_options(self.layout or "", self.split)
+            ofa_tsv.check_tsv_options(self.layout or "", self.split)
         elif self.kind == "webdataset":
             if self.layout is not None:
                 raise ValueError("a webdataset source takes a task, not a layout")
-            readers.webdataset_sources(self.task or "", self.split, dict(self.key_map))
+            webdataset.webdataset_sources(self.task or "", self.split, dict(self.key_map))
         else:
             raise ValueError(f"unknown raw source kind {self.kind!r}; known: ofa-tsv, webdataset")
 
     @property
     def suffixes(self) -> tuple[str, ...]:
-        return readers.TSV_SUFFIXES if self.kind == "ofa-tsv" else readers.WDS_SUFFIXES
+        return ofa_tsv.TSV_SUFFIXES if self.kind == "ofa-tsv" else webdataset.WDS_SUFFIXES
 
     @property
     def row_task(self) -> str | None:
         """The task of every row (None for pretrain_vl, whose rows carry several)."""
-        return readers.layout_task(self.layout) if self.kind == "ofa-tsv" else self.task
+        return ofa_tsv.layout_task(self.layout) if self.kind == "ofa-tsv" else self.task
 
     def read(self, file: InputFile, s3: S3Options | None) -> Iterator[dict | BadRow]:
         if self.kind == "ofa-tsv":
-            return readers.read_ofa_tsv_file(file, self.layout, split=self.split, s3=s3, dataset=self.dataset)
-        return readers.read_webdataset_file(file, task=self.task, split=self.split, s3=s3,
+            return ofa_tsv.read_ofa_tsv_file(file, self.layout, split=self.split, s3=s3, dataset=self.dataset)
+        return webdataset.read_webdataset_file(file, task=self.task, split=self.split, s3=s3,
                                             key_map=dict(self.key_map), dataset=self.dataset)
 
     def describe(self) -> dict[str, Any]:
@@ -365,7 +366,7 @@ def convert_raw(
                          f"{num_cpus}, {concurrency}")
     t0 = time.monotonic()
     input_uri, output = _absolute(input_uri), _absolute(output)
-    files = readers.input_files(input_uri, source.suffixes, s3)
+    files = input_files(input_uri, source.suffixes, s3)
     _check_output(output, s3)
     if concurrency is None:
         concurrency = max(1, int(2 * ray.cluster_resources().get("CPU", 1) // num_cpus))

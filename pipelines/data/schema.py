@@ -188,7 +188,7 @@ def row_digest(row: Mapping[str, Any]) -> str:
 
 
 # --- bad-row reasons -------------------------------------------------------------------------------------
-# Why a source record became a `pipelines.data.readers.BadRow` instead of a row: one code per cause, shared by the
+# Why a source record became a `pipelines.data.readers.rows.BadRow` instead of a row: one code per cause, shared by the
 # readers (OFA TSV, WebDataset) and the converters (public layouts); summaries count bad rows by these codes.
 # BAD_IMAGE (bytes that are not an image in IMAGE_FORMATS), BAD_TYPE (also: a value the schema cannot store,
 # e.g. an unparsable number or > int32), EMPTY_TEXT (also: an image without captions), BAD_BOX, UNKNOWN_LABEL

@@ -1,7 +1,7 @@
 """Converters from public dataset layouts to the canonical corpus (`pipelines.data.schema`), and `prepare`.
 
 Each converter is a generator function of keyword options plus `splits` and `limit`; it yields
-canonical rows (dicts keyed by `pipelines.data.schema.FIELDS`) and `pipelines.data.readers.BadRow` records for
+canonical rows (dicts keyed by `pipelines.data.schema.FIELDS`) and `pipelines.data.readers.rows.BadRow` records for
 broken input, and never stops at a broken record. `prepare` streams one converter into a
 `pipelines.data.shards.ShardWriter` and returns a summary of what was written and what was rejected.
 
@@ -28,7 +28,7 @@ from pipelines.data.converters.imagefolder import convert_imagefolder
 from pipelines.data.converters.refcoco import convert_refcoco
 from pipelines.data.converters.snli_ve import convert_snli_ve
 from pipelines.data.converters.vqav2 import convert_vqav2
-from pipelines.data.readers import BadRow
+from pipelines.data.readers.rows import BadRow
 from pipelines.data.rowstats import RowStats
 from pipelines.data.shards import ShardWriter
 from pipelines.progress import Progress

@@ -20,7 +20,7 @@ from pipelines.data.converters._common import (
     record_text,
     select_splits,
 )
-from pipelines.data.readers import BadInput, BadRow, make_row
+from pipelines.data.readers.rows import BadInput, BadRow, make_row
 from pipelines.data.schema import BAD_FORMAT, EMPTY_TEXT, MISSING_FIELD, UNKNOWN_IMAGE
 
 

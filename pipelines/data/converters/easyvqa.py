@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.data.converters._common import check_limit, select_splits
-from pipelines.data.readers import BadRow, make_row
+from pipelines.data.readers.rows import BadRow, make_row
 from pipelines.data.schema import (
     ATTRIBUTES_UNDETERMINED,
     INCONSISTENT_ANSWERS,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipelines.data.converters._common import check_limit, select_splits, text_or_none
-from pipelines.data.readers import BadRow, make_row
+from pipelines.data.readers.rows import BadRow, make_row
 from pipelines.data.schema import EMPTY_TEXT, EXTRA_COLUMN, GLUE_LABEL_WORDS, MISSING_COLUMN, UNKNOWN_LABEL
 
 

@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 
 from pipelines.data.converters._common import FileRoot, check_limit, read_image, select_splits, take
-from pipelines.data.readers import BadRow, make_row
+from pipelines.data.readers.rows import BadRow, make_row
 from pipelines.data.schema import IMAGE_EXTENSIONS, UNKNOWN_LABEL, UNSUPPORTED_FILE
 
 

@@ -21,7 +21,7 @@ from pipelines.data.converters._common import (
     record_text,
     select_splits,
 )
-from pipelines.data.readers import BadInput, BadRow, check_box, make_row
+from pipelines.data.readers.rows import BadInput, BadRow, check_box, make_row
 from pipelines.data.schema import BAD_BOX, BAD_FORMAT, MISSING_ANNOTATION, MISSING_FIELD, UNKNOWN_IMAGE
 
 

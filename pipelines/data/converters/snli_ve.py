@@ -18,7 +18,7 @@ from pipelines.data.converters._common import (
     record_text,
     select_splits,
 )
-from pipelines.data.readers import BadInput, BadRow, make_row
+from pipelines.data.readers.rows import BadInput, BadRow, make_row
 from pipelines.data.schema import BAD_JSON, MISSING_FIELD, NLI_LABEL_WORDS, UNKNOWN_LABEL
 
 DATASET = "snli-ve"

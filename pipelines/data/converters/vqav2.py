@@ -21,7 +21,7 @@ from pipelines.data.converters._common import (
     select_splits,
     text_or_none,
 )
-from pipelines.data.readers import BadInput, BadRow, make_row
+from pipelines.data.readers.rows import BadInput, BadRow, make_row
 from pipelines.data.schema import BAD_TYPE, EMPTY_TEXT, MISSING_ANNOTATION, MISSING_FIELD
 
 DATASET = "vqav2"
