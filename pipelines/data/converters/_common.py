@@ -13,9 +13,10 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from ofa_model.errors import BAD_IMAGE, BAD_TYPE, EMPTY_TEXT, MISSING_FIELD, MISSING_IMAGE
 from pipelines import storage
 from pipelines.data.readers.rows import BadInput, BadRow, clean_text, image_format
-from pipelines.data.schema import BAD_IMAGE, BAD_TYPE, EMPTY_TEXT, IMAGE_FORMATS, MISSING_FIELD, MISSING_IMAGE
+from pipelines.data.schema import IMAGE_FORMATS
 
 
 def select_splits(available: Sequence[str], requested: Iterable[str] | None, source: str) -> list[str]:

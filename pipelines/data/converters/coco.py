@@ -11,6 +11,7 @@ file order, target = the first. Captions have whitespace runs collapsed; nothing
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 
+from ofa_model.errors import BAD_FORMAT, EMPTY_TEXT, MISSING_FIELD, UNKNOWN_IMAGE
 from pipelines.data.converters._common import (
     FileRoot,
     LastImage,
@@ -21,7 +22,6 @@ from pipelines.data.converters._common import (
     select_splits,
 )
 from pipelines.data.readers.rows import BadInput, BadRow, make_row
-from pipelines.data.schema import BAD_FORMAT, EMPTY_TEXT, MISSING_FIELD, UNKNOWN_IMAGE
 
 
 def convert_coco(

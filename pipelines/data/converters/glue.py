@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from ofa_model.errors import EMPTY_TEXT, EXTRA_COLUMN, MISSING_COLUMN, UNKNOWN_LABEL
 from pipelines.data.converters._common import check_limit, select_splits, text_or_none
 from pipelines.data.readers.rows import BadRow, make_row
-from pipelines.data.schema import EMPTY_TEXT, EXTRA_COLUMN, GLUE_LABEL_WORDS, MISSING_COLUMN, UNKNOWN_LABEL
+from pipelines.data.schema import GLUE_LABEL_WORDS
 
 
 @dataclass(frozen=True)

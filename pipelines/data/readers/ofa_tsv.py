@@ -12,6 +12,18 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ofa_model.errors import (
+    BAD_BASE64,
+    BAD_ENCODING,
+    BAD_FORMAT,
+    BAD_IMAGE,
+    BAD_TYPE,
+    EMPTY_TEXT,
+    EXTRA_COLUMN,
+    MISSING_COLUMN,
+    UNKNOWN_LABEL,
+    UNREADABLE_SHARD,
+)
 from pipelines import storage
 from pipelines.data.readers.files import InputFile
 from pipelines.data.readers.rows import (
@@ -24,21 +36,7 @@ from pipelines.data.readers.rows import (
     ranked_targets,
     required_text,
 )
-from pipelines.data.schema import (
-    BAD_BASE64,
-    BAD_ENCODING,
-    BAD_FORMAT,
-    BAD_IMAGE,
-    BAD_TYPE,
-    EMPTY_TEXT,
-    EXTRA_COLUMN,
-    GLUE_LABEL_WORDS,
-    IMAGE_FORMATS,
-    MISSING_COLUMN,
-    NLI_LABEL_WORDS,
-    UNKNOWN_LABEL,
-    UNREADABLE_SHARD,
-)
+from pipelines.data.schema import GLUE_LABEL_WORDS, IMAGE_FORMATS, NLI_LABEL_WORDS
 from pipelines.storage import S3Options
 
 # --- column parsers (raise BadInput) -----------------------------------------------------------------------

@@ -13,27 +13,24 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from ofa_model import preprocess
-from ofa_model.errors import InputError
-from pipelines.data.schema import (
+from ofa_model.errors import (
     BAD_BASE64,
     BAD_BOX,
     BAD_ENCODING,
     BAD_FORMAT,
     BAD_IMAGE,
     BAD_JSON,
-    BAD_REASONS,
     BAD_TYPE,
     EMPTY_TEXT,
     EXTRA_COLUMN,
-    FIELDS,
-    IMAGE_FORMATS,
     MISSING_COLUMN,
     MISSING_FIELD,
     MISSING_MEMBER,
     UNKNOWN_LABEL,
     UNREADABLE_SHARD,
-    normalize_row,
+    InputError,
 )
+from pipelines.data.schema import BAD_REASONS, FIELDS, IMAGE_FORMATS, normalize_row
 
 # --- bad rows and the pieces shared with the converters -------------------------------------------------
 

@@ -12,6 +12,18 @@ import tarfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from ofa_model.errors import (
+    BAD_BOX,
+    BAD_ENCODING,
+    BAD_FORMAT,
+    BAD_IMAGE,
+    BAD_JSON,
+    BAD_TYPE,
+    EMPTY_TEXT,
+    MISSING_FIELD,
+    MISSING_MEMBER,
+    UNREADABLE_SHARD,
+)
 from pipelines import storage
 from pipelines.data.readers.files import InputFile
 from pipelines.data.readers.rows import (
@@ -24,19 +36,7 @@ from pipelines.data.readers.rows import (
     ranked_targets,
     required_text,
 )
-from pipelines.data.schema import (
-    BAD_BOX,
-    BAD_ENCODING,
-    BAD_FORMAT,
-    BAD_IMAGE,
-    BAD_JSON,
-    BAD_TYPE,
-    EMPTY_TEXT,
-    IMAGE_EXTENSIONS,
-    MISSING_FIELD,
-    MISSING_MEMBER,
-    UNREADABLE_SHARD,
-)
+from pipelines.data.schema import IMAGE_EXTENSIONS
 from pipelines.storage import S3Options
 
 # --- WebDataset -------------------------------------------------------------------------------------------
