@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import inspect
+from collections.abc import Callable
+from typing import Any
 
 from jobs._cli import Parser, fail, init_ray, print_json, setup_logging
 from pipelines.data.converters import SOURCES, ConverterOption, OutputError, converter_options, prepare
@@ -42,8 +44,10 @@ def _flags(option: ConverterOption) -> list[str]:
     return [flag, flag[:-1]] if option.repeated and flag.endswith("s") else [flag]
 
 
-def _typed(option: ConverterOption):
-    def parse(text: str):
+def _typed(option: ConverterOption) -> Callable[[str], Any]:
+    """The parser's `type=` for `option`: its checked value, or an error naming it (exit status 2)."""
+
+    def parse(text: str) -> Any:
         try:
             return option.parse([text])
         except ValueError as exc:
