@@ -37,7 +37,7 @@ from ofa_model.vocab import Vocabulary
 from pipelines import storage
 from pipelines.data.converters.easyvqa import convert_easy_vqa
 from pipelines.data.dataset import DataConfig, build_dataset, iter_train_batches, plan_epoch
-from pipelines.data.readers import BadRow
+from pipelines.data.readers.rows import BadRow
 from pipelines.data.shards import canonical_schema, write_corpus
 from pipelines.local.s3 import CONFLICTING_ENV, local_s3
 

@@ -14,27 +14,27 @@ added to the counts and the first --list-bad are listed in full under "conversio
 
 Prints rows ok, rows bad by reason with example ids, per-task counts and rows/s (see
 `pipelines.data.dataset.inspect`). Uses the Ray cluster of RAY_ADDRESS if set, else starts a local one.
-Exits 0 whatever the data holds; 1 on bad options or an unreadable input, 2 when the command line does
-not parse.
+Exits 0 whatever the data holds; 2 on a command line that does not parse, a bad option or configuration,
+or an input that cannot be read.
 """
 
+from __future__ import annotations
+
 import argparse
-import json
-import logging
-import sys
+from typing import TYPE_CHECKING
 
+from jobs._cli import Parser, fail, init_ray, print_json, setup_logging
 
-class _Parser(argparse.ArgumentParser):
-    """Bad options are one line on stderr and exit status 2."""
+if TYPE_CHECKING:
+    from pipelines.data.config import DataConfig
 
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+PROG = "python -m jobs.inspect_data"
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     from pipelines.data.raw_inspect import INPUT_LAYOUTS
 
-    p = _Parser(prog="python -m jobs.inspect_data", description=__doc__.split("\n")[0])
+    p = Parser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--input", required=True, help="corpus directory, OFA TSV file/directory or WebDataset tar/"
                    "directory: path, file:// or s3://")
     p.add_argument("--layout", choices=INPUT_LAYOUTS, help="what --input holds (default: guessed, see above)")
@@ -50,41 +50,46 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scratch", help="raw input: where the scratch corpus goes (default: a local temporary "
                    "directory; on a cluster of several machines give an s3:// prefix)")
     p.add_argument("--list-bad", type=int, default=100, help="raw input: bad lines listed in full (default 100)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.list_bad < 0:
+        fail(PROG, f"--list-bad must be >= 0, got {args.list_bad}")
+    return args
+
+
+def _data_config(args: argparse.Namespace) -> DataConfig:
+    """The DataConfig of --config with the flags over it (its uri is --input); ConfigError if bad."""
+    from pipelines.data.dataset import DataConfig
+    from pipelines.job_config import ConfigError, load_config, merge, read_yaml
+
+    raw = {}
+    if args.config:
+        with open(args.config) as f:
+            raw = read_yaml(f.read(), args.config) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{args.config}: the top level must be a mapping of keys")
+    flags: dict = {"uri": args.input}
+    if args.task:
+        flags["tasks"] = args.task
+    if args.split:
+        flags["splits"] = args.split
+    if args.patch_image_size is not None:
+        flags["preprocess"] = {"patch_image_size": args.patch_image_size}
+    return load_config(DataConfig, data=merge(raw, flags))  # the one loader every job uses
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    import ray
-
+    setup_logging()
     from ofa_model.vocab import Vocabulary
     from pipelines.data.converters import OutputError
-    from pipelines.data.dataset import DataConfig, inspect
+    from pipelines.data.dataset import inspect
     from pipelines.data.raw_convert import key_map_option
     from pipelines.data.raw_inspect import input_source, inspect_raw
-    from pipelines.job_config import ConfigError, load_config, merge, read_yaml
 
     try:
-        raw = {}
-        if args.config:
-            with open(args.config) as f:
-                raw = read_yaml(f.read(), args.config) or {}
-        flags: dict = {"uri": args.input}
-        if args.task:
-            flags["tasks"] = args.task
-        if args.split:
-            flags["splits"] = args.split
-        if args.patch_image_size is not None:
-            flags["preprocess"] = {"patch_image_size": args.patch_image_size}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{args.config}: the top level must be a mapping of keys")
-        cfg = load_config(DataConfig, data=merge(raw, flags))  # the one loader every job uses
-        if args.list_bad < 0:
-            raise ValueError(f"--list-bad must be >= 0, got {args.list_bad}")
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"inspect_data: bad configuration: {exc}") from exc
+        cfg = _data_config(args)
+    except (OSError, ValueError) as exc:  # ConfigError is a ValueError
+        fail(PROG, f"bad configuration: {exc}")
     try:
         split = cfg.splits[0]
         source = input_source(args.input, layout=args.layout, tasks=cfg.tasks, split=split, s3=cfg.s3,
@@ -92,9 +97,8 @@ def main(argv: list[str] | None = None) -> None:
         if source is not None and len(cfg.splits) > 1:
             raise ValueError(f"raw input gets one split, got --split {' --split '.join(cfg.splits)}")
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"inspect_data: {exc}") from exc
-    if not ray.is_initialized():
-        ray.init()
+        fail(PROG, exc)
+    init_ray()
     try:
         if source is None:
             summary = inspect(cfg, Vocabulary.gpt2(), limit=args.limit)
@@ -102,8 +106,8 @@ def main(argv: list[str] | None = None) -> None:
             summary = inspect_raw(source, args.input, cfg, Vocabulary.gpt2(), limit=args.limit,
                                   scratch=args.scratch, list_bad=args.list_bad)
     except (OSError, ValueError, OutputError) as exc:  # FileNotFoundError, S3 and permission errors included
-        raise SystemExit(f"inspect_data: {exc}") from exc
-    print(json.dumps(summary, indent=2))
+        fail(PROG, exc)
+    print_json(summary)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ code is. Data pipelines count bad rows by `reason`; the predictor answers a bad 
 a 4xx. Anything that is not an `InputError` is a bug and must propagate: never catch bare ValueError/TypeError
 to decide "bad input".
 
-Reason codes are stable, machine-readable strings; add new ones here, never spell them elsewhere.
+Reason codes are stable, machine-readable strings, and every one lives here: those of the input errors and
+the data stage's bad-row reasons for source records (`pipelines.data.schema.BAD_REASONS` lists those). Add new
+ones here, never spell them elsewhere.
 """
 
 from __future__ import annotations
@@ -25,6 +27,24 @@ EMPTY_IMAGE = "empty_image"  # a zero-byte image payload
 NOT_AN_IMAGE = "not_an_image"  # bytes that are not an image in a supported format
 TRUNCATED_IMAGE = "truncated_image"  # a recognised image that is cut short or corrupt
 IMAGE_TOO_LARGE = "image_too_large"  # payload bytes or header pixels over the configured limits
+# source records that could not become canonical rows (the data stage's readers and converters)
+MISSING_COLUMN = "missing_column"  # a TSV line with fewer columns than its layout or header
+EXTRA_COLUMN = "extra_column"  # a TSV line with more columns than its fixed layout or header (a stray tab?)
+BAD_ENCODING = "bad_encoding"  # a line or text member that is not UTF-8
+BAD_BASE64 = "bad_base64"  # an image column that is empty or not base64
+MISSING_IMAGE = "missing_image"  # the image file (or package image) a record names does not exist
+BAD_FORMAT = "bad_format"  # a structured value in the wrong shape (VQA answers, several images in a sample)
+BAD_JSON = "bad_json"  # JSON (a line, a .json member) that does not parse, or is not an object
+MISSING_MEMBER = "missing_member"  # a WebDataset sample without a member it needs (image, .json, .txt)
+UNREADABLE_SHARD = "unreadable_shard"  # a whole input file that cannot be opened or read to the end
+UNKNOWN_IMAGE = "unknown_image"  # a record names an image id that the dataset's image list lacks
+MISSING_ANNOTATION = "missing_annotation"  # a record whose annotation (answers, box) the annotation file lacks
+UNPAIRED_LINE = "unpaired_line"  # a line of one parallel text file without its partner line in the other
+UNSUPPORTED_FILE = "unsupported_file"  # a file in an image folder whose extension is not one of the image extensions
+ATTRIBUTES_UNDETERMINED = "attributes_undetermined"  # easy-VQA: the questions leave shape or colour open
+INCONSISTENT_ANSWERS = "inconsistent_answers"  # easy-VQA: an image's answers contradict each other
+UNPARSED_QUESTION = "unparsed_question"  # easy-VQA: a yes/no question with no known statement form
+NO_SHAPE = "no_shape"  # easy-VQA: no pixel differs enough from the background to locate the shape
 # model files: configs, checkpoints and bundles
 BAD_CONFIG = "bad_config"  # a config value of the wrong type, out of range, unknown or missing
 BAD_CHECKPOINT = "bad_checkpoint"  # a checkpoint file that cannot be read or does not fit the architecture

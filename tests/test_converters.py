@@ -15,7 +15,7 @@ from PIL import Image
 
 from jobs import prepare_data
 from ofa_model.tasks import TASKS
-from pipelines.data.converters import SOURCES, OutputError, convert, prepare
+from pipelines.data.converters import SOURCES, OutputError, convert, converter_options, prepare
 from pipelines.data.converters.coco import convert_coco
 from pipelines.data.converters.easyvqa import COLORS, SHAPES, convert_easy_vqa, parse_yes_no
 from pipelines.data.converters.fashion_mnist import convert_fashion_mnist
@@ -26,7 +26,8 @@ from pipelines.data.converters.refcoco import convert_refcoco, load_refs
 from pipelines.data.converters.snli_ve import LABEL_WORDS as SNLI_VE_LABEL_WORDS
 from pipelines.data.converters.snli_ve import convert_snli_ve
 from pipelines.data.converters.vqav2 import convert_vqav2, soft_targets
-from pipelines.data.readers import BadRow, glue_label_words
+from pipelines.data.readers.ofa_tsv import glue_label_words
+from pipelines.data.readers.rows import BadRow
 from pipelines.data.schema import BAD_REASONS, FIELDS
 from pipelines.data.shards import iter_rows, read_manifest
 
@@ -609,27 +610,72 @@ def _gigaword_dir(tmp_path: Path) -> Path:
     return d
 
 
+def run_prepare(*argv: str) -> int:
+    """jobs.prepare_data's exit status for `argv`."""
+    try:
+        prepare_data.main(list(argv))
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
 def test_prepare_data_cli(tmp_path, capsys):
     data = _gigaword_dir(tmp_path)
-    rc = prepare_data.main(["gigaword", "--data-dir", str(data), "--output", str(tmp_path / "out"),
-                            "--splits", "train,val"])
+    rc = run_prepare("gigaword", "--data-dir", str(data), "--output", str(tmp_path / "out"), "--splits", "train,val")
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["rows_ok"] == 2 and summary["rows_bad"] == {"unpaired_line": 1}
     assert summary["counts"] == {"train": {"summarization": 1}, "val": {"summarization": 1}}
     assert sorted(read_back(str(tmp_path / "out"))) == ["gigaword/train/0", "gigaword/val/0"]
-    rc = prepare_data.main(["gigaword", "--data-dir", str(data), "--output", str(tmp_path / "out")])
+    rc = run_prepare("gigaword", "--data-dir", str(data), "--output", str(tmp_path / "out"))
     assert rc == 2 and "cannot write output" in capsys.readouterr().err
-    rc = prepare_data.main(["gigaword", "--data-dir", str(data), "--output", str(tmp_path / "o2"), "--splits", "dev"])
-    assert rc == 1 and "not available" in capsys.readouterr().err
+    rc = run_prepare("gigaword", "--data-dir", str(data), "--output", str(tmp_path / "o2"), "--splits", "dev")
+    assert rc == 2 and "not available" in capsys.readouterr().err
 
 
 def test_prepare_data_cli_split_options(tmp_path, capsys):
     (tmp_path / "sst").mkdir()
     (tmp_path / "sst" / "train.tsv").write_text("sentence\tlabel\ngood\t1\n")
     (tmp_path / "sst" / "dev.tsv").write_text("sentence\tlabel\nbad\t0\n")
-    rc = prepare_data.main(["glue", "--task", "sst2", "--file", f"train={tmp_path / 'sst' / 'train.tsv'}",
-                            "--file", f"val={tmp_path / 'sst' / 'dev.tsv'}", "--output", str(tmp_path / "out")])
+    rc = run_prepare("glue", "--task", "sst2", "--file", f"train={tmp_path / 'sst' / 'train.tsv'}",
+                     "--files", f"val={tmp_path / 'sst' / 'dev.tsv'}", "--output", str(tmp_path / "out"))
     assert rc == 0
     rows = sorted((r["id"], r["target"]) for r in read_back(str(tmp_path / "out")).values())
     assert rows == [("glue-sst2/train/0", "positive"), ("glue-sst2/val/0", "negative")]
+
+
+def test_converter_options_come_from_the_signatures():
+    glue = converter_options("glue")
+    assert list(glue) == ["task", "files", "data_dir"]
+    assert glue["task"].kind == "choice" and glue["task"].required
+    assert glue["task"].choices == ("cola", "sst2", "mnli", "rte", "qnli", "mrpc", "qqp")
+    assert glue["files"].kind == "per_split" and glue["files"].default is None
+    assert glue["files"].parse(["train=a.tsv", "val=b.tsv"]) == {"train": "a.tsv", "val": "b.tsv"}
+    coco = converter_options("coco")
+    assert coco["image_root"].parse(["/img"]) == "/img"
+    assert coco["image_root"].parse(["train=/t", "val=/v"]) == {"train": "/t", "val": "/v"}
+    assert converter_options("easy-vqa")["seed"].parse(["7"]) == 7
+    assert converter_options("fashion-mnist")["captions"].parse(["true"]) is True
+    with pytest.raises(ValueError, match="option seed takes int, got 'x'"):
+        converter_options("easy-vqa")["seed"].parse(["x"])
+    with pytest.raises(ValueError, match="option files takes SPLIT=PATH entries, got 'a.tsv'"):
+        glue["files"].parse(["a.tsv"])
+
+
+def test_prepare_data_cli_checks_option_names_and_types(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    for argv, text in [
+        (["easy-vqa", "--seed", "x", "--output", out], "argument --seed: option seed takes int, got 'x'"),
+        (["gigaword", "--data-dir", "d", "--bogus", "1", "--output", out], "unrecognized arguments: --bogus 1"),
+        (["glue", "--task", "nope", "--output", out], "argument --task: invalid choice: 'nope'"),
+        (["gigaword", "--output", out], "the following arguments are required: --data-dir"),
+        (["glue", "--task", "sst2", "--file", "x.tsv", "--output", out], "option files takes SPLIT=PATH entries"),
+    ]:
+        assert run_prepare(*argv) == 2
+        err = capsys.readouterr().err
+        assert text in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        prepare_data.main(["gigaword", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--source-suffix SOURCE_SUFFIX str; default '.src'" in help_text and "--data-dir DATA_DIR str; required" in help_text

@@ -23,7 +23,8 @@ from PIL import Image
 
 from jobs import inspect_data, prepare_data
 from pipelines import storage
-from pipelines.data.readers import read_ofa_tsv
+from pipelines.data.readers.files import input_files
+from pipelines.data.readers.ofa_tsv import TSV_SUFFIXES, read_ofa_tsv_file
 from pipelines.data.shards import iter_rows, read_manifest, write_corpus
 
 RAY_TIMEOUT = 120
@@ -115,7 +116,11 @@ def data(tmp_path_factory) -> Path:
 
 
 def run_prepare(capsys, *argv: str) -> tuple[int, dict | None, str]:
-    rc = prepare_data.main(list(argv))
+    try:
+        prepare_data.main(list(argv))
+        rc = 0
+    except SystemExit as exc:
+        rc = exc.code
     out, err = capsys.readouterr()
     return rc, (json.loads(out) if rc == 0 else None), err
 
@@ -153,7 +158,8 @@ def test_tsv_directory_converts_in_parallel_with_exact_counts(data, tmp_path, ca
     assert ids(str(tmp_path / "c3")) == sorted(f"ofa-vqa/train/{i}" for i in (1, 2, 3, 6, 9, 10, 14))
 
     # the fingerprint is the one a single ShardWriter computes for the same rows
-    rows = [r for r in read_ofa_tsv(tsv, "vqa", split="train") if isinstance(r, dict)]
+    rows = [r for f in input_files(tsv, TSV_SUFFIXES) for r in read_ofa_tsv_file(f, "vqa", split="train")
+            if isinstance(r, dict)]
     assert write_corpus(rows, str(tmp_path / "single")).fingerprint == manifest.fingerprint
 
     # one file at a time: the same rows, ids, shards and fingerprint
@@ -232,13 +238,13 @@ def test_duplicate_ids_are_an_error_that_names_them_and_leaves_nothing(tmp_path,
     out = tmp_path / "out"
     rc, _, err = run_prepare(capsys, "ofa-tsv", "--layout", "vqa", "--input", str(d), "--split", "train",
                              "--output", str(out))
-    assert rc == 1
+    assert rc == 2
     assert f"1 row id(s) occur in more than one input file, e.g. 'ofa-vqa/train/2' in {d}/a.tsv and {d}/b.tsv" in err
     assert not out.exists() or not list(out.iterdir())
     write_lines(d / "b.tsv", [vqa(3), vqa(3, "again?")])  # now within one file
     rc, _, err = run_prepare(capsys, "ofa-tsv", "--layout", "vqa", "--input", str(d), "--split", "train",
                              "--output", str(out))
-    assert rc == 1 and f"{d}/b.tsv: row 'ofa-vqa/train/3': duplicate id" in err
+    assert rc == 2 and f"{d}/b.tsv: row 'ofa-vqa/train/3': duplicate id" in err
     assert not out.exists() or not list(out.iterdir())
 
 
@@ -258,11 +264,11 @@ def test_bad_options_are_one_line_errors(data, tmp_path, capsys):
 def test_bad_inputs_and_outputs_exit_non_zero(data, tmp_path, capsys, ray_cluster):
     base = ["--split", "train", "--output", str(tmp_path / "out")]
     rc, _, err = run_prepare(capsys, "ofa-tsv", "--layout", "vqa", "--input", str(tmp_path / "nothing"), *base)
-    assert rc == 1 and "no .tsv files under" in err
+    assert rc == 2 and "no .tsv files under" in err
     rc, _, err = run_prepare(capsys, "webdataset", "--input", str(data / "wds"), "--key-map", "text", *base)
-    assert rc == 1 and "--key-map takes ROLE=CANDIDATE" in err
+    assert rc == 2 and "--key-map takes ROLE=CANDIDATE" in err
     rc, _, err = run_prepare(capsys, "webdataset", "--input", str(data / "wds"), "--key-map", "box=json:b", *base)
-    assert rc == 1 and "key_map role 'box' is not used by task 'caption'" in err
+    assert rc == 2 and "key_map role 'box' is not used by task 'caption'" in err
     write_corpus([], str(tmp_path / "out"))
     rc, _, err = run_prepare(capsys, "ofa-tsv", "--layout", "vqa", "--input", str(data / "vqa_tsv"), *base)
     assert rc == 2 and "already holds a corpus" in err
@@ -355,7 +361,8 @@ def test_doctor_says_which_layouts_it_needs(data, tmp_path, capsys):
     ]:
         with pytest.raises(SystemExit) as exc:
             inspect_data.main(argv)
-        assert text in str(exc.value), (argv, exc.value)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and text in err and len(err.strip().splitlines()) == 1, (argv, err)
     with pytest.raises(SystemExit) as exc:
         inspect_data.main(["--input", "x", "--layout", "parquet"])
     assert exc.value.code == 2 and "invalid choice: 'parquet'" in capsys.readouterr().err

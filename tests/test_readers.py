@@ -13,24 +13,30 @@ from PIL import Image
 from ofa_model.preprocess import SUPPORTED_FORMATS
 from ofa_model.tasks import TASKS
 from pipelines import storage
-from pipelines.data.readers import (
+from pipelines.data.readers.files import input_files
+from pipelines.data.readers.ofa_tsv import (
     LAYOUTS,
-    READER_REASONS,
     TSV_SUFFIXES,
-    WDS_TASKS,
+    check_tsv_options,
+    glue_label_words,
+    image_from_base64,
+    layout_task,
+    read_ofa_tsv_file,
+)
+from pipelines.data.readers.rows import (
+    READER_REASONS,
     BadInput,
     BadRow,
     check_box,
     clean_text,
-    decode_base64_image,
-    glue_label_words,
     image_format,
-    input_files,
-    layout_task,
     make_row,
-    read_ofa_tsv,
-    read_ofa_tsv_file,
-    read_webdataset,
+)
+from pipelines.data.readers.webdataset import (
+    WDS_SUFFIXES,
+    WDS_TASKS,
+    read_webdataset_file,
+    webdataset_sources,
 )
 from pipelines.data.schema import (
     BAD_REASONS,
@@ -41,6 +47,20 @@ from pipelines.data.schema import (
     normalize_row,
 )
 from pipelines.data.shards import iter_rows, write_corpus
+
+
+def read_ofa_tsv(uri: str, layout: str, *, split: str, dataset: str | None = None):
+    """Every file under `uri` read in order, one `read_ofa_tsv_file` each (as raw_convert's tasks read them)."""
+    check_tsv_options(layout, split)
+    for file in input_files(uri, TSV_SUFFIXES):
+        yield from read_ofa_tsv_file(file, layout, split=split, dataset=dataset)
+
+
+def read_webdataset(uri: str, *, task: str, split: str, key_map=None, dataset: str | None = None):
+    """Every tar under `uri` read in order, one `read_webdataset_file` each."""
+    webdataset_sources(task, split, key_map)
+    for file in input_files(uri, WDS_SUFFIXES):
+        yield from read_webdataset_file(file, task=task, split=split, key_map=key_map, dataset=dataset)
 
 
 def f32(x: float) -> float:
@@ -109,11 +129,13 @@ def test_base64_standard_urlsafe_and_unpadded_decode_alike():
     std = b64(data)
     url = base64.urlsafe_b64encode(data).decode()
     assert std != url
-    assert decode_base64_image(std) == decode_base64_image(url) == decode_base64_image(url.rstrip("=")) == data
-    with pytest.raises(ValueError, match="not base64"):
-        decode_base64_image("@@@@")
-    with pytest.raises(ValueError, match="not an image"):
-        decode_base64_image(b64(b"plain text, no image"))
+    assert image_from_base64(std) == image_from_base64(url) == image_from_base64(url.rstrip("=")) == data
+    with pytest.raises(BadInput, match="not base64") as bad:
+        image_from_base64("@@@@")
+    assert bad.value.reason == "bad_base64"
+    with pytest.raises(BadInput, match="not an image") as bad:
+        image_from_base64(b64(b"plain text, no image"))
+    assert bad.value.reason == "bad_image"
 
 
 # --- OFA TSV layouts --------------------------------------------------------------------------------------

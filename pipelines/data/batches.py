@@ -40,7 +40,6 @@ import concurrent.futures
 import itertools
 import logging
 import math
-import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ from ofa_model.preprocess import PreprocessConfig, blank_centre, collate, model_
 from pipelines.data.config import DataConfig
 from pipelines.data.rowstats import BadRowRule, MixtureState, ResumeState, RowStats
 from pipelines.data.source import EpochInfo, SeqSet
+from pipelines.progress import Progress
 
 __all__ = [
     "BatchIterator", "CorpusStream", "iter_mixture_batches", "iter_train_batches", "iterator_options",
@@ -451,29 +451,11 @@ def _images(col: pa.ChunkedArray | pa.Array) -> list[torch.Tensor | None]:
 
 
 class ProgressLog:
-    """Logs progress (done of total), rate and ETA every `every_s` seconds; the rate counts from `start`."""
+    """Rows delivered of the epoch's total, rate and ETA every `every_s` seconds, with the bad rows so far
+    (`pipelines.progress.Progress`); the rate counts from `start`."""
 
     def __init__(self, label: str, total: int | None, every_s: float, start: int = 0) -> None:
-        self.label, self.total, self.every_s = label, total, every_s
-        self.t0 = self.last = time.monotonic()
-        self.start = start
+        self.progress = Progress(label, total, every_s, unit="rows", start=start, logger=logger)
 
     def tick(self, done: int, bad: int, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.last < self.every_s:
-            return
-        self.last = now
-        rate = (done - self.start) / max(now - self.t0, 1e-9)
-        if self.total:
-            eta = (self.total - done) / rate if rate > 0 else math.inf
-            logger.info("%s: %d/%d rows (%.1f%%), %.1f rows/s, ETA %s, %d bad", self.label, done, self.total,
-                        100 * done / self.total, rate, _duration(eta), bad)
-        else:
-            logger.info("%s: %d rows, %.1f rows/s, %d bad", self.label, done, rate, bad)
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = max(0, round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+        self.progress.update(done, extra={"bad": bad}, force=force)

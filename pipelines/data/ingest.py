@@ -46,6 +46,7 @@ from ofa_model.errors import (
     TRUNCATED_IMAGE,
     UNKNOWN_LABEL,
     UNKNOWN_TASK,
+    UNREADABLE_SHARD,
     InputError,
 )
 from ofa_model.preprocess import PreprocessConfig
@@ -53,7 +54,6 @@ from ofa_model.tasks import TASKS, TaskSpec, build_example
 from pipelines import storage
 from pipelines.data.config import IMAGE_DTYPES, DataConfig, read_block_rows
 from pipelines.data.rowstats import ResumeState
-from pipelines.data.schema import UNREADABLE_SHARD
 from pipelines.data.shards import Manifest, read_manifest
 from pipelines.data.source import EpochPlan, ShardSource, plan_shards
 

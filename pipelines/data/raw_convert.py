@@ -2,7 +2,7 @@
 
     convert_raw(RawSource("ofa-tsv", split="train", layout="vqa"), "s3://b/vqa_tsv/", "s3://b/corpus/")
 
-The driver lists the input files (`pipelines.data.readers.input_files`, sorted). One Ray task per file k reads
+The driver lists the input files (`pipelines.data.readers.files.input_files`, sorted). One Ray task per file k reads
 it with the readers and writes its rows with a `pipelines.data.shards.ShardWriter` into its own directory of the
 output corpus, `part-<k>/`: shard names never collide, and a task retried after a crash clears its
 directory and starts again. Row ids are the readers' (the TSV id column, the WebDataset key, or the
@@ -24,9 +24,8 @@ an error that names the id and its files: it is not a bad row, since either copy
 import hashlib
 import logging
 import time
-from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -35,16 +34,18 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.data import readers
 from pipelines.data.converters import OutputError
-from pipelines.data.readers import BadRow, InputFile
+from pipelines.data.readers import ofa_tsv, webdataset
+from pipelines.data.readers.files import InputFile, input_files
+from pipelines.data.readers.rows import BadRow
+from pipelines.data.rowstats import RowStats
 from pipelines.data.schema import SCHEMA_VERSION
 from pipelines.data.shards import FINGERPRINT_MOD, MANIFEST_NAME, Manifest, ShardWriter
+from pipelines.progress import Progress
 from pipelines.storage import S3Options
 
 logger = logging.getLogger(__name__)
 
-MAX_BAD_EXAMPLES = 5  # example ids kept per bad-row reason, as pipelines.data.converters.prepare keeps
 _FINGERPRINT_PREFIX = "sum-sha256:"  # shards.fingerprint_of's format
 
 
@@ -52,8 +53,8 @@ _FINGERPRINT_PREFIX = "sum-sha256:"  # shards.fingerprint_of's format
 class RawSource:
     """What the input files hold and how their rows are labelled.
 
-    kind: "ofa-tsv" (OFA's TSV, `layout` one of readers.LAYOUTS) or "webdataset" (tars, `task` one of
-    readers.WDS_TASKS, `key_map` role -> member candidates as for readers.read_webdataset).
+    kind: "ofa-tsv" (OFA's TSV, `layout` one of ofa_tsv.LAYOUTS) or "webdataset" (tars, `task` one of
+    webdataset.WDS_TASKS, `key_map` role -> member candidates as for webdataset.read_webdataset_file).
     split: the split of every row. dataset: the rows' dataset name (None: the reader's default).
     """
 
@@ -68,27 +69,27 @@ class RawSource:
         if self.kind == "ofa-tsv":
             if self.task is not None or self.key_map:
                 raise ValueError("an ofa-tsv source takes a layout, not a task or key_map")
-            readers.check_tsv_options(self.layout or "", self.split)
+            ofa_tsv.check_tsv_options(self.layout or "", self.split)
         elif self.kind == "webdataset":
             if self.layout is not None:
                 raise ValueError("a webdataset source takes a task, not a layout")
-            readers.webdataset_sources(self.task or "", self.split, dict(self.key_map))
+            webdataset.webdataset_sources(self.task or "", self.split, dict(self.key_map))
         else:
             raise ValueError(f"unknown raw source kind {self.kind!r}; known: ofa-tsv, webdataset")
 
     @property
     def suffixes(self) -> tuple[str, ...]:
-        return readers.TSV_SUFFIXES if self.kind == "ofa-tsv" else readers.WDS_SUFFIXES
+        return ofa_tsv.TSV_SUFFIXES if self.kind == "ofa-tsv" else webdataset.WDS_SUFFIXES
 
     @property
     def row_task(self) -> str | None:
         """The task of every row (None for pretrain_vl, whose rows carry several)."""
-        return readers.layout_task(self.layout) if self.kind == "ofa-tsv" else self.task
+        return ofa_tsv.layout_task(self.layout) if self.kind == "ofa-tsv" else self.task
 
     def read(self, file: InputFile, s3: S3Options | None) -> Iterator[dict | BadRow]:
         if self.kind == "ofa-tsv":
-            return readers.read_ofa_tsv_file(file, self.layout, split=self.split, s3=s3, dataset=self.dataset)
-        return readers.read_webdataset_file(file, task=self.task, split=self.split, s3=s3,
+            return ofa_tsv.read_ofa_tsv_file(file, self.layout, split=self.split, s3=s3, dataset=self.dataset)
+        return webdataset.read_webdataset_file(file, task=self.task, split=self.split, s3=s3,
                                             key_map=dict(self.key_map), dataset=self.dataset)
 
     def describe(self) -> dict[str, Any]:
@@ -119,40 +120,12 @@ class _PartJob:
 
 
 @dataclass
-class _Tally:
-    """Counts of rows read: good rows by task, bad rows by reason and by task, examples."""
-
-    records: int = 0
-    ok_by_task: Counter = field(default_factory=Counter)
-    bad_by_reason: Counter = field(default_factory=Counter)
-    bad_by_task: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
-    bad_rows: list[BadRow] = field(default_factory=list)
-
-    @property
-    def ok(self) -> int:
-        return sum(self.ok_by_task.values())
-
-    @property
-    def bad(self) -> int:
-        return sum(self.bad_by_reason.values())
-
-    def merge(self, other: "_Tally", list_bad: int) -> None:
-        self.records += other.records
-        self.ok_by_task.update(other.ok_by_task)
-        self.bad_by_reason.update(other.bad_by_reason)
-        self.bad_by_task.update(other.bad_by_task)
-        for reason, ids in other.examples.items():
-            mine = self.examples.setdefault(reason, [])
-            mine.extend(ids[: MAX_BAD_EXAMPLES - len(mine)])
-        self.bad_rows.extend(other.bad_rows[: max(0, list_bad - len(self.bad_rows))])
-
-
-@dataclass
 class _PartResult:
     index: int
     file: str
-    tally: _Tally
+    records: int  # input records read (rows + bad rows)
+    stats: RowStats  # rows written by task, bad rows by reason and task with example ids
+    bad_rows: list[BadRow]  # the first `list_bad` in full
     manifest: Manifest  # shard paths relative to the part directory
     id_hashes: np.ndarray  # uint64, one per row written
     seconds: float
@@ -174,35 +147,32 @@ def _convert_part(job: _PartJob) -> _PartResult:
     part_uri = storage.join(job.output, part_dir(job.index))
     delete_dir(part_uri, job.s3)  # this task owns the directory: a retry after a crash starts afresh
     task = job.source.row_task
-    tally, hashes = _Tally(), []
+    records, stats, bad_rows, hashes = 0, RowStats(), [], []
     writer = ShardWriter(part_uri, shard_bytes=job.shard_bytes, row_group_rows=job.row_group_rows, s3=job.s3,
                          created_by="pipelines.data.raw_convert")
     with writer:
         for item in job.source.read(job.file, job.s3):
-            if job.limit is not None and tally.records >= job.limit:
+            if job.limit is not None and records >= job.limit:
                 break
-            tally.records += 1
+            records += 1
             if isinstance(item, BadRow):
-                tally.bad_by_reason[item.reason] += 1
-                tally.bad_by_task[task or "?"] += 1
-                examples = tally.examples.setdefault(item.reason, [])
-                if len(examples) < MAX_BAD_EXAMPLES:
-                    examples.append(item.id or item.source)
-                if len(tally.bad_rows) < job.list_bad:
-                    tally.bad_rows.append(item)
+                stats.add_bad(item.reason, item.id or item.source, task)
+                if len(bad_rows) < job.list_bad:
+                    bad_rows.append(item)
                 continue
             try:
                 writer.write(item)
             except ValueError as exc:  # a duplicate id within this file
                 raise ValueError(f"{storage.redact(job.file.uri)}: {exc}") from None
-            tally.ok_by_task[item["task"]] += 1
+            stats.add_ok(item["task"])
             hashes.append(_id_hash(item["id"]))
     manifest = writer.close()
     storage.delete_file(storage.join(part_uri, MANIFEST_NAME), s3=job.s3)  # the merged manifest lists the part
     if not manifest.shards:
         delete_dir(part_uri, job.s3)
     id_hashes = np.frombuffer(b"".join(hashes), dtype="<u8").copy()
-    return _PartResult(job.index, job.file.uri, tally, manifest, id_hashes, time.monotonic() - t0)
+    return _PartResult(job.index, job.file.uri, records, stats, bad_rows, manifest, id_hashes,
+                       time.monotonic() - t0)
 
 
 def delete_dir(uri: str, s3: S3Options | None = None) -> None:
@@ -216,28 +186,6 @@ def delete_dir(uri: str, s3: S3Options | None = None) -> None:
 
 
 # --- the driver -----------------------------------------------------------------------------------------
-
-
-class _Progress:
-    """Progress lines: files done / total, rows, rate and ETA, at most every `every_s` seconds."""
-
-    def __init__(self, what: str, total_files: int, every_s: float) -> None:
-        self.what, self.total, self.every_s = what, total_files, every_s
-        self.done = self.ok = self.bad = 0
-        self.start = self.last = time.monotonic()
-
-    def add(self, result: _PartResult) -> None:
-        self.done += 1
-        self.ok += result.tally.ok
-        self.bad += result.tally.bad
-        now = time.monotonic()
-        if now - self.last >= self.every_s or self.done == self.total:
-            self.last = now
-            elapsed = max(now - self.start, 1e-9)
-            eta = (self.total - self.done) * elapsed / self.done
-            logger.info("%s: %d/%d files (%.0f%%), %d rows ok, %d bad, %.1f rows/s, %.2f files/s, ETA %.0f s",
-                        self.what, self.done, self.total, 100 * self.done / self.total, self.ok, self.bad,
-                        self.ok / elapsed, self.done / elapsed, eta)
 
 
 def _absolute(uri: str) -> str:
@@ -285,7 +233,7 @@ def _task_error(exc: Exception) -> Exception:
 
 
 def _run_parts(jobs: list[_PartJob], *, limit: int | None, concurrency: int, num_cpus: float,
-               progress: _Progress) -> list[_PartResult]:
+               progress: Progress) -> list[_PartResult]:
     """Run one task per job, at most `concurrency` at once. With a `limit`, files go one at a time in order,
     each reading what is left of the limit, so the rows kept are the same whatever the parallelism."""
     import ray
@@ -293,7 +241,7 @@ def _run_parts(jobs: list[_PartJob], *, limit: int | None, concurrency: int, num
     remote = ray.remote(_convert_part).options(num_cpus=num_cpus, max_retries=2, name="raw_convert.part")
     results: list[_PartResult] = []
     pending, in_flight = list(jobs), []
-    left = limit
+    left, ok, bad = limit, 0, 0
     try:
         while pending or in_flight:
             while pending and len(in_flight) < (1 if limit is not None else concurrency):
@@ -307,9 +255,10 @@ def _run_parts(jobs: list[_PartJob], *, limit: int | None, concurrency: int, num
             except ray.exceptions.RayTaskError as exc:
                 raise _task_error(exc) from None
             results.append(result)
-            progress.add(result)
+            ok, bad = ok + result.stats.ok, bad + result.stats.bad
+            progress.update(len(results), extra={"rows ok": ok, "bad": bad}, force=len(results) == len(jobs))
             if left is not None:
-                left -= result.tally.records
+                left -= result.records
                 if left <= 0:
                     pending = []
     except BaseException:
@@ -417,7 +366,7 @@ def convert_raw(
                          f"{num_cpus}, {concurrency}")
     t0 = time.monotonic()
     input_uri, output = _absolute(input_uri), _absolute(output)
-    files = readers.input_files(input_uri, source.suffixes, s3)
+    files = input_files(input_uri, source.suffixes, s3)
     _check_output(output, s3)
     if concurrency is None:
         concurrency = max(1, int(2 * ray.cluster_resources().get("CPU", 1) // num_cpus))
@@ -426,16 +375,18 @@ def convert_raw(
     logger.info("%s: converting %d file(s) under %s into %s, %d task(s) at once", source.kind, len(files),
                 storage.redact(input_uri), storage.redact(output), concurrency)
     try:
-        results = _run_parts(jobs, limit=limit, concurrency=concurrency, num_cpus=num_cpus,
-                             progress=_Progress(source.kind, len(files), log_every_s))
+        progress = Progress(source.kind, len(files), log_every_s, unit="files", extra_rates={"rows ok": "rows"},
+                            logger=logger)
+        results = _run_parts(jobs, limit=limit, concurrency=concurrency, num_cpus=num_cpus, progress=progress)
         _check_ids_across_files(results, output, s3)
-        tally = _Tally()
+        stats, records = RowStats(), sum(r.records for r in results)
         for r in results:
-            tally.merge(r.tally, list_bad)
+            stats.merge(r.stats)
+        bad_rows = [b for r in results for b in r.bad_rows][:list_bad]
         conversion = {**source.describe(), "input": storage.redact(input_uri), "files": len(files),
-                      "files_read": len(results), "records": tally.records, "rows_ok": tally.ok,
-                      "rows_bad": dict(sorted(tally.bad_by_reason.items())),
-                      "bad_examples": dict(sorted(tally.examples.items()))}
+                      "files_read": len(results), "records": records, "rows_ok": stats.ok,
+                      "rows_bad": dict(sorted(stats.bad_by_reason.items())),
+                      "bad_examples": dict(sorted(stats.examples.items()))}
         manifest = _merge(results, conversion)
         storage.write_bytes(storage.join(output, MANIFEST_NAME), manifest.to_json().encode(), s3=s3)
     except BaseException as exc:
@@ -447,18 +398,18 @@ def convert_raw(
     summary = {
         **conversion,
         "output": storage.redact(output),
-        "bad_by_task": dict(sorted(tally.bad_by_task.items())),
+        "bad_by_task": dict(sorted(stats.bad_by_task.items())),
         "counts": manifest.counts,
         "num_shards": len(manifest.shards),
         "fingerprint": manifest.fingerprint,
         "seconds": round(seconds, 3),
-        "rows_per_s": round(tally.ok / max(seconds, 1e-9), 1),
+        "rows_per_s": round(stats.ok / max(seconds, 1e-9), 1),
     }
     if list_bad:
         summary["bad_rows"] = [{"id": b.id, "reason": b.reason, "detail": b.detail, "source": b.source}
-                               for b in tally.bad_rows]
-    logger.info("%s: done, %d rows ok, %d bad (%s) in %.1f s", source.kind, tally.ok, tally.bad,
-                ", ".join(f"{r} {n}" for r, n in sorted(tally.bad_by_reason.items())) or "none", seconds)
+                               for b in bad_rows]
+    logger.info("%s: done, %d rows ok, %d bad (%s) in %.1f s", source.kind, stats.ok, stats.bad,
+                ", ".join(f"{r} {n}" for r, n in sorted(stats.bad_by_reason.items())) or "none", seconds)
     return summary
 
 

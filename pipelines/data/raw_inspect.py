@@ -17,8 +17,9 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pipelines import storage
-from pipelines.data import readers
 from pipelines.data.raw_convert import RawSource, convert_raw, delete_dir
+from pipelines.data.readers import ofa_tsv, webdataset
+from pipelines.data.rowstats import RowStats
 from pipelines.data.shards import MANIFEST_NAME
 from pipelines.storage import S3Options
 
@@ -26,9 +27,9 @@ logger = logging.getLogger(__name__)
 
 CORPUS = "corpus"
 WEBDATASET = "webdataset"
-INPUT_LAYOUTS = (CORPUS, WEBDATASET, *readers.LAYOUTS)  # what --layout accepts
+INPUT_LAYOUTS = (CORPUS, WEBDATASET, *ofa_tsv.LAYOUTS)  # what --layout accepts
 # task -> the TSV layout of that task (pretrain_vl holds several tasks and is never guessed)
-_TSV_LAYOUT_OF_TASK = {t: layout for layout in readers.LAYOUTS if (t := readers.layout_task(layout)) is not None}
+_TSV_LAYOUT_OF_TASK = {t: layout for layout in ofa_tsv.LAYOUTS if (t := ofa_tsv.layout_task(layout)) is not None}
 
 
 def _kind(uri: str, s3: S3Options | None) -> str:
@@ -39,9 +40,9 @@ def _kind(uri: str, s3: S3Options | None) -> str:
     except OSError as exc:
         raise OSError(f"cannot stat {storage.redact(uri)}: {storage.redact(str(exc))}") from exc
     if info.type == pafs.FileType.File:
-        if path.endswith(readers.WDS_SUFFIXES):
+        if path.endswith(webdataset.WDS_SUFFIXES):
             return WEBDATASET
-        if path.endswith(readers.TSV_SUFFIXES):
+        if path.endswith(ofa_tsv.TSV_SUFFIXES):
             return "tsv"
         raise ValueError(f"cannot tell the layout of {storage.redact(uri)} from its name (not .tsv, .tar, "
                          f".tar.gz, .tgz); pass --layout, one of: {', '.join(INPUT_LAYOUTS)}")
@@ -50,8 +51,8 @@ def _kind(uri: str, s3: S3Options | None) -> str:
     if storage.exists(storage.join(uri, MANIFEST_NAME), s3):
         return CORPUS
     files = storage.list_files(uri, s3=s3)
-    has_tsv = any(f.endswith(readers.TSV_SUFFIXES) for f in files)
-    has_tar = any(f.endswith(readers.WDS_SUFFIXES) for f in files)
+    has_tsv = any(f.endswith(ofa_tsv.TSV_SUFFIXES) for f in files)
+    has_tar = any(f.endswith(webdataset.WDS_SUFFIXES) for f in files)
     if has_tsv == has_tar:
         what = "both .tsv and .tar files" if has_tsv else f"no {MANIFEST_NAME}, .tsv or .tar files"
         raise ValueError(f"{storage.redact(uri)} holds {what}; pass --layout, one of: {', '.join(INPUT_LAYOUTS)}")
@@ -83,14 +84,14 @@ def input_source(
         return None
     if kind == WEBDATASET:
         if len(tasks) > 1:
-            raise ValueError(f"WebDataset input holds one task: give one --task of {', '.join(readers.WDS_TASKS)}")
+            raise ValueError(f"WebDataset input holds one task: give one --task of {', '.join(webdataset.WDS_TASKS)}")
         return RawSource(WEBDATASET, split=split, task=tasks[0] if tasks else "caption", key_map=key_map,
                          dataset=dataset)
     if layout is None:
         layout = _TSV_LAYOUT_OF_TASK.get(tasks[0]) if len(tasks) == 1 else None
         if layout is None:
             raise ValueError(f"cannot tell the layout of the OFA TSV input {storage.redact(uri)}; pass --layout, "
-                             f"one of: {', '.join(readers.LAYOUTS)}")
+                             f"one of: {', '.join(ofa_tsv.LAYOUTS)}")
     source = RawSource("ofa-tsv", split=split, layout=layout, dataset=dataset)
     task = source.row_task
     if task is not None and tasks and task not in tasks:
@@ -114,7 +115,7 @@ def inspect_raw(
     several machines give an s3:// prefix), inspected with `cfg` (a DataConfig; its uri is replaced), the
     reader's bad rows added to the counts. Extra keys: input_layout, conversion (the reader's summary,
     with its first `list_bad` bad rows in full). The scratch corpus is deleted afterwards."""
-    from pipelines.data.dataset import RowStats, inspect
+    from pipelines.data.dataset import inspect
 
     s3 = cfg.s3
     if scratch is None:

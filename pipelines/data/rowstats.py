@@ -1,4 +1,5 @@
-"""Row accounting of the consumer: counts (`RowStats`), the one bad-row rule (`BadRowRule`, failing with
+"""Row accounting: the one bad-row tally (`RowStats`, kept by the consumer, by `converters.prepare` and by each
+part of `raw_convert`), the consumer's one bad-row rule (`BadRowRule`, failing with
 `BadDataError`) and where an epoch stands (`ResumeState`; `MixtureState` for a weighted mixture).
 
 Every row of an epoch is either good (delivered in a batch) or bad (counted by reason, with example ids).
@@ -26,8 +27,9 @@ __all__ = ["BadDataError", "BadRowRule", "MixtureState", "ResumeState", "RowStat
 
 @dataclass
 class RowStats:
-    """Counts of one consumer (or, merged, of several): good rows by task, bad rows by reason and by task,
-    and up to `max_examples` example ids (shard URIs for unreadable shards) per reason."""
+    """Counts of one reader of rows (a consumer, a conversion; or, merged, of several): good rows by task, bad
+    rows by reason and by task ("?" when unknown), and up to `max_examples` example ids (shard URIs for
+    unreadable shards) per reason."""
 
     ok: int = 0
     ok_by_task: dict[str, int] = field(default_factory=dict)

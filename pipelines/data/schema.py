@@ -13,9 +13,32 @@ from typing import Any
 
 import pyarrow as pa
 
-# The reasons ofa_model's input errors also count by, and the image formats its decoder reads, have their one
-# home in ofa_model; the reader-only reasons below live here.
-from ofa_model.errors import BAD_BOX, BAD_IMAGE, BAD_TYPE, EMPTY_TEXT, MISSING_FIELD, UNKNOWN_LABEL
+# Bad-row reasons and the image formats the decoder reads have their one home in ofa_model.
+from ofa_model.errors import (
+    ATTRIBUTES_UNDETERMINED,
+    BAD_BASE64,
+    BAD_BOX,
+    BAD_ENCODING,
+    BAD_FORMAT,
+    BAD_IMAGE,
+    BAD_JSON,
+    BAD_TYPE,
+    EMPTY_TEXT,
+    EXTRA_COLUMN,
+    INCONSISTENT_ANSWERS,
+    MISSING_ANNOTATION,
+    MISSING_COLUMN,
+    MISSING_FIELD,
+    MISSING_IMAGE,
+    MISSING_MEMBER,
+    NO_SHAPE,
+    UNKNOWN_IMAGE,
+    UNKNOWN_LABEL,
+    UNPAIRED_LINE,
+    UNPARSED_QUESTION,
+    UNREADABLE_SHARD,
+    UNSUPPORTED_FILE,
+)
 from ofa_model.preprocess import SUPPORTED_FORMATS
 
 SCHEMA_VERSION = 1
@@ -188,30 +211,12 @@ def row_digest(row: Mapping[str, Any]) -> str:
 
 
 # --- bad-row reasons -------------------------------------------------------------------------------------
-# Why a source record became a `pipelines.data.readers.BadRow` instead of a row: one code per cause, shared by the
-# readers (OFA TSV, WebDataset) and the converters (public layouts); summaries count bad rows by these codes.
-# BAD_IMAGE (bytes that are not an image in IMAGE_FORMATS), BAD_TYPE (also: a value the schema cannot store,
-# e.g. an unparsable number or > int32), EMPTY_TEXT (also: an image without captions), BAD_BOX, UNKNOWN_LABEL
-# (also: a class or pretraining type outside the known set) and MISSING_FIELD (a JSON record without a non-null
-# key it needs) come from ofa_model.errors.
-
-MISSING_COLUMN = "missing_column"  # a TSV line with fewer columns than its layout or header
-EXTRA_COLUMN = "extra_column"  # a TSV line with more columns than its fixed layout or header (a stray tab?)
-BAD_ENCODING = "bad_encoding"  # a line or text member that is not UTF-8
-BAD_BASE64 = "bad_base64"  # an image column that is empty or not base64
-MISSING_IMAGE = "missing_image"  # the image file (or package image) a record names does not exist
-BAD_FORMAT = "bad_format"  # a structured value in the wrong shape (VQA answers, several images in a sample)
-BAD_JSON = "bad_json"  # JSON (a line, a .json member) that does not parse, or is not an object
-MISSING_MEMBER = "missing_member"  # a WebDataset sample without a member it needs (image, .json, .txt)
-UNREADABLE_SHARD = "unreadable_shard"  # a whole input file that cannot be opened or read to the end
-UNKNOWN_IMAGE = "unknown_image"  # a record names an image id that the dataset's image list lacks
-MISSING_ANNOTATION = "missing_annotation"  # a record whose annotation (answers, box) the annotation file lacks
-UNPAIRED_LINE = "unpaired_line"  # a line of one parallel text file without its partner line in the other
-UNSUPPORTED_FILE = "unsupported_file"  # a file in an image folder whose extension is not one of IMAGE_EXTENSIONS
-ATTRIBUTES_UNDETERMINED = "attributes_undetermined"  # easy-VQA: the questions leave shape or colour open
-INCONSISTENT_ANSWERS = "inconsistent_answers"  # easy-VQA: an image's answers contradict each other
-UNPARSED_QUESTION = "unparsed_question"  # easy-VQA: a yes/no question with no known statement form
-NO_SHAPE = "no_shape"  # easy-VQA: no pixel differs enough from the background to locate the shape
+# Why a source record became a `pipelines.data.readers.rows.BadRow` instead of a row: one code per cause, shared by
+# the readers (OFA TSV, WebDataset) and the converters (public layouts); summaries count bad rows by these codes.
+# Every code lives in ofa_model.errors. Some mean a little more here: BAD_IMAGE (bytes that are not an image in
+# IMAGE_FORMATS), BAD_TYPE (also: a value the schema cannot store, e.g. an unparsable number or > int32),
+# EMPTY_TEXT (also: an image without captions), UNKNOWN_LABEL (also: a class or pretraining type outside the
+# known set) and MISSING_FIELD (a JSON record without a non-null key it needs).
 
 BAD_REASONS = (
     MISSING_COLUMN, EXTRA_COLUMN, BAD_ENCODING, BAD_BASE64, BAD_IMAGE, MISSING_IMAGE, BAD_TYPE, BAD_FORMAT,

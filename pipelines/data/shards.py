@@ -356,18 +356,6 @@ def read_manifest(uri: str, s3: S3Options | None = None) -> Manifest:
         raise ValueError(f"bad manifest {storage.redact(manifest_uri)}: {exc}") from exc
 
 
-def shard_uris(
-    uri: str,
-    splits: Iterable[str] | None = None,
-    tasks: Iterable[str] | None = None,
-    s3: S3Options | None = None,
-    manifest: Manifest | None = None,
-) -> list[str]:
-    """Full URIs of the shards of the given splits/tasks (e.g. for ray.data.read_parquet)."""
-    manifest = manifest or read_manifest(uri, s3=s3)
-    return [storage.join(uri, s["path"]) for s in manifest.select(splits, tasks)]
-
-
 def iter_rows(
     uri: str,
     s3: S3Options | None = None,

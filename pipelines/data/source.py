@@ -34,8 +34,9 @@ import pyarrow.parquet as pq
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
+from ofa_model.errors import BAD_TYPE, UNREADABLE_SHARD
 from pipelines import storage
-from pipelines.data.schema import BAD_TYPE, SCHEMA, UNREADABLE_SHARD
+from pipelines.data.schema import SCHEMA
 from pipelines.data.shards import Manifest
 from pipelines.storage import S3Options
 

@@ -1,9 +1,9 @@
 """Pieces shared by the converters: split selection, file access, image reading, record fields.
 
-Every converter is a generator of canonical rows (`pipelines.data.readers.make_row`: normalised dicts keyed
+Every converter is a generator of canonical rows (`pipelines.data.readers.rows.make_row`: normalised dicts keyed
 by `pipelines.data.schema.FIELDS`) and `BadRow` records for broken input, with reasons from
 `pipelines.data.schema.BAD_REASONS`; nothing here holds state between calls. Row construction, image
-checks, text cleaning and box checks are the readers' (`pipelines.data.readers`), imported from there.
+checks, text cleaning and box checks are the readers' (`pipelines.data.readers.rows`), imported from there.
 """
 
 import json
@@ -13,9 +13,10 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from ofa_model.errors import BAD_IMAGE, BAD_TYPE, EMPTY_TEXT, MISSING_FIELD, MISSING_IMAGE
 from pipelines import storage
-from pipelines.data.readers import BadInput, BadRow, clean_text, image_format
-from pipelines.data.schema import BAD_IMAGE, BAD_TYPE, EMPTY_TEXT, IMAGE_FORMATS, MISSING_FIELD, MISSING_IMAGE
+from pipelines.data.readers.rows import BadInput, BadRow, clean_text, image_format
+from pipelines.data.schema import IMAGE_FORMATS
 
 
 def select_splits(available: Sequence[str], requested: Iterable[str] | None, source: str) -> list[str]:

@@ -11,6 +11,7 @@ file order, target = the first. Captions have whitespace runs collapsed; nothing
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 
+from ofa_model.errors import BAD_FORMAT, EMPTY_TEXT, MISSING_FIELD, UNKNOWN_IMAGE
 from pipelines.data.converters._common import (
     FileRoot,
     LastImage,
@@ -20,8 +21,7 @@ from pipelines.data.converters._common import (
     record_text,
     select_splits,
 )
-from pipelines.data.readers import BadInput, BadRow, make_row
-from pipelines.data.schema import BAD_FORMAT, EMPTY_TEXT, MISSING_FIELD, UNKNOWN_IMAGE
+from pipelines.data.readers.rows import BadInput, BadRow, make_row
 
 
 def convert_coco(

@@ -31,15 +31,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.data.converters._common import check_limit, select_splits
-from pipelines.data.readers import BadRow, make_row
-from pipelines.data.schema import (
+from ofa_model.errors import (
     ATTRIBUTES_UNDETERMINED,
     INCONSISTENT_ANSWERS,
     MISSING_IMAGE,
     NO_SHAPE,
     UNPARSED_QUESTION,
 )
+from pipelines.data.converters._common import check_limit, select_splits
+from pipelines.data.readers.rows import BadRow, make_row
 
 DATASET = "easy-vqa"
 SPLITS = ("train", "test")

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ofa_model.errors import UNKNOWN_LABEL
 from pipelines.data.converters._common import check_limit, select_splits
-from pipelines.data.readers import BadRow, make_row
-from pipelines.data.schema import UNKNOWN_LABEL
+from pipelines.data.readers.rows import BadRow, make_row
 
 DATASET = "fashion-mnist"
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"

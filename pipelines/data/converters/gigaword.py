@@ -9,9 +9,9 @@ from collections.abc import Iterator, Sequence
 from itertools import zip_longest
 from pathlib import Path
 
+from ofa_model.errors import EMPTY_TEXT, UNPAIRED_LINE
 from pipelines.data.converters._common import check_limit, select_splits, text_or_none
-from pipelines.data.readers import BadRow, make_row
-from pipelines.data.schema import EMPTY_TEXT, UNPAIRED_LINE
+from pipelines.data.readers.rows import BadRow, make_row
 
 SPLITS = ("train", "val", "test")
 

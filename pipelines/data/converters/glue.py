@@ -21,10 +21,12 @@ Files without the label column (GLUE test files) give rows with target None.
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from ofa_model.errors import EMPTY_TEXT, EXTRA_COLUMN, MISSING_COLUMN, UNKNOWN_LABEL
 from pipelines.data.converters._common import check_limit, select_splits, text_or_none
-from pipelines.data.readers import BadRow, make_row
-from pipelines.data.schema import EMPTY_TEXT, EXTRA_COLUMN, GLUE_LABEL_WORDS, MISSING_COLUMN, UNKNOWN_LABEL
+from pipelines.data.readers.rows import BadRow, make_row
+from pipelines.data.schema import GLUE_LABEL_WORDS
 
 
 @dataclass(frozen=True)
@@ -69,15 +71,18 @@ def glue_files(task: str, data_dir: str | Path) -> dict[str, str]:
     return found
 
 
+GlueTask = Literal["cola", "sst2", "mnli", "rte", "qnli", "mrpc", "qqp"]  # the keys of GLUE_TASKS
+
+
 def convert_glue(
     *,
-    task: str,
+    task: GlueTask,
     files: Mapping[str, str] | None = None,
     data_dir: str | None = None,
     splits: Sequence[str] | None = None,
     limit: int | None = None,
 ) -> Iterator[dict | BadRow]:
-    """Rows of one GLUE task ("cola", "sst2", "mnli", "rte", "qnli", "mrpc", "qqp").
+    """Rows of one GLUE task (a GlueTask).
 
     files: split -> TSV path; or data_dir: the task's GLUE directory (train.tsv, dev.tsv -> "val",
     test.tsv; MNLI dev_matched.tsv -> "val", dev_mismatched.tsv -> "val_mismatched", test_matched.tsv ->

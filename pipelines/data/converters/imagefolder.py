@@ -9,9 +9,10 @@ root itself are ignored; files with a non-image extension and folders missing fr
 import json
 from collections.abc import Iterator, Mapping, Sequence
 
+from ofa_model.errors import UNKNOWN_LABEL, UNSUPPORTED_FILE
 from pipelines.data.converters._common import FileRoot, check_limit, read_image, select_splits, take
-from pipelines.data.readers import BadRow, make_row
-from pipelines.data.schema import IMAGE_EXTENSIONS, UNKNOWN_LABEL, UNSUPPORTED_FILE
+from pipelines.data.readers.rows import BadRow, make_row
+from pipelines.data.schema import IMAGE_EXTENSIONS
 
 
 def load_class_names(path: str) -> dict[str, str]:

@@ -13,6 +13,7 @@ import pickle
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from ofa_model.errors import BAD_BOX, BAD_FORMAT, MISSING_ANNOTATION, MISSING_FIELD, UNKNOWN_IMAGE
 from pipelines.data.converters._common import (
     FileRoot,
     LastImage,
@@ -21,8 +22,7 @@ from pipelines.data.converters._common import (
     record_text,
     select_splits,
 )
-from pipelines.data.readers import BadInput, BadRow, check_box, make_row
-from pipelines.data.schema import BAD_BOX, BAD_FORMAT, MISSING_ANNOTATION, MISSING_FIELD, UNKNOWN_IMAGE
+from pipelines.data.readers.rows import BadInput, BadRow, check_box, make_row
 
 
 class _PlainDataUnpickler(pickle.Unpickler):

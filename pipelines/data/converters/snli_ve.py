@@ -10,6 +10,7 @@ neutral "maybe"), image = <image_root>/<image id>.jpg.
 import json
 from collections.abc import Iterator, Mapping, Sequence
 
+from ofa_model.errors import BAD_JSON, MISSING_FIELD, UNKNOWN_LABEL
 from pipelines.data.converters._common import (
     FileRoot,
     LastImage,
@@ -18,8 +19,8 @@ from pipelines.data.converters._common import (
     record_text,
     select_splits,
 )
-from pipelines.data.readers import BadInput, BadRow, make_row
-from pipelines.data.schema import BAD_JSON, MISSING_FIELD, NLI_LABEL_WORDS, UNKNOWN_LABEL
+from pipelines.data.readers.rows import BadInput, BadRow, make_row
+from pipelines.data.schema import NLI_LABEL_WORDS
 
 DATASET = "snli-ve"
 LABEL_WORDS = NLI_LABEL_WORDS  # gold_label -> OFA's answer word

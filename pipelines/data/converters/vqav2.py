@@ -11,6 +11,7 @@ annotations file for a split (the test-dev/test splits) target, targets and weig
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 
+from ofa_model.errors import BAD_TYPE, EMPTY_TEXT, MISSING_ANNOTATION, MISSING_FIELD
 from pipelines.data.converters._common import (
     FileRoot,
     LastImage,
@@ -21,8 +22,7 @@ from pipelines.data.converters._common import (
     select_splits,
     text_or_none,
 )
-from pipelines.data.readers import BadInput, BadRow, make_row
-from pipelines.data.schema import BAD_TYPE, EMPTY_TEXT, MISSING_ANNOTATION, MISSING_FIELD
+from pipelines.data.readers.rows import BadInput, BadRow, make_row
 
 DATASET = "vqav2"
 DEFAULT_IMAGE_PATTERN = "COCO_{split}2014_{image_id:012d}.jpg"

@@ -1,0 +1,59 @@
+"""pipelines.progress: rate, ETA and the line, at most every every_s seconds, from a fake clock."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+
+from pipelines.progress import Progress, duration
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_rate_eta_and_line_at_most_every_every_s(caplog):
+    caplog.set_level(logging.INFO, logger="pipelines.progress")
+    clock, seen = Clock(), []
+    progress = Progress("coco", 1000, 10.0, start=100, on_report=seen.append, clock=clock)
+    clock.now += 5
+    assert progress.update(200, extra={"bad": 3}) is None  # 5 s < every_s
+    clock.now += 15  # 20 s after the start: 200 rows since start=100 -> 10 rows/s
+    figures = progress.update(300, extra={"bad": 3})
+    assert figures == {"done": 300, "elapsed_s": 20.0, "rate": 10.0, "total": 1000, "percent": 30.0,
+                       "eta_s": 70.0, "bad": 3}
+    assert seen == [figures]
+    assert caplog.messages == ["coco: 300/1000 rows (30%), 3 bad, 10.0 rows/s, ETA 1m10s"]
+    clock.now += 1
+    assert progress.update(310) is None  # 1 s after the last line
+    last = progress.update(1000, force=True)
+    assert last["eta_s"] == 0.0 and last["rate"] == pytest.approx(900 / 21)
+    assert caplog.messages[-1] == "coco: 1000/1000 rows (100%), 42.9 rows/s, ETA 0m00s" and len(seen) == 2
+
+
+def test_unknown_total_and_extra_rates(caplog):
+    caplog.set_level(logging.INFO, logger="pipelines.progress")
+    clock = Clock()
+    rows = Progress("giga", None, 0.0, clock=clock)
+    clock.now += 4
+    assert rows.update(10, extra={"bad": 1}) == {"done": 10, "elapsed_s": 4.0, "rate": 2.5, "bad": 1}
+    files = Progress("ofa-tsv", 3, 0.0, unit="files", extra_rates={"rows ok": "rows"}, clock=clock)
+    assert files.figures(0)["eta_s"] == math.inf  # no rate yet
+    clock.now += 2
+    figures = files.update(1, extra={"rows ok": 7, "bad": 7})
+    assert figures["rows_per_s"] == 3.5 and figures["eta_s"] == 4.0
+    assert caplog.messages == ["giga: 10 rows, 1 bad, 2.50 rows/s",
+                               "ofa-tsv: 1/3 files (33.3%), 7 rows ok, 7 bad, 3.50 rows/s, 0.50 files/s, ETA 0m04s"]
+
+
+def test_duration_and_bad_every_s():
+    assert [duration(s) for s in (None, math.inf, math.nan, 0.4, 59.6, 3725)] == ["?", "?", "?", "0m00s", "1m00s",
+                                                                                   "1h02m05s"]
+    with pytest.raises(ValueError, match="every_s must be >= 0, got -1"):
+        Progress("x", None, -1)
