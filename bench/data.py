@@ -39,6 +39,7 @@ from pipelines.data.converters.easyvqa import convert_easy_vqa
 from pipelines.data.dataset import DataConfig, build_dataset, iter_train_batches, plan_epoch
 from pipelines.data.readers.rows import BadRow
 from pipelines.data.shards import canonical_schema, write_corpus
+from pipelines.local.ray_settings import init_local_ray
 from pipelines.local.s3 import CONFLICTING_ENV, local_s3
 
 IMAGES = 300  # easy-VQA train images -> ~6,500 rows
@@ -124,7 +125,6 @@ def main(argv: list[str] | None = None) -> None:
         for name in CONFLICTING_ENV:
             os.environ.pop(name, None)
         os.environ.update(server.env())  # before ray.init: workers inherit it
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         uri = server.uri("bench-data")
         t = time.perf_counter()
         if a.realistic:
@@ -134,9 +134,7 @@ def main(argv: list[str] | None = None) -> None:
             num_rows, what, sizes, dtypes = make_corpus(uri), "easy-VQA (64x64 PNG)", SIZES, ("uint8", "float32",
                                                                                               "float16")
         print(f"corpus: {num_rows} {what} rows on local SeaweedFS S3, {time.perf_counter() - t:.1f} s")
-        ray.init(address="local", num_cpus=cores, object_store_memory=1 * 2**30, include_dashboard=False,
-                 log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        init_local_ray(cores, object_store_bytes=1 * 2**30)
         try:
             vocab = Vocabulary.gpt2()
             actors = cores

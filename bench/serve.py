@@ -147,15 +147,13 @@ def make_bundle(arch: str, image_size: int, out: Path) -> Path:
 
 def deploy(model: str, port: int, **over) -> str:
     """Deploy the bench application (replacing a previous one); its caption URL."""
-    from ray import serve
-
-    from serve_app.app import build
+    from serve_app.app import start
     from serve_app.config import serve_config
 
     data = {"models": {"default": {"source": model}}, "num_cpus": 1, "max_queued_requests": -1,
-            "request_timeout_s": 120, "ingress": {"num_cpus": 0.25, "max_ongoing_requests": 1024}, **over}
-    serve.run(build(serve_config(data=data)), name=APP, route_prefix="/", blocking=False)
-    return f"http://127.0.0.1:{port}/v1/caption"
+            "request_timeout_s": 120, "ingress": {"num_cpus": 0.25, "max_ongoing_requests": 1024},
+            "app_name": APP, "host": "127.0.0.1", "port": port, **over}
+    return start(serve_config(data=data)) + "/v1/caption"
 
 
 def running_replicas() -> int:
@@ -306,18 +304,17 @@ def main(argv: list[str] | None = None) -> None:
     s = settings(args)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster
 
     import ray
     from ray import serve
 
+    from pipelines.local.ray_settings import init_local_ray
     from pipelines.local.s3 import free_ports
 
     model = args.model or str(make_bundle(s.arch, s.image_size, output))
     body = caption_body(s.image_size)
-    ray.init(address="local", num_cpus=s.cpus, include_dashboard=False, log_to_driver=False)
+    init_local_ray(s.cpus)  # the object store at Ray's default
     [port] = free_ports(1)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     results: dict = {"settings": s.__dict__, "model": model, "cores": os.cpu_count()}
     try:
         if args.part in ("all", "batching"):

@@ -43,6 +43,7 @@ from ofa_model.config import get_config
 from ofa_model.losses import label_smoothed_nll
 from ofa_model.model import OFAModel
 from ofa_model.precision import cpu_flags
+from pipelines.local.ray_settings import TEST_OBJECT_STORE_BYTES, init_local_ray
 
 BATCH, SIZE, SRC_LEN, TGT_LEN, PAD = 8, 256, 32, 16, 1
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,21 +288,13 @@ class ScalingResult:
     steps: int
 
 
-def _ray_env() -> None:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-
-
 def start_local_ray(num_cpus: int = 4) -> bool:
     """A fresh local Ray (True) unless one is already up in this process (False)."""
     import ray
 
-    _ray_env()
     if ray.is_initialized():
         return False
-    ray.init(address="local", num_cpus=num_cpus, object_store_memory=300 * 2**20, include_dashboard=False,
-             log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_local_ray(num_cpus, object_store_bytes=TEST_OBJECT_STORE_BYTES)
     return True
 
 

@@ -13,10 +13,11 @@ import argparse
 import sys
 
 from jobs._cli import Parser, fail, print_json, setup_logging
-from ofa_model.checkpoint import CheckpointMismatchError, convert_checkpoint
+from ofa_model.checkpoint import convert_checkpoint
 from ofa_model.config import ARCHITECTURES
 from ofa_model.errors import InputError
 from ofa_model.preprocess import PreprocessConfig
+from ofa_model.weights import CheckpointMismatchError
 
 PROG = "python -m jobs.convert_checkpoint"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

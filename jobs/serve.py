@@ -50,25 +50,23 @@ def main(argv: list[str] | None = None) -> None:
         fail(PROG, "--num-cpus/--num-gpus size a local Ray; RAY_ADDRESS names a running cluster")
 
     import ray
-    from ray import serve
 
-    from serve_app.app import build
+    from pipelines.local.ray_settings import init_local_ray
+    from serve_app.app import start
 
     started_ray = not ray.is_initialized() and not joined
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    if started_ray:
+        init_local_ray(args.num_cpus, num_gpus=args.num_gpus, throwaway=False)  # token auth on: others may reach it
+    elif not ray.is_initialized():
+        ray.init(address=os.environ["RAY_ADDRESS"])
     stop = threading.Event()  # after ray.init, which installs a SIGTERM handler of its own (it aborts)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
     try:
         try:
-            app = build(cfg)
+            url = start(cfg)
         except ConfigError as exc:
             fail(PROG, exc)
-        serve.start(http_options={"host": cfg.host, "port": cfg.port,
-                                  "request_timeout_s": cfg.request_timeout_s + 10})
-        serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
-        url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
         print(f"serving {', '.join(cfg.models)} at {url}  (docs: {url}/docs; Ctrl-C stops)", flush=True)
         if cfg.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("bound to %s: reachable from other machines%s", cfg.host,

@@ -7,12 +7,14 @@ need in every Ray read task) does not pull in torch and the model.
 import importlib
 
 _EXPORTS = {
-    "ofa_model.checkpoint": ("Bundle", "CheckpointMismatchError", "import_checkpoint", "load_bundle", "save_bundle"),
+    "ofa_model.bundle": ("Bundle", "load_bundle", "save_bundle"),
+    "ofa_model.checkpoint": ("import_checkpoint",),
     "ofa_model.config": ("ARCHITECTURES", "OFAConfig", "Regularization", "get_config"),
     "ofa_model.generation": ("Constraint", "GenerationConfig", "Hypothesis", "PrefixTrie", "generate",
                              "score_candidates"),
     "ofa_model.model": ("DecoderState", "EncoderOut", "OFAModel"),
     "ofa_model.vocab": ("BoxCodec", "Vocabulary"),
+    "ofa_model.weights": ("CheckpointMismatchError",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

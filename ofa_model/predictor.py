@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ofa_model.checkpoint import load_bundle
+from ofa_model.bundle import load_bundle
 from ofa_model.errors import BAD_SETTING, BAD_TYPE, LIMIT_EXCEEDED, UNKNOWN_TASK, InputError, error_dict
 from ofa_model.generation import GenerationConfig, SpecialIds, generate, max_new_tokens, score_candidates
 from ofa_model.model import OFAModel

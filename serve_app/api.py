@@ -72,6 +72,10 @@ OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", 
 
 def request_id() -> str:
     """Serve's id of the request being handled (the proxy takes a client's X-Request-Id or makes one)."""
+    # A private call on purpose: Ray 2.60 has no public accessor for it. `serve.get_replica_context()` names the
+    # replica, not the request, and the request's headers carry X-Request-Id only when the client sent one; an id
+    # the proxy made (the one it returns in the response's X-Request-Id) lives only in this context. A Ray that
+    # renames it fails tests/test_serve.py, which compares the body's request_id with that header.
     return serve.context._get_serve_request_context().request_id
 
 

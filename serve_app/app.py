@@ -6,6 +6,9 @@
     serve deploy serve_config.yaml                                     # args: under applications[0].args
     python -m jobs.serve --model models:/ofa-vqa@champion              # local Ray + the app, Ctrl-C stops both
 
+`start(cfg)` is the one way this repository starts the application on a connected Ray (`jobs.serve`, the demo,
+the Serve bench and tests): Serve's HTTP proxy on cfg.host:cfg.port, the app under cfg.route_prefix, healthy.
+
 Each model deployment `model-<name>` gets `user_config: {source: ...}`; changing only that (in
 serve_config.yaml's `deployments:` section, then `serve deploy`) switches the model in place through
 `reconfigure`, without restarting replicas or dropping requests. Changing `args` restarts the replicas.
@@ -15,10 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ray import serve
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
@@ -85,3 +92,41 @@ def build_app(args: Mapping[str, Any]) -> Application:
     """Application builder for `serve run serve_app.app:build_app key=value ...` and `serve deploy`'s
     `import_path` (see `serve_app.config.config_from_args` for the arguments)."""
     return build(config_from_args(args))
+
+
+def start(cfg: ServeConfig, *, timeout_s: float = 180.0) -> str:
+    """Start Serve (if it is not running yet) with its HTTP proxy on `cfg.host`:`cfg.port`, run `build(cfg)` as
+    application `cfg.app_name` at `cfg.route_prefix` (replacing an application of that name), and wait until its
+    /healthz answers 200 (every model loaded and answering); returns the application's base URL.
+
+    Needs a connected Ray. The proxy's timeout is the request timeout plus 10 s, so the ingress, not the proxy,
+    answers a slow request. RuntimeError when /healthz has not answered 200 after `timeout_s`.
+    """
+    serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s + 10})
+    serve.run(build(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)  # returns once RUNNING
+    prefix = cfg.route_prefix.rstrip("/")
+    _wait_healthy(f"http://{_reachable(cfg.host)}:{cfg.port}{prefix}/healthz", timeout_s)
+    return f"http://{cfg.host}:{cfg.port}{prefix}"
+
+
+def _reachable(host: str) -> str:
+    """How this process reaches a proxy bound to `host`: loopback for a wildcard address, IPv6 in brackets."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"[{host}]" if ":" in host else host
+
+
+def _wait_healthy(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    status: int | str = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                status = resp.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        except OSError as exc:
+            status = f"no answer ({exc})"
+        if status == 200:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"the Serve application is not healthy: {url} answered {status} for {timeout_s:.0f} s")

@@ -90,7 +90,7 @@ def pick_device(setting: str, num_gpus: float, cuda_available: bool) -> tuple[st
 
 def load_model(name: str, source: str, cfg: ServeConfig, device: str) -> LoadedModel:
     """The predictor of `source` (a bundle directory or models:/ URI) with the limits of `cfg`."""
-    from ofa_model.checkpoint import load_bundle
+    from ofa_model.bundle import load_bundle
     from pipelines.tracking.registry import resolve_model  # imports mlflow: only where a model is loaded
 
     resolved = resolve_model(source, tracking=cfg.tracking_uri, cache_dir=cfg.model_cache)

@@ -5,8 +5,9 @@
   test/testsecret. For the session it sets AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
   AWS_REGION, so plain s3:// URIs (pyarrow, boto3, Ray workers) reach it; the previous environment is
   restored at the end.
-* `ray_cluster`: `ray.init(address="local", ...)` with 4 logical CPUs and a 300 MiB object store, started
-  after `s3_server` so its workers inherit the S3 environment. Token auth and progress bars are off.
+* `ray_cluster`: a fresh local Ray (`pipelines.local.ray_settings.init_local_ray`: token auth, progress bars and
+  Train's preemption watcher off) with 4 logical CPUs and a 300 MiB object store, started after `s3_server` so
+  its workers inherit the S3 environment.
 
 Both start lazily: a test run that uses neither never starts a server or a cluster.
 """
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from pipelines.local.ray_settings import LOCAL_RAY_ENV, TEST_OBJECT_STORE_BYTES, init_local_ray
 from pipelines.local.s3 import CONFLICTING_ENV, S3Server, start_weed_retrying, stop_weed
 
 
@@ -41,20 +43,12 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server: S3Server) -> Iterator[None]:
     """A local Ray cluster for the session (4 logical CPUs, 300 MiB object store, no dashboard)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "disabled")  # throwaway cluster: no token file, no auth
-        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # ray.train.report returns fast
-        mp.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # one node, never drained: no watcher actor per fit
-        import ray
+    import ray
 
-        ray.init(
-            address="local",  # always a fresh cluster, never a stale RAY_ADDRESS
-            num_cpus=4,
-            object_store_memory=300 * 2**20,
-            include_dashboard=False,
-            log_to_driver=False,
-        )
-        ray.data.DataContext.get_current().enable_progress_bars = False
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in LOCAL_RAY_ENV.items():
+            mp.setenv(name, value)  # restored at the end (init_local_ray sets the same values)
+        init_local_ray(4, object_store_bytes=TEST_OBJECT_STORE_BYTES)
         try:
             yield
         finally:

@@ -11,14 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ofa_model import checkpoint
-from ofa_model.checkpoint import (
-    BundleError,
-    CheckpointError,
-    CheckpointMismatchError,
-    load_bundle,
-    save_bundle,
-)
+from ofa_model import bundle as bundle_module
+from ofa_model.bundle import BundleError, load_bundle, save_bundle
 from ofa_model.config import get_config
 from ofa_model.errors import InputError
 from ofa_model.model import OFAModel
@@ -26,6 +20,7 @@ from ofa_model.predictor import OFAPredictor
 from ofa_model.preprocess import PreprocessConfig
 from ofa_model.tasks import TASKS
 from ofa_model.vocab import Vocabulary
+from ofa_model.weights import CheckpointError, CheckpointMismatchError
 
 pytestmark = pytest.mark.timeout(120)  # a bundle read that blocks (a FIFO) must fail, not hang
 
@@ -80,13 +75,13 @@ def official(good_official, tmp_path) -> Path:
 @pytest.fixture
 def no_real_model(monkeypatch):
     """Fail the test if load_bundle builds a model anywhere but on the meta device."""
-    real = checkpoint.OFAModel
+    real = bundle_module.OFAModel
 
     def build(config, *args, **kwargs):
         assert torch.empty(0).device.type == "meta", "a real model was allocated before the checks"
         return real(config, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "OFAModel", build)
+    monkeypatch.setattr(bundle_module, "OFAModel", build)
 
 
 def edit_config(path: Path, change) -> None:
@@ -369,7 +364,7 @@ def test_files_over_their_cap_are_refused(official, name, cap):
 
 
 def test_weights_over_their_cap_are_refused(bundle, monkeypatch):
-    monkeypatch.setattr(checkpoint, "WEIGHTS_MAX_BYTES", 1000)
+    monkeypatch.setattr(bundle_module, "WEIGHTS_MAX_BYTES", 1000)
     with pytest.raises(BundleError, match=r"model\.safetensors is [\d,]+ bytes, over the 1,000-byte cap"):
         load_bundle(bundle)
 
@@ -430,7 +425,7 @@ def test_a_failed_write_leaves_the_old_bundle_intact(bundle, micro, vocab, monke
         Path(filename).write_bytes(b"half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", fail_midway)
+    monkeypatch.setattr(bundle_module, "save_file", fail_midway)
     torch.manual_seed(2)
     with pytest.raises(OSError, match="No space left"):
         save_bundle(bundle, OFAModel(get_config("ofa-micro")), vocab, preprocess=PCFG, overwrite=True)

@@ -11,21 +11,15 @@ import pytest
 import torch
 
 from jobs.convert_checkpoint import main as convert_main
-from ofa_model import checkpoint
-from ofa_model.checkpoint import (
-    HF_RENAMES,
-    BundleError,
-    CheckpointMismatchError,
-    UnsafeCheckpointError,
-    import_checkpoint,
-    load_bundle,
-    safe_torch_load,
-    save_bundle,
-)
+from ofa_model import bundle as bundle_module
+from ofa_model.bundle import BundleError, load_bundle, save_bundle
+from ofa_model.checkpoint import import_checkpoint
 from ofa_model.config import get_config
 from ofa_model.model import OFAModel
 from ofa_model.preprocess import PreprocessConfig
+from ofa_model.safe_load import safe_torch_load
 from ofa_model.vocab import Vocabulary
+from ofa_model.weights import HF_RENAMES, CheckpointMismatchError, UnsafeCheckpointError
 
 KEYS_FILE = Path(__file__).parent / "data" / "ofa_tiny_keys.txt"
 REFCOCO = ["--patch-image-size", "512", "--max-src-length", "80", "--max-tgt-length", "20"]  # OFA's RefCOCO run
@@ -411,7 +405,7 @@ def test_a_failed_conversion_leaves_the_old_bundle_intact(fairseq_ckpt, tmp_path
         Path(filename).write_bytes(b"half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", disk_full)  # fails while writing the new bundle
+    monkeypatch.setattr(bundle_module, "save_file", disk_full)  # fails while writing the new bundle
     rc, err = run_cli(capsys, "--input", fairseq_ckpt, *base, "--patch-image-size", "480", "--max-src-length", "80",
                       "--max-tgt-length", "30", "--overwrite")
     assert_one_error_line(rc, err)

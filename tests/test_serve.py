@@ -33,6 +33,7 @@ from mlflow import MlflowClient
 from ofa_model import OFAModel, Vocabulary, get_config, save_bundle
 from ofa_model.predictor import OFAPredictor, PredictorLimits
 from ofa_model.preprocess import PreprocessConfig
+from pipelines.local.ray_settings import LOCAL_RAY_ENV
 from pipelines.local.s3 import free_ports
 from pipelines.tracking.registry import promote_if_better, register_bundle
 from tests.test_predictor import huge_header_png, png
@@ -146,37 +147,41 @@ def swap_config(args: dict, source: str):
 
 @pytest.fixture(scope="module")
 def apps(ray_cluster, bundles, registry, tmp_path_factory):
-    """The three applications on one Serve instance; yields {"port", "main", "guarded", "swap", ...}."""
+    """The three applications on one Serve instance; yields {"port", "main", "guarded", "swap", ...}.
+
+    "main" and "guarded" start through `serve_app.app.start` (which waits for each to be healthy), "swap" through
+    Serve's declarative deploy, as `serve deploy` does."""
     from ray import serve
     from ray.serve._private import api as serve_private
 
-    from serve_app.app import build
+    from serve_app.app import start
     from serve_app.config import serve_config
 
     tmp = tmp_path_factory.mktemp("serve-apps")
     key_file = tmp / "api_key"
     key_file.write_text(API_KEY + "\n")
     [port] = free_ports(1)
-    client = serve_private.serve_start(http_options={"host": "127.0.0.1", "port": port})
-    swap_args = base_args(bundles, registry, tmp, models={"default": {"source": f"models:/{REGISTERED}/1"}},
-                          batch_wait_timeout_s=0.05)
-    client.deploy_apps(swap_config(swap_args, f"models:/{REGISTERED}/1"))  # declarative, as `serve deploy`
     main = serve_config(data=base_args(
-        bundles, registry, tmp, batch_wait_timeout_s=0.2,
+        bundles, registry, tmp, batch_wait_timeout_s=0.2, app_name="main", port=port,
         models={"default": {"source": str(bundles["a"])},
                 "vqa": {"source": f"models:/{REGISTERED}@champion", "tasks": ["vqa"]}}))
     guarded = serve_config(data=base_args(
         bundles, registry, tmp, api_key_file=str(key_file), max_batch_size=1, batch_wait_timeout_s=0.0,
-        max_ongoing_requests=1, max_queued_requests=1, retry_after_s=2))
-    serve.run_many([serve.RunTarget(build(main), name="main", route_prefix="/"),
-                    serve.RunTarget(build(guarded), name="guarded", route_prefix="/guarded")])
-    deadline = time.monotonic() + 120
-    while (status := serve.status().applications["swap"]).status != "RUNNING":
-        assert status.status in ("NOT_STARTED", "DEPLOYING"), status
-        assert time.monotonic() < deadline, f"swap application not running in 120 s: {status}"
-        time.sleep(0.2)
-    base = f"http://127.0.0.1:{port}"
+        max_ongoing_requests=1, max_queued_requests=1, retry_after_s=2, app_name="guarded", port=port,
+        route_prefix="/guarded"))
     try:
+        base = start(main)
+        # Serve's own client: no public API deploys a ServeDeploySchema without the dashboard (off in the tests)
+        client = serve_private.serve_start()
+        swap_args = base_args(bundles, registry, tmp, models={"default": {"source": f"models:/{REGISTERED}/1"}},
+                              batch_wait_timeout_s=0.05)
+        client.deploy_apps(swap_config(swap_args, f"models:/{REGISTERED}/1"))  # declarative, as `serve deploy`
+        assert start(guarded) == f"{base}/guarded"
+        deadline = time.monotonic() + 120
+        while (status := serve.status().applications["swap"]).status != "RUNNING":
+            assert status.status in ("NOT_STARTED", "DEPLOYING"), status
+            assert time.monotonic() < deadline, f"swap application not running in 120 s: {status}"
+            time.sleep(0.2)
         yield {"port": port, "client": client, "swap_args": swap_args, "main": Http(base),
                "guarded": Http(f"{base}/guarded"), "swap": Http(f"{base}/swap")}
     finally:
@@ -491,7 +496,7 @@ def test_jobs_serve_places_gpu_replicas_runs_on_cpu_and_stops_on_sigterm(bundles
     half a GPU, see no CUDA, run on CPU and say so; SIGTERM shuts everything down with status 0."""
     [port] = free_ports(1)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0")
+    env.update(LOCAL_RAY_ENV, PYTHONUNBUFFERED="1")  # a throwaway cluster: no token auth
     cmd = [sys.executable, "-m", "jobs.serve", "--model", str(bundles["a"]), "--port", str(port),
            "--num-cpus", "4", "--num-gpus", "2", "num_gpus=0.5", "num_cpus=0.1", "torch_threads=1",
            "autoscaling.min_replicas=2", "autoscaling.max_replicas=2", "ingress.num_cpus=0.05"]

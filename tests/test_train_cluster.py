@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from ofa_model.checkpoint import load_bundle
+from ofa_model.bundle import load_bundle
 from pipelines.data.converters import prepare
 from pipelines.data.shards import read_manifest
 from pipelines.local.s3 import free_ports

@@ -169,6 +169,7 @@ def _alive(pid: int) -> bool:
 
 
 def start_services(workdir: Path, keep: bool) -> Services:
+    from pipelines.local.ray_settings import LOCAL_RAY_ENV
     from pipelines.local.s3 import CONFLICTING_ENV, start_weed_retrying
     from pipelines.local.services import start_mlflow_server, start_ray_head, venv_env
 
@@ -177,10 +178,7 @@ def start_services(workdir: Path, keep: bool) -> Services:
     for name in CONFLICTING_ENV:
         env.pop(name, None)
     svc = Services(s3.endpoint, s3.bucket, "", "", "", env, [proc], [str(workdir / "s3")], [proc.pid])
-    # Ray Train's preemption watcher (an actor per fit, ~2 CPU-seconds to start here) watches for nodes being
-    # drained: the demo's one local node never is
-    env.update(RAY_AUTH_MODE="disabled", PYTHONPATH=str(REPO), RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5",
-               RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
+    env.update(LOCAL_RAY_ENV, PYTHONPATH=str(REPO))  # the driver (`connect`) and the Ray head alike
     # Ray's unix socket paths must stay under 107 bytes: a short temp dir, recorded in the work dir
     ray_tmp = Path(tempfile.mkdtemp(prefix="ofa-demo-ray-", dir="/tmp"))
     (workdir / "ray-temp-dir").write_text(str(ray_tmp))
@@ -234,10 +232,10 @@ def connect(svc: Services) -> None:
     """Points this process at the services (environment for S3 and MLflow clients) and joins the Ray cluster."""
     import ray
 
+    from pipelines.local.ray_settings import LOCAL_RAY_ENV
+
     for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION",
-                "AWS_EC2_METADATA_DISABLED", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE",
-                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_DATA_DISABLE_PROGRESS_BARS",
-                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
+                "AWS_EC2_METADATA_DISABLED", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", *LOCAL_RAY_ENV):
         if key in svc.env:
             os.environ[key] = svc.env[key]
     os.environ.pop("RAY_ADDRESS", None)
@@ -542,29 +540,12 @@ def _trial_row(t) -> dict[str, Any]:
 
 
 def _serve(svc: Services) -> str:
-    from ray import serve
-
     from pipelines.local.s3 import free_ports
-    from serve_app.app import build
+    from serve_app.app import start
     from serve_app.config import serve_config
 
     port, = free_ports(1)
     models = {task: {"source": f"models:/ofa-{task}@champion", "tasks": [task]} for task in TASKS}
     cfg = serve_config(None, data={"models": models, "port": port, "host": "127.0.0.1",
                                    "tracking_uri": svc.mlflow_url})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build(cfg), name="ofa", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=5) as resp:
-                if resp.status == 200:
-                    return url
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"Serve did not answer {url}/healthz within 180 s")
-        time.sleep(1)
-
-
+    return start(cfg)

@@ -18,6 +18,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.local.ray_settings import LOCAL_RAY_ENV
 from pipelines.local.s3 import free_ports
 
 VENV_BIN = Path(sys.executable).parent  # not resolved: the venv's bin, not the base interpreter's
@@ -183,8 +184,8 @@ def start_mlflow_server(workdir: Path, artifacts_destination: str, env: dict[str
 def start_ray_head(temp_dir: Path, env: dict[str, str], *, num_cpus: int, num_gpus: int = 0,
                    object_store_bytes: int = 512 * 2**20, dashboard: bool = True, timeout_s: float = 120.0) -> Service:
     """`ray start --head --block` on loopback, every port free, its own temp dir (keep the path short: Ray's unix
-    sockets live under it). `url` is the GCS address for `ray.init(address=...)`; `info["dashboard"]` its
-    dashboard (the Jobs API)."""
+    sockets live under it), under `LOCAL_RAY_ENV` unless `env` says otherwise. `url` is the GCS address for
+    `ray.init(address=...)`; `info["dashboard"]` its dashboard (the Jobs API)."""
     temp_dir.mkdir(parents=True, exist_ok=True)
     gcs, dash, client, node_manager, object_manager, agent_http, agent_grpc, runtime_env, metrics = free_ports(9)
     log = temp_dir / "head.log"
@@ -196,7 +197,7 @@ def start_ray_head(temp_dir: Path, env: dict[str, str], *, num_cpus: int, num_gp
             f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
             f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
             "--min-worker-port=0", "--max-worker-port=0", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
-    env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**LOCAL_RAY_ENV, **env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # `env` may override the first
     proc = spawn(args, env, log)
     address, dashboard_url = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
     service = Service("ray", proc, (str(temp_dir), address), log, address, {"dashboard": dashboard_url})
