@@ -1,4 +1,4 @@
-"""Evaluation metrics for the OFA tasks: COCO captions, VQA, grounding (box IoU) and Gigaword ROUGE.
+"""Evaluation metrics for the OFA tasks: COCO captions, VQA, grounding, GLUE and Gigaword ROUGE.
 
 Caption metrics go through pycocoevalcap (imported lazily: it is only needed when captions are scored),
 with the Stanford PTB tokenizer and METEOR run as Java subprocesses. Everything else is plain Python/numpy.
@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import shutil
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -349,6 +350,68 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     boxes_a = _as_boxes([a], "box a")
     boxes_b = _as_boxes([b], "box b")
     return float(_paired_iou(boxes_a, boxes_b)[0])
+
+
+def grounding_accuracy(pred_boxes: Any, gt_boxes: Any, threshold: float = 0.5) -> float:
+    """Acc@threshold for referring expressions: fraction of pairs (N, 4), (N, 4) with IoU >= threshold."""
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
+    pred = _as_boxes(pred_boxes, "pred_boxes")
+    gt = _as_boxes(gt_boxes, "gt_boxes")
+    if len(pred) != len(gt):
+        raise ValueError(f"got {len(pred)} predicted boxes but {len(gt)} ground-truth boxes")
+    if len(pred) == 0:
+        raise ValueError("no boxes to score")
+    return float(np.mean(_paired_iou(pred, gt) >= threshold))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GLUE classification
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_labels(pred: Sequence[Hashable], gold: Sequence[Hashable]) -> tuple[list, list]:
+    pred, gold = list(pred), list(gold)
+    if len(pred) != len(gold):
+        raise ValueError(f"got {len(pred)} predictions but {len(gold)} gold labels")
+    if not gold:
+        raise ValueError("no labels to score")
+    return pred, gold
+
+
+def accuracy(pred: Sequence[Hashable], gold: Sequence[Hashable]) -> float:
+    """Fraction of positions where pred equals gold."""
+    pred, gold = _check_labels(pred, gold)
+    return sum(p == g for p, g in zip(pred, gold, strict=True)) / len(gold)
+
+
+def f1_binary(pred: Sequence[Hashable], gold: Sequence[Hashable], positive: Hashable) -> float:
+    """F1 of the `positive` class (every other label is negative); 0.0 when neither side has a positive."""
+    pred, gold = _check_labels(pred, gold)
+    tp = sum(p == positive and g == positive for p, g in zip(pred, gold, strict=True))
+    fp = sum(p == positive and g != positive for p, g in zip(pred, gold, strict=True))
+    fn = sum(p != positive and g == positive for p, g in zip(pred, gold, strict=True))
+    denom = 2 * tp + fp + fn
+    return 2 * tp / denom if denom else 0.0
+
+
+def matthews_corrcoef(pred: Sequence[Hashable], gold: Sequence[Hashable]) -> float:
+    """Matthews correlation; for K > 2 classes Gorodkin's R_K. 0.0 when undefined (a constant side)."""
+    pred, gold = _check_labels(pred, gold)
+    index: dict[Hashable, int] = {}
+    for label in (*gold, *pred):
+        index.setdefault(label, len(index))
+    confusion = np.zeros((len(index), len(index)), dtype=np.float64)  # (K gold, K pred)
+    np.add.at(confusion, ([index[g] for g in gold], [index[p] for p in pred]), 1.0)
+    true_counts = confusion.sum(axis=1)
+    pred_counts = confusion.sum(axis=0)
+    n = float(len(gold))
+    cov_gold_pred = np.trace(confusion) * n - true_counts @ pred_counts
+    cov_pred = n * n - pred_counts @ pred_counts
+    cov_gold = n * n - true_counts @ true_counts
+    if cov_pred == 0.0 or cov_gold == 0.0:
+        return 0.0
+    return float(cov_gold_pred / math.sqrt(cov_pred * cov_gold))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -8,8 +8,12 @@ from collections import Counter
 import pytest
 
 from ofa_model.metrics import (
+    accuracy,
     box_iou,
     caption_scores,
+    f1_binary,
+    grounding_accuracy,
+    matthews_corrcoef,
     normalize_vqa_answer,
     rouge_l,
     rouge_n,
@@ -271,6 +275,53 @@ def test_box_iou_hand_worked():
     assert box_iou((10, 20, 30, 40), (10, 20, 30, 40)) == 1.0
     with pytest.raises(ValueError, match="x1 < x0"):
         box_iou((2, 0, 1, 1), (0, 0, 1, 1))
+
+
+def test_grounding_accuracy_hand_worked():
+    pred = [(0, 0, 2, 2), (0, 0, 2, 2), (0, 0, 2, 1), (0, 0, 1, 1)]
+    gt = [(0, 0, 2, 2), (1, 1, 3, 3), (0, 0, 2, 2), (3, 3, 4, 4)]
+    # IoUs 1, 1/7, exactly 0.5 (inter 2 / union 4, counts), 0 -> 2 of 4.
+    assert grounding_accuracy(pred, gt) == 0.5
+    assert grounding_accuracy(pred, gt, threshold=0.1) == 0.75
+    with pytest.raises(ValueError, match="3 predicted boxes but 4"):
+        grounding_accuracy(pred[:3], gt)
+    with pytest.raises(ValueError, match=r"shape \(N, 4\)"):
+        grounding_accuracy([(0, 0, 1)], [(0, 0, 1)])
+
+
+# ---- GLUE --------------------------------------------------------------------------------------------------
+
+BIN_PRED = [1, 1, 0, 1, 0, 0, 1, 0]
+BIN_GOLD = [1, 0, 0, 1, 1, 0, 1, 0]  # tp 3, fp 1, fn 1, tn 3
+MC_GOLD = [0, 0, 1, 1, 2, 2]
+MC_PRED = [0, 1, 1, 1, 2, 0]
+
+
+def test_glue_metrics_hand_worked():
+    assert accuracy(BIN_PRED, BIN_GOLD) == 0.75
+    assert f1_binary(BIN_PRED, BIN_GOLD, positive=1) == pytest.approx(0.75)  # 2*3 / (2*3 + 1 + 1)
+    assert f1_binary(BIN_PRED, BIN_GOLD, positive=0) == pytest.approx(0.75)
+    assert matthews_corrcoef(BIN_PRED, BIN_GOLD) == pytest.approx(0.5)  # (9 - 1) / sqrt(4*4*4*4)
+    # Gorodkin: c = 4 correct, s = 6, gold counts t = (2, 2, 2), pred counts p = (2, 3, 1):
+    # (c*s - t.p) / sqrt((s^2 - p.p)(s^2 - t.t)) = (24 - 12) / sqrt(22 * 24)
+    assert matthews_corrcoef(MC_PRED, MC_GOLD) == pytest.approx(12 / math.sqrt(528))
+    labels = {0: "entailment", 1: "neutral", 2: "contradiction"}
+    assert matthews_corrcoef([labels[p] for p in MC_PRED], [labels[g] for g in MC_GOLD]) == pytest.approx(
+        12 / math.sqrt(528)
+    )
+    assert accuracy(MC_PRED, MC_GOLD) == pytest.approx(4 / 6)
+    assert matthews_corrcoef([1, 1, 1], [1, 1, 1]) == 0.0  # undefined
+    assert f1_binary([0, 0], [0, 0], positive=1) == 0.0  # no positives anywhere
+    with pytest.raises(ValueError, match="3 predictions but 2 gold"):
+        accuracy([1, 2, 3], [1, 2])
+
+
+def test_glue_metrics_against_sklearn():
+    sk = pytest.importorskip("sklearn.metrics", reason="scikit-learn is not installed; hand-worked test covers it")
+    assert accuracy(MC_PRED, MC_GOLD) == pytest.approx(sk.accuracy_score(MC_GOLD, MC_PRED))
+    assert f1_binary(BIN_PRED, BIN_GOLD, 1) == pytest.approx(sk.f1_score(BIN_GOLD, BIN_PRED, pos_label=1))
+    assert matthews_corrcoef(BIN_PRED, BIN_GOLD) == pytest.approx(sk.matthews_corrcoef(BIN_GOLD, BIN_PRED))
+    assert matthews_corrcoef(MC_PRED, MC_GOLD) == pytest.approx(sk.matthews_corrcoef(MC_GOLD, MC_PRED))
 
 
 # ---- summarisation ROUGE -----------------------------------------------------------------------------------
