@@ -150,7 +150,7 @@ def deploy(model: str, port: int, **over) -> str:
     from ray import serve
 
     from serve_app.app import build
-    from serve_app.config import serve_config
+    from serve_app.serve_config import serve_config
 
     data = {"models": {"default": {"source": model}}, "num_cpus": 1, "max_queued_requests": -1,
             "request_timeout_s": 120, "ingress": {"num_cpus": 0.25, "max_ongoing_requests": 1024}, **over}

@@ -59,12 +59,13 @@ def main(argv: list[str] | None = None) -> None:
                         stream=sys.stderr)
     import ray
 
+    from ofa_model.config_files import load_config, merge, read_yaml
+    from ofa_model.errors import ConfigError
     from ofa_model.vocab import Vocabulary
     from pipelines.data.converters import OutputError
     from pipelines.data.dataset import DataConfig, inspect
     from pipelines.data.raw_convert import key_map_option
     from pipelines.data.raw_inspect import input_source, inspect_raw
-    from pipelines.job_config import ConfigError, load_config, merge, read_yaml
 
     try:
         raw = {}

@@ -8,7 +8,7 @@ import importlib
 
 _EXPORTS = {
     "ofa_model.checkpoint": ("Bundle", "CheckpointMismatchError", "import_checkpoint", "load_bundle", "save_bundle"),
-    "ofa_model.config": ("ARCHITECTURES", "OFAConfig", "Regularization", "get_config"),
+    "ofa_model.architecture": ("ARCHITECTURES", "OFAConfig", "Regularization", "get_config"),
     "ofa_model.generation": ("Constraint", "GenerationConfig", "Hypothesis", "PrefixTrie", "generate",
                              "score_candidates"),
     "ofa_model.model": ("DecoderState", "EncoderOut", "OFAModel"),

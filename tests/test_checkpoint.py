@@ -12,6 +12,7 @@ import torch
 
 from jobs.convert_checkpoint import main as convert_main
 from ofa_model import checkpoint
+from ofa_model.architecture import get_config
 from ofa_model.checkpoint import (
     HF_RENAMES,
     BundleError,
@@ -22,7 +23,6 @@ from ofa_model.checkpoint import (
     safe_torch_load,
     save_bundle,
 )
-from ofa_model.config import get_config
 from ofa_model.model import OFAModel
 from ofa_model.preprocess import PreprocessConfig
 from ofa_model.vocab import Vocabulary
