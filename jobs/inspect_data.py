@@ -59,8 +59,7 @@ def main(argv: list[str] | None = None) -> None:
                         stream=sys.stderr)
     import ray
 
-    from ofa_model.config_files import load_config, merge, read_yaml
-    from ofa_model.errors import ConfigError
+    from ofa_model.config_files import load_config
     from ofa_model.vocab import Vocabulary
     from pipelines.data.converters import OutputError
     from pipelines.data.dataset import DataConfig, inspect
@@ -68,10 +67,6 @@ def main(argv: list[str] | None = None) -> None:
     from pipelines.data.raw_inspect import input_source, inspect_raw
 
     try:
-        raw = {}
-        if args.config:
-            with open(args.config) as f:
-                raw = read_yaml(f.read(), args.config) or {}
         flags: dict = {"uri": args.input}
         if args.task:
             flags["tasks"] = args.task
@@ -79,9 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             flags["splits"] = args.split
         if args.patch_image_size is not None:
             flags["preprocess"] = {"patch_image_size": args.patch_image_size}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{args.config}: the top level must be a mapping of keys")
-        cfg = load_config(DataConfig, data=merge(raw, flags))  # the one loader every job uses
+        cfg = load_config(DataConfig, args.config, data=flags)  # the one loader every job uses
         if args.list_bad < 0:
             raise ValueError(f"--list-bad must be >= 0, got {args.list_bad}")
     except (OSError, ValueError) as exc:

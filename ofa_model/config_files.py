@@ -27,6 +27,8 @@ import dataclasses
 import functools
 import json
 import re
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -141,16 +143,17 @@ def build(cls: type[T], raw: Mapping[str, Any], source: str = "<config>") -> T:
     try:
         return pydantic.TypeAdapter(cls).validate_json(text, strict=True)
     except pydantic.ValidationError as exc:
-        raise ConfigError(f"{source}: " + "; ".join(_problems(exc))) from None
+        raise ConfigError(f"{source}: " + "; ".join(_problems(cls, exc))) from None
 
 
-def _problems(exc: pydantic.ValidationError) -> list[str]:
+def _problems(cls: type, exc: pydantic.ValidationError) -> list[str]:
     """`dotted.key: message` for each of pydantic's errors."""
     out = []
     for err in exc.errors(include_url=False, include_input=False):
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
         if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-            msg = "unknown key"
+            known = _keys_at(cls, err["loc"][:-1])
+            msg = "unknown key" + (f" (known: {', '.join(known)})" if known else "")
         elif err["type"] in ("dataclass_type", "dict_type", "model_type"):
             msg = "expected a mapping of keys"
         elif err["type"] == "value_error":  # a cross-field rule of `__post_init__`: its message names the keys
@@ -162,6 +165,23 @@ def _problems(exc: pydantic.ValidationError) -> list[str]:
             msg = err["msg"]
         out.append(f"{loc or '(top level)'}: {msg}")
     return out
+
+
+def _keys_at(cls: Any, path: Sequence[Any]) -> list[str]:
+    """The keys of the config section at `path` (dotted parts of pydantic's location) under `cls`; [] when the
+    path does not lead to a dataclass."""
+    tp = cls
+    for part in path:
+        if dataclasses.is_dataclass(tp) and isinstance(part, str):
+            tp = typing.get_type_hints(tp).get(part)
+        elif typing.get_origin(tp) is dict:  # a mapping of sections: `part` is one of its keys
+            tp = typing.get_args(tp)[1]
+        else:
+            return []
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+            tp = args[0]  # X | None
+    return sorted(f.name for f in dataclasses.fields(tp)) if dataclasses.is_dataclass(tp) else []
 
 
 def to_dict(cfg: Any) -> Any:

@@ -1,7 +1,8 @@
 """`ServeConfig`: everything the online-inference application needs, as nested frozen dataclasses.
 
 Loaded by `serve_config(path, overrides, model=...)` through the one loader of every config,
-`ofa_model.config_files.load_config`: YAML (1.2 scalars) plus dotted `key=value` overrides, validated strictly (an
+`ofa_model.config_files` (`read_config`, the shortcuts, then `build`): YAML (1.2 scalars) plus dotted `key=value`
+overrides, validated strictly (an
 unknown key, a value out of its range, or a string or boolean for a number, is a ConfigError naming the dotted
 key). Ranges are on the fields; `__post_init__` holds the rules that relate several fields. The same
 fields are the `args:` of `serve_config.yaml` and the `key=value` arguments of `serve run

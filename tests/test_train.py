@@ -338,7 +338,7 @@ def test_model_dims_resize_a_named_architecture_and_bad_dims_name_the_key():
     assert (arch.name, arch.embed_dim, arch.ffn_dim, arch.encoder_layers) == (
         "ofa-micro[embed_dim=128,ffn_dim=512]", 128, 512, 2)
     assert OFAModel(arch).encoder.embed_tokens.weight.shape[1] == 128
-    for bad, message in [("model.dims={embd_dim: 128}", "model.dims.embd_dim.[key]: Input should be 'embed_dim'"),
+    for bad, message in [("model.dims={embd_dim: 128}", r"model.dims.embd_dim.\[key\]: Input should be 'embed_dim'"),
                          ("model.dims={embed_dim: 0}", "model.dims.embed_dim: Input should be greater than or equal "
                                                        "to 1"),
                          ("model.dims={embed_dim: 130}", "not divisible by attention_heads 4"),

@@ -150,7 +150,9 @@ class SweepConfig:
 
 
 def load_sweep_config(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
-    """The sweep config at `path` with `key=value` overrides (`train.optim.lr=...` reaches the base config)."""
+    """The sweep config at `path` with `key=value` overrides (`train.optim.lr=...` reaches the base config), read
+    and validated by the one loader (`read_config`, then `build`); a `space` override replaces the distribution of
+    each key it names instead of merging into it."""
     source = str(path)
     over = parse_overrides(overrides)
     space_over = over.pop("space", None)
