@@ -234,3 +234,11 @@ def test_one_config_error_class():
 
     assert ofa_model.architecture.ConfigError is ofa_model.config_files.ConfigError is ConfigError
     assert issubclass(ConfigError, InputError) and ConfigError("x").reason == "bad_config"
+
+
+def test_the_image_dtype_options_are_the_shipped_dtypes():
+    import typing
+
+    from pipelines.data.data_config import IMAGE_DTYPES, ImageDtype
+
+    assert typing.get_args(ImageDtype) == tuple(IMAGE_DTYPES)

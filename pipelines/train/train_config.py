@@ -9,7 +9,6 @@ starts from (`model.init`), or from a named size (`model.arch`) when training fr
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import field
 from typing import Annotated, Literal
 
@@ -21,8 +20,7 @@ from ofa_model.errors import ConfigError
 from ofa_model.tasks import TASKS
 from pipelines.data.data_config import DataConfig
 
-Dim = Literal["embed_dim", "ffn_dim", "encoder_layers", "decoder_layers", "attention_heads"]
-DIMS = typing.get_args(Dim)
+Dim = Literal["embed_dim", "ffn_dim", "encoder_layers", "decoder_layers", "attention_heads"]  # model.dims keys
 Rate = Annotated[float, Field(ge=0.0, le=0.99)]  # a probability or fraction that must leave something
 Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^/]+$")]  # no '/': it names directories
 
@@ -30,7 +28,7 @@ Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^/]+$")]  
 @config_dataclass
 class ModelSection:
     """arch: a named size (`ofa_model.get_config`) for training from scratch. dims: Transformer sizes that
-    replace the named size's (keys of DIMS, e.g. {embed_dim: 128, ffn_dim: 512}); the architecture is then
+    replace the named size's (keys of Dim, e.g. {embed_dim: 128, ffn_dim: 512}); the architecture is then
     named `arch[key=value,...]` in the bundle. init: a bundle directory or a `models:/name@alias` URI to start
     from (its architecture, vocabulary and weights; `arch` and `dims` must then be left at their defaults)."""
 
