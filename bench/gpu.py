@@ -23,11 +23,11 @@ import time
 
 import torch
 
-from ofa_model.config import get_config
+from ofa_model.architecture import get_config
 from ofa_model.losses import label_smoothed_nll
 from ofa_model.model import OFAModel
-from pipelines.train.config import OptimSection
 from pipelines.train.optim import build_optimizer
+from pipelines.train.train_config import OptimSection
 
 PEAK_ENV = "OFA_PEAK_BF16_FLOPS"
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, FLOP/s; first match of the name wins.

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ofa_model.architecture import get_config
 from ofa_model.bundle import load_bundle
-from ofa_model.config import get_config
 from ofa_model.generation import GenerationConfig, SpecialIds, generate
 from ofa_model.model import OFAModel
 from ofa_model.precision import Execution, cpu_flags

@@ -98,8 +98,8 @@ def ensure_corpus(out: Path, limit: int | None, shard_mb: float | None = None) -
 
 
 def _config(config: Path, overrides: list[str], epochs: int, constant_lr: bool):
-    from pipelines.job_config import load_config
-    from pipelines.train.config import TrainConfig
+    from ofa_model.config_files import load_config
+    from pipelines.train.train_config import TrainConfig
 
     cfg = load_config(TrainConfig, config, [*overrides, f"epochs={epochs}"])
     if constant_lr:  # end_lr = lr: the rate stays at lr after the warm-up

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from ofa_model.config import get_config
+from ofa_model.architecture import get_config
 from ofa_model.generation import GenerationConfig, SpecialIds, generate
 from ofa_model.model import DecoderState, OFAModel
 

@@ -148,7 +148,7 @@ def make_bundle(arch: str, image_size: int, out: Path) -> Path:
 def deploy(model: str, port: int, **over) -> str:
     """Deploy the bench application (replacing a previous one); its caption URL."""
     from serve_app.app import start
-    from serve_app.config import serve_config
+    from serve_app.serve_config import serve_config
 
     data = {"models": {"default": {"source": model}}, "num_cpus": 1, "max_queued_requests": -1,
             "request_timeout_s": 120, "ingress": {"num_cpus": 0.25, "max_ongoing_requests": 1024},

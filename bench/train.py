@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from ofa_model.config import get_config
+from ofa_model.architecture import get_config
 from ofa_model.losses import label_smoothed_nll
 from ofa_model.model import OFAModel
 from ofa_model.precision import cpu_flags
@@ -302,9 +302,9 @@ def _scaling_run(corpus: str, tmp: Path, name: str, workers: int, cpus: float, s
                  skip: int) -> ScalingResult:
     from mlflow import MlflowClient
 
-    from pipelines.job_config import load_config
-    from pipelines.train.config import TrainConfig
+    from ofa_model.config_files import load_config
     from pipelines.train.loop import train
+    from pipelines.train.train_config import TrainConfig
 
     tracking = f"sqlite:///{tmp / 'mlflow.db'}"
     run = name.replace(" ", "").replace("x", "-")

@@ -13,8 +13,8 @@ import argparse
 import sys
 
 from jobs._cli import Parser, fail, print_json, setup_logging
+from ofa_model.architecture import ARCHITECTURES
 from ofa_model.checkpoint import convert_checkpoint
-from ofa_model.config import ARCHITECTURES
 from ofa_model.errors import InputError
 from ofa_model.preprocess import PreprocessConfig
 from ofa_model.weights import CheckpointMismatchError

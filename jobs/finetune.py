@@ -19,9 +19,10 @@ PROG = "python -m jobs.finetune"
 def main(argv: list[str] | None = None, *, prog: str = PROG, doc: str = __doc__, mixture: bool = False) -> None:
     args = config_parser(prog, doc).parse_args(argv)
     setup_logging()
-    from pipelines.job_config import ConfigError, load_config
-    from pipelines.train.config import TrainConfig
+    from ofa_model.config_files import load_config
+    from ofa_model.errors import ConfigError
     from pipelines.train.loop import train
+    from pipelines.train.train_config import TrainConfig
 
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from jobs._cli import Parser, fail, init_ray, print_json, setup_logging
 
 if TYPE_CHECKING:
-    from pipelines.data.config import DataConfig
+    from pipelines.data.data_config import DataConfig
 
 PROG = "python -m jobs.inspect_data"
 
@@ -58,15 +58,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _data_config(args: argparse.Namespace) -> DataConfig:
     """The DataConfig of --config with the flags over it (its uri is --input); ConfigError if bad."""
-    from pipelines.data.dataset import DataConfig
-    from pipelines.job_config import ConfigError, load_config, merge, read_yaml
+    from ofa_model.config_files import load_config
+    from pipelines.data.data_config import DataConfig
 
-    raw = {}
-    if args.config:
-        with open(args.config) as f:
-            raw = read_yaml(f.read(), args.config) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{args.config}: the top level must be a mapping of keys")
     flags: dict = {"uri": args.input}
     if args.task:
         flags["tasks"] = args.task
@@ -74,7 +68,7 @@ def _data_config(args: argparse.Namespace) -> DataConfig:
         flags["splits"] = args.split
     if args.patch_image_size is not None:
         flags["preprocess"] = {"patch_image_size": args.patch_image_size}
-    return load_config(DataConfig, data=merge(raw, flags))  # the one loader every job uses
+    return load_config(DataConfig, args.config, data=flags)  # the one loader every job uses
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,7 +2,7 @@
 
     python -m jobs.serve --model bundles/ofa-tiny
     python -m jobs.serve --model models:/ofa-vqa@champion --port 8001 autoscaling.max_replicas=2
-    python -m jobs.serve --config serve.yaml [key=value ...]      # ServeConfig keys (serve_app/config.py)
+    python -m jobs.serve --config serve.yaml [key=value ...]      # ServeConfig keys (serve_app/serve_config.py)
 
 Prints the URL, then serves until Ctrl-C or SIGTERM, and shuts down what it started: Serve and the local Ray, or
 on a joined cluster only the application. It binds 127.0.0.1 unless --host (or `host:`) says otherwise. The API key
@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging()
-    from serve_app.config import ConfigError, serve_config
+    from ofa_model.errors import ConfigError
+    from serve_app.serve_config import serve_config
 
     try:
         cfg = serve_config(args.config, args.overrides, model=args.model, host=args.host, port=args.port)

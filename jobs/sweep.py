@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
                    "(default: a new temporary directory; all of it is logged to the sweep's MLflow run too)")
     args = p.parse_args(argv)
     setup_logging()
-    from pipelines.job_config import ConfigError
+    from ofa_model.errors import ConfigError
     from tune.runner import SweepError, outcome_dict, run_sweep
     from tune.search import load_sweep_config, plan_sweep
 

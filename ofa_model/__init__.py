@@ -9,7 +9,7 @@ import importlib
 _EXPORTS = {
     "ofa_model.bundle": ("Bundle", "load_bundle", "save_bundle"),
     "ofa_model.checkpoint": ("import_checkpoint",),
-    "ofa_model.config": ("ARCHITECTURES", "OFAConfig", "Regularization", "get_config"),
+    "ofa_model.architecture": ("ARCHITECTURES", "OFAConfig", "Regularization", "get_config"),
     "ofa_model.generation": ("Constraint", "GenerationConfig", "Hypothesis", "PrefixTrie", "generate",
                              "score_candidates"),
     "ofa_model.model": ("DecoderState", "EncoderOut", "OFAModel"),

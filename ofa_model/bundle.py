@@ -29,8 +29,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ofa_model import errors
-from ofa_model.config import ConfigError, OFAConfig
-from ofa_model.errors import InputError
+from ofa_model.architecture import OFAConfig
+from ofa_model.errors import ConfigError, InputError
 from ofa_model.model import OFAModel
 from ofa_model.preprocess import PreprocessConfig
 from ofa_model.safe_load import file_kind

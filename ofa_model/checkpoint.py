@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ofa_model.architecture import OFAConfig, get_config
 from ofa_model.bundle import (
     DICT_MAX_BYTES,
     check_bundle_target,
@@ -21,7 +22,6 @@ from ofa_model.bundle import (
     load_bundle_vocab,
     save_bundle,
 )
-from ofa_model.config import OFAConfig, get_config
 from ofa_model.model import OFAModel
 from ofa_model.preprocess import PreprocessConfig
 from ofa_model.safe_load import read_fairseq_state, read_state_file, regular_input

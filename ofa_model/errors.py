@@ -13,6 +13,11 @@ ones here, never spell them elsewhere.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import reprlib
+from collections.abc import Mapping, Sequence
+
 # --- reason codes ---------------------------------------------------------------------------------------
 # rows and request items
 MISSING_FIELD = "missing_field"  # a field the task needs is absent or null
@@ -71,3 +76,48 @@ class InputError(ValueError):
 def error_dict(exc: InputError) -> dict[str, dict[str, str]]:
     """The one JSON error shape: `{"error": {"type", "reason", "message"}}`."""
     return {"error": {"type": type(exc).__name__, "reason": exc.reason, "message": str(exc)}}
+
+
+class ConfigError(InputError):
+    """A configuration that cannot be used: a config file of a job, sweep or Serve (the message names the file
+    and the dotted key), or a config read from a bundle or a request (the message names the field)."""
+
+    reason = BAD_CONFIG
+
+
+# --- checks of configs read from untrusted bundles and requests --------------------------------------------
+# (job, sweep and Serve configs are pydantic dataclasses, checked by `ofa_model.config_files`)
+
+
+def check_keys(cls: type, d: object, what: str | None = None) -> None:
+    """ConfigError naming every key of mapping `d` that is not a field of dataclass `cls`."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{what or cls.__name__} must be a mapping of keys to values, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(d) - known, key=str)
+    if unknown:
+        raise ConfigError(f"unknown {what or cls.__name__} keys: {unknown}; known keys: {sorted(known)}")
+
+
+def check_value(where: str, value: object, kind: type, lo: float | None = None, hi: float | None = None, *,
+                low_open: bool = False, reason: str = BAD_CONFIG) -> None:
+    """ConfigError (with `reason`) naming `where` unless `value` is of `kind` and, for numbers, finite within
+    [lo, hi] ((lo, hi] when `low_open`; infinite bounds for "any finite number"). A bool is never a number; an int is a float."""
+    names = {bool: "true or false", int: "an integer", float: "a number"}
+    types_ok = {bool: (bool,), int: (int,), float: (int, float)}[kind]
+    if not isinstance(value, types_ok) or (kind is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{where} must be {names[kind]}, got {type(value).__name__} {reprlib.repr(value)}", reason)
+    if kind is bool:
+        return
+    assert lo is not None and hi is not None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} must be finite, got {value!r}", reason)
+    if not (lo < value if low_open else lo <= value) or not value <= hi:
+        bounds = f"({lo}, {hi}]" if low_open else f"[{lo}, {hi}]"
+        raise ConfigError(f"{where} must lie in {bounds}, got {value!r}", reason)
+
+
+def check_choice(where: str, value: object, allowed: Sequence[object], *, reason: str = BAD_CONFIG) -> None:
+    """ConfigError (with `reason`) naming `where` unless `value` is one of `allowed`."""
+    if value not in allowed:
+        raise ConfigError(f"{where} must be one of {list(allowed)}, got {reprlib.repr(value)}", reason)

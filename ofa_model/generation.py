@@ -14,13 +14,12 @@ divided by length ** length_penalty when `normalize_scores`.
 from __future__ import annotations
 
 import math
-import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from ofa_model.errors import BAD_SETTING, InputError
+from ofa_model.errors import BAD_SETTING, ConfigError, check_value
 from ofa_model.model import DecoderState, EncoderOut
 
 MAX_BEAM = 64
@@ -32,7 +31,7 @@ class GenerationConfig:
     """Decoding settings; `beam_size=1` without sampling is greedy search.
 
     Every field is checked against its type and a finite range (`_BOUNDS`) on construction, so no setting can
-    fail inside decoding; a bad one raises `InputError` (a ValueError) with reason "bad_setting".
+    fail inside decoding; a bad one raises `ConfigError` (an `InputError`) with reason "bad_setting".
     """
 
     beam_size: int = 5
@@ -54,20 +53,11 @@ class GenerationConfig:
             value = getattr(self, name)
             if value is None and name == "seed":
                 continue
-            if kind is bool:
-                ok = isinstance(value, bool)
-            else:  # a bool is not a number here; an int is a float
-                ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
-            if not ok:
-                raise InputError(f"GenerationConfig.{name} must be {kind.__name__}, got {reprlib.repr(value)}",
-                                 BAD_SETTING)
-            if kind is not bool and not lo <= value <= hi:  # NaN and infinities fail too
-                raise InputError(f"GenerationConfig.{name}={reprlib.repr(value)} is outside [{lo}, {hi}]",
-                                 BAD_SETTING)
+            check_value(f"GenerationConfig.{name}", value, kind, lo, hi, reason=BAD_SETTING)
             if kind is float:
                 object.__setattr__(self, name, float(value))
         if not self.sampling and self.num_return_sequences > self.beam_size:
-            raise InputError(f"GenerationConfig.num_return_sequences={self.num_return_sequences} > "
+            raise ConfigError(f"GenerationConfig.num_return_sequences={self.num_return_sequences} > "
                              f"beam_size={self.beam_size}", BAD_SETTING)
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ofa_model.config import OFAConfig, Regularization
+from ofa_model.architecture import OFAConfig, Regularization
 from ofa_model.resnet import ResNet, drop_path, linspace
 
 # ----------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,15 @@ from typing import Any
 import torch
 
 from ofa_model.bundle import load_bundle
-from ofa_model.errors import BAD_SETTING, BAD_TYPE, LIMIT_EXCEEDED, UNKNOWN_TASK, InputError, error_dict
+from ofa_model.errors import (
+    BAD_SETTING,
+    BAD_TYPE,
+    LIMIT_EXCEEDED,
+    UNKNOWN_TASK,
+    InputError,
+    check_value,
+    error_dict,
+)
 from ofa_model.generation import GenerationConfig, SpecialIds, generate, max_new_tokens, score_candidates
 from ofa_model.model import OFAModel
 from ofa_model.precision import Execution
@@ -61,9 +70,7 @@ class PredictorLimits:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"PredictorLimits.{f.name} must be a positive int, got {value!r}")
+            check_value(f"PredictorLimits.{f.name}", getattr(self, f.name), int, 1, math.inf)
 
 
 class OFAPredictor:

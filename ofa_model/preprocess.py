@@ -25,8 +25,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ofa_model import errors
-from ofa_model.config import ConfigError, check_int, check_keys
-from ofa_model.errors import InputError
+from ofa_model.errors import ConfigError, InputError, check_keys, check_value
 
 __all__ = [
     "SUPPORTED_FORMATS",
@@ -150,16 +149,15 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         for name, hi in _INT_LIMITS.items():
-            check_int("PreprocessConfig", name, getattr(self, name), 1, hi)
+            check_value(f"PreprocessConfig.{name}", getattr(self, name), int, 1, hi)
         for name in ("mean", "std"):
             value = getattr(self, name)
             if not isinstance(value, (tuple, list)) or len(value) != 3:
                 raise ConfigError(f"PreprocessConfig.{name} must have 3 values (R, G, B), got {value!r}")
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
-                raise ConfigError(f"PreprocessConfig.{name} must hold finite numbers, got {value!r}")
+            for i, v in enumerate(value):
+                check_value(f"PreprocessConfig.{name}[{i}]", v, float, 0.0 if name == "std" else -math.inf, math.inf,
+                            low_open=name == "std")
             object.__setattr__(self, name, tuple(float(v) for v in value))
-        if any(v <= 0 for v in self.std):
-            raise ConfigError(f"PreprocessConfig.std must be > 0, got {self.std!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-friendly dict (tuples become lists)."""

@@ -36,6 +36,7 @@ from ofa_model.errors import (
     NO_HYPOTHESIS,
     UNKNOWN_LABEL,
     InputError,
+    check_choice,
     error_dict,
 )
 from ofa_model.generation import Constraint, GenerationConfig, PrefixTrie
@@ -116,8 +117,7 @@ class TaskSpec:
         for attr, allowed in (("target_kind", TARGET_KINDS), ("prompt_type", PROMPT_TYPES),
                               ("inference", INFERENCE_KINDS), ("slot_norm", tuple(NORMALIZERS)),
                               ("target_norm", tuple(NORMALIZERS))):
-            if getattr(self, attr) not in allowed:
-                raise ValueError(f"task {self.name}: {attr}={getattr(self, attr)!r}, expected one of {allowed}")
+            check_choice(f"task {self.name}: {attr}", getattr(self, attr), allowed)
         names = set(re.findall(r"{(\w+)}", self.prompt))
         if names != {p for p, _ in self.slots}:
             raise ValueError(f"task {self.name}: prompt placeholders {sorted(names)} != slots {self.slots}")

@@ -41,7 +41,6 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ofa_model.errors import BAD_TYPE, UNKNOWN_TASK
-from serve_app.config import ServeConfig, read_api_key
 from serve_app.schemas import (
     BODY_TOO_LARGE,
     INTERNAL,
@@ -62,6 +61,7 @@ from serve_app.schemas import (
     status_of,
     validation_error,
 )
+from serve_app.serve_config import ServeConfig, read_api_key
 
 log = logging.getLogger(f"ray.serve.{__name__}")  # under Serve's logger: replica log files and stderr
 

@@ -30,8 +30,8 @@ from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
 from serve_app.api import OFAIngress
-from serve_app.config import ServeConfig, config_from_args, read_api_key
 from serve_app.model import OFAModelServer
+from serve_app.serve_config import ServeConfig, config_from_args, read_api_key
 
 
 def deployment_name(model: str) -> str:
@@ -90,7 +90,7 @@ def build(cfg: ServeConfig) -> Application:
 
 def build_app(args: Mapping[str, Any]) -> Application:
     """Application builder for `serve run serve_app.app:build_app key=value ...` and `serve deploy`'s
-    `import_path` (see `serve_app.config.config_from_args` for the arguments)."""
+    `import_path` (see `serve_app.serve_config.config_from_args` for the arguments)."""
     return build(config_from_args(args))
 
 

@@ -33,8 +33,8 @@ from ray import serve
 
 from ofa_model.errors import BAD_IMAGE, InputError, error_dict
 from ofa_model.predictor import OFAPredictor
-from serve_app.config import ServeConfig
 from serve_app.schemas import INTERNAL
+from serve_app.serve_config import ServeConfig
 
 log = logging.getLogger(f"ray.serve.{__name__}")  # under Serve's logger: replica log files and stderr
 

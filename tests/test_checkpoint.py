@@ -12,9 +12,9 @@ import torch
 
 from jobs.convert_checkpoint import main as convert_main
 from ofa_model import bundle as bundle_module
+from ofa_model.architecture import get_config
 from ofa_model.bundle import BundleError, load_bundle, save_bundle
 from ofa_model.checkpoint import import_checkpoint
-from ofa_model.config import get_config
 from ofa_model.model import OFAModel
 from ofa_model.preprocess import PreprocessConfig
 from ofa_model.safe_load import safe_torch_load

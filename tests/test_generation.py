@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ofa_model.config import get_config
+from ofa_model.architecture import get_config
 from ofa_model.errors import InputError
 from ofa_model.generation import (
     Constraint,
@@ -172,11 +172,11 @@ def test_score_candidates_against_teacher_forcing(model, batch):
 def test_config_validation():
     with pytest.raises(ValueError, match="num_return_sequences=3 > beam_size=2"):
         GenerationConfig(beam_size=2, num_return_sequences=3)
-    with pytest.raises(ValueError, match="beam_size must be int"):
+    with pytest.raises(ValueError, match="beam_size must be an integer"):
         GenerationConfig(beam_size="5")
-    with pytest.raises(ValueError, match="seed must be int"):
+    with pytest.raises(ValueError, match="seed must be an integer"):
         GenerationConfig(seed=[1])
-    with pytest.raises(ValueError, match=r"beam_size=10000 is outside \[1, 64\]"):
+    with pytest.raises(ValueError, match=r"beam_size must lie in \[1, 64\], got 10000"):
         GenerationConfig(beam_size=10_000)
     assert GenerationConfig(length_penalty=1).length_penalty == 1.0
     assert type(GenerationConfig(max_len_a=2).max_len_a) is float

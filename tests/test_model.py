@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ofa_model.config import get_config
+from ofa_model.architecture import get_config
 from ofa_model.model import (
     DecoderState,
     OFAModel,

@@ -185,7 +185,7 @@ def test_bad_inputs_give_typed_errors_and_keep_the_rest(predictor):
         ("NotAnImageError", "not_an_image"), ("ImageTooLargeError", "image_too_large"),
         ("TaskInputError", "missing_field"), ("TaskInputError", "bad_setting"), ("TaskInputError", "bad_setting"),
         ("TaskInputError", "bad_type")]
-    assert "seed must be int" in out[7]["error"]["message"]
+    assert "seed must be an integer" in out[7]["error"]["message"]
     assert "field 'image' is missing" in out[5]["error"]["message"]
     assert "unknown decoding settings ['beam']" in out[6]["error"]["message"]
     for task in ("poetry", ["caption"], None):

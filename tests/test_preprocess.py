@@ -13,8 +13,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from ofa_model.config import ConfigError
-from ofa_model.errors import InputError
+from ofa_model.errors import ConfigError, InputError
 from ofa_model.preprocess import (
     EmptyImageError,
     ImageError,

@@ -155,7 +155,7 @@ def apps(ray_cluster, bundles, registry, tmp_path_factory):
     from ray.serve._private import api as serve_private
 
     from serve_app.app import start
-    from serve_app.config import serve_config
+    from serve_app.serve_config import serve_config
 
     tmp = tmp_path_factory.mktemp("serve-apps")
     key_file = tmp / "api_key"
@@ -567,8 +567,8 @@ def test_serve_config_yaml_and_device_choice():
     from ray.serve.schema import ServeDeploySchema
 
     from serve_app.app import deployment_name
-    from serve_app.config import config_from_args
     from serve_app.model import pick_device
+    from serve_app.serve_config import config_from_args
 
     deploy = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve_config.yaml").read_text()))
     [app] = deploy.applications
@@ -585,7 +585,8 @@ def test_serve_config_yaml_and_device_choice():
 
 
 def test_config_errors_name_the_key(tmp_path, monkeypatch):
-    from serve_app.config import ConfigError, config_from_args, read_api_key, serve_config
+    from ofa_model.errors import ConfigError
+    from serve_app.serve_config import config_from_args, read_api_key, serve_config
 
     cases = [({"model": "x", "autoscaling.maxreplicas": "3"}, "autoscaling.maxreplicas: unknown key"),
              ({"models": {"a": {"source": "x", "task": ["vqa"]}}}, "models.a.task: unknown key"),

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.job_config import dump_yaml, flatten, to_dict
+from ofa_model.config_files import dump_yaml, flatten, to_dict
 from pipelines.tracking.runs import (
     MetricLogger,
     client_for,
@@ -283,8 +283,8 @@ def outcome_dict(outcome: SweepOutcome) -> dict[str, Any]:
 def _write_best_config(plan: SweepPlan, best: TrialSummary, path: Path) -> Path:
     """The base fine-tune config with the best trial's values, run name `<sweep>-best`, as written by the user
     (storage and tracking not pinned), registering under the base's registered model."""
-    from pipelines.job_config import build
-    from pipelines.train.config import TrainConfig
+    from ofa_model.config_files import build
+    from pipelines.train.train_config import TrainConfig
     from tune.search import apply_params
 
     raw = apply_params(to_dict(plan.user_base), best.params, plan.cfg.tie)

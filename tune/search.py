@@ -31,22 +31,33 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
-import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pipelines.job_config import ConfigError, build, merge, parse_overrides, read_config_file, to_dict
-from pipelines.train.config import TrainConfig
+from pydantic import Field
+
+from ofa_model.config_files import (
+    build,
+    config_dataclass,
+    merge,
+    parse_overrides,
+    read_config,
+    read_config_file,
+    to_dict,
+)
+from ofa_model.errors import ConfigError
+from pipelines.train.train_config import TrainConfig
 
 Scalar = bool | int | float | str
 KINDS = ("loguniform", "uniform", "choice", "grid")
+Values = Annotated[tuple[Scalar, ...], Field(min_length=1)]
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class Dist:
     """One hyperparameter's distribution: exactly one field is set.
 
@@ -55,8 +66,8 @@ class Dist:
 
     loguniform: tuple[float, float] | None = None
     uniform: tuple[float, float] | None = None
-    choice: tuple[Scalar, ...] | None = None
-    grid: tuple[Scalar, ...] | None = None
+    choice: Values | None = None
+    grid: Values | None = None
 
     def __post_init__(self) -> None:
         kinds = [k for k in KINDS if getattr(self, k) is not None]
@@ -65,13 +76,10 @@ class Dist:
         lo_hi = self.loguniform or self.uniform
         if lo_hi is not None:
             lo, hi = lo_hi
-            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-                raise ValueError(f"{self.kind}: low < high (both finite) is needed, got [{lo}, {hi}]")
+            if not lo < hi:
+                raise ValueError(f"{self.kind}: low < high is needed, got [{lo}, {hi}]")
             if self.loguniform is not None and lo <= 0:
                 raise ValueError(f"loguniform: low must be > 0, got {lo}")
-        values = self.choice if self.choice is not None else self.grid
-        if values is not None and not values:
-            raise ValueError(f"{self.kind}: at least one value is needed")
 
     @property
     def kind(self) -> str:
@@ -98,39 +106,27 @@ class Dist:
         return ray_tune.grid_search(list(self.grid))
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class AshaSection:
     """Asynchronous successive halving on the validation metric, one time unit per epoch (max_t: the trials'
     `epochs`). A trial reaching a rung (grace_period, grace_period * reduction_factor, ...) below the
     1 - 1/reduction_factor quantile of the trials already recorded there stops."""
 
-    grace_period: int = 1
-    reduction_factor: float = 2.0
-
-    def __post_init__(self) -> None:
-        if self.grace_period < 1:
-            raise ValueError(f"asha.grace_period must be >= 1 epoch, got {self.grace_period}")
-        if not (math.isfinite(self.reduction_factor) and self.reduction_factor > 1):
-            raise ValueError(f"asha.reduction_factor must be > 1, got {self.reduction_factor}")
+    grace_period: Annotated[int, Field(ge=1)] = 1  # epochs
+    reduction_factor: Annotated[float, Field(gt=1.0)] = 2.0
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class TrialSection:
     """What Tune reserves per trial: the trial is a small driver (driver_cpus) that runs `train()`; its Ray
     Train workers take the resources of the trial config's `scaling` (set it under `train.scaling`).
     max_failures: restarts of a failed trial (each continues its training run from its last checkpoint)."""
 
-    driver_cpus: float = 0.25
-    max_failures: int = 0
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.driver_cpus) and 0 <= self.driver_cpus <= 64):
-            raise ValueError(f"trial.driver_cpus must lie in [0, 64], got {self.driver_cpus}")
-        if self.max_failures < -1:
-            raise ValueError("trial.max_failures must be >= -1 (-1: unlimited)")
+    driver_cpus: Annotated[float, Field(ge=0.0, le=64.0)] = 0.25
+    max_failures: Annotated[int, Field(ge=-1)] = 0  # -1: unlimited
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class SweepConfig:
     """name: identifies the sweep: rerunning with the same name (and storage) resumes it (Tune restore).
     storage_path: where Tune's experiment and the trials' training runs live (None: the base config's
@@ -139,37 +135,28 @@ class SweepConfig:
     published recipe. asha: null runs every trial to the end."""
 
     base: str
-    name: str
+    name: Annotated[str, Field(min_length=1, max_length=120, pattern=r"^[^/]+$")]  # no '/': it names directories
     train: dict[str, Any] = field(default_factory=dict)
-    space: dict[str, Dist] = field(default_factory=dict)
+    space: Annotated[dict[str, Dist], Field(min_length=1)] = field(default_factory=dict)
     tie: dict[str, str] = field(default_factory=dict)
     points_to_evaluate: tuple[dict[str, Any], ...] = ()
     search: Literal["random", "optuna"] = "random"
     seed: int = 0
-    num_samples: int = 8
-    max_concurrent_trials: int = 2
+    num_samples: Annotated[int, Field(ge=1, le=100_000)] = 8
+    max_concurrent_trials: Annotated[int, Field(ge=1, le=10_000)] = 2
     asha: AshaSection | None = field(default_factory=AshaSection)
     storage_path: str | None = None
     trial: TrialSection = field(default_factory=TrialSection)
 
-    def __post_init__(self) -> None:
-        if not self.name or "/" in self.name or len(self.name) > 120:
-            raise ValueError(f"name must be a non-empty name without '/' (at most 120 characters), got {self.name!r}")
-        if not self.space:
-            raise ValueError("space must name at least one key to search")
-        if not 1 <= self.num_samples <= 100_000:
-            raise ValueError(f"num_samples must lie in [1, 100000], got {self.num_samples}")
-        if not 1 <= self.max_concurrent_trials <= 10_000:
-            raise ValueError(f"max_concurrent_trials must lie in [1, 10000], got {self.max_concurrent_trials}")
-
 
 def load_sweep_config(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
-    """The sweep config at `path` with `key=value` overrides (`train.optim.lr=...` reaches the base config)."""
+    """The sweep config at `path` with `key=value` overrides (`train.optim.lr=...` reaches the base config), read
+    and validated by the one loader (`read_config`, then `build`); a `space` override replaces the distribution of
+    each key it names instead of merging into it."""
     source = str(path)
-    raw = read_config_file(path, source)
     over = parse_overrides(overrides)
     space_over = over.pop("space", None)
-    raw = merge(raw, over)
+    raw = read_config(path, data=over, source=source)
     if space_over is not None:  # an override replaces a key's distribution (merging would keep both)
         if not isinstance(space_over, Mapping) or not isinstance(raw.get("space", {}), Mapping):
             raise ConfigError(f"{source}: space override: expected a mapping, e.g. space={{optim.lr: {{choice: [1.0e-4]}}}}")

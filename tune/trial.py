@@ -39,9 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.job_config import flatten, to_dict
+from ofa_model.config_files import flatten, to_dict
 from pipelines.tracking.runs import client_for, run_key, start_or_resume_run
-from pipelines.train.config import TrainConfig
+from pipelines.train.train_config import TrainConfig
 from tune.search import SweepPlan
 
 logger = logging.getLogger(__name__)

@@ -251,9 +251,9 @@ def connect(svc: Services) -> None:
 
 
 def _train(config: str, overrides: list[str], output_dir: Path):
-    from pipelines.job_config import load_config
-    from pipelines.train.config import TrainConfig
+    from ofa_model.config_files import load_config
     from pipelines.train.loop import train
+    from pipelines.train.train_config import TrainConfig
 
     return train(load_config(TrainConfig, REPO / config, overrides), output_dir=output_dir)
 
@@ -542,7 +542,7 @@ def _trial_row(t) -> dict[str, Any]:
 def _serve(svc: Services) -> str:
     from pipelines.local.s3 import free_ports
     from serve_app.app import start
-    from serve_app.config import serve_config
+    from serve_app.serve_config import serve_config
 
     port, = free_ports(1)
     models = {task: {"source": f"models:/ofa-{task}@champion", "tasks": [task]} for task in TASKS}

@@ -50,7 +50,7 @@ import pyarrow as pa
 import torch
 
 from ofa_model.preprocess import PreprocessConfig, blank_centre, collate, model_pixels
-from pipelines.data.config import DataConfig
+from pipelines.data.data_config import DataConfig
 from pipelines.data.rowstats import BadRowRule, MixtureState, ResumeState, RowStats
 from pipelines.data.source import EpochInfo, SeqSet
 from pipelines.progress import Progress

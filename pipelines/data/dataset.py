@@ -12,7 +12,7 @@ That is the one way to get batches; a weighted mixture of corpora is `iter_mixtu
 consumer with several sources. One process reading a whole epoch (evaluation) is `epoch_batches`; the dataset
 doctor is `inspect`. Import everything from here; the modules behind it, in pipeline order:
 
-* `pipelines.data.config`: `DataConfig`, validated, from YAML.
+* `pipelines.data.data_config`: `DataConfig`, validated, from YAML.
 * `pipelines.data.source`: stage 1, reading shards into numbered rows (`plan_shards`, `ShardSource`, `SeqSet`).
 * `pipelines.data.ingest`: stages 1-2 as a Ray Dataset: `plan_epoch`, `build_dataset` (preprocessing on an actor
   pool; only `ofa_model.errors.InputError`s become bad rows, by their reason).
@@ -42,7 +42,7 @@ from pipelines.data.batches import (
     iterator_options,
     weighted_schedule,
 )
-from pipelines.data.config import DataConfig
+from pipelines.data.data_config import DataConfig
 from pipelines.data.ingest import REASONS, build_dataset, classify, output_schema, plan_epoch, preprocess_row
 from pipelines.data.rowstats import BadDataError, BadRowRule, MixtureState, ResumeState, RowStats
 from pipelines.data.source import SOURCE_SCHEMA, EpochInfo, EpochPlan, SeqSet

@@ -52,7 +52,7 @@ from ofa_model.errors import (
 from ofa_model.preprocess import PreprocessConfig
 from ofa_model.tasks import TASKS, TaskSpec, build_example
 from pipelines import storage
-from pipelines.data.config import IMAGE_DTYPES, DataConfig, read_block_rows
+from pipelines.data.data_config import IMAGE_DTYPES, DataConfig, read_block_rows
 from pipelines.data.rowstats import ResumeState
 from pipelines.data.shards import Manifest, read_manifest
 from pipelines.data.source import EpochPlan, ShardSource, plan_shards

@@ -63,6 +63,7 @@ from ray.train.torch import TorchTrainer
 
 from ofa_model import OFAModel
 from ofa_model.checkpoint import load_bundle, load_bundle_vocab, save_bundle
+from ofa_model.config_files import build, flatten, to_dict
 from ofa_model.evaluation import evaluate_rows, primary_metric
 from ofa_model.losses import (
     allowed_columns,
@@ -81,11 +82,10 @@ from pipelines.data.batches import iter_mixture_batches, iter_train_batches, ite
 from pipelines.data.ingest import build_dataset, plan_epoch
 from pipelines.data.rowstats import BadRowRule, MixtureState, ResumeState, RowStats
 from pipelines.data.shards import Manifest, iter_rows, read_manifest
-from pipelines.job_config import build, flatten, to_dict
 from pipelines.tracking.registry import promote_if_better, register_bundle, resolve_model
 from pipelines.tracking.runs import MetricLogger, end_run, run_key, start_or_resume_run
-from pipelines.train.config import TrainConfig
 from pipelines.train.optim import Ema, build_optimizer, build_scheduler, freeze
+from pipelines.train.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from pipelines.train.config import OptimSection
+from pipelines.train.train_config import OptimSection
 
 
 def freeze(model: nn.Module, cfg: OptimSection) -> list[str]:

@@ -1,44 +1,46 @@
 """`TrainConfig`: everything a pretraining or fine-tuning job needs, as nested frozen dataclasses.
 
-Loaded from YAML by `pipelines.job_config.load_config(TrainConfig, path, overrides)`: unknown keys and bad
-values are errors naming the dotted key. Architecture is not configured here: it comes from the bundle a run
+Loaded from YAML by `ofa_model.config_files.load_config(TrainConfig, path, overrides)`: unknown keys and bad
+values are errors naming the dotted key. Ranges are on the fields; `__post_init__` holds only the rules that relate
+several fields. Architecture is not configured here: it comes from the bundle a run
 starts from (`model.init`), or from a named size (`model.arch`) when training from scratch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import field
+from typing import Annotated, Literal
 
-from ofa_model.config import ConfigError, OFAConfig, Regularization, get_config
-from ofa_model.config_text import check as _check
-from ofa_model.config_text import check_finite as _finite
+from pydantic import Field
+
+from ofa_model.architecture import OFAConfig, Regularization, get_config
+from ofa_model.config_files import config_dataclass
+from ofa_model.errors import ConfigError
 from ofa_model.tasks import TASKS
-from pipelines.data.config import DataConfig
+from pipelines.data.data_config import DataConfig
 
-DIMS = ("embed_dim", "ffn_dim", "encoder_layers", "decoder_layers", "attention_heads")
+Dim = Literal["embed_dim", "ffn_dim", "encoder_layers", "decoder_layers", "attention_heads"]  # model.dims keys
+Rate = Annotated[float, Field(ge=0.0, le=0.99)]  # a probability or fraction that must leave something
+Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^/]+$")]  # no '/': it names directories
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class ModelSection:
     """arch: a named size (`ofa_model.get_config`) for training from scratch. dims: Transformer sizes that
-    replace the named size's (keys of DIMS, e.g. {embed_dim: 128, ffn_dim: 512}); the architecture is then
+    replace the named size's (keys of Dim, e.g. {embed_dim: 128, ffn_dim: 512}); the architecture is then
     named `arch[key=value,...]` in the bundle. init: a bundle directory or a `models:/name@alias` URI to start
     from (its architecture, vocabulary and weights; `arch` and `dims` must then be left at their defaults)."""
 
     arch: str = "ofa-micro"
-    dims: dict[str, int] = field(default_factory=dict)
+    dims: dict[Dim, Annotated[int, Field(ge=1)]] = field(default_factory=dict)
     init: str | None = None
     regularization: Regularization = field(default_factory=Regularization)
 
     def __post_init__(self) -> None:
-        for key, value in self.dims.items():
-            _check(key in DIMS, f"model.dims.{key}: not a Transformer size; choose from {', '.join(DIMS)}")
-            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                   f"model.dims.{key} must be a positive integer, got {value!r}")
-        _check(not (self.dims and self.init), "model.dims: the sizes of a model trained from scratch; a model "
-               "started from model.init has its bundle's architecture")
+        if self.dims and self.init:
+            raise ValueError("model.dims / model.init: dims are the sizes of a model trained from scratch; a model "
+                             "started from model.init has its bundle's architecture")
         try:
             self.architecture()
         except ConfigError as exc:
@@ -51,7 +53,7 @@ class ModelSection:
         return dataclasses.replace(get_config(self.arch, **self.dims, **fixed), name=name)
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class OptimSection:
     """AdamW with polynomial decay after a linear warmup (OFA's recipe), and what is updated how.
 
@@ -62,40 +64,29 @@ class OptimSection:
     token embedding (and so the tied output projection); freeze_resnet: the image backbone.
     """
 
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    end_lr: float = 0.0
-    power: float = 1.0
-    clip_norm: float = 1.0
-    grad_accum: int = 1
-    ema_decay: float = 0.0
-    label_smoothing: float = 0.1
-    drop_worst_ratio: float = 0.0
-    drop_worst_after: int = 0
+    lr: Annotated[float, Field(ge=1e-12, le=10.0)] = 1e-4
+    betas: tuple[Annotated[float, Field(ge=0.0, le=0.999999)], Annotated[float, Field(ge=0.0, le=0.999999)]] = (
+        0.9, 0.999)
+    eps: Annotated[float, Field(ge=1e-16, le=1.0)] = 1e-8
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+    warmup_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.06
+    end_lr: Annotated[float, Field(ge=0.0)] = 0.0
+    power: Annotated[float, Field(ge=0.1, le=10.0)] = 1.0
+    clip_norm: Annotated[float, Field(ge=0.0, le=1e6)] = 1.0
+    grad_accum: Annotated[int, Field(ge=1, le=1024)] = 1
+    ema_decay: Annotated[float, Field(ge=0.0, le=0.999999)] = 0.0
+    label_smoothing: Rate = 0.1
+    drop_worst_ratio: Rate = 0.0
+    drop_worst_after: Annotated[int, Field(ge=0)] = 0
     freeze_embeddings: bool = False
     freeze_resnet: bool = False
 
     def __post_init__(self) -> None:
-        _finite("optim.lr", self.lr, 1e-12, 10.0)
-        for i, b in enumerate(self.betas):
-            _finite(f"optim.betas[{i}]", b, 0.0, 0.999999)
-        _finite("optim.eps", self.eps, 1e-16, 1.0)
-        _finite("optim.weight_decay", self.weight_decay, 0.0, 1.0)
-        _finite("optim.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
-        _finite("optim.end_lr", self.end_lr, 0.0, self.lr)
-        _finite("optim.power", self.power, 0.1, 10.0)
-        _finite("optim.clip_norm", self.clip_norm, 0.0, 1e6)
-        _check(1 <= self.grad_accum <= 1024, f"optim.grad_accum must lie in [1, 1024], got {self.grad_accum}")
-        _finite("optim.ema_decay", self.ema_decay, 0.0, 0.999999)
-        _finite("optim.label_smoothing", self.label_smoothing, 0.0, 0.99)
-        _finite("optim.drop_worst_ratio", self.drop_worst_ratio, 0.0, 0.99)
-        _check(self.drop_worst_after >= 0, "optim.drop_worst_after must be >= 0")
+        if self.end_lr > self.lr:
+            raise ValueError(f"optim.end_lr ({self.end_lr}) must not exceed optim.lr ({self.lr})")
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class ScalingSection:
     """Ray Train workers: how many, the resources of each (GPUs only when use_gpu), and how they are placed:
     PACK fills nodes first, SPREAD spreads them, STRICT_SPREAD puts each on its own node.
@@ -104,19 +95,12 @@ class ScalingSection:
     the node, oversubscribes a node shared with other workers or the data pipeline: on 2 cores, a worker of
     0.5 CPU beside its data actors trained faster with 1 thread than with 2 (`bench/learning_curve.py`)."""
 
-    num_workers: int = 1
+    num_workers: Annotated[int, Field(ge=1, le=4096)] = 1
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
+    cpus_per_worker: Annotated[float, Field(ge=0.0, le=1024.0)] = 1.0
+    gpus_per_worker: Annotated[float, Field(ge=0.0, le=64.0)] = 1.0
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    threads_per_worker: int | None = None
-
-    def __post_init__(self) -> None:
-        _check(1 <= self.num_workers <= 4096, f"scaling.num_workers must lie in [1, 4096], got {self.num_workers}")
-        _finite("scaling.cpus_per_worker", self.cpus_per_worker, 0.0, 1024.0)
-        _finite("scaling.gpus_per_worker", self.gpus_per_worker, 0.0, 64.0)
-        _check(self.threads_per_worker is None or 1 <= self.threads_per_worker <= 1024,
-               f"scaling.threads_per_worker must be null or lie in [1, 1024], got {self.threads_per_worker}")
+    threads_per_worker: Annotated[int, Field(ge=1, le=1024)] | None = None
 
     @property
     def threads(self) -> int:
@@ -124,7 +108,7 @@ class ScalingSection:
         return self.threads_per_worker or max(1, int(self.cpus_per_worker))
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class RunSection:
     """name: identifies the run: rerunning with the same name (and storage_path) continues it from its latest
     checkpoint. storage_path: local directory or s3:// prefix for checkpoints. max_failures: worker-group
@@ -135,25 +119,17 @@ class RunSection:
     bf16 natively (CPUs with AVX-512 BF16/AMX, Ampere+ GPUs), fp32 elsewhere; "fp16" (CUDA only) adds a grad
     scaler. memory_format: "auto" is channels_last for the ResNet. log_every_s: seconds between progress lines."""
 
-    name: str = "ofa-run"
+    name: Name = "ofa-run"
     storage_path: str = "./ray_results"
-    max_failures: int = 0
-    keep_checkpoints: int = 2
-    checkpoint_every_steps: int = 0
+    max_failures: Annotated[int, Field(ge=-1)] = 0  # -1: unlimited
+    keep_checkpoints: Annotated[int, Field(ge=1)] = 2
+    checkpoint_every_steps: Annotated[int, Field(ge=0)] = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
-    log_every_s: float = 30.0
-
-    def __post_init__(self) -> None:
-        _check(bool(self.name) and "/" not in self.name and len(self.name) <= 200,
-               f"run.name must be a non-empty name without '/', got {self.name!r}")
-        _check(self.max_failures >= -1, "run.max_failures must be >= -1 (-1: unlimited)")
-        _check(self.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1")
-        _check(self.checkpoint_every_steps >= 0, "run.checkpoint_every_steps must be >= 0")
-        _finite("run.log_every_s", self.log_every_s, 0.0, 86400.0)
+    log_every_s: Annotated[float, Field(ge=0.0, le=86400.0)] = 30.0
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class TrackingSection:
     """MLflow. tracking_uri: None reads MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
     registered_model: register the best bundle under this name (None: do not register); the `champion` alias
@@ -164,7 +140,7 @@ class TrackingSection:
     registered_model: str | None = None
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class ValidationSection:
     """Validation after every epoch through `OFAPredictor`: `max_rows` rows of `split` (None: all).
     mode: VQA inference mode (open / trie / allcand; None: the task's default). full_at_end: the run's last
@@ -173,32 +149,25 @@ class ValidationSection:
     earlier epochs' subset scores)."""
 
     split: str = "val"
-    max_rows: int | None = 500
-    batch_size: int = 16
+    max_rows: Annotated[int, Field(ge=1)] | None = 500
+    batch_size: Annotated[int, Field(ge=1, le=1024)] = 16
     mode: Literal["open", "trie", "allcand"] | None = None
     full_at_end: bool = False
 
-    def __post_init__(self) -> None:
-        _check(self.max_rows is None or self.max_rows >= 1, "validation.max_rows must be >= 1 or null")
-        _check(1 <= self.batch_size <= 1024, "validation.batch_size must lie in [1, 1024]")
 
-
-@dataclass(frozen=True)
+@config_dataclass
 class ScstSection:
     """Self-critical sequence training (caption stage 2): `samples` hypotheses per image from beam search
     (or sampling), CIDEr-D reward, leave-one-out baseline."""
 
     enabled: bool = False
-    samples: int = 5
+    samples: Annotated[int, Field(ge=2, le=32)] = 5  # >= 2: the leave-one-out baseline needs another sample
     sampling: bool = False
     max_len_b: int = 16
     no_repeat_ngram_size: int = 3
 
-    def __post_init__(self) -> None:
-        _check(2 <= self.samples <= 32, "scst.samples must lie in [2, 32] (the baseline needs another sample)")
 
-
-@dataclass(frozen=True)
+@config_dataclass
 class TrainConfig:
     """task: the task trained (a key of TASKS or of custom_tasks); mixture: task -> weight for multi-task
     pretraining (then `task` names the one validated). answers: the closed answer set of VQA-style tasks
@@ -208,12 +177,13 @@ class TrainConfig:
 
     data: DataConfig
     task: str = "vqa"
-    mixture: dict[str, float] | None = None
+    mixture: Annotated[dict[str, Annotated[float, Field(ge=1e-9, le=1e9)]], Field(min_length=1)] | None = None
     custom_tasks: dict[str, str] = field(default_factory=dict)
     answers: tuple[str, ...] = ()
-    labels: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    epochs: int = 1
-    max_steps_per_epoch: int | None = None
+    labels: dict[str, Annotated[tuple[Annotated[str, Field(pattern=r"\S")], ...], Field(min_length=1)]] = field(
+        default_factory=dict)
+    epochs: Annotated[int, Field(ge=1, le=100_000)] = 1
+    max_steps_per_epoch: Annotated[int, Field(ge=1)] | None = None
     seed: int = 0
     model: ModelSection = field(default_factory=ModelSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -224,21 +194,14 @@ class TrainConfig:
     scst: ScstSection = field(default_factory=ScstSection)
 
     def __post_init__(self) -> None:
-        _check(1 <= self.epochs <= 100_000, f"epochs must lie in [1, 100000], got {self.epochs}")
-        _check(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
-               "max_steps_per_epoch must be >= 1 or null")
-        if self.mixture is not None:
-            _check(bool(self.mixture), "mixture must name at least one task")
-            for name, w in self.mixture.items():
-                _finite(f"mixture.{name}", w, 1e-9, 1e9)
         clash = sorted(set(self.custom_tasks) & set(TASKS))
-        _check(not clash, f"custom_tasks.{clash[0] if clash else ''}: a custom task cannot replace a built-in task")
+        if clash:
+            raise ValueError(f"custom_tasks.{clash[0]}: a custom task cannot replace a built-in task")
         known = set(TASKS) | set(self.custom_tasks)
         for name in [self.task, *(self.mixture or {})]:
-            _check(name in known, f"unknown task {name!r}; known: {', '.join(sorted(known))}")
-        for name, labels in self.labels.items():
-            _check(name in (self.mixture or {}) and name != self.task,
-                   f"labels.{name}: labels are for the mixture's other tasks ({name!r} is not one; the main "
-                   f"task's closed set is `answers`)")
-            _check(bool(labels) and all(isinstance(x, str) and x.strip() for x in labels),
-                   f"labels.{name}: a non-empty list of non-empty labels expected")
+            if name not in known:
+                raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(known))}")
+        for name in self.labels:
+            if name not in (self.mixture or {}) or name == self.task:
+                raise ValueError(f"labels.{name}: labels are for the mixture's other tasks ({name!r} is not one; "
+                                 f"the main task's closed set is `answers`)")

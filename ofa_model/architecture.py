@@ -12,45 +12,10 @@ tensor is allocated. The bounds are far above ofa-huge; they only stop nonsense.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ofa_model import errors
-from ofa_model.errors import InputError
-
-
-class ConfigError(InputError):
-    """A config value of the wrong type, out of range, unknown or missing; the message names the key."""
-
-    reason = errors.BAD_CONFIG
-
-
-def check_keys(cls, d, what: str | None = None) -> None:
-    """Raise ConfigError naming every key of mapping `d` that is not a field of dataclass `cls`."""
-    if not isinstance(d, Mapping):
-        raise ConfigError(f"{what or cls.__name__} must be a mapping of keys to values, got {type(d).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known, key=str)
-    if unknown:
-        raise ConfigError(f"unknown {what or cls.__name__} keys: {unknown}; known keys: {sorted(known)}")
-
-
-def check_int(owner: str, key: str, value, lo: int, hi: int) -> None:
-    """Raise ConfigError unless `value` is an int (not a bool) in [lo, hi]."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{owner}.{key} must be an integer, got {type(value).__name__} {value!r}")
-    if not lo <= value <= hi:
-        raise ConfigError(f"{owner}.{key} must lie in [{lo}, {hi}], got {value}")
-
-
-def check_float(owner: str, key: str, value, lo: float, hi: float) -> None:
-    """Raise ConfigError unless `value` is a finite int or float (not a bool) with lo < value <= hi."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{owner}.{key} must be a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or not lo < value <= hi:
-        raise ConfigError(f"{owner}.{key} must be finite with {lo} < value <= {hi}, got {value!r}")
-
+from ofa_model.errors import ConfigError, check_keys, check_value
 
 # Inclusive (low, high) bounds of the integer fields. ofa-huge: embed 1280, ffn 5120, 24/12 layers, 16 heads.
 INT_BOUNDS: dict[str, tuple[int, int]] = {
@@ -98,14 +63,14 @@ class OFAConfig:
         if not isinstance(self.name, str) or not 0 < len(self.name) <= 100:
             raise ConfigError(f"{owner}.name must be a non-empty string of at most 100 characters, got {self.name!r}")
         for key, (lo, hi) in INT_BOUNDS.items():
-            check_int(owner, key, getattr(self, key), lo, hi)
-        check_float(owner, "attn_scale_factor", self.attn_scale_factor, 0.0, 1e3)
-        check_float(owner, "layer_norm_eps", self.layer_norm_eps, 0.0, 1.0)
+            check_value(f"{owner}.{key}", getattr(self, key), int, lo, hi)
+        check_value(f"{owner}.attn_scale_factor", self.attn_scale_factor, float, 0.0, 1e3, low_open=True)
+        check_value(f"{owner}.layer_norm_eps", self.layer_norm_eps, float, 0.0, 1.0, low_open=True)
         layers = self.resnet_layers
         if not isinstance(layers, tuple) or len(layers) != 3:
             raise ConfigError(f"{owner}.resnet_layers must list 3 stages (a tuple; a list in JSON), got {layers!r}")
         for i, blocks in enumerate(layers):
-            check_int(owner, f"resnet_layers[{i}]", blocks, 1, RESNET_MAX_BLOCKS)
+            check_value(f"{owner}.resnet_layers[{i}]", blocks, int, 1, RESNET_MAX_BLOCKS)
         if self.embed_dim % self.attention_heads:
             raise ConfigError(f"{owner}.embed_dim {self.embed_dim} is not divisible by "
                               f"attention_heads {self.attention_heads}")
