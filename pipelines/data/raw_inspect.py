@@ -114,7 +114,8 @@ def inspect_raw(
     several machines give an s3:// prefix), inspected with `cfg` (a DataConfig; its uri is replaced), the
     reader's bad rows added to the counts. Extra keys: input_layout, conversion (the reader's summary,
     with its first `list_bad` bad rows in full). The scratch corpus is deleted afterwards."""
-    from pipelines.data.dataset import RowStats, inspect
+    from pipelines.data.dataset import inspect
+    from pipelines.data.rowstats import RowStats
 
     s3 = cfg.s3
     if scratch is None:
