@@ -20,8 +20,8 @@ def main(argv: list[str] | None = None, *, prog: str = PROG, doc: str = __doc__,
     args = config_parser(prog, doc).parse_args(argv)
     setup_logging()
     from pipelines.job_config import ConfigError, load_config
+    from pipelines.train import train
     from pipelines.train.config import TrainConfig
-    from pipelines.train.loop import train
 
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)

@@ -25,8 +25,8 @@ from pipelines.data.converters import prepare
 from pipelines.data.shards import read_manifest
 from pipelines.job_config import build
 from pipelines.tracking.registry import resolve_model
+from pipelines.train import TrainOutcome, latest_state_summary, read_state, steps_per_epoch, train
 from pipelines.train.config import TrainConfig
-from pipelines.train.loop import TrainOutcome, latest_state_summary, read_state, steps_per_epoch, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
