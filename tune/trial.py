@@ -19,9 +19,11 @@ How epochs reach Tune (the decision): through Ray Train's report channel, not th
   MLflow run before ASHA's stop at max_t can end the trial. That report carries a small Tune checkpoint, so a
   trial Tune restores after it is not run again.
 * A restarted trial (a failure, or the sweep resumed after its driver died) calls `train()` again on the same
-  run name, which continues from the run's latest checkpoint: the epochs done before are not trained, nor
-  reported, again (Tune keeps their results). Its `trial_time_s` counts from the restart: a restarted trial's
-  time is its longest stretch, not the sum.
+  run name, which continues from the run's latest checkpoint: the epochs done before are not trained again.
+  The newest finished epoch is reported once more first: a trial killed between its checkpoint's upload and
+  Tune's saving of the result would lose it otherwise (the sweep keeps one result per epoch; ASHA decides a
+  rung once). Its `trial_time_s` counts from the restart: a restarted trial's time is its longest stretch,
+  not the sum.
 
 Each trial's MLflow run (one per training run, as for any fine-tune) is created here before `train()` finds it
 by its run key, with the sweep's parent run id (`mlflow.parentRunId`) and the trial id as tags.
@@ -111,6 +113,14 @@ def _restored_progress(checkpoint) -> dict[str, Any]:
         return json.loads((Path(d) / PROGRESS_FILE).read_text())
 
 
+def _finished_epoch(cfg: TrainConfig, metric: str) -> dict[str, Any] | None:
+    """The metrics of the training run's newest finished epoch, from its newest checkpoint (None: none yet)."""
+    from pipelines.train import latest_state_summary
+
+    summary = latest_state_summary(cfg.run.storage_path, cfg.run.name)
+    return summary["metrics"] if summary is not None and metric in summary["metrics"] else None
+
+
 def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     """The function trainable (see the module docstring). `params`: one value per space key."""
     from ray import tune as ray_tune
@@ -127,6 +137,9 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         return
     run_id = start_trial_run(cfg, ctx, trial_id)
     logger.info("trial %s: run %s, params %s", trial_id, cfg.run.name, params)
+    done = _finished_epoch(cfg, ctx.plan.metric)
+    if done is not None and done["epoch"] + 1 < cfg.epochs:  # again (see the module docstring)
+        ray_tune.report(epoch_result(done, ctx.plan.metric, started))
     with tempfile.TemporaryDirectory(prefix="trial-") as out:
         train(cfg, output_dir=out, callbacks=[EpochReport(ctx.plan.metric, cfg.epochs, started)])
     last = latest_state_summary(cfg.run.storage_path, cfg.run.name)
