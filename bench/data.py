@@ -36,7 +36,8 @@ from ofa_model.tasks import TASKS, build_example
 from ofa_model.vocab import Vocabulary
 from pipelines import storage
 from pipelines.data.converters.easyvqa import convert_easy_vqa
-from pipelines.data.dataset import DataConfig, build_dataset, iter_train_batches, plan_epoch
+from pipelines.data.dataset import ConsumerOptions, DataConfig, epoch_batches
+from pipelines.data.ingest import plan_epoch
 from pipelines.data.readers.rows import BadRow
 from pipelines.data.shards import canonical_schema, write_corpus
 from pipelines.local.ray_settings import init_local_ray
@@ -101,8 +102,8 @@ def bare_loop(uri: str, vocab: Vocabulary, pcfg: PreprocessConfig) -> tuple[int,
 def ray_pipeline(cfg: DataConfig, vocab: Vocabulary) -> tuple[float, float, float]:
     """(steady rows/s over the second half of the rows, end-to-end rows/s, seconds to the first batch)."""
     t0 = time.perf_counter()
-    it = iter_train_batches(build_dataset(cfg, vocab, train=False), vocab, BATCH, bad_row_threshold=None,
-                            prefetch_batches=cfg.prefetch_batches)
+    it = epoch_batches(cfg.replace(batch_size=BATCH), vocab, train=False,
+                       options=ConsumerOptions.of(cfg).without_rule())
     stamps, rows = [], []
     for batch in it:
         stamps.append(time.perf_counter() - t0)

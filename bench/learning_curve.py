@@ -10,7 +10,7 @@ What it does:
 * converts the installed easy-VQA package (train and test; `--limit` images per split, default all) with
   `pipelines.data.converters.prepare` once, in shards of `--shard-mb`, cached under the output directory (not
   counted in the minutes);
-* trains with `pipelines.train.loop.train` on `--config` (default `configs/finetune/vqa_easyvqa_multitask.yaml`:
+* trains with `pipelines.train.train` on `--config` (default `configs/finetune/vqa_easyvqa_multitask.yaml`:
   VQA with image classification alongside; `configs/finetune/vqa_easyvqa.yaml` is VQA alone, which plateaus
   near 0.78 because it never learns the shapes) plus RECIPE plus `--set` overrides:
   validation (allcand over the config's 13 answers) after every epoch on the first VAL_SUBSET test questions,
@@ -45,7 +45,7 @@ SHARD_MB = 0.25  # easy-VQA train VQA in ~75 shards of ~500 rows instead of one
 GOAL_ACCURACY, GOAL_MINUTES = 0.97, 30.0
 # On top of the config. One worker with 2 CPUs (2 torch threads; Ray has 4 logical CPUs, so the data actors and
 # read tasks fit beside it): bench/train.py's scaling part measured 39 samples/s against 26.5 for the config's 1
-# thread and 43 for 2 workers x 1 CPU, and one worker runs all its epochs in one fit (pipelines.train.loop) and validates
+# thread and 43 for 2 workers x 1 CPU, and one worker runs all its epochs in one fit (pipelines.train.driver) and validates
 # on 2 threads. bf16 autocast (AMX on this CPU; the loss is unchanged, bench/train.py). Validation in larger
 # batches; progress every 5 s.
 RECIPE = (
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from bench.train import start_local_ray
     from pipelines.data.shards import read_manifest
-    from pipelines.train.loop import train
+    from pipelines.train import train
 
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)

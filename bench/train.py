@@ -9,7 +9,7 @@
   rounds of (baseline step / candidate step) of the same round. Then the loss after N identical steps (same
   init, same batch) of fp32 against the fastest eager bf16 configuration, beside two yardsticks: an fp32 run
   from another init seed and the loss drop over the N steps, so the choice of bf16 is honest.
-* Scaling: samples/s of real `pipelines.train.loop.train` runs (ofa-micro, easy-VQA converted to a temporary local
+* Scaling: samples/s of real `pipelines.train.train` runs (ofa-micro, easy-VQA converted to a temporary local
   directory, a fixed number of steps, 16 validation rows) on a local Ray with 4 logical CPUs: 1 worker with
   1 CPU (1 torch thread), 2 workers with 1 CPU each (DDP over gloo) and 1 worker with 2 CPUs (2 threads).
   Steady samples/s come from the MLflow per-step metrics (`run.log_every_s=0`: timestamps of steps after the
@@ -303,7 +303,7 @@ def _scaling_run(corpus: str, tmp: Path, name: str, workers: int, cpus: float, s
     from mlflow import MlflowClient
 
     from ofa_model.config_files import load_config
-    from pipelines.train.loop import train
+    from pipelines.train import train
     from pipelines.train.train_config import TrainConfig
 
     tracking = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scaling-limit", type=int, default=None, help="easy-VQA images per split in the corpus "
                    "(default: enough for the steps)")
     args = p.parse_args(argv or [])
-    # As the trainer does (pipelines.train.loop.train_loop): denormals slow CPU matmuls after some updates.
+    # As the trainer does (pipelines.train.worker.train_loop): denormals slow CPU matmuls after some updates.
     torch.set_flush_denormal(True)
     print(cpu_report(), flush=True)
     if args.part in ("all", "step"):

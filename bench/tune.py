@@ -11,7 +11,7 @@ What it does:
   logical CPUs (each trial: 0.25 driver + 0.5 worker + 0.75 data CPUs), MLflow and checkpoints in the output
   directory; the sweep's wall time is the benchmark's time;
 * trains the default config (configs/finetune/vqa_easyvqa.yaml with the sweep's `train` settings: same epochs,
-  updates per epoch and validation rows) once with `pipelines.train.loop.train`, for the accuracy to beat;
+  updates per epoch and validation rows) once with `pipelines.train.train`, for the accuracy to beat;
 * reports the wall time, the best trial's accuracy against the default's, and the trial time ASHA saved: the
   trials' summed time against the same had every trial run all epochs (a stopped trial's missing epochs
   estimated at its own mean epoch time). Prints the table; writes bench_tune.json beside the sweep's files.
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from bench.learning_curve import ensure_corpus
     from bench.train import start_local_ray
-    from pipelines.train.loop import train
+    from pipelines.train import train
     from tune.runner import outcome_dict, run_sweep
     from tune.search import load_sweep_config, plan_sweep
 

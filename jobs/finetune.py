@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG, doc: str = __doc__,
     setup_logging()
     from ofa_model.config_files import load_config
     from ofa_model.errors import ConfigError
-    from pipelines.train.loop import train
+    from pipelines.train import train
     from pipelines.train.train_config import TrainConfig
 
     try:

@@ -18,8 +18,6 @@ from ofa_model.bundle import (
     DICT_MAX_BYTES,
     check_bundle_target,
     check_preprocess_fits,
-    load_bundle,
-    load_bundle_vocab,
     save_bundle,
 )
 from ofa_model.model import OFAModel
@@ -28,10 +26,7 @@ from ofa_model.safe_load import read_fairseq_state, read_state_file, regular_inp
 from ofa_model.vocab import Vocabulary
 from ofa_model.weights import CheckpointError, load_weights, map_state_dict, strip_wrapper
 
-# load_bundle, load_bundle_vocab and save_bundle live in ofa_model.bundle; they stay importable from here for
-# pipelines.train.loop, which imports them from this module.
-__all__ = ["code_grid_side", "convert_checkpoint", "import_checkpoint", "load_bundle", "load_bundle_vocab",
-           "save_bundle"]
+__all__ = ["code_grid_side", "convert_checkpoint", "import_checkpoint"]
 
 log = logging.getLogger(__name__)
 

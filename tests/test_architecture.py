@@ -126,7 +126,7 @@ def test_the_scanners_catch_what_they_must():
     assert layer_violations("import serve_app.api\n", "tune.runner") == ["serve_app.api"]
     assert layer_violations("from tune import search\n", "serve_app.app") == ["tune", "tune.search"]
     assert layer_violations("from pipelines import storage\n", "ofa_model.x") == ["pipelines", "pipelines.storage"]
-    assert layer_violations("from pipelines.train.loop import train\nfrom ofa_model import vocab\n",
+    assert layer_violations("from pipelines.train import train\nfrom ofa_model import vocab\n",
                             "tune.trial") == []
     assert layer_violations("from tune.runner import run_sweep\nimport serve_app\n", "jobs.apps.demo") == []
 

@@ -25,29 +25,28 @@ from ofa_model.preprocess import PreprocessConfig, blank_centre, collate, normal
 from ofa_model.tasks import TASKS, build_example
 from ofa_model.vocab import Vocabulary
 from pipelines import storage
-from pipelines.data.batches import StreamRow, _images, collate_rows
-from pipelines.data.dataset import (
-    BadDataError,
-    DataConfig,
-    EpochInfo,
-    MixtureState,
-    ResumeState,
-    RowStats,
-    SeqSet,
-    build_dataset,
+from pipelines.data.batches import (
+    ConsumerOptions,
+    StreamRow,
+    _images,
+    collate_rows,
     iter_mixture_batches,
     iter_train_batches,
-    output_schema,
-    plan_epoch,
     weighted_schedule,
 )
-from pipelines.data.ingest import _image_array, _Preprocess
+from pipelines.data.dataset import DataConfig, build_dataset, corpora, epoch_batches, epoch_plans
+from pipelines.data.ingest import _image_array, _Preprocess, output_schema, plan_epoch
+from pipelines.data.rowstats import BadDataError, BadRowRule, MixtureState, ResumeState, RowStats
 from pipelines.data.schema import normalize_row
 from pipelines.data.shards import write_corpus
-from pipelines.data.source import SOURCE_SCHEMA
+from pipelines.data.source import SOURCE_SCHEMA, EpochInfo, SeqSet
 
 PCFG = PreprocessConfig(patch_image_size=32, max_image_pixels=1000)  # 16x16 images pass, 40x40 is too large
 RAY_TIMEOUT = 120
+
+
+def _opts(threshold: float | None, early_check_rows: int = 1000, **options) -> ConsumerOptions:
+    return ConsumerOptions(rule=BadRowRule(threshold, early_check_rows), **options)
 
 
 def png(color: tuple[int, int, int], size: int = 16) -> bytes:
@@ -341,7 +340,7 @@ def test_uint8_rows_under_different_norms_are_normalised_one_by_one():
 def test_batches_from_s3_equal_direct_preprocessing_and_bad_rows_are_counted(run, vocab, corpus):
     output, plan = run
     assert output.schema().base_schema.field("image").type == pa.large_list(pa.uint8())  # the default ships pixels
-    it = iter_train_batches(output, vocab, 4, info=plan.info, with_meta=True, bad_row_threshold=0.6)
+    it = iter_train_batches(output, vocab, 4, info=plan.info, with_meta=True, options=_opts(0.6))
     ids, batches = consume(it)
     rows = by_id()
     assert ids == expected_order(plan)  # every good row once, in the seeded shard order (preserve_order)
@@ -387,22 +386,22 @@ def test_preprocessing_fused_into_read_tasks_gives_the_same_rows(run, corpus, vo
 def test_bad_row_threshold(run, vocab):
     output, _ = run
     with pytest.raises(BadDataError) as err:
-        list(iter_train_batches(output, vocab, 4, bad_row_threshold=0.01))
+        list(iter_train_batches(output, vocab, 4, options=_opts(0.01)))
     assert err.value.stats.bad == 18 and err.value.stats.rows == 35 and err.value.threshold == 0.01
     message = str(err.value)
     assert "18 of 35 rows (51.43%)" in message and "bad_row_threshold=1.00%" in message
     assert "unreadable_shard 5" in message and "at the end of the epoch" in message
     with pytest.raises(BadDataError, match="after the first"):  # early: 10+ rows seen, > 3 x 10% bad
-        list(iter_train_batches(output, vocab, 4, bad_row_threshold=0.1, early_check_rows=10))
-    assert len(list(iter_train_batches(output, vocab, 4, bad_row_threshold=0.52))) == 5  # 51.4% <= 52%
+        list(iter_train_batches(output, vocab, 4, options=_opts(0.1, 10)))
+    assert len(list(iter_train_batches(output, vocab, 4, options=_opts(0.52)))) == 5  # 51.4% <= 52%
 
 
 @pytest.mark.timeout(RAY_TIMEOUT)
 def test_local_shuffle_is_seeded(run, vocab):
     output, _ = run
     def order(seed):
-        return consume(iter_train_batches(output, vocab, 4, with_meta=True, local_shuffle_buffer=8, seed=seed,
-                                          bad_row_threshold=None))[0]
+        return consume(iter_train_batches(output, vocab, 4, with_meta=True,
+                                          options=_opts(None, local_shuffle_buffer=8, seed=seed)))[0]
 
     first = order(1)
     assert order(1) == first and sorted(first) == sorted(by_id())
@@ -412,18 +411,62 @@ def test_local_shuffle_is_seeded(run, vocab):
 @pytest.mark.timeout(RAY_TIMEOUT)
 def test_resume_in_the_consumer(run, vocab):
     output, plan = run
-    it = iter_train_batches(output, vocab, 4, info=plan.info, with_meta=True, bad_row_threshold=None)
+    it = iter_train_batches(output, vocab, 4, info=plan.info, with_meta=True, options=_opts(None))
     seen = []
     for k, batch in enumerate(it):
         seen += batch["ids"]
         if k == 1:
             state = ResumeState.from_dict(json.loads(json.dumps(it.resume_state().to_dict())))
             break  # "crash" after two batches
-    rest = iter_train_batches(output, vocab, 4, info=plan.info, with_meta=True, resume=state, bad_row_threshold=None)
+    rest = iter_train_batches(output, vocab, 4, info=plan.info, with_meta=True, resume=state, options=_opts(None))
     after, _ = consume(rest)
     assert seen + after == expected_order(plan)  # nothing lost, nothing twice, same order
     assert_expected_stats(rest.stats)  # bad rows seen before the crash are not counted twice
     assert rest.resume_state().consumed == ((0, 35),)
+
+
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_epoch_batches_of_one_corpus_build_its_dataset_or_take_the_shard_given_and_resume(run, corpus, vocab):
+    output, plan = run
+    cfg = config(corpus, seed=SEED)
+    assert epoch_plans(cfg, train=True, epoch=EPOCH) == {"data": plan}
+    it = epoch_batches(cfg, vocab, train=True, epoch=EPOCH, with_meta=True)  # the Dataset built inside
+    ids, _ = consume(it)
+    assert ids == expected_order(plan)
+    assert_expected_stats(it.stats)  # the config's rule (threshold 0.6) let the epoch through
+    with pytest.raises(BadDataError, match="bad_row_threshold=1.00%"):  # the options given replace the config's
+        list(epoch_batches(cfg, vocab, train=True, plans={"data": plan}, shards={"data": output},
+                           options=ConsumerOptions.of(cfg.replace(bad_row_threshold=0.01))))
+    given = epoch_batches(cfg, vocab, train=True, plans={"data": plan}, shards={"data": output}, with_meta=True)
+    first = next(iter(given))["ids"]
+    state = ResumeState.from_dict(json.loads(json.dumps(given.resume_state().to_dict())))
+    rest = epoch_batches(cfg, vocab, train=True, epoch=EPOCH, resume=state, with_meta=True)  # the source skips
+    assert first + consume(rest)[0] == expected_order(plan)
+    assert_expected_stats(rest.stats)
+
+
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_epoch_batches_of_a_mixture_read_one_corpus_per_task(run, corpus, vocab):
+    output, _ = run
+    cfg = config(corpus, seed=SEED)
+    weights = {"vqa": 3, "caption": 1}
+    assert {n: c.tasks for n, c in corpora(cfg, weights).items()} == {"caption": ("caption",), "vqa": ("vqa",)}
+    plans = epoch_plans(cfg, weights, train=True, epoch=EPOCH)
+    built = epoch_batches(cfg, vocab, train=True, mixture=weights, plans=plans, with_meta=True)
+    names, ids = [], []
+    for b in built:
+        names += b["sources"]
+        ids += b["ids"]
+        assert b["tasks"] == b["sources"]  # each source is its task's corpus
+    # the mixture ends when its first source runs out: caption's 4 good rows at a quarter of the slots
+    assert names.count("caption") == EXPECTED_OK["caption"] and names.count("vqa") <= EXPECTED_OK["vqa"]
+    assert {n: set(s.ok_by_task) for n, s in built.stats_by_source.items()} == {"caption": {"caption"},
+                                                                                "vqa": {"vqa"}}
+    shards = {task: output.filter(lambda r, t=task: r["task"] == t).materialize() for task in weights}
+    given = epoch_batches(cfg, vocab, train=True, mixture=weights, plans=plans, shards=shards, with_meta=True)
+    pairs = [(n, i) for b in given for n, i in zip(b["sources"], b["ids"], strict=True)]
+    assert sorted(i for n, i in pairs if n == "caption") == sorted(i for n, i in zip(names, ids, strict=True) if n == "caption")
+    assert all(i.startswith(n + "/") for n, i in pairs)
 
 
 @pytest.mark.timeout(RAY_TIMEOUT)
@@ -433,7 +476,7 @@ def test_resume_from_the_source_on_two_streaming_split_workers(run, corpus, voca
     cfg = config(corpus, seed=SEED)
     assert plan == plan_epoch(cfg, train=True, epoch=EPOCH) and plan.shards != plan_epoch(cfg, train=True, epoch=2).shards
     want = expected_order(plan)
-    it = iter_train_batches(output, vocab, 4, info=plan.info, with_meta=True, bad_row_threshold=None)
+    it = iter_train_batches(output, vocab, 4, info=plan.info, with_meta=True, options=_opts(None))
     first = []
     for batch in it:
         first += batch["ids"]
@@ -445,7 +488,7 @@ def test_resume_from_the_source_on_two_streaming_split_workers(run, corpus, voca
     results: dict[int, tuple] = {}
 
     def worker(rank: int) -> None:  # no resume state here: whatever a worker sees, the source emitted
-        it = iter_train_batches(splits[rank], vocab, 2, info=plan.info, with_meta=True, bad_row_threshold=None)
+        it = iter_train_batches(splits[rank], vocab, 2, info=plan.info, with_meta=True, options=_opts(None))
         results[rank] = (consume(it)[0], it.resume_state())
 
     threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
@@ -470,8 +513,8 @@ def test_mixture_realises_weights_reproducibly_and_resumes(run, vocab):
     weights = {"vqa": 3, "caption": 1}
 
     def run(**kw):
-        it = iter_mixture_batches(sources, weights, vocab, 4, seed=11, num_rows=8, block=4, with_meta=True,
-                                  bad_row_threshold=None, **kw)
+        it = iter_mixture_batches(sources, weights, vocab, 4, num_rows=8, block=4, with_meta=True,
+                                  options=_opts(None, seed=11), **kw)
         batches = list(it)
         return [s for b in batches for s in b["sources"]], [i for b in batches for i in b["ids"]], it
 
@@ -484,8 +527,8 @@ def test_mixture_realises_weights_reproducibly_and_resumes(run, vocab):
     assert set(it.stats_by_source["vqa"].bad_by_reason) <= {"truncated_image", "not_an_image", "image_too_large",
                                                   "missing_field", "empty_text", "bad_type"}
 
-    first = iter_mixture_batches(sources, weights, vocab, 4, seed=11, num_rows=8, block=4, with_meta=True,
-                                 bad_row_threshold=None)
+    first = iter_mixture_batches(sources, weights, vocab, 4, num_rows=8, block=4, with_meta=True,
+                                 options=_opts(None, seed=11))
     head = next(iter(first))["ids"]
     state = MixtureState.from_dict(json.loads(json.dumps(first.resume_state().to_dict())))
     _, tail, _ = run(resume=state)
@@ -529,7 +572,7 @@ def test_resumed_consumer_counts_each_row_of_a_marker_once(consumed):
     before = sum(b - a for a, b in consumed)
     state = ResumeState(0, "k", consumed, RowStats(ok=before, ok_by_task={"caption": before}).to_dict())
     it = iter_train_batches(_Blocks([_marker(0, 100)]), 0, 4, info=EpochInfo("k", 0, 100), resume=state,
-                            bad_row_threshold=None)
+                            options=_opts(None))
     list(it)
     assert it.stats.rows == 100 and it.stats.bad == 100 - before
     assert it.resume_state().consumed == ((0, 100),)
@@ -537,8 +580,7 @@ def test_resumed_consumer_counts_each_row_of_a_marker_once(consumed):
 
 def test_an_unreadable_shard_first_does_not_fail_an_epoch_that_stays_under_the_threshold():
     # 10 of 1000 rows in one unreadable shard arriving first: 1.0% is not over a 1% threshold
-    it = iter_train_batches(_Blocks([_marker(0, 10)]), 0, 4, info=EpochInfo("k", 0, 1000), bad_row_threshold=0.01,
-                            early_check_rows=5)
+    it = iter_train_batches(_Blocks([_marker(0, 10)]), 0, 4, info=EpochInfo("k", 0, 1000), options=_opts(0.01, 5))
     with pytest.raises(BadDataError, match="at the end of the epoch"):  # not early: only 10 rows exist here
         list(it)
     assert it.stats.bad == 10
@@ -565,13 +607,13 @@ INFO_A, INFO_B = EpochInfo("a", 0, 200), EpochInfo("b", 0, 200)
 
 
 def _single(threshold, **kw):
-    return iter_train_batches(_shard_first(), 1, 8, info=INFO_A, bad_row_threshold=threshold, early_check_rows=1,
+    return iter_train_batches(_shard_first(), 1, 8, info=INFO_A, options=_opts(threshold, 1),
                               with_meta=True, **kw)
 
 
 def _mixture_of_one(threshold, **kw):
     return iter_mixture_batches({"a": _shard_first()}, {"a": 1}, 1, 8, infos={"a": INFO_A},
-                                bad_row_threshold=threshold, early_check_rows=1, with_meta=True, **kw)
+                                options=_opts(threshold, 1), with_meta=True, **kw)
 
 
 def test_a_mixture_does_not_fail_early_on_one_unreadable_shard_like_a_single_corpus():
@@ -604,8 +646,8 @@ def test_a_mixture_stopped_before_a_source_ends_gives_that_source_the_early_chec
     # source a: the unreadable shard first; the mixture stops after 40 good rows, 20 from each source, when
     # a's bad fraction so far (2 of 22) is far over 1% but its epoch (2 of 200) can still stay under it
     it = iter_mixture_batches({"a": _shard_first("a"), "b": _Blocks([_good(range(200), "b")])}, {"a": 1, "b": 1}, 1,
-                              8, infos={"a": INFO_A, "b": INFO_B}, num_rows=40, block=2, bad_row_threshold=0.01,
-                              early_check_rows=1, with_meta=True)
+                              8, infos={"a": INFO_A, "b": INFO_B}, num_rows=40, block=2, options=_opts(0.01, 1),
+                              with_meta=True)
     ids, batches = consume(it)
     assert len(ids) == 40 and [s for b in batches for s in b["sources"]].count("a") == 20
     assert it.stats_by_source["a"].bad == 2 and it.stats_by_source["a"].ok == 20
@@ -687,7 +729,7 @@ def test_a_bug_fails_the_ray_pipeline(corpus, vocab, ray_cluster):
     cfg = config(corpus, tasks=("glue_sst2",))
     ds = build_dataset(cfg, vocab, train=False, specs={**TASKS, "glue_sst2": broken})
     with pytest.raises(Exception, match="Unknown format code 'q'") as err:
-        list(iter_train_batches(ds, vocab, 4, bad_row_threshold=None))
+        list(iter_train_batches(ds, vocab, 4, options=_opts(None)))
     assert not isinstance(err.value, BadDataError)
 
 

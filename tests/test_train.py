@@ -25,7 +25,7 @@ from pipelines import storage
 from pipelines.data.converters import prepare
 from pipelines.data.shards import read_manifest
 from pipelines.tracking.registry import resolve_model
-from pipelines.train.loop import TrainOutcome, latest_state_summary, read_state, steps_per_epoch, train
+from pipelines.train import STATE_JSON, TrainOutcome, latest_state_summary, read_state, steps_per_epoch, train
 from pipelines.train.train_config import TrainConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -137,8 +137,10 @@ def test_one_worker_runs_all_its_epochs_in_one_fit(corpus, tmp_path, ray_cluster
     test_rows = read_manifest(corpus).counts["test"]["vqa"]
     rows = sorted((m.step, m.value) for m in client.get_metric_history(out.mlflow_run_id, "val/rows"))
     assert rows == [(3, 4.0), (6, float(test_rows))] and test_rows > 4
-    checkpointed = client.get_metric_history(out.mlflow_run_id, "train/checkpointed_step")
-    assert sorted(m.value for m in checkpointed) == [3.0, 6.0]
+    # each epoch's end is a checkpoint (two kept: run.keep_checkpoints)
+    summaries = [json.loads(storage.read_bytes(uri)) for uri in
+                 storage.list_files(storage.join(cfg.run.storage_path, "onefit"), suffix=STATE_JSON)]
+    assert sorted((s["epoch"], s["step"]) for s in summaries if s["epoch_done"]) == [(0, 3), (1, 6)]
     # one fit: the second epoch did not start a worker group that loaded the first epoch's checkpoint
     assert client.get_metric_history(out.mlflow_run_id, "train/resumed_from_step") == []
     state = read_state(latest_state_summary(cfg.run.storage_path, "onefit")["path"])

@@ -38,7 +38,7 @@ from pipelines.local.services import (
 )
 from pipelines.local.services import log_tail as _tail
 from pipelines.tracking.registry import resolve_model
-from pipelines.train.loop import train
+from pipelines.train import train
 from tests.test_train import config
 
 pytestmark = [pytest.mark.slow]

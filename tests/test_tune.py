@@ -23,12 +23,12 @@ from mlflow import MlflowClient
 
 from ofa_model.config_files import dump_yaml, load_config
 from ofa_model.errors import ConfigError
+from pipelines.train import latest_state_summary
 from pipelines.train.train_config import TrainConfig
 from tests import test_train
 from tests.test_train import config
 from tune.report import TrialSummary, rank, savings, table
 from tune.search import load_sweep_config, param_space, plan_sweep
-from tune.trial import epoch_values
 
 ROOT = Path(__file__).resolve().parents[1]
 corpus = test_train.corpus  # the small easy-VQA corpus on S3 (a module fixture)
@@ -195,6 +195,45 @@ def _trial_runs(client: MlflowClient, sweep: str) -> dict[str, object]:
     return {r.data.tags["tune.trial_id"]: r for r in runs}
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_epoch_report_passes_finished_epochs_to_tune_but_the_last(ray_cluster, tmp_path):
+    """Ray Train's report channel into a Tune trial, as the sweep's trials use it: epoch ends only (mid-epoch
+    checkpoints report too), counted from 1, each after its checkpoint; the last epoch is the trial's to report."""
+    import tempfile as tmp
+
+    import ray.train
+    from ray import tune as ray_tune
+    from ray.train.torch import TorchTrainer
+
+    from tune.trial import EpochReport
+
+    def loop(_):
+        for epoch in range(3):
+            ray.train.report({"epoch": epoch - 1, "step": 10 * epoch + 5, "val/acc": 0.0, "epoch_done": False})
+            with tmp.TemporaryDirectory() as d:
+                ray.train.report({"epoch": epoch, "step": 10 * epoch + 10, "val/acc": 0.1 * (epoch + 1),
+                                  "epoch_done": True}, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    def trainable(_):
+        TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.25}),
+                     run_config=ray.train.RunConfig(name="fit", storage_path=str(tmp_path / "train"),
+                                                    callbacks=[EpochReport("val/acc", 3, time.time())])).fit()
+
+    grid = ray_tune.Tuner(ray_tune.with_resources(trainable, {"CPU": 0.25}),
+                          run_config=ray_tune.RunConfig(name="t", storage_path=str(tmp_path / "tune"))).fit()
+    assert grid[0].error is None
+    df = grid[0].metrics_dataframe
+    assert list(df["epoch"]) == [1, 2] and list(df["step"]) == [10, 20]
+    assert list(df["val/acc"]) == pytest.approx([0.1, 0.2])
+    assert all(df["checkpoint_path"].str.contains("checkpoint_")) and df["trial_time_s"].is_monotonic_increasing
+
+
+def _first_epoch_saved(plan, run_name: str) -> bool:
+    summary = latest_state_summary(plan.runs_path, run_name)
+    return summary is not None and (summary["epoch"], summary["epoch_done"]) >= (0, True)
+
+
 @pytest.fixture(scope="module")
 def sweep(corpus, s3_server, ray_cluster, tmp_path_factory):
     """One sweep on S3, three trials one at a time, run by `python -m jobs.sweep` in a subprocess (a second
@@ -222,14 +261,15 @@ def sweep(corpus, s3_server, ray_cluster, tmp_path_factory):
     before: dict[str, tuple] = {}
     deadline = time.monotonic() + 600  # generous: a loaded 2-core machine runs this 2-3x slower
     try:
-        # Poll MLflow only (cheap, so the few seconds of the third trial's second epoch are not missed): trials
-        # run one at a time, so once the third run exists the first two have ended; Tune's saved state is read
-        # after the kill, and checked below.
+        # Poll MLflow and the checkpoint summaries (cheap, so the few seconds of the third trial's second epoch
+        # are not missed): trials run one at a time, so once the third run exists the first two have ended;
+        # Tune's saved state is read after the kill, and checked below.
         while time.monotonic() < deadline and driver.poll() is None and not before:
             runs = _trial_runs(client, "sweep")
             newest = max(runs.values(), key=lambda r: r.info.start_time, default=None)
-            # the third trial's first epoch's checkpoint is complete (uploaded), its second epoch under way
-            if len(runs) == 3 and client.get_metric_history(newest.info.run_id, "train/checkpointed_step"):
+            # the third trial's first epoch's checkpoint is in storage (its state and summary), its second epoch
+            # under way
+            if len(runs) == 3 and _first_epoch_saved(plan, newest.info.run_name):
                 driver.kill()  # the sweep's driver dies mid-sweep: two trials done, one mid-way
                 driver.wait(timeout=60)
                 done = _terminated_trials(plan.experiment_path)
@@ -320,8 +360,8 @@ def test_the_best_config_fine_tunes_to_the_best_trials_metric(sweep, capsys):
     # worker starts) to the driver's stdout before it
     printed = json.loads(out_text[out_text.rindex("\n{\n") + 1:] if not out_text.startswith("{\n") else out_text)
     assert printed["epochs_done"] == 2
-    job_curve = epoch_values(MlflowClient(tracking_uri=plan.base.tracking.tracking_uri), printed["mlflow_run_id"],
-                             plan.metric)
+    job_curve = [m.value for m in MlflowClient(tracking_uri=plan.base.tracking.tracking_uri).get_metric_history(
+        printed["mlflow_run_id"], plan.metric)]
     assert printed["metrics"][plan.metric] == pytest.approx(out.best.best, abs=0.07), \
         f"trial {out.best.trial_id} curve {out.best.curve}, the job's {job_curve}"
     # the champion moves only if this run beats the sweep's best (a tie leaves it)

@@ -1,4 +1,4 @@
-"""Ray Tune sweeps over the fine-tune of `pipelines.train.loop` (`python -m jobs.sweep`).
+"""Ray Tune sweeps over the fine-tune of `pipelines.train` (`python -m jobs.sweep`).
 
 `tune.search`: the sweep config (base fine-tune config, search space, ASHA, search algorithm) and its checks.
 `tune.trial`: one trial, a function trainable running `train()` and reporting each epoch's validation metric.

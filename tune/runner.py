@@ -332,7 +332,7 @@ def _best_bundle(plan: SweepPlan, best: TrialSummary, client) -> tuple[str, Mapp
     import pyarrow.fs as pafs
 
     from pipelines import storage
-    from pipelines.train.loop import BUNDLE_DIR, STATE_JSON
+    from pipelines.train import BUNDLE_DIR, STATE_JSON
 
     run_id = best.mlflow_run_id
     with tempfile.TemporaryDirectory(prefix="sweep-bundle-") as tmp:

@@ -243,7 +243,7 @@ def plan_sweep(cfg: SweepConfig, *, source: str = "<sweep>") -> SweepPlan:
     """Check `cfg` against its base config (see the module docstring); ConfigError names what and where."""
     from ofa_model.evaluation import primary_metric
     from pipelines.tracking.registry import tracking_uri
-    from pipelines.train.loop import task_specs
+    from pipelines.train import task_specs
 
     if not Path(cfg.base).is_file():
         raise ConfigError(f"{source}: base: {cfg.base} is not a file (paths are relative to the working "

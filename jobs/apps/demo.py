@@ -7,7 +7,7 @@ Stages, each through the library functions a user's jobs call (nothing here trai
  1. services on loopback, every port free: SeaweedFS (S3), an MLflow tracking server (sqlite, artifacts on that
     S3), a Ray head node (`ray start --head`), so Serve and the MLflow UI can outlive the demo with `--keep`;
  2. easy-VQA converted into canonical shards on S3 (`pipelines.data.converters.prepare`);
- 3. a short multi-task pretraining (`pipelines.train.loop.train`, configs/pretrain/easyvqa_micro.yaml);
+ 3. a short multi-task pretraining (`pipelines.train.train`, configs/pretrain/easyvqa_micro.yaml);
  4. fine-tunes of vqa, caption and grounding from the pretrained bundle (configs/finetune/*_easyvqa.yaml), each
     registered in MLflow, `champion` moved on improvement;
  5. a small Ray Tune sweep for vqa (`tune.runner.run_sweep`, configs/tune/vqa_easyvqa.yaml), whose best bundle
@@ -252,7 +252,7 @@ def connect(svc: Services) -> None:
 
 def _train(config: str, overrides: list[str], output_dir: Path):
     from ofa_model.config_files import load_config
-    from pipelines.train.loop import train
+    from pipelines.train import train
     from pipelines.train.train_config import TrainConfig
 
     return train(load_config(TrainConfig, REPO / config, overrides), output_dir=output_dir)

@@ -37,6 +37,7 @@ the slots used and each source's ResumeState.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import math
@@ -56,11 +57,34 @@ from pipelines.data.source import EpochInfo, SeqSet
 from pipelines.progress import Progress
 
 __all__ = [
-    "BatchIterator", "CorpusStream", "iter_mixture_batches", "iter_train_batches", "iterator_options",
+    "BatchIterator", "ConsumerOptions", "CorpusStream", "iter_mixture_batches", "iter_train_batches",
     "weighted_schedule",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConsumerOptions:
+    """How the consumer reads every corpus of an epoch: the bad-row rule, the local shuffle (buffer rows, seed:
+    plus the epoch), blocks fetched ahead, bad rows logged at WARNING per reason, seconds between progress
+    lines. `of(cfg)` takes them from a DataConfig."""
+
+    rule: BadRowRule = BadRowRule()
+    local_shuffle_buffer: int = 0
+    seed: int = 0
+    prefetch_batches: int = 1
+    log_bad_rows: int = 20
+    progress_every_s: float = 30.0
+
+    @classmethod
+    def of(cls, cfg: DataConfig) -> ConsumerOptions:
+        return cls(BadRowRule(cfg.bad_row_threshold, cfg.early_check_rows, cfg.early_factor),
+                   cfg.local_shuffle_buffer, cfg.seed, cfg.prefetch_batches, cfg.log_bad_rows, cfg.progress_every_s)
+
+    def without_rule(self) -> ConsumerOptions:
+        """These options with a rule that never fails (the caller applies the rule itself, e.g. across workers)."""
+        return dataclasses.replace(self, rule=BadRowRule(None, self.rule.early_check_rows, self.rule.early_factor))
 
 
 @dataclass
@@ -82,20 +106,20 @@ class CorpusStream:
     """
 
     def __init__(self, data: Any, *, name: str = "", info: EpochInfo | None = None, resume: ResumeState | None = None,
-                 rule: BadRowRule | None = None, fetch_rows: int = 32, local_shuffle_buffer: int = 0, seed: int = 0,
-                 prefetch_batches: int = 1, log_bad_rows: int = 20) -> None:
+                 options: ConsumerOptions | None = None, fetch_rows: int = 32) -> None:
         if resume is not None and info is not None:
             resume.check(info)
+        options = options if options is not None else ConsumerOptions()
         self.data = data
         self.name = name
         self.info = info
         self.epoch = info.epoch if info is not None else (resume.epoch if resume is not None else 0)
-        self.rule = rule if rule is not None else BadRowRule()
+        self.rule = options.rule
         self.fetch_rows = fetch_rows
-        self.local_shuffle_buffer = local_shuffle_buffer
-        self.local_shuffle_seed = seed + self.epoch if local_shuffle_buffer else None
-        self.prefetch_batches = prefetch_batches
-        self.log_bad_rows = log_bad_rows
+        self.local_shuffle_buffer = options.local_shuffle_buffer
+        self.local_shuffle_seed = options.seed + self.epoch if options.local_shuffle_buffer else None
+        self.prefetch_batches = options.prefetch_batches
+        self.log_bad_rows = options.log_bad_rows
         self.skip = resume.seqs() if resume is not None else SeqSet()
         self.consumed = resume.seqs() if resume is not None else SeqSet()
         self.stats = resume.row_stats() if resume is not None else RowStats()
@@ -288,62 +312,48 @@ class BatchIterator:
 
 
 def iter_train_batches(data: Any, vocab: Any, batch_size: int, *, info: EpochInfo | None = None,
-                       resume: ResumeState | None = None, local_shuffle_buffer: int = 0, seed: int = 0,
-                       bad_row_threshold: float | None = 0.01, early_check_rows: int = 1000,
-                       early_factor: float = 3.0, prefetch_batches: int = 1, log_bad_rows: int = 20,
+                       resume: ResumeState | None = None, options: ConsumerOptions | None = None,
                        **batching: Any) -> BatchIterator:
     """Batches of `collate` (src_tokens, src_lengths, patch_images, patch_masks, prev_output_tokens, target,
     target_weights, code_masks, ntokens) from one corpus: a Ray DataIterator (e.g.
     `ray.train.get_dataset_shard`) or a Dataset built by `build_dataset`. `vocab`: a Vocabulary or the pad id.
 
     info: the epoch's `EpochInfo` (plan.info): checks `resume`, names the state, and lets the early bad-row
-    check know the epoch's size. resume: a ResumeState from `resume_state()`. seed: the local shuffle seed
-    (plus the epoch). bad_row_threshold / early_check_rows / early_factor: the `BadRowRule` (threshold None:
-    never fail). Batching keywords (see BatchIterator): with_meta (adds ids, tasks, seqs, image_sizes),
-    drop_last, num_rows, progress_every_s.
+    check know the epoch's size. resume: a ResumeState from `resume_state()`. options: `ConsumerOptions`
+    (default: its defaults; `ConsumerOptions.of(cfg)` for a DataConfig's). Batching keywords (see
+    BatchIterator): with_meta (adds ids, tasks, seqs, image_sizes), drop_last, num_rows.
     """
-    rule = BadRowRule(bad_row_threshold, early_check_rows, early_factor)
-    stream = CorpusStream(data, info=info, resume=resume, rule=rule, fetch_rows=batch_size,
-                          local_shuffle_buffer=local_shuffle_buffer, seed=seed, prefetch_batches=prefetch_batches,
-                          log_bad_rows=log_bad_rows)
-    return BatchIterator([stream], pad_id_of(vocab), batch_size, **batching)
+    options = options if options is not None else ConsumerOptions()
+    stream = CorpusStream(data, info=info, resume=resume, options=options, fetch_rows=batch_size)
+    return BatchIterator([stream], pad_id_of(vocab), batch_size, seed=options.seed,
+                         progress_every_s=options.progress_every_s, **batching)
 
 
 def iter_mixture_batches(sources: Mapping[str, Any], weights: Mapping[str, float], vocab: Any, batch_size: int, *,
                          infos: Mapping[str, EpochInfo] | None = None, resume: MixtureState | None = None,
-                         local_shuffle_buffer: int = 0, seed: int = 0, bad_row_threshold: float | None = 0.01,
-                         early_check_rows: int = 1000, early_factor: float = 3.0, prefetch_batches: int = 1,
-                         log_bad_rows: int = 20, block: int = 64, **batching: Any) -> BatchIterator:
+                         options: ConsumerOptions | None = None, block: int = 64, **batching: Any) -> BatchIterator:
     """Weighted row-level interleave of several corpora (`build_dataset` Datasets or DataIterators; in Ray
     Train one `get_dataset_shard(name)` each) into `collate` batches, in a seeded order.
 
     weights: relative, >= 0, per source name (a 0-weight source is never read). infos: each source's EpochInfo.
-    resume: a MixtureState from `resume_state()`. seed: the schedule and the local shuffles. block: schedule
-    block size. The bad-row keywords apply to every source alone, as in `iter_train_batches`. Batching
-    keywords: with_meta (adds ids, tasks, seqs, image_sizes, sources), drop_last, num_rows, progress_every_s.
+    resume: a MixtureState from `resume_state()`. options: as in `iter_train_batches`, for every source alone;
+    its seed also seeds the schedule. block: schedule block size. Batching keywords: with_meta (adds ids, tasks,
+    seqs, image_sizes, sources), drop_last, num_rows.
     """
     if set(sources) != set(weights):
         raise ValueError(f"sources {sorted(sources)} and weights {sorted(weights)} must name the same datasets")
     _check_weights(weights)
     infos = dict(infos or {})
-    rule = BadRowRule(bad_row_threshold, early_check_rows, early_factor)
+    options = options if options is not None else ConsumerOptions()
     streams = [
         CorpusStream(sources[name], name=name, info=infos.get(name),
-                     resume=resume.sources.get(name) if resume is not None else None, rule=rule,
-                     fetch_rows=batch_size, local_shuffle_buffer=local_shuffle_buffer, seed=seed,
-                     prefetch_batches=prefetch_batches, log_bad_rows=log_bad_rows)
+                     resume=resume.sources.get(name) if resume is not None else None, options=options,
+                     fetch_rows=batch_size)
         for name in sorted(weights) if weights[name] > 0
     ]
     return BatchIterator(streams, pad_id_of(vocab), batch_size, weights={s.name: weights[s.name] for s in streams},
-                         seed=seed, block=block, slots=resume.slots if resume is not None else 0, **batching)
-
-
-def iterator_options(cfg: DataConfig) -> dict[str, Any]:
-    """The keywords of `iter_train_batches` / `iter_mixture_batches` that come from a DataConfig."""
-    return {"local_shuffle_buffer": cfg.local_shuffle_buffer, "seed": cfg.seed,
-            "bad_row_threshold": cfg.bad_row_threshold, "early_check_rows": cfg.early_check_rows,
-            "early_factor": cfg.early_factor, "prefetch_batches": cfg.prefetch_batches,
-            "progress_every_s": cfg.progress_every_s, "log_bad_rows": cfg.log_bad_rows}
+                         seed=options.seed, block=block, slots=resume.slots if resume is not None else 0,
+                         progress_every_s=options.progress_every_s, **batching)
 
 
 def pad_id_of(vocab: Any) -> int:

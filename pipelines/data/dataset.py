@@ -1,23 +1,23 @@
 """Ray Data ingest, the front door: a canonical corpus (`pipelines.data.shards`) -> model-ready rows -> batches.
 
     cfg = DataConfig.from_dict(yaml.safe_load(open("configs/data.yaml")))
-    plan = plan_epoch(cfg, split="train", train=True, epoch=e)             # shard order + row numbering
-    ds = build_dataset(cfg, vocab, train=True, plan=plan)                  # lazy, streaming ray.data.Dataset
-    it = iter_train_batches(ds.iterator(), vocab, cfg.batch_size, info=plan.info, **iterator_options(cfg))
+    it = epoch_batches(cfg, vocab, train=True, epoch=e)                    # one corpus, Datasets built here
+    it = epoch_batches(cfg, vocab, train=True, epoch=e, mixture={"caption": 3, "vqa": 1})   # a mixture
     for batch in it:                                                       # what preprocess.collate returns
         ...
     state = it.resume_state()                                              # save with the checkpoint
 
-That is the one way to get batches; a weighted mixture of corpora is `iter_mixture_batches(...)`, the same
-consumer with several sources. One process reading a whole epoch (evaluation) is `epoch_batches`; the dataset
-doctor is `inspect`. Import everything from here; the modules behind it, in pipeline order:
+`epoch_batches` is the one way to get an epoch's batches: for the trainer (one worker builds its Datasets here;
+several pass the shards Ray Train split from the driver's Datasets, built with `build_dataset` under the names
+of `corpora`), the dataset doctor (`inspect`) and the benchmarks. Consumer settings travel as one
+`ConsumerOptions` (default: the DataConfig's). The modules behind it, in pipeline order:
 
 * `pipelines.data.data_config`: `DataConfig`, validated, from YAML.
 * `pipelines.data.source`: stage 1, reading shards into numbered rows (`plan_shards`, `ShardSource`, `SeqSet`).
 * `pipelines.data.ingest`: stages 1-2 as a Ray Dataset: `plan_epoch`, `build_dataset` (preprocessing on an actor
   pool; only `ofa_model.errors.InputError`s become bad rows, by their reason).
-* `pipelines.data.batches`: stage 3, the consumer (`iter_train_batches`, `iter_mixture_batches`): counts and drops
-  bad rows, resumes, logs progress, collates.
+* `pipelines.data.batches`: stage 3, the consumer (`iter_train_batches`, `iter_mixture_batches`, which
+  `epoch_batches` calls): counts and drops bad rows, resumes, logs progress, collates.
 * `pipelines.data.rowstats`: `RowStats`, the one bad-row rule (`BadRowRule` -> `BadDataError`), `ResumeState`.
 
 One Dataset is one epoch: `epoch` seeds the shard order (and per-row augmentation). A Dataset iterated again
@@ -34,36 +34,62 @@ from typing import Any
 
 from ofa_model.tasks import TaskSpec
 from pipelines import storage
-from pipelines.data.batches import (
-    BatchIterator,
-    CorpusStream,
-    iter_mixture_batches,
-    iter_train_batches,
-    iterator_options,
-    weighted_schedule,
-)
+from pipelines.data.batches import BatchIterator, ConsumerOptions, iter_mixture_batches, iter_train_batches
 from pipelines.data.data_config import DataConfig
-from pipelines.data.ingest import REASONS, build_dataset, classify, output_schema, plan_epoch, preprocess_row
-from pipelines.data.rowstats import BadDataError, BadRowRule, MixtureState, ResumeState, RowStats
-from pipelines.data.source import SOURCE_SCHEMA, EpochInfo, EpochPlan, SeqSet
+from pipelines.data.ingest import build_dataset, plan_epoch
+from pipelines.data.rowstats import MixtureState, ResumeState
+from pipelines.data.shards import Manifest
+from pipelines.data.source import EpochPlan
 
 __all__ = [
-    "REASONS", "SOURCE_SCHEMA", "BadDataError", "BadRowRule", "BatchIterator", "CorpusStream", "DataConfig",
-    "EpochInfo", "EpochPlan", "MixtureState", "ResumeState", "RowStats", "SeqSet", "build_dataset", "classify",
-    "epoch_batches", "inspect", "iter_mixture_batches", "iter_train_batches", "iterator_options",
-    "output_schema", "plan_epoch", "preprocess_row", "weighted_schedule",
+    "BatchIterator", "ConsumerOptions", "DataConfig", "EpochPlan", "build_dataset", "corpora", "epoch_batches",
+    "epoch_plans", "inspect",
 ]  # fmt: skip
 
+SINGLE = "data"  # the name of a single corpus among `corpora` (and of its Ray Train dataset)
 
-def epoch_batches(cfg: DataConfig, vocab: Any, *, split: str | Sequence[str] | None = None, train: bool,
-                  epoch: int = 0, resume: ResumeState | None = None, specs: Mapping[str, TaskSpec] | None = None,
-                  **overrides: Any) -> BatchIterator:
-    """One process consuming a whole epoch (evaluation, the doctor, single-process training); `overrides`:
-    keywords of `iter_train_batches` replacing the config's."""
-    plan = plan_epoch(cfg, split=split, train=train, epoch=epoch)
-    ds = build_dataset(cfg, vocab, train=train, resume=resume, specs=specs, plan=plan)
-    options = {**iterator_options(cfg), "info": plan.info, "resume": resume, **overrides}
-    return iter_train_batches(ds, vocab, cfg.batch_size, **options)
+
+def corpora(cfg: DataConfig, mixture: Mapping[str, float] | None = None) -> dict[str, DataConfig]:
+    """The corpora an epoch reads, by name: `cfg` alone, or one per task of a `mixture` (`cfg` restricted to it)."""
+    if not mixture:
+        return {SINGLE: cfg}
+    return {task: cfg.replace(tasks=(task,)) for task in sorted(mixture)}
+
+
+def epoch_plans(cfg: DataConfig, mixture: Mapping[str, float] | None = None, *, train: bool, epoch: int = 0,
+                split: str | Sequence[str] | None = None, manifest: Manifest | None = None) -> dict[str, EpochPlan]:
+    """Each corpus's `EpochPlan` (shard order, row numbering) for `epoch`, by the names of `corpora`."""
+    return {name: plan_epoch(c, split=split, train=train, epoch=epoch, manifest=manifest)
+            for name, c in corpora(cfg, mixture).items()}
+
+
+def epoch_batches(cfg: DataConfig, vocab: Any, *, train: bool, epoch: int = 0,
+                  split: str | Sequence[str] | None = None, mixture: Mapping[str, float] | None = None,
+                  plans: Mapping[str, EpochPlan] | None = None, shards: Mapping[str, Any] | None = None,
+                  resume: ResumeState | MixtureState | None = None, specs: Mapping[str, TaskSpec] | None = None,
+                  options: ConsumerOptions | None = None, **batching: Any) -> BatchIterator:
+    """One epoch's batches of `cfg`'s corpus, or of a weighted `mixture` of its tasks (task -> weight).
+
+    plans: each corpus's EpochPlan (default: `epoch_plans` of split/train/epoch). shards: each corpus's rows
+    for this process, by the names of `corpora` (Ray Train's `get_dataset_shard(name)` of Datasets the driver
+    built); None: the Datasets are built here, their sources skipping what `resume` consumed. resume: a
+    ResumeState (one corpus) or a MixtureState (a mixture). options: the consumer's (default:
+    `ConsumerOptions.of(cfg)`). Batching keywords as in `iter_train_batches` (with_meta, drop_last, num_rows).
+    """
+    configs = corpora(cfg, mixture)
+    plans = dict(plans) if plans is not None else epoch_plans(cfg, mixture, train=train, epoch=epoch, split=split)
+    if set(plans) != set(configs):
+        raise ValueError(f"plans name {sorted(plans)}, the corpora are {sorted(configs)}")
+    options = options if options is not None else ConsumerOptions.of(cfg)
+    if shards is None:
+        starts = resume.sources if isinstance(resume, MixtureState) else {name: resume for name in configs}
+        shards = {name: build_dataset(c, vocab, train=train, specs=specs, plan=plans[name], resume=starts.get(name))
+                  for name, c in configs.items()}
+    if mixture:
+        return iter_mixture_batches(shards, mixture, vocab, cfg.batch_size, resume=resume, options=options,
+                                    infos={name: p.info for name, p in plans.items()}, **batching)
+    return iter_train_batches(shards[SINGLE], vocab, cfg.batch_size, info=plans[SINGLE].info, resume=resume,
+                              options=options, **batching)
 
 
 def inspect(cfg: DataConfig, vocab: Any, *, split: str | Sequence[str] | None = None, limit: int | None = None,
@@ -76,8 +102,9 @@ def inspect(cfg: DataConfig, vocab: Any, *, split: str | Sequence[str] | None = 
         raise ValueError(f"limit must be a positive int, got {limit!r}")
     if limit is not None:
         cfg = cfg.replace(batch_size=min(cfg.batch_size, limit))
-    plan = plan_epoch(cfg, split=split, train=False)
-    it = epoch_batches(cfg, vocab, split=split, train=False, specs=specs, bad_row_threshold=None)
+    plans = epoch_plans(cfg, split=split, train=False)
+    it = epoch_batches(cfg, vocab, train=False, plans=plans, specs=specs,
+                       options=ConsumerOptions.of(cfg).without_rule())
     t0 = time.perf_counter()
     for _ in it:
         if limit is not None and it.stats.rows >= limit:
@@ -88,7 +115,7 @@ def inspect(cfg: DataConfig, vocab: Any, *, split: str | Sequence[str] | None = 
         "uri": storage.redact(cfg.uri),
         "splits": [split] if isinstance(split, str) else list(split or cfg.splits),
         "tasks": None if cfg.tasks is None else list(cfg.tasks),
-        "rows_in_manifest": plan.total_rows,
+        "rows_in_manifest": plans[SINGLE].total_rows,
         "rows_seen": it.stats.rows,
         "rows_ok": stats["ok"],
         "rows_bad": stats["bad"],

@@ -1,6 +1,6 @@
 """The update rule of training: AdamW, OFA's polynomial schedule with warmup, EMA weights, freezing.
 
-Plain PyTorch (no Ray), so the pieces are tested on their own; `pipelines.train.loop` assembles them per worker.
+Plain PyTorch (no Ray), so the pieces are tested on their own; `pipelines.train.worker` assembles them per worker.
 """
 
 from __future__ import annotations

@@ -1,0 +1,203 @@
+"""Pretraining and fine-tuning on Ray Train (V2 `TorchTrainer`), tracked in MLflow: the driver.
+
+    outcome = train(load_config(TrainConfig, "configs/finetune/vqa.yaml", overrides))
+
+Epochs meet Ray Train like this (the decision, made once, in `fit_plan`):
+
+* Several workers: one `TorchTrainer.fit()` per epoch, all under the same run (`run.name` +
+  `run.storage_path`). Ray Train takes its datasets once per fit, and one `build_dataset(..., epoch=e)` is one
+  epoch with its own seeded shard order, so each fit gets the epoch's Datasets, split across the workers
+  (`streaming_split`). Each fit finds the run's snapshot in storage, so `ray.train.get_checkpoint()` is the
+  latest checkpoint of the run and the best-N bookkeeping (`CheckpointConfig`) spans epochs. A fit costs a
+  worker-group start, small against real epochs.
+* One worker: one fit for all the remaining epochs. The worker builds and runs each epoch's Datasets itself
+  (the same `build_dataset`, from the checkpoint's data position), which spares the run a SplitCoordinator per
+  dataset and Ray Train's dataset manager per epoch, and a worker-group start and model build per epoch
+  (process starts of seconds of CPU each: ~20 s an epoch on 2 cores).
+* The driver finds where a run stands from the newest `train_state.json` among the run's checkpoint
+  directories (`pipelines.train.checkpointing`), and starts at that epoch.
+
+Before anything starts, the driver folds the init bundle's preprocessing and custom tasks into the config
+(`pipelines.train.setup.with_init_bundle`); the workers get that config. The worker loop is
+`pipelines.train.worker`. At the end the driver logs the best bundle as an artifact and registers it; the
+`champion` alias moves only on improvement (`pipelines.tracking.registry`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from ofa_model.config_files import flatten, to_dict
+from ofa_model.evaluation import primary_metric
+from ofa_model.vocab import Vocabulary
+from pipelines import storage
+from pipelines.data.dataset import build_dataset, corpora
+from pipelines.data.shards import read_manifest
+from pipelines.tracking.registry import promote_if_better, register_bundle
+from pipelines.tracking.runs import MetricLogger, end_run, run_key, start_or_resume_run
+from pipelines.train.checkpointing import BUNDLE_DIR, epoch_started, latest_state_summary
+from pipelines.train.setup import run_vocab, task_specs, with_init_bundle
+from pipelines.train.train_config import TrainConfig
+from pipelines.train.worker import train_loop
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    run_name: str
+    mlflow_run_id: str
+    epochs_done: int
+    step: int
+    metrics: dict[str, float]
+    best_checkpoint: str | None  # the checkpoint directory (local path or URI) holding the best bundle
+    bundle: str | None  # a local copy of the best bundle
+    registered_version: str | None = None
+    champion: bool = False
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One `TorchTrainer.fit()`: epochs `first` up to `end` (exclusive); `shared_data`: the driver builds the
+    epoch's Datasets and Ray Train splits them across the workers, else the one worker builds its own."""
+
+    first: int
+    end: int
+    shared_data: bool
+
+
+def fit_plan(cfg: TrainConfig, start: int) -> list[Fit]:
+    """The fits that train epochs `start` to `cfg.epochs` (see the module docstring)."""
+    if cfg.scaling.num_workers == 1:
+        return [Fit(start, cfg.epochs, False)] if start < cfg.epochs else []
+    return [Fit(epoch, epoch + 1, True) for epoch in range(start, cfg.epochs)]
+
+
+def train(cfg: TrainConfig, *, output_dir: str | Path | None = None,
+          callbacks: Sequence[Any] = ()) -> TrainOutcome:
+    """Run (or continue) the training run `cfg.run.name` to `cfg.epochs` epochs; see the module docstring.
+    `callbacks`: Ray Train `UserCallback`s for every fit (Tune's report channel: `tune.trial`)."""
+    task_specs(cfg)  # fails on bad task names before anything starts
+    if not ray.is_initialized():
+        ray.init()
+    cfg = with_init_bundle(cfg)
+    specs = task_specs(cfg)
+    vocab = run_vocab(cfg)
+    manifest = read_manifest(cfg.data.uri, s3=cfg.data.s3)
+    metric, mode = primary_metric(specs[cfg.task])
+    run_id = start_or_resume_run(
+        cfg.tracking.tracking_uri, cfg.tracking.experiment, name=cfg.run.name,
+        key=run_key(cfg.run.name, cfg.run.storage_path), params=flatten(to_dict(cfg)),
+        tags={"task": cfg.task, "data_fingerprint": manifest.fingerprint, "data_uri": cfg.data.uri})
+    ok = False
+    try:
+        summary = latest_state_summary(cfg.run.storage_path, cfg.run.name)
+        if summary is not None:
+            logger.info("run %s: continuing from its checkpoint at epoch %d, step %d (%s)", cfg.run.name,
+                        summary["epoch"] + 1, summary["step"], "epoch done" if summary["epoch_done"] else
+                        "mid-epoch")
+        result = None
+        for fit in fit_plan(cfg, epoch_started(summary)):
+            logger.info("run %s: epoch%s %s of %d", cfg.run.name, "s" if fit.end - fit.first > 1 else "",
+                        f"{fit.first + 1}-{fit.end}" if fit.end - fit.first > 1 else fit.first + 1, cfg.epochs)
+            trainer = _trainer(cfg, fit, vocab, specs, metric, mode, callbacks,
+                               {"mlflow_run_id": run_id, "data_fingerprint": manifest.fingerprint})
+            result = trainer.fit()
+            if result.error is not None:
+                raise result.error
+        outcome = _finish(cfg, run_id, result, metric, mode, output_dir)
+        ok = True
+        return outcome
+    finally:
+        end_run(cfg.tracking.tracking_uri, run_id, ok)
+
+
+def _trainer(cfg: TrainConfig, fit: Fit, vocab: Vocabulary, specs, metric: str, mode: str,
+             callbacks: Sequence[Any], run_info: dict[str, str]) -> TorchTrainer:
+    """The TorchTrainer of one fit; `run_info`: the MLflow run id and the data fingerprint (read once, here)."""
+    datasets = None
+    if fit.shared_data:
+        datasets = {name: build_dataset(c, vocab, train=True, epoch=fit.first, specs=specs)
+                    for name, c in corpora(cfg.data, cfg.mixture).items()}
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": to_dict(cfg), "epoch": fit.first, "end_epoch": fit.end,
+                           "shared_data": fit.shared_data, **run_info},
+        scaling_config=_scaling(cfg),
+        run_config=RunConfig(
+            name=cfg.run.name, storage_path=cfg.run.storage_path, callbacks=list(callbacks),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
+                                               checkpoint_score_attribute=f"val/{metric}",
+                                               checkpoint_score_order=mode)),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+    )
+
+
+def _scaling(cfg: TrainConfig) -> ScalingConfig:
+    res = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        res["GPU"] = cfg.scaling.gpus_per_worker
+    return ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                         resources_per_worker=res, placement_strategy=cfg.scaling.placement_strategy)
+
+
+def _best_checkpoint(cfg: TrainConfig, result, metric: str, mode: str, summary: dict | None):
+    """(filesystem, path, URI) of the checkpoint holding the run's best bundle."""
+    best = None
+    if result is not None:
+        try:
+            best = result.get_best_checkpoint(f"val/{metric}", mode)
+        except (RuntimeError, ValueError):
+            best = None
+        best = best or result.checkpoint
+    if best is not None:
+        fs, best_dir = best.filesystem, best.path
+        return fs, best_dir, f"s3://{best_dir}" if fs.type_name == "s3" else best_dir
+    if summary is not None:  # every epoch was done before this call: finish from the newest checkpoint
+        fs, best_dir = storage.resolve(summary["path"], cfg.data.s3)
+        return fs, best_dir, summary["path"]
+    raise RuntimeError(f"run {cfg.run.name}: no checkpoint to finish from")
+
+
+def _finish(cfg: TrainConfig, run_id: str, result, metric: str, mode: str, output_dir) -> TrainOutcome:
+    """Copy the best bundle out, log it to MLflow, register it (and maybe move `champion`)."""
+    summary = latest_state_summary(cfg.run.storage_path, cfg.run.name)
+    fs, best_dir, best_uri = _best_checkpoint(cfg, result, metric, mode, summary)
+    out = Path(output_dir or tempfile.mkdtemp(prefix=f"{cfg.run.name}-"))
+    local = out / "bundle"
+    if local.exists():
+        shutil.rmtree(local)
+    local.mkdir(parents=True)
+    pafs.copy_files(f"{best_dir}/{BUNDLE_DIR}", str(local), source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem())
+    state = json.loads((local / "config.json").read_text())["metadata"]  # the best checkpoint's bundle
+    metrics = state.get("metrics", {})
+    last = summary or {"epoch": state.get("epoch", -1), "step": state.get("step", 0), "epoch_done": True}
+    source = MetricLogger(cfg.tracking.tracking_uri, run_id).log_artifacts(local, "bundle")
+    version, champion = None, False
+    value = metrics.get(f"val/{metric}")
+    if cfg.tracking.registered_model and value is not None and math.isfinite(value):
+        version = register_bundle(cfg.tracking.registered_model, source, run_id=run_id, metric=metric,
+                                  value=float(value), mode=mode, tracking=cfg.tracking.tracking_uri,
+                                  tags={"task": cfg.task, "data_fingerprint": state.get("data_fingerprint", ""),
+                                        "run": cfg.run.name})
+        champion = promote_if_better(cfg.tracking.registered_model, version, tracking=cfg.tracking.tracking_uri)
+    epochs_done = last["epoch"] + (1 if last["epoch_done"] else 0)
+    return TrainOutcome(cfg.run.name, run_id, epochs_done, last["step"], metrics, best_uri, str(local), version,
+                        champion)

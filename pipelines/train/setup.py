@@ -1,0 +1,112 @@
+"""What a run trains: the model, its vocabulary, its tasks, and what an init bundle contributes to the config.
+
+A fine-tune starts from a bundle (`model.init`), which carries the preprocessing and the custom tasks it was
+trained with. The rule (`with_init_bundle`, applied by the driver before anything starts):
+
+* preprocessing: `patch_image_size` is always the fine-tune config's (OFA fine-tunes at another resolution
+  than it pretrains: 480 for VQA after 384 in pretraining). Every other field is the config's where it differs
+  from `PreprocessConfig`'s default, else the bundle's: normalisation and text lengths follow the weights
+  unless the YAML says otherwise. The config loader does not record which keys a YAML wrote, so a field set to
+  its default value reads as "not set".
+* custom tasks: the bundle's, plus the config's; a task both define takes the config's instruction.
+
+Where the result differs from the YAML, it is logged at INFO, field by field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+from ofa_model import OFAModel
+from ofa_model.bundle import load_bundle, load_bundle_vocab, read_bundle_config
+from ofa_model.config_files import build, to_dict
+from ofa_model.preprocess import PreprocessConfig
+from ofa_model.tasks import TASKS, TaskSpec, parse_instruction
+from ofa_model.vocab import Vocabulary
+from pipelines.tracking.registry import resolve_model
+from pipelines.train.train_config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+CONFIG_RESOLUTION = ("patch_image_size",)  # preprocessing fields a fine-tune config always sets
+
+
+@dataclass
+class Setup:
+    model: OFAModel
+    vocab: Vocabulary
+    specs: dict[str, TaskSpec]
+    init: str  # where the weights came from ("scratch:<arch>" or the bundle/URI)
+
+
+def task_specs(cfg: TrainConfig) -> dict[str, TaskSpec]:
+    """Built-in tasks plus the config's custom ones (which may not replace a built-in name)."""
+    specs = dict(TASKS)
+    for name, line in cfg.custom_tasks.items():
+        if name in TASKS:
+            raise ValueError(f"custom_tasks.{name}: a custom task cannot replace the built-in task {name!r}")
+        specs[name] = parse_instruction(line, name)
+    names = [cfg.task] + list(cfg.mixture or {})
+    unknown = sorted(n for n in names if n not in specs)
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; known: {sorted(specs)}")
+    return specs
+
+
+def merged_preprocess(config: PreprocessConfig, bundle: PreprocessConfig) -> PreprocessConfig:
+    """The preprocessing a fine-tune trains with (see the module docstring)."""
+    default = PreprocessConfig()
+    changes = {f.name: getattr(bundle, f.name) for f in dataclasses.fields(PreprocessConfig)
+               if f.name not in CONFIG_RESOLUTION and getattr(config, f.name) == getattr(default, f.name)}
+    return dataclasses.replace(config, **changes)
+
+
+def with_init_bundle(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the init bundle's preprocessing and custom tasks folded in (the module docstring's rule);
+    `cfg` itself when it starts from scratch."""
+    if not cfg.model.init:
+        return cfg
+    bundle = read_bundle_config(resolve_model(cfg.model.init, tracking=cfg.tracking.tracking_uri).path)
+    theirs = PreprocessConfig.from_dict(bundle["preprocess"], complete=True)
+    preprocess = merged_preprocess(cfg.data.preprocess, theirs)
+    for f in dataclasses.fields(PreprocessConfig):
+        ours, their, used = (getattr(p, f.name) for p in (cfg.data.preprocess, theirs, preprocess))
+        if ours != their:
+            logger.info("data.preprocess.%s: %r (the config has %r, the init bundle %s has %r)", f.name, used,
+                        ours, cfg.model.init, their)
+    custom = {**bundle.get("custom_tasks", {}), **cfg.custom_tasks}
+    for name, line in bundle.get("custom_tasks", {}).items():
+        if cfg.custom_tasks.get(name, line) != line:
+            logger.info("custom_tasks.%s: the config's instruction, not the init bundle's (%r)", name, line)
+        elif name not in cfg.custom_tasks:
+            logger.info("custom_tasks.%s: from the init bundle %s", name, cfg.model.init)
+    raw = to_dict(cfg)
+    raw["data"]["preprocess"] = to_dict(preprocess)
+    raw["custom_tasks"] = custom
+    return build(TrainConfig, raw, f"run {cfg.run.name} with the init bundle {cfg.model.init}")
+
+
+def build_setup(cfg: TrainConfig) -> Setup:
+    """The model to train (training-mode regularisation), from the init bundle or from scratch. `cfg` is the
+    driver's, the init bundle's preprocessing and custom tasks already folded in (`with_init_bundle`)."""
+    reg = cfg.model.regularization
+    if cfg.model.init:
+        bundle = load_bundle(resolve_model(cfg.model.init, tracking=cfg.tracking.tracking_uri).path)
+        model = OFAModel(bundle.config, reg)
+        model.load_state_dict(bundle.model.state_dict())
+        vocab, init = bundle.vocab, cfg.model.init
+    else:
+        vocab = Vocabulary.gpt2()
+        arch = cfg.model.architecture(vocab_size=len(vocab), pad_id=vocab.pad_id)
+        model = OFAModel(arch, reg)
+        init = f"scratch:{arch.name}"
+    return Setup(model, vocab, task_specs(cfg), init)
+
+
+def run_vocab(cfg: TrainConfig) -> Vocabulary:
+    """The vocabulary the run trains with (the init bundle's, read without building its model)."""
+    if cfg.model.init:
+        return load_bundle_vocab(resolve_model(cfg.model.init, tracking=cfg.tracking.tracking_uri).path)
+    return Vocabulary.gpt2()

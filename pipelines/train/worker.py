@@ -1,0 +1,415 @@
+"""The Ray Train worker: epochs of training steps, each epoch ending in validation, metrics and a checkpoint.
+
+    train_loop(loop_config)   # what TorchTrainer runs on every worker (pipelines.train.driver builds it)
+
+A step is `forward_loss` on each of `optim.grad_accum` micro-batches, then `optimizer_step`
+(`pipelines.train.step`); `_train_epoch` shows a whole epoch on one screen.
+
+* Data: a one-worker run builds each epoch's Datasets itself, from the checkpoint's data position; workers of a
+  several-worker run read the shards Ray Train split from the Dataset the driver built for the fit
+  (`loop_config["shared_data"]`, decided by the driver). Both through `pipelines.data.dataset.epoch_batches`.
+* Workers end an epoch together: each step all-reduces "I have a batch"; when one worker's share runs out the
+  others stop too (at most one batch per worker of rows dropped at the end, as drop_last would). Bad-row
+  statistics of all workers are gathered at the end of an epoch (and every 100 steps for the early check), so
+  the bad-row rule is global: no worker fails alone and leaves the others waiting.
+* Rank 0 validates after every epoch through `OFAPredictor` (EMA weights when enabled), in the training's
+  precision and memory format, logs per-step and per-epoch metrics to MLflow, and writes the checkpoint
+  (`pipelines.train.checkpointing`); every rank reports it. The epoch's report carries `epoch_done`: a Ray Train
+  callback (Tune's, `tune.trial`) hears epochs from it, once the checkpoint is uploaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import itertools
+import logging
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+
+from ofa_model.config_files import build
+from ofa_model.evaluation import evaluate_rows
+from ofa_model.precision import Execution
+from ofa_model.predictor import OFAPredictor
+from pipelines.data.batches import BatchIterator, ConsumerOptions
+from pipelines.data.dataset import epoch_batches, epoch_plans
+from pipelines.data.rowstats import BadRowRule, RowStats
+from pipelines.data.shards import Manifest, iter_rows, read_manifest
+from pipelines.data.source import EpochPlan
+from pipelines.tracking.runs import MetricLogger
+from pipelines.train.checkpointing import (
+    epoch_started,
+    merge_positions,
+    published_weights,
+    report_checkpoint,
+    resume_state,
+    rng_state,
+    save_training_bundle,
+    set_rng_state,
+    worker_resume,
+)
+from pipelines.train.optim import Ema, build_optimizer, build_scheduler, freeze
+from pipelines.train.setup import Setup, build_setup
+from pipelines.train.step import Learner, forward_loss, optimizer_step, scst_setup
+from pipelines.train.train_config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+EARLY_CHECK_EVERY = 100  # steps between global early bad-row checks
+
+
+@dataclass(frozen=True)
+class Worker:
+    """Where this process trains: its rank of `world`, device and precision, and rank 0's MLflow logger."""
+
+    rank: int
+    world: int
+    device: torch.device
+    execution: Execution
+    mlflow: MetricLogger | None  # rank 0 only
+
+    def to_device(self, batch: dict) -> dict:
+        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch["patch_images"] = self.execution.images(batch.get("patch_images"))
+        return batch
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every epoch of this fit reads and never changes."""
+
+    cfg: TrainConfig
+    setup: Setup
+    worker: Worker
+    per_epoch: int  # optimizer updates in an epoch (the schedule and the ETA)
+    shared_data: bool  # the workers read the driver's Dataset (several workers), else build their own
+    fingerprint: str  # the data's, recorded in every bundle
+    scst: tuple | None  # self-critical training's references and CIDEr-D (`scst_setup`), read once
+
+
+def train_loop(loop_config: dict) -> None:
+    """The Ray Train worker function: trains epochs `loop_config["epoch"]` up to `loop_config["end_epoch"]`
+    (exclusive) from the run's latest checkpoint, which a restart finds further on."""
+    cfg = build(TrainConfig, loop_config["cfg"], "train_loop_config")
+    first, end = int(loop_config["epoch"]), int(loop_config["end_epoch"])
+    shared = bool(loop_config["shared_data"])
+    if shared and end - first > 1:
+        raise ValueError(f"epochs {first + 1}-{end} in one fit: workers sharing the driver's Dataset run one fit "
+                         "per epoch")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_flush_denormal(True)  # denormal activations slow CPU matmuls after some updates (bench/model.py)
+    torch.set_num_threads(cfg.scaling.threads)  # the CPUs this worker reserved, not every core of the node
+    state = resume_state(cfg)
+    start = max(first, epoch_started(state))
+    if start >= end:
+        logger.info("epochs %d-%d are already done (checkpoint at epoch %d, step %d)", first + 1, end,
+                    state["epoch"] + 1, state["step"])
+        ray.train.report({"epoch": end - 1, "step": state["step"], **state["metrics"], "epoch_done": False})
+        return
+    worker = _join(cfg, loop_config["mlflow_run_id"])
+    torch.manual_seed(cfg.seed)
+    setup = build_setup(cfg)
+    manifest = read_manifest(cfg.data.uri, s3=cfg.data.s3)  # once per fit: every epoch plans from it
+    plans = _plans(cfg, start, manifest)
+    per_epoch = steps_per_epoch(cfg, {n: p.info.total_rows for n, p in plans.items()}, worker.world)
+    learner, frozen = _learner(cfg, setup, worker, state, per_epoch * cfg.epochs)
+    run = Run(cfg, setup, worker, per_epoch, shared, loop_config["data_fingerprint"],
+              scst_setup(cfg) if cfg.scst.enabled else None)
+    if worker.rank == 0:
+        logger.info("%d worker(s), %s: ~%d updates/epoch, %d in all; %s frozen; init %s; starting at step %d",
+                    worker.world, worker.execution.describe(), per_epoch, per_epoch * cfg.epochs,
+                    frozen or "nothing", setup.init, learner.step)
+    for epoch in range(start, end):
+        _train_epoch(run, learner, epoch, plans if epoch == start else _plans(cfg, epoch, manifest), state)
+
+
+def _join(cfg: TrainConfig, mlflow_run_id: str) -> Worker:
+    """This worker's place in the group; rank 0 tags the MLflow run with the group's nodes and settings."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    execution = Execution.resolve(cfg.run.precision, cfg.run.memory_format, device)
+    mlflow = MetricLogger(cfg.tracking.tracking_uri, mlflow_run_id) if rank == 0 else None
+    nodes = _all_gather(ray.get_runtime_context().get_node_id(), world)
+    if mlflow is not None:
+        mlflow.set_tags({"train.nodes": ",".join(nodes), "train.world_size": world, "train.device": device,
+                         "train.precision": execution.precision, "train.memory_format": execution.memory_format,
+                         "train.threads": torch.get_num_threads()})
+    return Worker(rank, world, device, execution, mlflow)
+
+
+def _learner(cfg: TrainConfig, setup: Setup, worker: Worker, state: dict | None,
+             total_updates: int) -> tuple[Learner, int]:
+    """The model prepared for this worker (frozen parts, checkpoint weights, precision, DDP) with its optimizer,
+    schedule over `total_updates`, EMA and grad scaler, from `state` when resuming; and how many parameters
+    are frozen."""
+    model = setup.model
+    frozen = len(freeze(model, cfg.optim))
+    if state is not None:
+        model.load_state_dict(state["model"])
+    model = worker.execution.prepare_model(model)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    raw = model.module if hasattr(model, "module") else model
+    optimizer = build_optimizer(raw, cfg.optim)
+    learner = Learner(model, raw, optimizer, build_scheduler(optimizer, cfg.optim, total_updates),
+                      Ema(raw, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None,
+                      torch.amp.GradScaler(worker.device.type, enabled=worker.execution.precision == "fp16"))
+    if state is not None:
+        learner.load_state_dict(state)
+        if len(state["rng"]) == worker.world:
+            set_rng_state(state["rng"][worker.rank])
+        if worker.mlflow is not None:  # a restart shows in the run, not only in logs
+            worker.mlflow.log({"train/resumed_from_step": learner.step}, learner.step)
+    return learner, frozen
+
+
+def _train_epoch(run: Run, learner: Learner, epoch: int, plans: Mapping[str, EpochPlan], state: dict | None) -> None:
+    """One epoch (from `state`'s data position when it stopped inside this epoch), then `_end_epoch`."""
+    cfg, worker = run.cfg, run.worker
+    resuming = state is not None and state["epoch"] == epoch and not state["epoch_done"]
+    first_step = state["step_at_epoch_start"] if resuming else learner.step
+    if worker.rank == 0:
+        logger.info("epoch %d/%d: %d rows", epoch + 1, cfg.epochs, sum(p.info.total_rows for p in plans.values()))
+    batches = _batches(run, plans, worker_resume(state, epoch, worker.rank))
+    meter = _Meter(cfg.run.log_every_s, run.per_epoch * cfg.epochs, run.per_epoch)
+    learner.model.train()
+    learner.optimizer.zero_grad(set_to_none=True)  # an epoch's updates start clean, as a fit of it alone would
+    for micro, batch in enumerate(_together(batches, worker, learner, first_step, cfg.max_steps_per_epoch), 1):
+        sync = micro % cfg.optim.grad_accum == 0
+        with _no_sync(learner.model, worker.world, sync):
+            out = forward_loss(cfg, learner, worker.execution, run.setup.vocab, run.setup.specs, batch, run.scst)
+            learner.scaler.scale(out.loss / max(1, out.ntokens) / cfg.optim.grad_accum).backward()
+        meter.add(out, batch)
+        if sync:
+            grad_norm = optimizer_step(learner, cfg.optim.clip_norm)
+            _after_update(run, learner, batches, epoch, first_step, meter, grad_norm)
+    _end_epoch(run, learner, batches, epoch, first_step)
+
+
+def _batches(run: Run, plans: Mapping[str, EpochPlan], resume) -> BatchIterator:
+    """This worker's batches of the epoch; the bad-row rule is applied across workers (`_bad_row_rule`)."""
+    cfg = run.cfg
+    shards = {n: ray.train.get_dataset_shard(n) for n in plans} if run.shared_data else None
+    return epoch_batches(cfg.data, run.setup.vocab, train=True, mixture=cfg.mixture, plans=plans, shards=shards,
+                         resume=resume, specs=run.setup.specs, options=ConsumerOptions.of(cfg.data).without_rule(),
+                         # row ids: the rewards need each row's references; a mixture, each row's task
+                         with_meta=bool(cfg.scst.enabled or cfg.mixture))
+
+
+def _together(batches: BatchIterator, worker: Worker, learner: Learner, first_step: int,
+              max_steps: int | None) -> Iterator[dict]:
+    """The batches on this worker's device, while every worker has one and the epoch has steps left."""
+    it = iter(batches)
+    try:
+        while max_steps is None or learner.step - first_step < max_steps:
+            batch = next(it, None)
+            if not _all_have(batch is not None, worker.world, worker.device):
+                return
+            yield worker.to_device(batch)
+    finally:
+        it.close()
+
+
+def _no_sync(model: torch.nn.Module, world: int, sync: bool):
+    """DDP's gradient all-reduce only on the micro-batch that updates."""
+    return model.no_sync() if world > 1 and not sync else contextlib.nullcontext()
+
+
+def _after_update(run: Run, learner: Learner, batches: BatchIterator, epoch: int, first_step: int,
+                  meter: _Meter, grad_norm: float) -> None:
+    """The global early bad-row check, progress (log and MLflow, rank 0) and the mid-epoch checkpoint."""
+    cfg, worker, step = run.cfg, run.worker, learner.step
+    meter.steps += 1
+    if step % EARLY_CHECK_EVERY == 0:
+        _bad_row_rule(cfg).check(_merged_stats(batches.stats, worker.world),
+                                 sum(s.total_rows or 0 for s in batches.streams.values()), finished=False)
+    if meter.due() and worker.rank == 0:
+        m = meter.metrics(step - first_step, step, worker.world)
+        m.update({"train/lr": learner.scheduler.get_last_lr()[0], "train/grad_norm": grad_norm, "train/epoch": epoch})
+        logger.info("epoch %d step %d (%d/%d of the epoch) loss %.4f lr %.3g %.1f samples/s, ETA epoch %s, "
+                    "run %s", epoch + 1, step, step - first_step, run.per_epoch, m["train/loss"], m["train/lr"],
+                    m["train/samples_per_s"], _duration(m["train/eta_epoch_s"]), _duration(m["train/eta_run_s"]))
+        worker.mlflow.log(m, step)
+    if cfg.run.checkpoint_every_steps and step % cfg.run.checkpoint_every_steps == 0:
+        _checkpoint(run, learner, batches, epoch, first_step, done=False,
+                    metrics={**learner.metrics, "epoch_done": False})
+
+
+def _end_epoch(run: Run, learner: Learner, batches: BatchIterator, epoch: int, first_step: int) -> None:
+    """The global end-of-epoch bad-row check, validation and metrics (rank 0), the epoch's checkpoint."""
+    cfg, worker, step = run.cfg, run.worker, learner.step
+    stats = _merged_stats(batches.stats, worker.world)
+    _bad_row_rule(cfg).check(stats, None, finished=True)
+    metrics = {"epoch": epoch, "step": step, "data/rows_ok": stats.ok, "data/rows_bad": stats.bad}
+    if worker.rank == 0:
+        metrics.update(_validate(run, learner, last_epoch=epoch + 1 == cfg.epochs))
+        logger.info("epoch %d done at step %d: %s", epoch + 1, step,
+                    ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+        worker.mlflow.log({k: v for k, v in metrics.items() if k != "epoch"}, step)
+    metrics = _all_gather(metrics, worker.world)[0]  # every rank reports rank 0's metrics
+    _checkpoint(run, learner, batches, epoch, first_step, done=True, metrics={**metrics, "epoch_done": True})
+    learner.metrics = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def _checkpoint(run: Run, learner: Learner, batches: BatchIterator, epoch: int, first_step: int, *, done: bool,
+                metrics: dict) -> None:
+    """A checkpoint of everything a restart needs (rank 0 writes it; every rank reports)."""
+    cfg, worker, step = run.cfg, run.worker, learner.step
+    positions = _all_gather(batches.resume_state(), worker.world)
+    rngs = _all_gather(rng_state(), worker.world)
+    if worker.rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float) and k != "epoch_done"}
+    state = {**learner.state_dict(), "epoch": epoch, "epoch_done": done, "step_at_epoch_start": first_step,
+             "rng": rngs, "world_size": worker.world, "metrics": numbers,
+             "data": None if done else merge_positions(positions, bool(cfg.mixture))}
+    report_checkpoint(state, metrics, lambda path: save_training_bundle(
+        cfg, run.setup, learner.raw, learner.ema, path, epoch=epoch, step=step, metrics=numbers,
+        fingerprint=run.fingerprint))
+
+
+def _validate(run: Run, learner: Learner, *, last_epoch: bool) -> dict[str, float]:
+    """The task metric on the validation rows, through the inference path (EMA weights when enabled), in the
+    training's precision and memory format (the one `run.precision` switch)."""
+    cfg, raw, execution = run.cfg, learner.raw, run.worker.execution
+    was_training = raw.training
+    t0 = time.perf_counter()
+    predictor = OFAPredictor(published_weights(raw, learner.ema), run.setup.vocab, cfg.data.preprocess,
+                             device=execution.device, tasks=run.setup.specs, max_batch_size=cfg.validation.batch_size,
+                             precision=execution.precision, memory_format=execution.memory_format)
+    try:  # rows stream through the predictor chunk by chunk: a large validation split is never held whole
+        rows = _validation_rows(cfg, None if last_epoch and cfg.validation.full_at_end else cfg.validation.max_rows)
+        result = evaluate_rows(predictor, cfg.task, rows, mode=cfg.validation.mode, candidates=cfg.answers or None)
+    finally:
+        raw.train(was_training)
+        del predictor
+        _release_memory()
+    return {**{f"val/{k}": v for k, v in result.metrics.items()}, "val/seconds": time.perf_counter() - t0}
+
+
+def _release_memory() -> None:
+    """After validation, inside a fit that trains on: collect its garbage and hand freed heap back to the OS
+    (glibc's malloc_trim, where there is one), so the next epoch's allocations do not run on a fragmented heap."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _validation_rows(cfg: TrainConfig, max_rows: int | None) -> Iterator[dict]:
+    rows = iter_rows(cfg.data.uri, s3=cfg.data.s3, splits=[cfg.validation.split], tasks=[cfg.task])
+    return itertools.islice(rows, max_rows)
+
+
+def steps_per_epoch(cfg: TrainConfig, rows: Mapping[str, int], world: int) -> int:
+    """Optimizer updates in an epoch on `world` workers (for the schedule and the ETA), from the rows of each
+    dataset (task -> rows). A mixture's epoch ends when its first source runs out: source n, drawn at its
+    weight's share w_n / W of the slots, lasts rows_n * W / w_n rows of the mixture."""
+    total = sum(rows.values())
+    if cfg.mixture:
+        weight = sum(cfg.mixture.values())
+        total = min([total, *(rows.get(n, 0) * weight / w for n, w in cfg.mixture.items())])
+    n = max(1, int(total) // (cfg.data.batch_size * world * cfg.optim.grad_accum))
+    return min(n, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else n
+
+
+def _plans(cfg: TrainConfig, epoch: int, manifest: Manifest) -> dict[str, EpochPlan]:
+    return epoch_plans(cfg.data, cfg.mixture, train=True, epoch=epoch, manifest=manifest)
+
+
+def _bad_row_rule(cfg: TrainConfig) -> BadRowRule:
+    return ConsumerOptions.of(cfg.data).rule
+
+
+# =============================================================================================================
+# Collectives and progress
+
+
+def _all_gather(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _all_have(flag: bool, world: int, device: torch.device) -> bool:
+    if world == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _merged_stats(stats: RowStats, world: int) -> RowStats:
+    total = RowStats()
+    for d in _all_gather(stats.to_dict(), world):
+        total.merge(RowStats.from_dict(d))
+    return total
+
+
+@dataclass
+class _Progress:
+    """Rate and ETA for the log and MLflow (per worker; rank 0 logs)."""
+
+    every_s: float
+    steps_total: int
+    steps_epoch: int
+    t0: float = field(default_factory=time.monotonic)
+    last: float = field(default_factory=time.monotonic)
+    samples: int = 0
+    steps: int = 0
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= self.every_s
+
+    def rates(self, step_in_epoch: int, step: int) -> dict[str, float]:
+        dt = max(1e-9, time.monotonic() - self.t0)
+        sps = self.steps / dt
+        self.last = time.monotonic()
+        return {"samples_per_s": self.samples / dt, "steps_per_s": sps,
+                "eta_epoch_s": max(0, self.steps_epoch - step_in_epoch) / sps if sps else math.nan,
+                "eta_run_s": max(0, self.steps_total - step) / sps if sps else math.nan}
+
+
+class _Meter(_Progress):
+    """`_Progress` plus the running sums of the loss between two progress lines."""
+
+    def __init__(self, every_s: float, steps_total: int, steps_epoch: int) -> None:
+        super().__init__(every_s, steps_total, steps_epoch)
+        self.sums: dict[str, float] = {}
+
+    def add(self, out: Any, batch: dict) -> None:
+        for key, value in (("loss", float(out.loss.detach())),
+                           ("nll", float(getattr(out, "nll", out.loss).detach())),
+                           ("tokens", out.ntokens), ("batches", 1), ("reward", getattr(out, "mean_reward", None))):
+            if value is not None:
+                self.sums[key] = self.sums.get(key, 0.0) + value
+        self.samples += int(batch["src_tokens"].shape[0])
+
+    def metrics(self, step_in_epoch: int, step: int, world: int) -> dict[str, float]:
+        """The MLflow metrics since the last call (loss per token, rate and ETA); the sums start again."""
+        r, sums, self.sums = self.rates(step_in_epoch, step), self.sums, {}
+        tokens = max(1, sums.get("tokens", 0))
+        m = {"train/loss": sums.get("loss", 0.0) / tokens, "train/nll": sums.get("nll", 0.0) / tokens,
+             "train/samples_per_s": r["samples_per_s"] * world, "train/eta_epoch_s": r["eta_epoch_s"],
+             "train/eta_run_s": r["eta_run_s"]}
+        if "reward" in sums:
+            m["train/scst_reward"] = sums["reward"] / max(1, sums["batches"])
+        return m
+
+
+def _duration(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

@@ -1,0 +1,71 @@
+"""What an init bundle contributes to a fine-tune's config (`pipelines.train.setup.with_init_bundle`); no Ray."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from ofa_model.architecture import get_config
+from ofa_model.bundle import save_bundle
+from ofa_model.config_files import build
+from ofa_model.model import OFAModel
+from ofa_model.preprocess import PreprocessConfig
+from ofa_model.vocab import Vocabulary
+from pipelines.train.setup import merged_preprocess, task_specs, with_init_bundle
+from pipelines.train.train_config import TrainConfig
+
+# the bundle as a pretraining leaves it: 64 px, its own normalisation and text lengths, a custom task
+PRETRAINED = PreprocessConfig(patch_image_size=64, mean=(0.4, 0.4, 0.4), std=(0.3, 0.3, 0.3), max_src_length=40,
+                              max_tgt_length=16)
+DESCRIBE = "[IMAGE:image] describe the picture -> [TEXT:caption]"
+SUMMARISE = "[TEXT:text] summarise the text -> [TEXT:summary]"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("init") / "bundle"
+    save_bundle(path, OFAModel(get_config("ofa-micro")).eval(), Vocabulary.gpt2(), preprocess=PRETRAINED,
+                custom_tasks={"describe": DESCRIBE, "summarise": SUMMARISE})
+    return path
+
+
+def _config(tmp: Path, init: str | None, preprocess: dict, custom_tasks: dict | None = None) -> TrainConfig:
+    return build(TrainConfig, {
+        "task": "vqa", "custom_tasks": custom_tasks or {}, "model": {"arch": "ofa-micro", "init": init},
+        "data": {"uri": str(tmp / "corpus"), "preprocess": preprocess},
+        "run": {"name": "ft", "storage_path": str(tmp / "runs")},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}})
+
+
+def test_a_fine_tune_keeps_its_resolution_and_takes_the_rest_it_leaves_at_the_default_from_the_bundle(
+        bundle, tmp_path, caplog):
+    cfg = _config(tmp_path, str(bundle), {"patch_image_size": 32, "max_tgt_length": 8},
+                  {"summarise": "[TEXT:text] shorten the text -> [TEXT:summary]"})
+    with caplog.at_level(logging.INFO, logger="pipelines.train.setup"):
+        got = with_init_bundle(cfg)
+    p = got.data.preprocess
+    assert p.patch_image_size == 32  # the fine-tune's resolution, never the bundle's
+    assert p.max_tgt_length == 8  # set by the YAML
+    assert (p.mean, p.std, p.max_src_length) == ((0.4, 0.4, 0.4), (0.3, 0.3, 0.3), 40)  # left at default: bundle's
+    assert p.max_image_size == PreprocessConfig().max_image_size  # the same on both sides
+    assert got.custom_tasks == {"describe": DESCRIBE, "summarise": "[TEXT:text] shorten the text -> [TEXT:summary]"}
+    assert {"describe", "summarise"} <= set(task_specs(got))
+    assert got.optim == cfg.optim and got.run == cfg.run and got.task == cfg.task  # nothing else changes
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert sorted(line.split(":")[0] for line in lines) == [
+        "custom_tasks.describe", "custom_tasks.summarise", "data.preprocess.max_src_length",
+        "data.preprocess.max_tgt_length", "data.preprocess.mean", "data.preprocess.patch_image_size",
+        "data.preprocess.std"]
+    assert f"data.preprocess.mean: (0.4, 0.4, 0.4) (the config has (0.5, 0.5, 0.5), the init bundle {bundle} " \
+           "has (0.4, 0.4, 0.4))" in lines
+    assert "custom_tasks.summarise: the config's instruction, not the init bundle's" in " ".join(lines)
+
+
+def test_from_scratch_the_config_is_unchanged_and_the_rule_is_field_by_field(tmp_path):
+    cfg = _config(tmp_path, None, {"patch_image_size": 32})
+    assert with_init_bundle(cfg) is cfg
+    mine = PreprocessConfig(patch_image_size=128, max_src_length=50)
+    assert merged_preprocess(mine, PRETRAINED) == PreprocessConfig(
+        patch_image_size=128, mean=PRETRAINED.mean, std=PRETRAINED.std, max_src_length=50, max_tgt_length=16)
