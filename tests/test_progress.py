@@ -57,3 +57,30 @@ def test_duration_and_bad_every_s():
                                                                                    "1h02m05s"]
     with pytest.raises(ValueError, match="every_s must be >= 0, got -1"):
         Progress("x", None, -1)
+
+
+def test_the_training_meter_reports_loss_per_token_rate_and_both_etas(caplog):
+    """The train loop's meter (pipelines.train.worker) on the shared helper: a fake clock, 5 updates in 2 s."""
+    import types
+
+    import torch
+
+    from pipelines.train.worker import _Meter
+
+    now = [100.0]
+    meter = _Meter("train epoch 1/2", 1.5, steps_total=100, steps_epoch=50, step=10)
+    meter.progress.clock = lambda: now[0]
+    meter.progress.t0 = meter.progress.last = now[0]
+    for loss in (8.0, 4.0):
+        meter.add(types.SimpleNamespace(loss=torch.tensor(loss), ntokens=4), {"src_tokens": torch.zeros(3, 2)})
+    assert not meter.due()
+    now[0] += 2.0
+    assert meter.due()
+    with caplog.at_level(logging.INFO, logger="pipelines.train.worker"):
+        m = meter.metrics(step_in_epoch=5, step=15, world=2, lr=1e-4)
+    assert m["train/loss"] == 12.0 / 8 and m["train/steps_per_s"] == 2.5  # (15 - 10) steps / 2 s
+    assert m["train/samples_per_s"] == 6 / 2.0 * 2  # per worker x world
+    assert m["train/eta_epoch_s"] == 45 / 2.5 and m["train/eta_run_s"] == 85 / 2.5
+    assert caplog.messages == ["train epoch 1/2: 15/100 steps (15%), 1.5 loss, 0.0001 lr, 6 samples, "
+                               "3.00 samples/s, 2.50 steps/s, ETA 0m34s"]
+    assert meter.sums == {}  # the sums start again

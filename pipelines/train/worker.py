@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -45,6 +45,7 @@ from pipelines.data.dataset import epoch_batches, epoch_plans
 from pipelines.data.rowstats import BadRowRule, RowStats
 from pipelines.data.shards import Manifest, iter_rows, read_manifest
 from pipelines.data.source import EpochPlan
+from pipelines.progress import Progress
 from pipelines.tracking.runs import MetricLogger
 from pipelines.train.checkpointing import (
     epoch_started,
@@ -180,7 +181,8 @@ def _train_epoch(run: Run, learner: Learner, epoch: int, plans: Mapping[str, Epo
     if worker.rank == 0:
         logger.info("epoch %d/%d: %d rows", epoch + 1, cfg.epochs, sum(p.info.total_rows for p in plans.values()))
     batches = _batches(run, plans, worker_resume(state, epoch, worker.rank))
-    meter = _Meter(cfg.run.log_every_s, run.per_epoch * cfg.epochs, run.per_epoch)
+    meter = _Meter(f"train epoch {epoch + 1}/{cfg.epochs}", cfg.run.log_every_s, run.per_epoch * cfg.epochs,
+                   run.per_epoch, learner.step)
     learner.model.train()
     learner.optimizer.zero_grad(set_to_none=True)  # an epoch's updates start clean, as a fit of it alone would
     for micro, batch in enumerate(_together(batches, worker, learner, first_step, cfg.max_steps_per_epoch), 1):
@@ -228,16 +230,13 @@ def _after_update(run: Run, learner: Learner, batches: BatchIterator, epoch: int
                   meter: _Meter, grad_norm: float) -> None:
     """The global early bad-row check, progress (log and MLflow, rank 0) and the mid-epoch checkpoint."""
     cfg, worker, step = run.cfg, run.worker, learner.step
-    meter.steps += 1
     if step % EARLY_CHECK_EVERY == 0:
         _bad_row_rule(cfg).check(_merged_stats(batches.stats, worker.world),
                                  sum(s.total_rows or 0 for s in batches.streams.values()), finished=False)
     if meter.due() and worker.rank == 0:
-        m = meter.metrics(step - first_step, step, worker.world)
-        m.update({"train/lr": learner.scheduler.get_last_lr()[0], "train/grad_norm": grad_norm, "train/epoch": epoch})
-        logger.info("epoch %d step %d (%d/%d of the epoch) loss %.4f lr %.3g %.1f samples/s, ETA epoch %s, "
-                    "run %s", epoch + 1, step, step - first_step, run.per_epoch, m["train/loss"], m["train/lr"],
-                    m["train/samples_per_s"], _duration(m["train/eta_epoch_s"]), _duration(m["train/eta_run_s"]))
+        lr = learner.scheduler.get_last_lr()[0]
+        m = meter.metrics(step - first_step, step, worker.world, lr)
+        m.update({"train/lr": lr, "train/grad_norm": grad_norm, "train/epoch": epoch})
         worker.mlflow.log(m, step)
     if cfg.run.checkpoint_every_steps and step % cfg.run.checkpoint_every_steps == 0:
         _checkpoint(run, learner, batches, epoch, first_step, done=False,
@@ -357,36 +356,19 @@ def _merged_stats(stats: RowStats, world: int) -> RowStats:
     return total
 
 
-@dataclass
-class _Progress:
-    """Rate and ETA for the log and MLflow (per worker; rank 0 logs)."""
+class _Meter:
+    """The running sums of the loss between two progress lines, and the run's progress through the one progress
+    helper (`pipelines.progress`): rate since this epoch's start, ETA of the epoch and of the run."""
 
-    every_s: float
-    steps_total: int
-    steps_epoch: int
-    t0: float = field(default_factory=time.monotonic)
-    last: float = field(default_factory=time.monotonic)
-    samples: int = 0
-    steps: int = 0
+    def __init__(self, label: str, every_s: float, steps_total: int, steps_epoch: int, step: int) -> None:
+        self.progress = Progress(label, steps_total, every_s, unit="steps", start=step,
+                                 extra_rates={"samples": "samples"}, logger=logger)
+        self.steps_epoch = steps_epoch
+        self.sums: dict[str, float] = {}
+        self.samples = 0
 
     def due(self) -> bool:
-        return time.monotonic() - self.last >= self.every_s
-
-    def rates(self, step_in_epoch: int, step: int) -> dict[str, float]:
-        dt = max(1e-9, time.monotonic() - self.t0)
-        sps = self.steps / dt
-        self.last = time.monotonic()
-        return {"samples_per_s": self.samples / dt, "steps_per_s": sps,
-                "eta_epoch_s": max(0, self.steps_epoch - step_in_epoch) / sps if sps else math.nan,
-                "eta_run_s": max(0, self.steps_total - step) / sps if sps else math.nan}
-
-
-class _Meter(_Progress):
-    """`_Progress` plus the running sums of the loss between two progress lines."""
-
-    def __init__(self, every_s: float, steps_total: int, steps_epoch: int) -> None:
-        super().__init__(every_s, steps_total, steps_epoch)
-        self.sums: dict[str, float] = {}
+        return self.progress.clock() - self.progress.last >= self.progress.every_s
 
     def add(self, out: Any, batch: dict) -> None:
         for key, value in (("loss", float(out.loss.detach())),
@@ -396,20 +378,19 @@ class _Meter(_Progress):
                 self.sums[key] = self.sums.get(key, 0.0) + value
         self.samples += int(batch["src_tokens"].shape[0])
 
-    def metrics(self, step_in_epoch: int, step: int, world: int) -> dict[str, float]:
-        """The MLflow metrics since the last call (loss per token, rate and ETA); the sums start again."""
-        r, sums, self.sums = self.rates(step_in_epoch, step), self.sums, {}
+    def metrics(self, step_in_epoch: int, step: int, world: int, lr: float) -> dict[str, float]:
+        """Logs the progress line and returns the MLflow metrics since the last call (loss per token, rate, ETA);
+        the sums start again."""
+        sums, self.sums = self.sums, {}
         tokens = max(1, sums.get("tokens", 0))
-        m = {"train/loss": sums.get("loss", 0.0) / tokens, "train/nll": sums.get("nll", 0.0) / tokens,
-             "train/samples_per_s": r["samples_per_s"] * world, "train/eta_epoch_s": r["eta_epoch_s"],
-             "train/eta_run_s": r["eta_run_s"]}
+        loss = sums.get("loss", 0.0) / tokens
+        f = self.progress.update(step, extra={"loss": round(loss, 4), "lr": float(f"{lr:.3g}"),
+                                              "samples": self.samples}, force=True)
+        rate = f["rate"]
+        m = {"train/loss": loss, "train/nll": sums.get("nll", 0.0) / tokens,
+             "train/samples_per_s": f["samples_per_s"] * world, "train/steps_per_s": rate,
+             "train/eta_epoch_s": max(0, self.steps_epoch - step_in_epoch) / rate if rate > 0 else math.nan,
+             "train/eta_run_s": f.get("eta_s", math.nan) if rate > 0 else math.nan}
         if "reward" in sums:
             m["train/scst_reward"] = sums["reward"] / max(1, sums["batches"])
         return m
-
-
-def _duration(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = int(s)
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
