@@ -9,7 +9,8 @@ user reproduces from a predictions file are computed the same way (`score_predic
 from such records alone).
 
 Metrics by `TaskSpec.metric`: "vqa" -> `vqa_score` (confidence-weighted when the row has target_weights, else
-the official 10-annotator accuracy); "caption" -> `cider` (CIDEr-D, PTB-tokenised, corpus level) and `bleu4`;
+the official 10-annotator accuracy); "caption" -> `cider` (CIDEr-D, PTB-tokenised, corpus level), `bleu4` and
+`exact` (the share of captions equal to one of their references, ignoring case, spaces and full stops);
 "grounding" -> `acc50` (IoU >= 0.5) and `miou`; "classification" -> `accuracy`; "summarization" -> `rouge_l`
 (and ROUGE-1/2). A row whose prediction is an error counts as wrong (0) and is counted in `errors`.
 """
@@ -125,6 +126,8 @@ def score_predictions(spec: TaskSpec, records: Sequence[Mapping[str, Any]]) -> d
         refs = {i: list(r["reference"]) for i, r in zip(ids, records, strict=True)}
         scores = M.caption_scores(preds, refs, metrics=("CIDEr", "BLEU_4"))
         out["cider"], out["bleu4"] = scores["CIDEr"], scores["BLEU_4"]
+        out["exact"] = sum(1 for r in records if r["prediction"] is not None
+                           and _caption_key(r["prediction"]) in {_caption_key(x) for x in r["reference"]}) / n
     elif kind == "grounding":
         ious = [M.box_iou(r["prediction"], r["reference"]) if r["prediction"] is not None else 0.0
                 for r in records]
@@ -140,3 +143,8 @@ def score_predictions(spec: TaskSpec, records: Sequence[Mapping[str, Any]]) -> d
     else:
         raise ValueError(f"task {spec.name} has no evaluation metric (metric={spec.metric!r})")
     return out
+
+
+def _caption_key(text: Any) -> str:
+    """A caption compared for `exact`: lower case, full stops dropped, white space folded."""
+    return " ".join(str(text).lower().replace(".", " ").split())

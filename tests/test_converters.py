@@ -679,3 +679,19 @@ def test_prepare_data_cli_checks_option_names_and_types(tmp_path, capsys):
         prepare_data.main(["gigaword", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--source-suffix SOURCE_SUFFIX str; default '.src'" in help_text and "--data-dir DATA_DIR str; required" in help_text
+
+
+def test_easy_vqa_captions_are_judged_by_the_image_labels():
+    from pipelines.data.converters.easyvqa import caption_fully_right
+
+    assert caption_fully_right("a red circle", "a red circle")
+    assert caption_fully_right("A RED circle.", "a red circle")  # case and punctuation do not matter
+    assert caption_fully_right("the circle is red", "a red circle")  # other wording naming both is right
+    assert not caption_fully_right("a red triangle", "a red circle")  # wrong shape
+    assert not caption_fully_right("a blue circle", "a red circle")  # wrong colour
+    assert not caption_fully_right("a red circle and a blue circle", "a red circle")  # a second colour
+    assert not caption_fully_right("a red shape", "a red circle")  # no shape
+    assert not caption_fully_right("a redder circle", "a red circle")  # whole words only
+    assert not caption_fully_right(None, "a red circle")  # no prediction
+    with pytest.raises(ValueError, match="one colour and one shape"):
+        caption_fully_right("a red circle", "a shape")

@@ -33,5 +33,11 @@ def test_metrics_by_task_hand_worked():
     summaries = [{"prediction": "a b c", "reference": "a b c"}]
     assert score_predictions(TASKS["summarization"], summaries)["rouge_l"] == pytest.approx(100.0)
     assert primary_metric(TASKS["caption"]) == ("cider", "max")
+    captions = [{"prediction": "A red  circle.", "reference": ["a red circle"]},  # case, spaces, full stop
+                {"prediction": "a red circle", "reference": ["a blue circle", "a red circle"]},  # any reference
+                {"prediction": "a red circle shape", "reference": ["a red circle"]},  # more words: not exact
+                {"prediction": None, "reference": ["a red circle"], "error": {}}]
+    got = score_predictions(TASKS["caption"], captions)
+    assert got["exact"] == pytest.approx(2 / 4) and got["errors"] == 1
     with pytest.raises(ValueError, match="no evaluation metric"):
         primary_metric(TASKS["text_to_image"])

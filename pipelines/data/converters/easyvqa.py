@@ -174,6 +174,23 @@ def shape_box(png: bytes) -> tuple[float, float, float, float] | None:
     return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
 
 
+def caption_attributes(caption: str) -> tuple[set[str], set[str]]:
+    """The colours and the shapes a caption names (whole words of COLORS and SHAPES, any case)."""
+    words = set(re.findall(r"[a-z]+", str(caption).lower()))
+    return words & set(COLORS), words & set(SHAPES)
+
+
+def caption_fully_right(prediction: str | None, reference: str) -> bool:
+    """Whether a predicted caption names the image's colour and shape, and no other: the image's labels are
+    those of its reference caption, which `_image_rows` writes from them ("a <colour> <shape>")."""
+    if prediction is None:
+        return False
+    colours, shapes = caption_attributes(reference)
+    if len(colours) != 1 or len(shapes) != 1:
+        raise ValueError(f"reference caption {reference!r} does not name one colour and one shape")
+    return caption_attributes(prediction) == (colours, shapes)
+
+
 def _negative_caption(shape: str, color: str, rng: random.Random) -> str:
     """A caption that is false for a (shape, colour) image: the shape or the colour swapped."""
     if rng.random() < 0.5:
