@@ -33,6 +33,7 @@ class EvaluationOutput:
     metrics_uri: str | None
     predictions_uri: str | None
     model: dict[str, Any]
+    predictions: list[dict[str, Any]]  # one record per row, as the predictions file holds them
 
 
 def evaluate_corpus(model: str, data: str, task: str, *, split: str = "test", output: str | None = None,
@@ -64,4 +65,4 @@ def evaluate_corpus(model: str, data: str, task: str, *, split: str = "test", ou
         storage.write_bytes(predictions_uri, lines.encode(), s3)
         storage.write_bytes(metrics_uri, json.dumps(summary, indent=2, sort_keys=True).encode(), s3)
     logger.info("%s on %s/%s: %s", model, data, split, result.metrics)
-    return EvaluationOutput(result.metrics, metrics_uri, predictions_uri, info)
+    return EvaluationOutput(result.metrics, metrics_uri, predictions_uri, info, result.predictions)
