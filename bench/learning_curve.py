@@ -2,6 +2,10 @@
 
 The goal it checks: >= 0.97 VQA accuracy on the whole easy-VQA test split within 30 minutes on 2 cores.
 
+The figure is the config task's primary metric (`ofa_model.evaluation.primary_metric`) on that task's test rows:
+VQA score for vqa, Acc@0.5 for grounding (`--config configs/finetune/grounding_easyvqa.yaml`); the goal is judged
+for a vqa config only.
+
     python -m bench.learning_curve [--minutes 30] [--output DIR]            # the benchmark (30 minutes)
     python -m bench.learning_curve --minutes 3 --limit 100                  # a quick end-to-end check
 
@@ -13,7 +17,8 @@ What it does:
 * trains with `pipelines.train.train` on `--config` (default `configs/finetune/vqa_easyvqa_multitask.yaml`:
   VQA with image classification alongside; `configs/finetune/vqa_easyvqa.yaml` is VQA alone, which plateaus
   near 0.78 because it never learns the shapes) plus RECIPE plus `--set` overrides:
-  validation (allcand over the config's 13 answers) after every epoch on the first VAL_SUBSET test questions,
+  validation (the config's mode: allcand over its 13 answers for VQA) after every epoch on the first VAL_SUBSET
+  test rows of the config's task,
   and on every test question after the last epoch (`validation.full_at_end`): the figure the goal is judged
   on. MLflow on sqlite in the output directory, a local Ray with 4 logical CPUs;
 * the time budget picks the epochs: the first PROBE_EPOCHS run as a run of their own at a constant learning
@@ -24,7 +29,7 @@ What it does:
   the schedule of all epochs taken up where the probe ended). When nothing is left for a continuation, the
   final bundle is evaluated on the whole split instead (`pipelines.evaluate`), timed on the same clock.
   `--epochs N` fixes the epochs instead;
-* reads (minutes since the first `train()` call, test accuracy) per epoch from the run's `val/vqa_score` history
+* reads (minutes since the first `train()` call, test metric) per epoch from the run's `val/<metric>` history
   (MLflow timestamps), prints the table, plots accuracy against minutes (PNG, logged to the run with
   `MlflowClient.log_artifact`), and prints the final bundle and whether the goal was met.
 """
@@ -107,7 +112,7 @@ def _config(config: Path, overrides: list[str], epochs: int, constant_lr: bool):
     return cfg
 
 
-def curve(tracking: str, run_id: str, t0_ms: int) -> list[Point]:
+def curve(tracking: str, run_id: str, t0_ms: int, metric: str = "vqa_score") -> list[Point]:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking)
@@ -115,25 +120,25 @@ def curve(tracking: str, run_id: str, t0_ms: int) -> list[Point]:
     def history(key: str) -> dict[int, float]:
         return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
-    val = sorted(client.get_metric_history(run_id, "val/vqa_score"), key=lambda m: m.step)
+    val = sorted(client.get_metric_history(run_id, f"val/{metric}"), key=lambda m: m.step)
     seconds, rows = history("val/seconds"), history("val/rows")
     return [Point(i + 1, m.step, (m.timestamp - t0_ms) / 60000, m.value, seconds.get(m.step, math.nan),
                   int(rows.get(m.step, 0))) for i, m in enumerate(val)]
 
 
-def whole_split(bundle: str, corpus: str, answers: list[str], precision: str, last: Point, t0: float) -> Point:
-    """The final bundle on every test question, as the last epoch's validation would have (allcand over the
-    config's answers, at the run's precision), timed from t0."""
+def whole_split(bundle: str, corpus: str, cfg, metric: str, last: Point, t0: float) -> Point:
+    """The final bundle on every test row of the config's task, as the last epoch's validation would have (its
+    mode and answers, at the run's precision), timed from t0."""
     from pipelines.evaluate import evaluate_corpus
 
     t = time.time()
-    out = evaluate_corpus(bundle, corpus, "vqa", split="test", mode="allcand", candidates=answers or None,
-                          batch_size=64, precision=precision)
-    return Point(last.epoch, last.step, (time.time() - t0) / 60, out.metrics["vqa_score"], time.time() - t,
+    out = evaluate_corpus(bundle, corpus, cfg.task, split="test", mode=cfg.validation.mode,
+                          candidates=list(cfg.answers) or None, batch_size=64, precision=cfg.run.precision)
+    return Point(last.epoch, last.step, (time.time() - t0) / 60, out.metrics[metric], time.time() - t,
                  int(out.metrics["rows"]))
 
 
-def plot(points: list[Point], path: Path, title: str, budget_min: float, test_rows: int) -> None:
+def plot(points: list[Point], path: Path, title: str, budget_min: float, test_rows: int, metric: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,17 +147,17 @@ def plot(points: list[Point], path: Path, title: str, budget_min: float, test_ro
     fig, ax = plt.subplots(figsize=(7, 4.5))
     subset = max((p.rows for p in points if p.rows != test_rows), default=0)
     ax.plot([0] + [p.minutes for p in points], [0] + [p.accuracy for p in points], marker="o",
-            label=f"test VQA accuracy after each epoch (first {subset} questions)")
+            label=f"test {metric} after each epoch (first {subset} rows)")
     full = [p for p in points if p.rows == test_rows]
     if full:
         ax.plot([p.minutes for p in full], [p.accuracy for p in full], marker="*", markersize=14, linestyle="none",
-                color="tab:orange", label=f"whole test split ({full[-1].rows} questions)")
+                color="tab:orange", label=f"whole test split ({full[-1].rows} rows)")
     ax.axhline(GOAL_ACCURACY, color="tab:green", linestyle="--", label=f"goal {GOAL_ACCURACY}")
     ax.axvline(GOAL_MINUTES, color="tab:red", linestyle=":", label=f"{GOAL_MINUTES:.0f} minutes")
     if budget_min != GOAL_MINUTES:
         ax.axvline(budget_min, color="tab:gray", linestyle=":", label=f"this run's budget {budget_min:g} min")
     ax.set_xlabel("wall-clock minutes since training started")
-    ax.set_ylabel("easy-VQA test accuracy")
+    ax.set_ylabel(f"easy-VQA test {metric}")
     ax.set_ylim(0, 1.02)
     ax.set_xlim(0, max(GOAL_MINUTES, budget_min, *(p.minutes for p in points)) * 1.05)
     ax.grid(alpha=0.3)
@@ -183,8 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     from mlflow import MlflowClient
 
     from bench.train import start_local_ray
+    from ofa_model.evaluation import primary_metric
     from pipelines.data.shards import read_manifest
-    from pipelines.train import train
+    from pipelines.train import task_specs, train
 
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -195,8 +201,10 @@ def main(argv: list[str] | None = None) -> None:
         f"data.uri={corpus}", f"model.arch={args.arch}", f"run.name={name}",
         f"run.storage_path={out / 'ray-results'}", f"tracking.tracking_uri={tracking}",
         "tracking.experiment=bench-learning-curve", "tracking.registered_model=null", "validation.split=test",
-        f"validation.max_rows={VAL_SUBSET}", "validation.mode=allcand", *RECIPE, *args.overrides]
-    test_rows = read_manifest(corpus).counts.get("test", {}).get("vqa", 0)
+        f"validation.max_rows={VAL_SUBSET}", *RECIPE, *args.overrides]
+    task_cfg = _config(args.config, overrides, 1, constant_lr=False)
+    metric = primary_metric(task_specs(task_cfg)[task_cfg.task])[0]
+    test_rows = read_manifest(corpus).counts.get("test", {}).get(task_cfg.task, 0)
     budget_s = args.minutes * 60
     started = start_local_ray(4)
     import ray
@@ -211,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
             first = train(_config(args.config, [*overrides, "validation.full_at_end=false"], PROBE_EPOCHS,
                                   constant_lr=True), output_dir=out / name)
             elapsed = time.time() - t0
-            probe = curve(tracking, first.mlflow_run_id, t0_ms)
+            probe = curve(tracking, first.mlflow_run_id, t0_ms, metric)
             if len(probe) < PROBE_EPOCHS:
                 raise SystemExit(f"the probe logged {len(probe)} validation point(s) to MLflow, not {PROBE_EPOCHS}: "
                                  f"no epoch time to plan with (run {first.mlflow_run_id} in {tracking})")
@@ -221,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
             full_extra = val_s * max(0.0, test_rows / val_rows - 1) if val_rows else 0.0
             epochs = PROBE_EPOCHS + max(0, int((budget_s - elapsed - restart_s - full_extra) // epoch_s))
             print(f"{PROBE_EPOCHS} epochs took {elapsed / 60:.1f} min: {epoch_s:.0f} s an epoch (validation on "
-                  f"{val_rows} test questions {val_s:.0f} s; the whole split's {test_rows} ~{full_extra:.0f} s more), "
+                  f"{val_rows} test rows {val_s:.0f} s; the whole split's {test_rows} ~{full_extra:.0f} s more), "
                   f"start {restart_s:.0f} s; budget {args.minutes:g} min -> {epochs} epochs", flush=True)
             outcome = first if epochs == PROBE_EPOCHS else train(
                 _config(args.config, overrides, epochs, constant_lr=False), output_dir=out / name)
@@ -230,33 +238,34 @@ def main(argv: list[str] | None = None) -> None:
         if started:
             ray.shutdown()
 
-    points = curve(tracking, outcome.mlflow_run_id, t0_ms)
+    points = curve(tracking, outcome.mlflow_run_id, t0_ms, metric)
     if points and points[-1].rows != test_rows:  # no continuation validated the whole split: evaluate the bundle
-        cfg = _config(args.config, overrides, 1, constant_lr=False)
-        points.append(whole_split(outcome.bundle, corpus, list(cfg.answers), cfg.run.precision, points[-1], t0))
+        points.append(whole_split(outcome.bundle, corpus, task_cfg, metric, points[-1], t0))
     cores = os.cpu_count()
     print(f"\nlearning curve: {args.arch} from scratch, {epochs} epoch(s), run {name} (MLflow run "
           f"{outcome.mlflow_run_id}, {tracking}); {total_min:.1f} min in all")
-    print(f"{'epoch':>5s} {'step':>6s} {'minutes':>8s} {'test acc':>9s} {'questions':>9s} {'validation s':>13s}")
+    print(f"{'epoch':>5s} {'step':>6s} {'minutes':>8s} {metric:>9s} {'rows':>9s} {'validation s':>13s}")
     for pt in points:
         print(f"{pt.epoch:5d} {pt.step:6d} {pt.minutes:8.1f} {pt.accuracy:9.4f} {pt.rows:9d} {pt.validation_s:13.0f}")
     png = out / f"{name}.png"
     table = out / f"{name}.csv"
     with table.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["epoch", "step", "minutes", "test_accuracy", "test_questions", "validation_s"])
+        w.writerow(["epoch", "step", "minutes", f"test_{metric}", "test_rows", "validation_s"])
         w.writerows([pt.epoch, pt.step, round(pt.minutes, 3), pt.accuracy, pt.rows, round(pt.validation_s, 1)]
                     for pt in points)
     limit = "all" if args.limit is None else str(args.limit)
-    plot(points, png, f"easy-VQA test accuracy vs wall-clock, {args.arch} from scratch, {cores} cores "
-         f"(images per split: {limit})", args.minutes, test_rows)
+    plot(points, png, f"easy-VQA {task_cfg.task} test {metric} vs wall-clock, {args.arch} from scratch, {cores} "
+         f"cores (images per split: {limit})", args.minutes, test_rows, metric)
     client = MlflowClient(tracking_uri=tracking)
     client.log_artifact(outcome.mlflow_run_id, str(png), "learning_curve")
     client.log_artifact(outcome.mlflow_run_id, str(table), "learning_curve")
     print(f"plot: {png} (logged to the run under learning_curve/)")
-    print(f"final bundle (the best epoch's by validation score: step {outcome.metrics.get('step', '?')}, accuracy "
-          f"{outcome.metrics.get('val/vqa_score', math.nan):.4f} on {outcome.metrics.get('val/rows', 0):.0f} test "
-          f"questions): {outcome.bundle}")
+    print(f"final bundle (the best epoch's by validation score: step {outcome.metrics.get('step', '?')}, {metric} "
+          f"{outcome.metrics.get(f'val/{metric}', math.nan):.4f} on {outcome.metrics.get('val/rows', 0):.0f} test "
+          f"rows): {outcome.bundle}")
+    if task_cfg.task != "vqa":
+        return
     whole = [pt for pt in points if pt.rows == test_rows]  # the goal is judged on the whole test split only
     hit = next((pt for pt in whole if pt.accuracy >= GOAL_ACCURACY and pt.minutes <= GOAL_MINUTES), None)
     proper = args.limit is None and args.minutes >= GOAL_MINUTES and cores == 2

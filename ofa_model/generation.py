@@ -4,7 +4,10 @@ All searches run the encoder once and the decoder incrementally with its KV cach
 mask the logits before the softmax (the distribution is renormalised over allowed tokens):
 - `PrefixTrie`: only continuations of allowed target sequences (VQA answer lists, label sets);
 - `allowed_ranges`: only token ids in the given [start, end) ranges (bins for grounding, codes
-  for image generation), EOS always allowed.
+  for image generation), EOS always allowed;
+- `ordered_box`: a box x0 y0 x1 y1 of location tokens with x1 > x0 and y1 > y0 (ids ascend with
+  bins). Without it a model emits what it finds likely at each position: one that has not learnt to
+  locate repeats its favourite bin, and a box with x1 == x0 has no area (IoU 0 with any box).
 Length limits, <pad> and n-gram blocking only forbid tokens after the softmax, as OFA's
 generator does; like it, nothing else is banned (<s> may be generated; it decodes to nothing).
 Scores are sums of log-probabilities of the generated tokens (a forced prefix is not scored),
@@ -103,10 +106,12 @@ class PrefixTrie:
 
 @dataclass(frozen=True)
 class Constraint:
-    """What a target may contain: a trie of whole sequences and/or token-id ranges (EOS always allowed)."""
+    """What a target may contain: a trie of whole sequences and/or token-id ranges (EOS always allowed), and
+    for a box (`ordered_box`) the order of its 4 location tokens: x1 above x0, y1 above y0."""
 
     trie: PrefixTrie | None = None
     allowed_ranges: tuple[tuple[int, int], ...] = ()
+    ordered_box: bool = False
 
 
 @dataclass
@@ -152,6 +157,21 @@ class _Stepper:
             self._range_masks[ranges] = m
         return self._range_masks[ranges]
 
+    def _order_box(self, allowed: torch.Tensor, generated: list[int]) -> None:
+        """In place on one row's allowed mask (V,): x1 > x0 and y1 > y0 for a box generated as x0 y0 x1 y1
+        (location ids ascend with their bins). x0 and y0 lose the largest id still allowed, so x1 and y1 always
+        have one above them. EOS keeps its status; tokens after the box are not constrained."""
+        eos = bool(allowed[self.ids.eos])
+        n = len(generated)
+        if n < 2:  # x0 or y0
+            allowed[self.ids.eos] = False
+            ids = allowed.nonzero()
+            if ids.numel():
+                allowed[ids[-1, 0]] = False
+        elif n < 4:  # x1 after x0, y1 after y0
+            allowed[: generated[n - 2] + 1] = False
+        allowed[self.ids.eos] = eos
+
     def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, gen_start: int, step: int,
                  constraints: Sequence[Constraint | None]) -> torch.Tensor:
         """logits (R, V) for generated step `step`; tokens (R, t) so far, generation began at column gen_start."""
@@ -172,6 +192,8 @@ class _Stepper:
                     nxt = c.trie.allowed(tokens[r, gen_start:].tolist())
                     row[nxt if nxt else [ids.eos]] = True
                     allowed[r] &= row
+                if c.ordered_box:
+                    self._order_box(allowed[r], tokens[r, gen_start:].tolist())
             logits = logits.masked_fill(~allowed, -math.inf)
         # Constraints renormalise the distribution; the rules below only forbid tokens, so scores
         # stay the model's own log-probabilities (as fairseq scores them).

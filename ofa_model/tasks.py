@@ -591,9 +591,11 @@ def _no_constraint(vocab, pcfg: PreprocessConfig) -> Constraint | None:
 
 
 def _bin_constraint(vocab, pcfg: PreprocessConfig) -> Constraint:
-    """Only bins that fall inside the image (all of them when S == max_image_size)."""
+    """Only bins that fall inside the image (all of them when S == max_image_size), in a box's order: x1 > x0,
+    y1 > y0. OFA's RefCOCO scripts decode without a constraint (a fine-tuned model emits ordered bins on its
+    own); a model still learning does not, and its box without area scores IoU 0 whatever the reference."""
     last = min(vocab.num_bins - 1, math.ceil((vocab.num_bins - 1) * pcfg.box_scale))
-    return Constraint(allowed_ranges=((vocab.bin_offset, vocab.bin_offset + last + 1),))
+    return Constraint(allowed_ranges=((vocab.bin_offset, vocab.bin_offset + last + 1),), ordered_box=True)
 
 
 def _code_constraint(vocab, pcfg: PreprocessConfig) -> Constraint:

@@ -99,6 +99,69 @@ def test_constraints_never_violated(model, batch, mode):
         assert [hs[0].tokens for hs in forced] == answers
 
 
+BINS = (59457 - 1000, 59457)  # the location tokens of the default vocabulary
+
+
+def _one_bin_model(model, favourite: int) -> OFAModel:
+    """A model that has learnt nothing but one favourite location token: every decoder position has the same
+    hidden state v (final layer norm weight 0, bias v) and the favourite's output row is 10 v, so its logit
+    (10 |v|^2) tops every other token's at every step, whatever the image. A barely trained grounding model
+    (the quick demo's) behaves so."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        ln = m.decoder.layer_norm
+        ln.weight.zero_()
+        ln.bias.copy_(torch.randn(ln.bias.shape, generator=torch.Generator().manual_seed(3)))
+        m.decoder.output_projection.weight[favourite] = 10 * ln.bias
+    return m
+
+
+@pytest.mark.parametrize("beam_size", [1, 5])
+def test_an_ordered_box_has_area_even_when_the_model_repeats_one_bin(model, batch, beam_size):
+    src, img = batch
+    fav = BINS[0] + 400
+    m = _one_bin_model(model, fav)
+    cfg = GenerationConfig(beam_size=beam_size, min_len=4, max_len_b=4)
+    ranges = Constraint(allowed_ranges=(BINS,))
+    # bins alone: the favourite four times, x1 == x0 and y1 == y0, a box without area (IoU 0 with anything)
+    assert [hs[0].tokens for hs in generate(m, src, img, cfg=cfg, ids=IDS, constraints=ranges)] == [[fav] * 4] * 4
+    ordered = generate(m, src, img, cfg=cfg, ids=IDS,
+                       constraints=Constraint(allowed_ranges=(BINS,), ordered_box=True))
+    for hs in ordered:
+        x0, y0, x1, y1 = hs[0].tokens
+        assert (x0, y0) == (fav, fav) and x1 > x0 and y1 > y0 and max(x1, y1) < BINS[1]
+
+
+def test_an_ordered_box_never_starts_at_the_last_allowed_bin(model, batch):
+    src, img = batch
+    top = BINS[0] + 125  # e.g. 64 px of a 512 px bin range: bins 0..125
+    m = _one_bin_model(model, top)
+    cons = Constraint(allowed_ranges=((BINS[0], top + 1),), ordered_box=True)
+    for hs in generate(m, src, img, cfg=GenerationConfig(beam_size=3, min_len=4, max_len_b=4), ids=IDS,
+                       constraints=cons):
+        x0, y0, x1, y1 = hs[0].tokens  # x0 and y0 leave the top bin to x1 and y1, who take it
+        assert x0 < top and y0 < top and (x1, y1) == (top, top)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "beam", "sample"])
+def test_ordered_boxes_never_violated(model, batch, mode):
+    src, img = batch
+    base = dict(min_len=4, max_len_b=4, beam_size=1 if mode != "beam" else 4)
+    if mode == "sample":
+        base.update(sampling=True, top_k=50, num_return_sequences=3, seed=7)
+    model = copy.deepcopy(model)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.decoder.layers[0].fc2.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        out = generate(model, src, img, ids=IDS, cfg=GenerationConfig(**base),
+                       constraints=Constraint(allowed_ranges=(BINS,), ordered_box=True))
+        for hs in out:
+            for h in hs:
+                x0, y0, x1, y1 = h.tokens
+                assert all(BINS[0] <= t < BINS[1] for t in h.tokens) and x1 > x0 and y1 > y0
+
+
 def test_no_repeat_ngram(model, batch):
     src, img = batch
     plain = generate(model, src, img, cfg=GenerationConfig(beam_size=1, max_len_b=15), ids=IDS)

@@ -101,6 +101,14 @@ def test_grounding_bins_and_round_trip(vocab):
     assert aug["image"].shape == (3, 64, 64) and all(vocab.is_bin(t) for t in aug["target"][:4])
 
 
+def test_grounding_decodes_an_ordered_box_of_the_bins_inside_the_image(vocab):
+    row = {"image": png((80, 60)), "text": "it"}
+    for pcfg, last in ((PreprocessConfig(patch_image_size=64), 125), (PCFG, 999)):  # 64 of 512 px: bins 0..125
+        cons = inference_request(TASKS["grounding"], row, vocab, pcfg).constraint
+        assert cons.allowed_ranges == ((vocab.bin_offset, vocab.bin_offset + last + 1),) and cons.ordered_box
+    assert inference_request(TASKS["text_to_image"], {"text": "a cat"}, vocab, PCFG).constraint.ordered_box is False
+
+
 def test_box_bins_are_normalised_by_max_image_size(vocab):
     # OFA divides resized-pixel coordinates by --max-image-size (512): at 480 px a full-image box is bin 937
     pcfg = PreprocessConfig(patch_image_size=480)
