@@ -695,3 +695,13 @@ def test_easy_vqa_captions_are_judged_by_the_image_labels():
     assert not caption_fully_right(None, "a red circle")  # no prediction
     with pytest.raises(ValueError, match="one colour and one shape"):
         caption_fully_right("a red circle", "a shape")
+
+
+def test_the_share_of_captions_fully_right_counts_each_pair():
+    from pipelines.data.converters.easyvqa import share_fully_right
+
+    refs = ["a red circle", "a blue rectangle", "a green triangle", "a red circle"]
+    assert share_fully_right(["a red circle", "a blue circle", None, "red circle"], refs) == 0.5
+    assert share_fully_right([], []) == 0.0
+    with pytest.raises(ValueError, match="3 predictions for 4 references"):
+        share_fully_right(["a red circle"] * 3, refs)

@@ -532,12 +532,9 @@ def _stage_evaluate(demo: _Demo) -> None:
 
 def _captions_right(predictions: list[Any], records: list[dict]) -> float:
     """The share of captions that name their image's colour and shape (easy-VQA's labels)."""
-    from pipelines.data.converters.easyvqa import caption_fully_right
+    from pipelines.data.converters.easyvqa import share_fully_right
 
-    if not records:
-        return 0.0
-    return sum(caption_fully_right(p, r["reference"][0]) for p, r in zip(predictions, records, strict=True)) \
-        / len(records)
+    return share_fully_right(predictions, [r["reference"][0] for r in records])
 
 
 def _stage_serve(demo: _Demo) -> None:

@@ -191,6 +191,13 @@ def caption_fully_right(prediction: str | None, reference: str) -> bool:
     return caption_attributes(prediction) == (colours, shapes)
 
 
+def share_fully_right(predictions: Sequence[str | None], references: Sequence[str]) -> float:
+    """The share of predicted captions that are `caption_fully_right` against their reference (0 for none)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    return sum(map(caption_fully_right, predictions, references)) / len(references) if references else 0.0
+
+
 def _negative_caption(shape: str, color: str, rng: random.Random) -> str:
     """A caption that is false for a (shape, colour) image: the shape or the colour swapped."""
     if rng.random() < 0.5:
