@@ -4,7 +4,8 @@
         --patch-image-size 480 --max-src-length 80 --max-tgt-length 20 --output DIR [--ema] [--overwrite]
 
 Every failure (a bad option, a file that is missing, corrupt, unsafe or does not fit the architecture, an output
-that cannot be written) is one `error: ...` line on stderr and exit status 2.
+that cannot be written, a full disk) is one `error: ...` line on stderr and exit status 2; a failed write leaves the
+bundle already at the output as it was.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="normalise images with ImageNet's mean and std (OFA's ImageNet fine-tune) instead of 0.5")
     p.add_argument("--output", required=True, help="bundle directory to write (absent or empty)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the bundle at --output; the old one stays until the new one is complete")
+                   help="replace the bundle at --output; the old one stays until the new one is complete, and a "
+                        "directory holding files other than the bundle's is refused, naming them")
     args = p.parse_args(argv)
     setup_logging()
     try:

@@ -7,7 +7,7 @@ need in every Ray read task) does not pull in torch and the model.
 import importlib
 
 _EXPORTS = {
-    "ofa_model.bundle": ("Bundle", "load_bundle", "save_bundle"),
+    "ofa_model.bundle": ("Bundle", "BundleLimits", "load_bundle", "save_bundle"),
     "ofa_model.checkpoint": ("import_checkpoint",),
     "ofa_model.architecture": ("ARCHITECTURES", "OFAConfig", "Regularization", "get_config"),
     "ofa_model.generation": ("Constraint", "GenerationConfig", "Hypothesis", "PrefixTrie", "generate",

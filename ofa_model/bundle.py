@@ -9,12 +9,14 @@ Every way a bundle can be wrong is a `BundleError` (an `InputError`) naming the 
 the bundle's directory, each under a size cap; config.json is validated field by field, and the safetensors
 header's shapes are compared with the architecture (built on the meta device) before any weight is allocated.
 Saving writes into a temporary directory beside the target and renames it into place, so no reader ever sees
-half a bundle.
+half a bundle; a failed write (a full disk) is an OSError and leaves the old bundle as it was.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -30,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from ofa_model import errors
 from ofa_model.architecture import OFAConfig
-from ofa_model.errors import ConfigError, InputError
+from ofa_model.errors import ConfigError, InputError, check_value
 from ofa_model.model import OFAModel
 from ofa_model.preprocess import PreprocessConfig
 from ofa_model.safe_load import file_kind
@@ -69,13 +71,45 @@ class BundleError(InputError):
 # Checks shared by saving and loading
 
 
-def check_preprocess_fits(preprocess: PreprocessConfig, config: OFAConfig) -> None:
-    """Raise ConfigError, naming both numbers, when `preprocess` asks for more than the model's tables hold."""
+@dataclass(frozen=True)
+class BundleLimits:
+    """The most work a bundle's architecture and preprocessing may ask of one input, checked when a bundle is saved
+    and when it is loaded, before anything is allocated.
+
+    The encoder attends over the image's patches and the source tokens together, so one input costs
+    attention_heads x max_encoder_tokens^2 scores per encoder layer (x 4 bytes in fp32): 0.5 GB at the defaults for
+    ofa-huge's 16 heads. The defaults are the most the released models can take: their image_bucket_size 42 allows
+    a 42x42 grid (672 px; OFA runs at 384-512 px, 576-1024 patches) and max_source_positions 1024 source tokens.
+    An architecture with a larger bucket table (the field allows 256, i.e. 65,536 patches: 68 GB of attention for
+    one input on ofa-micro) loads only when these are raised on purpose.
+    """
+
+    max_image_tokens: int = 42 * 42  # patches of one image: ceil(patch_image_size / 16)^2
+    max_encoder_tokens: int = 42 * 42 + 1024  # image patches + source tokens (max_src_length + <s> and </s>)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            check_value(f"BundleLimits.{f.name}", getattr(self, f.name), int, 1, math.inf)
+
+
+def check_preprocess_fits(preprocess: PreprocessConfig, config: OFAConfig, limits: BundleLimits | None = None) -> None:
+    """Raise ConfigError, naming both numbers, when `preprocess` asks for more than the model's tables hold or more
+    image or encoder tokens than `limits` (default `BundleLimits()`) allow."""
+    limits = BundleLimits() if limits is None else limits
     s, buckets = preprocess.patch_image_size, config.image_bucket_size
     grid = -(-s // PATCH_STRIDE)
     if grid > buckets:
         raise ConfigError(f"patch_image_size {s} gives a {grid}x{grid} patch grid, larger than the model's "
                           f"image_bucket_size {buckets} (at most {buckets * PATCH_STRIDE} px)")
+    if grid * grid > limits.max_image_tokens:
+        raise ConfigError(f"patch_image_size {s} gives {grid * grid:,} image tokens ({grid}x{grid} patches), over "
+                          f"BundleLimits.max_image_tokens {limits.max_image_tokens:,}; raise the limit only for a "
+                          "model trained at that resolution")
+    encoder = grid * grid + preprocess.max_src_length + 2
+    if encoder > limits.max_encoder_tokens:
+        raise ConfigError(f"patch_image_size {s} and max_src_length {preprocess.max_src_length} give "
+                          f"{encoder:,} encoder tokens ({grid * grid:,} image + {preprocess.max_src_length + 2:,} "
+                          f"source), over BundleLimits.max_encoder_tokens {limits.max_encoder_tokens:,}")
     if preprocess.max_src_length + 2 > config.max_source_positions:
         raise ConfigError(f"max_src_length {preprocess.max_src_length} (+ <s> and </s>) exceeds the model's "
                           f"max_source_positions {config.max_source_positions}")
@@ -112,7 +146,7 @@ def _check_custom_tasks(tasks, where: str) -> None:
             raise BundleError(f"{where}: custom_tasks.{name} must be an instruction line, got {type(line).__name__}")
         try:
             parse_instruction(line, name)
-        except ValueError as e:  # parse_instruction's error for a malformed line
+        except ConfigError as e:  # parse_instruction's error for a malformed line
             raise BundleError(f"{where}: custom_tasks.{name}: {e}") from e
 
 
@@ -278,14 +312,15 @@ class Bundle:
 
 def save_bundle(path: str | Path, model: OFAModel, vocab, *, preprocess: PreprocessConfig,
                 custom_tasks: Mapping[str, str] | None = None, metadata: Mapping | None = None,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, limits: BundleLimits | None = None) -> Path:
     """Write `model`, its vocabulary reference, preprocessing and custom tasks ({name: instruction line}) as a
     bundle directory at `path`.
 
-    Everything is checked first (the vocabulary and `preprocess` against the model, custom task names against the
-    built-in tasks, finite weights). The bundle is written into a temporary directory beside `path` and renamed
-    into place. A non-empty `path` is refused unless `overwrite`; then it must hold a bundle, which is replaced
-    only once the new one is complete.
+    Everything is checked first (the vocabulary and `preprocess` against the model and `limits`, custom task names
+    against the built-in tasks, metadata as plain JSON, finite weights): a BundleError naming the field. The bundle
+    is written into a temporary directory beside `path` and renamed into place; a failed write is an OSError and
+    leaves `path` as it was. A non-empty `path` is refused unless `overwrite`; then it must hold a bundle and
+    nothing else, which is replaced only once the new one is complete.
     """
     path = Path(path)
     if not isinstance(preprocess, PreprocessConfig):
@@ -296,9 +331,13 @@ def save_bundle(path: str | Path, model: OFAModel, vocab, *, preprocess: Preproc
         raise BundleError(f"vocabulary (size {len(vocab)}, pad {vocab.pad_id}) does not fit the model "
                           f"(vocab_size {config.vocab_size}, pad {config.pad_id})")
     try:
-        check_preprocess_fits(preprocess, config)
+        check_preprocess_fits(preprocess, config, limits)
     except ConfigError as e:
         raise BundleError(f"cannot save a bundle to {path}: preprocess: {e}") from e
+    for what, value in (("custom_tasks", custom_tasks), ("metadata", metadata)):
+        if value is not None and not isinstance(value, Mapping):
+            raise BundleError(f"cannot save a bundle to {path}: {what} must be a mapping (a dict) or None, got "
+                              f"{type(value).__name__}")
     custom_tasks = dict(custom_tasks or {})
     _check_custom_tasks(custom_tasks, f"cannot save a bundle to {path}")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in TIED_KEYS}
@@ -323,7 +362,7 @@ def save_bundle(path: str | Path, model: OFAModel, vocab, *, preprocess: Preproc
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is read by other users (serving)
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": BUNDLE_FORMAT})
+        _write_weights(state, tmp / WEIGHTS_FILE)
         body["vocab"] = vocab.to_reference(tmp)
         (tmp / CONFIG_FILE).write_text(json.dumps(body, indent=2, sort_keys=True))
         _fsync_dir(tmp)
@@ -334,15 +373,31 @@ def save_bundle(path: str | Path, model: OFAModel, vocab, *, preprocess: Preproc
     return path
 
 
-def _is_bundle(path: Path) -> bool:
+def _write_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, with its write errors (a full disk) as the OSError they are."""
     try:
-        return read_bundle_config(path)["format"] == BUNDLE_FORMAT
-    except BundleError:
-        return False
+        save_file(state, str(path), metadata={"format": BUNDLE_FORMAT})
+    except SafetensorError as e:  # "Error while serializing: I/O error: No space left on device (os error 28)"
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise OSError(f"cannot write {path}: {e}") from e
+        raise OSError(int(code.group(1)), f"{os.strerror(int(code.group(1)))} ({e})", str(path)) from e
+
+
+def _own_files(cfg: Mapping) -> set[str]:
+    """Names of the entries at the top of a bundle directory that its config.json accounts for."""
+    own = {CONFIG_FILE, WEIGHTS_FILE}
+    ref = cfg.get("vocab")
+    dict_txt = ref.get("dict_txt") if isinstance(ref, Mapping) else None
+    if isinstance(dict_txt, str) and dict_txt and not Path(dict_txt).is_absolute():
+        own.add(Path(dict_txt).parts[0])
+    return own
 
 
 def check_bundle_target(path: Path, overwrite: bool) -> None:
-    """BundleError unless `path` is absent, an empty directory, or (with `overwrite`) a bundle to replace."""
+    """BundleError unless `path` is absent, an empty directory, or (with `overwrite`) a bundle to replace that
+    holds nothing but its own files: overwriting replaces the whole directory, so a user's other files there are
+    named and refused, never deleted."""
     if path.is_symlink():
         raise BundleError(f"{path} is a symbolic link; write the bundle to a real directory path")
     if not path.exists():
@@ -353,9 +408,15 @@ def check_bundle_target(path: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise BundleError(f"{path} is not empty; pass overwrite=True (--overwrite) to replace the bundle there")
-    if not _is_bundle(path):
+    try:
+        cfg = read_bundle_config(path)
+    except BundleError:
         raise BundleError(f"{path} is not empty and holds no readable {BUNDLE_FORMAT}; refusing to replace it "
-                          "(remove it yourself if it should go)")
+                          "(remove it yourself if it should go)") from None
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in _own_files(cfg))
+    if foreign:
+        raise BundleError(f"{path} holds files that are not part of its bundle: {foreign}; overwrite replaces the "
+                          "whole directory, so refusing (move them elsewhere, or write the bundle to another path)")
 
 
 def _fsync(path: Path) -> None:
@@ -404,12 +465,12 @@ def load_bundle_vocab(path: str | Path) -> Vocabulary:
     return _load_vocab(root, cfg["vocab"], config, where)
 
 
-def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
+def load_bundle(path: str | Path, device: str | torch.device = "cpu", *, limits: BundleLimits | None = None) -> Bundle:
     """Rebuild model (eval mode, on `device`), vocabulary, preprocessing and custom tasks from a bundle.
 
-    Every section of config.json is checked, the preprocessing against the model, and the weights' header
-    against the architecture, before the model is allocated. Any problem is a BundleError (a
-    CheckpointMismatchError for weights that do not fit) naming the file and the field.
+    Every section of config.json is checked, the preprocessing against the model and `limits` (default
+    `BundleLimits()`), and the weights' header against the architecture, before the model is allocated. Any problem
+    is a BundleError (a CheckpointMismatchError for weights that do not fit) naming the file and the field.
     """
     root = _bundle_root(path)
     cfg = read_bundle_config(root)
@@ -423,7 +484,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     except ConfigError as e:
         raise BundleError(f"{where}: preprocess: {e}; {_PREPROCESS_FIX}") from e
     try:
-        check_preprocess_fits(preprocess, config)
+        check_preprocess_fits(preprocess, config, limits)
         expected = expected_state(config)
     except ConfigError as e:
         raise BundleError(f"{where}: {e}") from e

@@ -59,6 +59,7 @@ BAD_BUNDLE = "bad_bundle"  # a bundle directory or file that is missing, outside
 UNKNOWN_TASK = "unknown_task"  # a task name that is not one of the known tasks
 BAD_SETTING = "bad_setting"  # a decoding setting or mode of the wrong type or outside its allowed range
 LIMIT_EXCEEDED = "limit_exceeded"  # a request over a configured work limit (items, beam x length, candidates, text)
+DUPLICATE_CANDIDATE = "duplicate_candidate"  # a candidate answer listed twice in one input
 NO_HYPOTHESIS = "no_hypothesis"  # decoding gave no answer of the task's form (no hypothesis, too few box tokens)
 
 

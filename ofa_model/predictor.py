@@ -25,13 +25,15 @@ from typing import Any
 
 import torch
 
-from ofa_model.bundle import load_bundle
+from ofa_model.bundle import BundleLimits, load_bundle
 from ofa_model.errors import (
     BAD_SETTING,
     BAD_TYPE,
     LIMIT_EXCEEDED,
     UNKNOWN_TASK,
+    ConfigError,
     InputError,
+    check_keys,
     check_value,
     error_dict,
 )
@@ -60,7 +62,14 @@ _GEN_FIELDS = {f.name for f in dataclasses.fields(GenerationConfig)}
 class PredictorLimits:
     """The most work one predict call or one input may ask for. The defaults keep one input to a few seconds of
     CPU on ofa-tiny. Image bytes and pixels are `PreprocessConfig`'s limits; source and target tokens are
-    truncated to its `max_src_length` / `max_tgt_length`, as OFA does."""
+    truncated to its `max_src_length` / `max_tgt_length`, as OFA does; image and encoder tokens per input are
+    the bundle's `BundleLimits`, checked when it loads. `OFAPredictor(limits=...)` also takes a mapping of some
+    of these fields.
+
+    Memory of one image: decoding holds up to 11 bytes a pixel at its peak (`preprocess.decode_image`), so an
+    image at `max_image_pixels` costs about 0.7 GB of RSS at the default 64 Mi pixels (8192x8192, measured for a
+    16-bit grayscale PNG; 0.5 GB for RGB) and 0.26 GB at Serve's 25 M. A chunk's images are decoded one after the
+    other, so size a process for one such image per concurrent predict call on top of the model."""
 
     max_items: int = 64  # inputs in one call; more fail the whole call
     max_beam_tokens: int = 1024  # beams (samples when sampling) x the most tokens decoding may generate
@@ -71,6 +80,20 @@ class PredictorLimits:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             check_value(f"PredictorLimits.{f.name}", getattr(self, f.name), int, 1, math.inf)
+
+    @classmethod
+    def of(cls, limits: PredictorLimits | Mapping[str, int] | None) -> PredictorLimits:
+        """`limits` itself, the defaults for None, or a mapping of some fields validated into PredictorLimits
+        (unknown keys and bad values are a ConfigError naming them)."""
+        if limits is None:
+            return cls()
+        if isinstance(limits, cls):
+            return limits
+        if not isinstance(limits, Mapping):
+            raise ConfigError(f"limits must be a PredictorLimits or a mapping of its fields, got "
+                              f"{type(limits).__name__}")
+        check_keys(cls, limits, "PredictorLimits")
+        return cls(**limits)
 
 
 class OFAPredictor:
@@ -84,7 +107,7 @@ class OFAPredictor:
 
     def __init__(self, model: OFAModel, vocab, preprocess: PreprocessConfig, *, device: str | torch.device = "cpu",
                  tasks: Mapping[str, TaskSpec] | None = None, max_batch_size: int = 16,
-                 limits: PredictorLimits | None = None, precision: str = "fp32",
+                 limits: PredictorLimits | Mapping[str, int] | None = None, precision: str = "fp32",
                  memory_format: str = "auto", fold_batchnorm: bool = True):
         # Process-wide CPU settings (e.g. torch.set_flush_denormal(True), which bench/model.py shows matters
         # after fine-tuning) belong to the process owner: the serving replica or the job entry point.
@@ -97,13 +120,15 @@ class OFAPredictor:
         self.vocab, self.preprocess = vocab, preprocess
         self.tasks = dict(TASKS if tasks is None else tasks)
         self.max_batch_size = max_batch_size
-        self.limits = PredictorLimits() if limits is None else limits
+        self.limits = PredictorLimits.of(limits)
         self.ids = SpecialIds.of(vocab)
 
     @classmethod
-    def from_bundle(cls, path: str | Path, device: str | torch.device = "cpu", **kw) -> OFAPredictor:
-        """Model, vocabulary, preprocessing and tasks (built-in plus those declared in training) of a bundle."""
-        b = load_bundle(path, device=device)
+    def from_bundle(cls, path: str | Path, device: str | torch.device = "cpu", *,
+                    bundle_limits: BundleLimits | None = None, **kw) -> OFAPredictor:
+        """Model, vocabulary, preprocessing and tasks (built-in plus those declared in training) of a bundle, loaded
+        within `bundle_limits` (image and encoder tokens per input; default `BundleLimits()`)."""
+        b = load_bundle(path, device=device, limits=bundle_limits)
         return cls(b.model, b.vocab, b.preprocess, device=device, tasks=b.tasks, **kw)
 
     def predict(self, task: str | TaskSpec, inputs: Sequence[Mapping[str, Any]]) -> list[dict]:

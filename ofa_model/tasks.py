@@ -20,6 +20,8 @@ import dataclasses
 import math
 import operator
 import re
+import reprlib
+import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from numbers import Integral
@@ -31,10 +33,12 @@ import torch
 from ofa_model.errors import (
     BAD_BOX,
     BAD_TYPE,
+    DUPLICATE_CANDIDATE,
     EMPTY_TEXT,
     MISSING_FIELD,
     NO_HYPOTHESIS,
     UNKNOWN_LABEL,
+    ConfigError,
     InputError,
     check_choice,
     error_dict,
@@ -87,6 +91,24 @@ class NoAnswerError(InputError):
     reason = NO_HYPOTHESIS
 
 
+def _placeholders(task: str, prompt: str) -> set[str]:
+    """Names of the `{name}` fields of a prompt. Any other replacement field (`{0}`, `{a.b}`, `{a!r}`, `{a:>9}`)
+    or a lone brace is a ConfigError: a prompt is filled with `str.format`, so it may only name its slots."""
+    if not isinstance(prompt, str):
+        raise ConfigError(f"task {task}: prompt must be a string, got {type(prompt).__name__}")
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(prompt) if name is not None]
+    except ValueError as e:  # str.format's error for a lone brace
+        raise ConfigError(f"task {task}: prompt {reprlib.repr(prompt)}: {e}; write a literal brace as '{{{{' "
+                          "or '}}}}'") from None
+    for name, spec, conv in fields:
+        if not re.fullmatch(r"[A-Za-z_]\w*", name) or spec or conv:
+            raise ConfigError(f"task {task}: prompt field {{{name}{'!' + conv if conv else ''}"
+                              f"{':' + spec if spec else ''}}} must be a slot name such as {{text}}, without "
+                              "index, attribute, conversion or format")
+    return {name for name, _, _ in fields}
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """One task: prompt, inputs, target, decoding defaults and metric."""
@@ -118,15 +140,15 @@ class TaskSpec:
                               ("inference", INFERENCE_KINDS), ("slot_norm", tuple(NORMALIZERS)),
                               ("target_norm", tuple(NORMALIZERS))):
             check_choice(f"task {self.name}: {attr}", getattr(self, attr), allowed)
-        names = set(re.findall(r"{(\w+)}", self.prompt))
+        names = _placeholders(self.name, self.prompt)
         if names != {p for p, _ in self.slots}:
-            raise ValueError(f"task {self.name}: prompt placeholders {sorted(names)} != slots {self.slots}")
+            raise ConfigError(f"task {self.name}: prompt placeholders {sorted(names)} != slots {self.slots}")
         if self.inference == "candidates" and self.target_kind not in ("label", "text"):
-            raise ValueError(f"task {self.name}: candidate scoring needs text or label targets")
+            raise ConfigError(f"task {self.name}: candidate scoring needs text or label targets")
         if self.output_key is not None and (not isinstance(self.output_key, str) or not self.output_key
                                             or self.output_key in _RESULT_KEYS):
-            raise ValueError(f"task {self.name}: output_key must be a non-empty str other than {_RESULT_KEYS}, "
-                             f"got {self.output_key!r}")
+            raise ConfigError(f"task {self.name}: output_key must be a non-empty str other than {_RESULT_KEYS}, "
+                              f"got {self.output_key!r}")
 
     @property
     def answer_key(self) -> str:
@@ -210,6 +232,7 @@ TASKS: dict[str, TaskSpec] = {
 _SLOT = re.compile(r"\[(\w*):([^\]]*)\]")
 _SOURCE_KINDS = ("IMAGE", "TEXT", "BOX")
 _TARGET_KINDS = {"TEXT": "text", "BOX": "box", "LABEL": "label"}
+MAX_INSTRUCTION_SLOTS = 100  # [TEXT:column] slots of one instruction line (OFA's prompts have at most 2)
 
 
 def parse_instruction(line: str, name: str = "custom") -> TaskSpec:
@@ -217,51 +240,59 @@ def parse_instruction(line: str, name: str = "custom") -> TaskSpec:
     `[IMAGE:image] what does the image describe? -> [TEXT:caption]` or
     `[IMAGE:img] which region does the text " [TEXT:phrase] " describe? -> [BOX:box]`.
 
-    Source slots: [IMAGE:col] (at most one), [TEXT:col] (text filled into the prompt), [BOX:col]
-    (a region rendered as 4 location tokens). Target: exactly one [TEXT:col], [BOX:col] or
-    [LABEL:col] (a class word, scored against candidates).
+    Source slots: [IMAGE:col] (at most one), [TEXT:col] (text filled into the prompt; at most
+    MAX_INSTRUCTION_SLOTS), [BOX:col] (a region rendered as 4 location tokens). Target: exactly one [TEXT:col],
+    [BOX:col] or [LABEL:col] (a class word, scored against candidates). Braces in the prompt are literal text.
+    A malformed line is a ConfigError naming the instruction and the slot or limit.
     """
+    if not isinstance(line, str):
+        raise ConfigError(f"custom task {name}: the instruction must be a line of text, got {type(line).__name__}")
+
+    def bad(message: str) -> ConfigError:
+        return ConfigError(f"instruction {reprlib.repr(line) if len(line) > 200 else repr(line)}: {message}")
+
     if line.count("->") != 1:
-        raise ValueError(f"instruction {line!r}: needs exactly one '->' between source and target")
+        raise bad("needs exactly one '->' between source and target")
     left, right = (s.strip() for s in line.split("->"))
     for kind, col in _SLOT.findall(line):
         if not col.strip() or not re.fullmatch(r"[A-Za-z_][\w.]*", col.strip()):
-            raise ValueError(f"instruction {line!r}: slot [{kind}:{col}] needs a column name (letters, digits, _)")
+            raise bad(f"slot [{kind}:{col}] needs a column name (letters, digits, _)")
     image_cols = [c for k, c in _SLOT.findall(left) if k == "IMAGE"]
     for kind, col in _SLOT.findall(left):
         if kind not in _SOURCE_KINDS:
-            raise ValueError(f"instruction {line!r}: unknown source slot [{kind}:{col}]; use one of "
-                             f"{', '.join(f'[{k}:column]' for k in _SOURCE_KINDS)}")
+            raise bad(f"unknown source slot [{kind}:{col}]; use one of "
+                      f"{', '.join(f'[{k}:column]' for k in _SOURCE_KINDS)}")
     if len(image_cols) > 1:
-        raise ValueError(f"instruction {line!r}: at most one [IMAGE:column] slot, got {image_cols}")
+        raise bad(f"at most one [IMAGE:column] slot, got {image_cols}")
     targets = _SLOT.findall(right)
     if len(targets) != 1 or _SLOT.sub("", right).strip():
-        raise ValueError(f"instruction {line!r}: the target side must be exactly one slot such as [TEXT:column], "
-                         f"got {right!r}")
+        raise bad(f"the target side must be exactly one slot such as [TEXT:column], got {reprlib.repr(right)}")
     t_kind, t_col = targets[0]
     if t_kind not in _TARGET_KINDS:
-        raise ValueError(f"instruction {line!r}: unknown target slot [{t_kind}:{t_col}]; use [TEXT:column], "
-                         "[BOX:column] or [LABEL:column]")
+        raise bad(f"unknown target slot [{t_kind}:{t_col}]; use [TEXT:column], [BOX:column] or [LABEL:column]")
     if t_kind == "BOX" and not image_cols:
-        raise ValueError(f"instruction {line!r}: target [BOX:{t_col}] needs an [IMAGE:column] slot to locate it in")
+        raise bad(f"target [BOX:{t_col}] needs an [IMAGE:column] slot to locate it in")
     boxes = [c for k, c in _SLOT.findall(left) if k == "BOX"]
     if len(boxes) > 1:
-        raise ValueError(f"instruction {line!r}: at most one [BOX:column] source slot, got {boxes}")
+        raise bad(f"at most one [BOX:column] source slot, got {boxes}")
     if boxes and not image_cols:
-        raise ValueError(f"instruction {line!r}: source [BOX:{boxes[0]}] needs an [IMAGE:column] slot")
+        raise bad(f"source [BOX:{boxes[0]}] needs an [IMAGE:column] slot")
     text = re.sub(r"\[IMAGE:[^\]]*\]", "", left)
     text = re.sub(r"\[BOX:[^\]]*\]", "", text)
-    slots, counter = [], iter(range(100))
+    n_text = len(_SLOT.findall(text))
+    if n_text > MAX_INSTRUCTION_SLOTS:
+        raise bad(f"{n_text} [TEXT:column] slots, over the limit of {MAX_INSTRUCTION_SLOTS} (MAX_INSTRUCTION_SLOTS)")
+    slots: list[tuple[str, str]] = []
 
     def repl(m: re.Match) -> str:
-        ph = f"slot{next(counter)}"
+        ph = f"slot{len(slots)}"
         slots.append((ph, m.group(2).strip()))
         return "{" + ph + "}"
 
-    text = _SLOT.sub(repl, text.replace("{", "{{").replace("}", "}}"))
+    text = _SLOT.sub(repl, text.replace("{", "{{").replace("}", "}}"))  # the line's own braces stay literal
     prompt = " " + " ".join(text.split())
     if not prompt.strip() and not slots:
-        raise ValueError(f"instruction {line!r}: the source has no prompt text")
+        raise bad("the source has no prompt text")
     kind = _TARGET_KINDS[t_kind]
     spec = TaskSpec(
         name=name, prompt=prompt, slots=tuple(slots), image_field=image_cols[0].strip() if image_cols else None,
@@ -660,6 +691,13 @@ def inference_request(spec: TaskSpec, item: Mapping[str, Any], vocab, pcfg: Prep
         cands = list(spec.labels)
     elif not isinstance(cands, (list, tuple)) or not all(isinstance(c, str) and c.strip() for c in cands):
         raise TaskInputError(f"task {spec.name}: 'candidates' must be a list of non-empty strings", BAD_TYPE)
+    else:  # answers are keyed by candidate in "scores": a repeated one would collapse there
+        seen: set[str] = set()
+        for c in cands:
+            if c in seen:
+                raise TaskInputError(f"task {spec.name}: 'candidates' lists {reprlib.repr(c)} more than once; "
+                                     "each candidate must be unique", DUPLICATE_CANDIDATE)
+            seen.add(c)
     cand_tokens = [text_target_tokens(spec.replace(target_kind="text"), c, vocab, pcfg) for c in cands]
     constraint = TARGETS[spec.target_kind].constraint(vocab, pcfg)
     if constraint is None and mode == "trie":  # beam search restricted to the candidate answers

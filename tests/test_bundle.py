@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -9,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ofa_model import bundle as bundle_module
 from ofa_model.architecture import get_config
-from ofa_model.bundle import BundleError, load_bundle, save_bundle
-from ofa_model.errors import InputError
+from ofa_model.bundle import BundleError, BundleLimits, load_bundle, save_bundle
+from ofa_model.errors import ConfigError, InputError
 from ofa_model.model import OFAModel
 from ofa_model.predictor import OFAPredictor
 from ofa_model.preprocess import PreprocessConfig
@@ -171,6 +173,86 @@ def test_preprocess_is_checked_against_the_model_at_save(micro, vocab, tmp_path)
         save_bundle(tmp_path / "b", micro, vocab, preprocess=PreprocessConfig(patch_image_size=1024))
     assert not (tmp_path / "b").exists()
 
+
+@pytest.fixture(scope="module")
+def wide_buckets(tmp_path_factory, vocab) -> Path:
+    """A bundle whose architecture has the largest bucket table the config allows (256: a 256x256 patch grid)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("wide") / "bundle"
+    save_bundle(path, OFAModel(get_config("ofa-micro", image_bucket_size=256)), vocab, preprocess=PCFG)
+    return path
+
+
+def test_image_tokens_over_the_limit_are_refused_before_allocating(wide_buckets, tmp_path, no_real_model):
+    """The grid fits the bucket table, but 65,536 patches would ask ~68 GB of attention for every input."""
+    bundle = Path(shutil.copytree(wide_buckets, tmp_path / "bundle"))
+    edit_config(bundle, lambda c: c["preprocess"].update(patch_image_size=4096))
+    with pytest.raises(BundleError, match=r"config\.json: patch_image_size 4096 gives 65,536 image tokens "
+                                          r"\(256x256 patches\), over BundleLimits\.max_image_tokens 1,764") as err:
+        load_bundle(bundle)
+    assert err.value.reason == "bad_bundle"
+
+
+def test_the_token_limits_are_configurable(wide_buckets, tmp_path):
+    bundle = Path(shutil.copytree(wide_buckets, tmp_path / "bundle"))
+    edit_config(bundle, lambda c: c["preprocess"].update(patch_image_size=1024))  # 64x64 patches
+    with pytest.raises(BundleError, match="over BundleLimits.max_image_tokens"):
+        load_bundle(bundle)
+    wide = BundleLimits(max_image_tokens=4096, max_encoder_tokens=4096 + 42)
+    assert load_bundle(bundle, limits=wide).preprocess.patch_image_size == 1024
+    p = OFAPredictor.from_bundle(bundle, bundle_limits=wide)
+    assert p.preprocess.patch_image_size == 1024
+    with pytest.raises(BundleError, match=r"patch_image_size 1024 and max_src_length 40 give 4,138 encoder tokens "
+                                          r"\(4,096 image \+ 42 source\), over BundleLimits\.max_encoder_tokens "
+                                          r"4,137"):
+        load_bundle(bundle, limits=BundleLimits(max_image_tokens=4096, max_encoder_tokens=4137))
+    for bad in (0, True, 2.5):
+        with pytest.raises(ConfigError, match=r"BundleLimits\.max_image_tokens must"):
+            BundleLimits(max_image_tokens=bad)
+
+
+def test_the_token_limits_are_checked_at_save(wide_buckets, tmp_path, vocab):
+    model = load_bundle(wide_buckets).model
+    with pytest.raises(BundleError, match=r"cannot save a bundle to .*: preprocess: patch_image_size 4096 gives "
+                                          r"65,536 image tokens"):
+        save_bundle(tmp_path / "b", model, vocab, preprocess=PreprocessConfig(patch_image_size=4096))
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("std", [1e-300] * 3, r"PreprocessConfig\.std\[0\] 1e-300 is 0\.0 in float32"),
+    ("mean", [1e308, 0.5, 0.5], r"PreprocessConfig\.mean\[0\] 1e\+308 is not finite in float32"),
+], ids=["std", "mean"])
+def test_normalisation_that_vanishes_in_float32_does_not_load(bundle, key, value, message):
+    edit_config(bundle, lambda c: c["preprocess"].update({key: value}))
+    with pytest.raises(BundleError, match=r"config\.json: preprocess: " + message):
+        load_bundle(bundle)
+
+
+def test_a_custom_task_over_the_slot_limit_is_a_bundle_error(bundle, micro, vocab, tmp_path):
+    line = "[IMAGE:image] " + " ".join(f"[TEXT:c{i}]" for i in range(101)) + " -> [TEXT:t]"
+    message = r"custom_tasks\.wide: instruction .*: 101 \[TEXT:column\] slots, over the limit of 100"
+    edit_config(bundle, lambda c: c.update(custom_tasks={"wide": line}))
+    with pytest.raises(BundleError, match=r"config\.json: " + message):
+        load_bundle(bundle)
+    with pytest.raises(BundleError, match=message):
+        save_bundle(tmp_path / "b", micro, vocab, preprocess=PCFG, custom_tasks={"wide": line})
+
+
+def test_braces_in_a_custom_task_are_literal(bundle, tmp_path):
+    edit_config(bundle, lambda c: c.update(custom_tasks={"odd": "[IMAGE:image] {0} {__class__} [TEXT:q] -> [TEXT:a]"}))
+    assert load_bundle(bundle).tasks["odd"].prompt == " {{0}} {{__class__}} {slot0}"
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(custom_tasks=["x"]), r"custom_tasks must be a mapping \(a dict\) or None, got list"),
+    (dict(metadata=[1, 2]), r"metadata must be a mapping \(a dict\) or None, got list"),
+    (dict(metadata="run"), r"metadata must be a mapping \(a dict\) or None, got str"),
+], ids=["custom_tasks-list", "metadata-list", "metadata-str"])
+def test_save_names_custom_tasks_or_metadata_of_the_wrong_type(micro, vocab, tmp_path, kw, message):
+    with pytest.raises(BundleError, match=message):
+        save_bundle(tmp_path / "b", micro, vocab, preprocess=PCFG, **kw)
+    assert not (tmp_path / "b").exists()
 
 @pytest.mark.parametrize("tasks, message", [
     ({"caption": DESCRIBE}, r"custom task 'caption' has the name of a built-in task"),
@@ -419,6 +501,36 @@ def test_overwrite_never_replaces_what_is_not_a_bundle(tmp_path, micro, vocab):
     with pytest.raises(BundleError, match="exists and is not a directory"):
         save_bundle(tmp_path / "file", micro, vocab, preprocess=PCFG, overwrite=True)
 
+
+
+def test_overwrite_refuses_a_bundle_directory_holding_other_files(bundle, micro, vocab):
+    (bundle / "notes.txt").write_text("precious")
+    (bundle / "eval").mkdir()
+    with pytest.raises(BundleError, match=r"holds files that are not part of its bundle: \['eval', 'notes\.txt'\]"):
+        save_bundle(bundle, micro, vocab, preprocess=PCFG, overwrite=True)
+    assert (bundle / "notes.txt").read_text() == "precious" and (bundle / "eval").is_dir()
+    assert load_bundle(bundle).custom_tasks == {"describe": DESCRIBE}
+
+
+def test_overwrite_replaces_a_bundle_with_its_dict_txt(official, vocab):
+    torch.manual_seed(3)
+    save_bundle(official, OFAModel(get_config("ofa-micro")), vocab, preprocess=PCFG, overwrite=True)
+    assert load_bundle(official).vocab.layout == "gpt2" and not (official / "dict.txt").exists()
+
+
+def test_a_full_disk_while_writing_weights_is_an_oserror(bundle, micro, vocab, monkeypatch):
+    """safetensors reports a failed write as SafetensorError; ENOSPC is simulated by raising exactly what it
+    raises (its message for a real failed write, seen with RLIMIT_FSIZE: "... I/O error: File too large (os error
+    27)"), since no small full filesystem is available here."""
+    def full(state, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(bundle_module, "save_file", full)
+    with pytest.raises(OSError, match="No space left on device") as err:
+        save_bundle(bundle, micro, vocab, preprocess=PCFG, overwrite=True)
+    assert err.value.errno == errno.ENOSPC and err.value.filename.endswith("model.safetensors")
+    assert load_bundle(bundle).custom_tasks == {"describe": DESCRIBE} and leftovers(bundle.parent) == []
 
 def test_a_failed_write_leaves_the_old_bundle_intact(bundle, micro, vocab, monkeypatch):
     def fail_midway(state, filename, metadata=None):

@@ -5,10 +5,14 @@ import hashlib
 import os
 import pickle
 import re
+import resource
+import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from jobs.convert_checkpoint import main as convert_main
 from ofa_model import bundle as bundle_module
@@ -413,3 +417,61 @@ def test_a_failed_conversion_leaves_the_old_bundle_intact(fairseq_ckpt, tmp_path
 
     assert digest(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt", "bundle"]
     assert load_bundle(out).preprocess == PreprocessConfig(patch_image_size=512, max_src_length=80, max_tgt_length=20)
+
+
+@pytest.fixture(scope="module")
+def converted(fairseq_ckpt, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("converted") / "bundle"
+    assert convert_main(["--input", str(fairseq_ckpt), "--arch", "ofa-tiny", "--gpt2-vocab", "--output", str(out),
+                         *REFCOCO]) == 0
+    return out
+
+
+def test_a_full_disk_is_one_error_line_and_keeps_the_old_bundle(converted, fairseq_ckpt, tmp_path, capsys,
+                                                                  monkeypatch):
+    """ENOSPC simulated: save_file raises what safetensors raises for a failed write, a SafetensorError (not an
+    OSError: the stub in the test above never saw the traceback and exit status 1 a real full disk gave). No small
+    full filesystem is available here; the next test makes the kernel refuse a real write."""
+    out = Path(shutil.copytree(converted, tmp_path / "bundle"))
+    before = digest(out)
+
+    def disk_full(state, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(bundle_module, "save_file", disk_full)
+    rc, err = run_cli(capsys, "--input", fairseq_ckpt, "--arch", "ofa-tiny", "--gpt2-vocab", "--output", out,
+                      *REFCOCO, "--overwrite")
+    assert_one_error_line(rc, err)
+    assert "[Errno 28] No space left on device" in err and "model.safetensors" in err
+    assert digest(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_a_real_failed_write_is_one_error_line(converted, fairseq_ckpt, tmp_path, capsys):
+    """A real write failure: with RLIMIT_FSIZE at 1 MiB (SIGXFSZ ignored) the kernel refuses the weights' write
+    with EFBIG, as it refuses a write to a full disk with ENOSPC."""
+    out = Path(shutil.copytree(converted, tmp_path / "bundle"))
+    before = digest(out)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, limit[1]))
+    try:
+        rc, err = run_cli(capsys, "--input", fairseq_ckpt, "--arch", "ofa-tiny", "--gpt2-vocab", "--output", out,
+                          *REFCOCO, "--overwrite")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert_one_error_line(rc, err)
+    assert "[Errno 27] File too large" in err
+    assert digest(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_overwrite_never_deletes_a_users_other_files(converted, fairseq_ckpt, tmp_path, capsys):
+    out = Path(shutil.copytree(converted, tmp_path / "bundle"))
+    (out / "notes.txt").write_text("precious")
+    before = digest(out)
+    rc, err = run_cli(capsys, "--input", fairseq_ckpt, "--arch", "ofa-tiny", "--gpt2-vocab", "--output", out,
+                      *REFCOCO, "--overwrite")
+    assert_one_error_line(rc, err)
+    assert "holds files that are not part of its bundle: ['notes.txt']" in err
+    assert digest(out) == before

@@ -157,6 +157,22 @@ def test_vqa_modes(predictor):
     assert [allcand["scores"][c] for c in cands] == pytest.approx(probs.tolist(), abs=1e-5)
 
 
+
+@pytest.mark.parametrize("task, item", [
+    ("vqa", {"text": "what color is it?", "mode": "allcand"}),
+    ("vqa", {"text": "what color is it?", "mode": "trie"}),
+    ("image_classification", {}),
+])
+def test_duplicate_candidates_are_refused_not_collapsed(predictor, task, item):
+    """`scores` is keyed by candidate, so a repeated one would silently merge: it is an error naming it."""
+    dup, ok = predictor.predict(task, [{"image": IMG, **item, "candidates": ["red", "blue", "red"]},
+                                       {"image": IMG, **item, "candidates": ["red", "blue"]}])
+    assert dup.keys() == {"error"} and dup["error"]["type"] == "TaskInputError"
+    assert dup["error"]["reason"] == "duplicate_candidate"
+    assert "'candidates' lists 'red' more than once" in dup["error"]["message"]
+    assert "error" not in ok
+
+
 def test_glue_last_token_equals_manual_logits(predictor):
     vocab, pcfg, model = predictor.vocab, predictor.preprocess, predictor.model
     item = {"text": "a man runs", "text2": "a person moves"}

@@ -8,7 +8,7 @@ from PIL import Image
 
 import ofa_model.predictor as predictor_module
 from ofa_model import OFAModel, Vocabulary, get_config
-from ofa_model.errors import InputError
+from ofa_model.errors import ConfigError, InputError
 from ofa_model.predictor import OFAPredictor, PredictorLimits
 from ofa_model.preprocess import PreprocessConfig
 from ofa_model.tasks import TASKS, TaskInputError
@@ -139,6 +139,21 @@ def test_limits_are_configurable_and_checked(parts):
         with pytest.raises(ValueError, match=r"PredictorLimits.max_items must (be an integer|lie in \[1, inf\])"):
             PredictorLimits(max_items=bad)
 
+
+
+def test_limits_may_be_a_mapping_validated_at_construction(parts):
+    model, vocab, pcfg = parts
+    pred = OFAPredictor(model, vocab, pcfg, limits={"max_items": 3})
+    assert pred.limits == PredictorLimits(max_items=3)
+    with pytest.raises(TaskInputError, match="4 inputs in one call, over the limit of 3"):
+        pred.predict("caption", [{"image": IMG}] * 4)
+    for bad, message in [({"max_itemz": 3}, r"unknown PredictorLimits keys: \['max_itemz'\]"),
+                         ({"max_items": 0}, r"PredictorLimits\.max_items must lie in \[1, inf\], got 0"),
+                         ({"max_items": "3"}, r"PredictorLimits\.max_items must be an integer, got str"),
+                         ([("max_items", 3)], r"limits must be a PredictorLimits or a mapping of its fields, got list"),
+                         (3, r"limits must be a PredictorLimits or a mapping of its fields, got int")]:
+        with pytest.raises(ConfigError, match=message):
+            OFAPredictor(model, vocab, pcfg, limits=bad)
 
 # ---------------------------------------------------------------------------------------------- chunking
 

@@ -6,6 +6,7 @@ import io
 import json
 import struct
 import time
+import tracemalloc
 import zlib
 
 import numpy as np
@@ -215,6 +216,28 @@ def test_16bit_grayscale_scaled_not_clipped():
     out = decode_image(encode(img, "PNG"), CFG)
     assert out.mode == "RGB"
     assert [pixel(out, (x, 0)) for x in range(4)] == [(0, 0, 0), (128, 128, 128), (255, 255, 255), (1, 1, 1)]
+
+
+
+def test_16bit_grayscale_rounds_every_value_like_float_division():
+    values = np.arange(65536, dtype=np.uint32).astype(np.uint16).reshape(256, 256)
+    out = decode_image(encode(Image.fromarray(values), "PNG"), PreprocessConfig())
+    want = np.rint(values / 257.0).astype(np.uint8)
+    assert np.array_equal(np.asarray(out), np.repeat(want[:, :, None], 3, axis=2))
+
+
+def test_16bit_grayscale_decodes_without_wide_temporaries():
+    """The 16-bit path held float64 copies: 28 bytes a pixel of peak RSS, 1.8 GB for 8192x8192 (the issue's
+    figure, measured). numpy's and Python's allocations are traced: 24 bytes a pixel then, 7 now."""
+    values = (np.arange(1024 * 1024, dtype=np.uint32) % 65536).astype(np.uint16).reshape(1024, 1024)
+    data = encode(Image.fromarray(values), "PNG")
+    tracemalloc.start()
+    try:
+        decode_image(data, PreprocessConfig())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * values.size, f"{peak / values.size:.1f} bytes a pixel"
 
 
 def test_grayscale_and_bilevel_to_rgb():
@@ -474,6 +497,26 @@ def test_config_errors_are_typed_and_name_the_key():
     with pytest.raises(ConfigError, match="must be a mapping"):
         PreprocessConfig.from_dict([("patch_image_size", 480)])
     assert issubclass(ConfigError, InputError) and ConfigError("x").reason == "bad_config"
+
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(std=(1e-300,) * 3), r"PreprocessConfig\.std\[0\] 1e-300 is 0\.0 in float32 .* must be finite and "
+                              r"non-zero after the cast"),
+    (dict(std=(0.5, 0.5, 1e39)), r"PreprocessConfig\.std\[2\] 1e\+39 is inf in float32"),
+    (dict(mean=(1e308, 0.5, 0.5)), r"PreprocessConfig\.mean\[0\] 1e\+308 is not finite in float32"),
+    (dict(std=(0.5, 1e-40, 0.5)), r"PreprocessConfig\.mean\[1\] 0\.5 and std\[1\] 1e-40 normalise pixels "
+                                  r"\(x - mean\) / std beyond float32's range"),
+], ids=["std-vanishes", "std-overflows", "mean-overflows", "std-subnormal"])
+def test_mean_and_std_are_checked_as_float32(kw, message):
+    """float64-finite values that vanish or overflow in float32 made every image inf or NaN (every answer
+    no_hypothesis); they are refused when the config is built, so a bundle holding them does not load."""
+    with pytest.raises(ConfigError, match=message):
+        PreprocessConfig(**kw)
+    with pytest.raises(ConfigError, match=message):
+        PreprocessConfig.from_dict({**PreprocessConfig().to_dict(), **{k: list(v) for k, v in kw.items()}})
+    tiny = PreprocessConfig(std=(1e-3, 1e-3, 1e-3), mean=(0.0, 0.5, 1.0))  # extreme but representable
+    assert torch.isfinite(normalize_pixels(torch.tensor([0, 255], dtype=torch.uint8).expand(3, 2, 2), tiny)).all()
 
 
 def test_complete_from_dict_requires_every_field():

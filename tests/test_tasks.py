@@ -7,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ofa_model.errors import InputError
+from ofa_model.errors import ConfigError, InputError
 from ofa_model.preprocess import PreprocessConfig, blank_centre, normalize_pixels
 from ofa_model.tasks import (
     INFERENCE_KINDS,
+    MAX_INSTRUCTION_SLOTS,
     PROMPT_TYPES,
     TARGET_KINDS,
     TARGETS,
@@ -320,6 +321,44 @@ def test_instruction_parser_matches_builtin_tasks(vocab):
 def test_instruction_parser_errors(line, message):
     with pytest.raises(ValueError, match=message):
         parse_instruction(line)
+
+
+
+def test_an_instruction_over_the_slot_limit_is_a_typed_error():
+    line = "[IMAGE:image] " + " ".join(f"[TEXT:c{i}]" for i in range(MAX_INSTRUCTION_SLOTS + 1)) + " -> [TEXT:t]"
+    with pytest.raises(ConfigError, match=r"101 \[TEXT:column\] slots, over the limit of 100 "
+                                          r"\(MAX_INSTRUCTION_SLOTS\)") as err:
+        parse_instruction(line, "wide")
+    assert err.value.reason == "bad_config"
+    at_limit = line.replace(f" [TEXT:c{MAX_INSTRUCTION_SLOTS}]", "")
+    assert len(parse_instruction(at_limit, "wide").slots) == MAX_INSTRUCTION_SLOTS
+
+
+@pytest.mark.parametrize("words", ["{0}", "{__class__}", "{slot0}", "{x.y} {", "}{a!r}"])
+def test_braces_in_an_instruction_are_literal_text(vocab, words):
+    spec = parse_instruction(f"[IMAGE:image] what {words} [TEXT:q] -> [TEXT:a]", "braces")
+    assert spec.slots == (("slot0", "q"),)
+    example = build_example(spec, {"image": png(), "q": "is it", "a": "red"}, vocab, PCFG)
+    assert vocab.decode(example["source"][1:-1]) == f" what {words} is it"
+
+
+@pytest.mark.parametrize("prompt, message", [
+    (" {0}", r"prompt field \{0\} must be a slot name"),
+    (" {text.__class__}", r"prompt field \{text.__class__\} must be a slot name"),
+    (" {text!r}", r"prompt field \{text!r\} must be a slot name"),
+    (" {text:>99999}", r"prompt field \{text:>99999\} must be a slot name"),
+    (" what } is", r"Single '\}' encountered"),
+    (" {__class__}", r"prompt placeholders \['__class__'\] != slots"),
+])
+def test_a_prompt_names_only_its_slots(prompt, message):
+    with pytest.raises(ConfigError, match=message):
+        TASKS["vqa"].replace(name="mine", prompt=prompt, slots=(("text", "text"),) if "__class__" not in prompt else ())
+
+
+def test_instruction_errors_are_typed():
+    for line in ("[IMAGE:image] describe it", "[PICTURE:image] describe -> [TEXT:caption]", 7):
+        with pytest.raises(ConfigError, match="instruction"):
+            parse_instruction(line)
 
 
 def test_answer_keys_and_caption_clean_up_are_spec_fields(vocab):
