@@ -33,10 +33,11 @@ from safetensors.torch import load_file, save_file
 from ofa_model import errors
 from ofa_model.architecture import OFAConfig
 from ofa_model.errors import ConfigError, InputError, check_value
+from ofa_model.instructions import parse_instruction
 from ofa_model.model import OFAModel
 from ofa_model.preprocess import PreprocessConfig
 from ofa_model.safe_load import file_kind
-from ofa_model.tasks import TASKS, TaskSpec, parse_instruction
+from ofa_model.tasks import TASKS, TaskSpec
 from ofa_model.vocab import Vocabulary
 from ofa_model.weights import TIED_KEYS, CheckpointMismatchError, dtype_mismatch, load_weights, non_finite
 

@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from ofa_model.errors import ConfigError, InputError
+from ofa_model.instructions import MAX_INSTRUCTION_SLOTS, parse_instruction
 from ofa_model.preprocess import PreprocessConfig, blank_centre, normalize_pixels
 from ofa_model.tasks import (
     INFERENCE_KINDS,
-    MAX_INSTRUCTION_SLOTS,
     PROMPT_TYPES,
     TARGET_KINDS,
     TARGETS,
@@ -19,7 +19,6 @@ from ofa_model.tasks import (
     TaskInputError,
     build_example,
     inference_request,
-    parse_instruction,
     parse_output,
 )
 from ofa_model.vocab import Vocabulary

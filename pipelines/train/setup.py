@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from ofa_model import OFAModel
 from ofa_model.bundle import load_bundle, load_bundle_vocab, read_bundle_config
 from ofa_model.config_files import build, to_dict
+from ofa_model.instructions import parse_instruction
 from ofa_model.preprocess import PreprocessConfig
-from ofa_model.tasks import TASKS, TaskSpec, parse_instruction
+from ofa_model.tasks import TASKS, TaskSpec
 from ofa_model.vocab import Vocabulary
 from pipelines.tracking.registry import resolve_model
 from pipelines.train.train_config import TrainConfig
