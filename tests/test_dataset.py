@@ -724,8 +724,10 @@ def test_a_box_in_the_margin_outside_the_image_is_a_bad_row_in_training(vocab):
 
 @pytest.mark.timeout(RAY_TIMEOUT)
 def test_a_bug_fails_the_ray_pipeline(corpus, vocab, ray_cluster):
-    # a broken TaskSpec (a format code str does not have) is our bug: a ValueError that is not an InputError
-    broken = TASKS["glue_sst2"].replace(prompt=TASKS["glue_sst2"].prompt + "{text:q}")
+    # a broken TaskSpec (a format code str does not have) is our bug: a ValueError that is not an InputError.
+    # TaskSpec refuses such a prompt when built, so the bug is planted past its check
+    broken = TASKS["glue_sst2"].replace()
+    object.__setattr__(broken, "prompt", broken.prompt + "{text:q}")
     cfg = config(corpus, tasks=("glue_sst2",))
     ds = build_dataset(cfg, vocab, train=False, specs={**TASKS, "glue_sst2": broken})
     with pytest.raises(Exception, match="Unknown format code 'q'") as err:
