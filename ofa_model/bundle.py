@@ -454,15 +454,20 @@ def _move_into_place(tmp: Path, path: Path) -> None:
     _fsync(path.parent)
 
 
-def load_bundle_vocab(path: str | Path) -> Vocabulary:
-    """Only the vocabulary of a bundle (checked against its model config), without building the model."""
+def _read_architecture(path: str | Path) -> tuple[Path, dict, Path, OFAConfig]:
+    """A bundle's root, its config.json, that file's path (for errors) and its checked architecture."""
     root = _bundle_root(path)
     cfg = read_bundle_config(root)
     where = root / CONFIG_FILE
     try:
-        config = OFAConfig.from_dict(cfg["model"])
+        return root, cfg, where, OFAConfig.from_dict(cfg["model"])
     except ConfigError as e:
         raise BundleError(f"{where}: model: {e}") from e
+
+
+def load_bundle_vocab(path: str | Path) -> Vocabulary:
+    """Only the vocabulary of a bundle (checked against its model config), without building the model."""
+    root, cfg, where, config = _read_architecture(path)
     return _load_vocab(root, cfg["vocab"], config, where)
 
 
@@ -473,13 +478,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", *, limits:
     `BundleLimits()`), and the weights' header against the architecture, before the model is allocated. Any problem
     is a BundleError (a CheckpointMismatchError for weights that do not fit) naming the file and the field.
     """
-    root = _bundle_root(path)
-    cfg = read_bundle_config(root)
-    where = root / CONFIG_FILE
-    try:
-        config = OFAConfig.from_dict(cfg["model"])
-    except ConfigError as e:
-        raise BundleError(f"{where}: model: {e}") from e
+    root, cfg, where, config = _read_architecture(path)
     try:
         preprocess = PreprocessConfig.from_dict(cfg["preprocess"], complete=True)
     except ConfigError as e:

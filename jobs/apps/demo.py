@@ -338,8 +338,9 @@ def _held_out(corpus: str, task: str, n: int) -> list[dict]:
     return list(itertools.islice(iter_rows(corpus, splits=["test"], tasks=[task]), n))
 
 
-def _requests(url: str, corpus: str, n: int) -> list[Sample]:
-    """Real HTTP requests for each task on held-out test images; raises on any non-200 answer."""
+def _requests(url: str, corpus: str, n: int, per_call: int) -> list[Sample]:
+    """Real HTTP requests for each task on held-out test images, at most `per_call` items each (the app's
+    limit); raises on any non-200 answer."""
     from ofa_model.tasks import TASKS as SPECS
 
     samples: list[Sample] = []
@@ -351,16 +352,18 @@ def _requests(url: str, corpus: str, n: int) -> list[Sample]:
             if task != "caption":
                 item["text"] = r["text"]
             items.append(item)
-        status, payload, ms = _post(url + route, {"items": items})
-        if status != 200:
-            raise RuntimeError(f"POST {route}: HTTP {status}: {json.dumps(payload)[:500]}")
-        for r, res in zip(rows, payload["results"], strict=True):
-            if "error" in res:
-                raise RuntimeError(f"POST {route}: item {r['id']}: {res['error']}")
-            pred = res.get(SPECS[task].answer_key, res)
-            ref = r.get("box") if task == "grounding" else r.get("target")
-            samples.append(Sample(task, r["image"], r.get("text") or "(caption)", pred, ref, ms / len(rows),
-                                  correct=_judge(task, pred, ref)))
+        for start in range(0, len(rows), per_call):
+            call = rows[start:start + per_call]
+            status, payload, ms = _post(url + route, {"items": items[start:start + per_call]})
+            if status != 200:
+                raise RuntimeError(f"POST {route}: HTTP {status}: {json.dumps(payload)[:500]}")
+            for r, res in zip(call, payload["results"], strict=True):
+                if "error" in res:
+                    raise RuntimeError(f"POST {route}: item {r['id']}: {res['error']}")
+                pred = res.get(SPECS[task].answer_key, res)
+                ref = r.get("box") if task == "grounding" else r.get("target")
+                samples.append(Sample(task, r["image"], r.get("text") or "(caption)", pred, ref, ms / len(call),
+                                      correct=_judge(task, pred, ref)))
     return samples
 
 
@@ -540,9 +543,9 @@ def _captions_right(predictions: list[Any], records: list[dict]) -> float:
 
 
 def _stage_serve(demo: _Demo) -> None:
-    url = _serve(demo.svc)
+    url, per_call = _serve(demo.svc)
     demo.links["Serve API"] = url
-    demo.samples = _requests(url, demo.corpus, demo.size.http_rows)
+    demo.samples = _requests(url, demo.corpus, demo.size.http_rows, per_call)
     for s in pick_samples(demo.samples):
         _say(f"    {s.task:10s} {'right' if s.correct else 'wrong'}  {s.prompt[:40]:40s} -> {s.prediction}   "
              f"(reference {s.reference}, {s.latency_ms:.0f} ms)")
@@ -639,7 +642,8 @@ def _trial_row(t) -> dict[str, Any]:
             "stopped early": t.stopped_early}
 
 
-def _serve(svc: Services) -> str:
+def _serve(svc: Services) -> tuple[str, int]:
+    """The app's URL and the most items it takes in one call."""
     from pipelines.local.s3 import free_ports
     from serve_app.app import start
     from serve_app.serve_config import serve_config
@@ -648,4 +652,4 @@ def _serve(svc: Services) -> str:
     models = {task: {"source": f"models:/ofa-{task}@champion", "tasks": [task]} for task in TASKS}
     cfg = serve_config(None, data={"models": models, "port": port, "host": "127.0.0.1",
                                    "tracking_uri": svc.mlflow_url})
-    return start(cfg)
+    return start(cfg), cfg.limits.max_items
