@@ -204,7 +204,7 @@ def dockerignored(path: str, patterns: list[str]) -> bool:
     return ignored
 
 
-LEFT_OUT = ["bundles/ofa-base/model.safetensors", "corpora/vqa/part-0.parquet", ".venv/bin/python",
+LEFT_OUT = ["bundles/ofa-base/model.safetensors", "bundles/ofa-base/config.json", "corpora/vqa/part-0.parquet", ".venv/bin/python",
             "demo-work/report.md", "ray_results/vqa-base/checkpoint", "mlruns/0/meta.yaml", "tmp/x",
             "weights.safetensors", "somewhere/deep/model.safetensors"]
 KEPT = ["pyproject.toml", "README.md", "ofa_model/model.py", "jobs/finetune.py", "configs/finetune/vqa.yaml",
