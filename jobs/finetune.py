@@ -1,7 +1,11 @@
 """Fine-tune (or train from scratch) one task on Ray Train, tracked in MLflow.
 
     python -m jobs.finetune --config configs/finetune/vqa.yaml [key=value ...]
-    ray job submit --working-dir . -- python -m jobs.finetune --config configs/finetune/vqa.yaml run.name=vqa-1
+    ray job submit --working-dir . -- python -m jobs.finetune --config configs/finetune/vqa.yaml run.name=vqa-1 \
+        data.uri=s3://bucket/corpora/vqa model.init=models:/ofa-base@official run.storage_path=s3://bucket/runs
+
+A recipe's `<required>` values (corpus, checkpoint, storage) must be given as overrides; without them the job
+stops at once, naming each.
 
 Rerunning with the same run.name continues the run from its latest checkpoint. Prints a JSON summary (run,
 metrics, best checkpoint, local bundle, registered version and whether it became the champion).

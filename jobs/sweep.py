@@ -1,7 +1,8 @@
 """Hyperparameter sweep of one task's fine-tune on Ray Tune (ASHA; random or Optuna TPE search), in MLflow.
 
     python -m jobs.sweep --task vqa --config configs/tune/vqa.yaml [--num-samples 16] [key=value ...]
-    ray job submit --working-dir . -- python -m jobs.sweep --task vqa --config configs/tune/vqa.yaml
+    ray job submit --working-dir . -- python -m jobs.sweep --task vqa --config configs/tune/vqa.yaml \
+        storage_path=s3://bucket/tune train.data.uri=s3://bucket/corpora/vqa train.model.init=models:/ofa-base@official
 
 Overrides reach the sweep config (`num_samples=4`, `asha.grace_period=2`, `name=vqa-sweep-2`,
 `space={optim.lr: {loguniform: [1.0e-5, 1.0e-4]}}`: space keys are whole dotted names) and, under `train.`, the

@@ -16,6 +16,9 @@ pydantic dataclass.
   `data.tasks=[vqa,caption]`, `init=null`). An override may add a key the file omits, not one the class lacks.
   A mapping value merges into the mapping it overrides (`mixture={vqa: 3}` changes one weight and keeps the
   file's other tasks); to drop keys, use a config file.
+* A value the user must supply (a bucket, a corpus, the checkpoint to start from) is written `<required>` in a
+  shipped recipe (`REQUIRED`): loading it without an override fails at once, naming every such key and the
+  override to pass (`data.uri is required: pass data.uri=...`), before any other check or any work.
 
 `to_dict(cfg)` is the inverse (plain YAML-ready values); `flatten` gives MLflow-style dotted params. No ray,
 mlflow or fastapi here: the jobs (`pipelines`, `tune`) and `serve_app` use it alike.
@@ -62,6 +65,29 @@ _Loader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
+
+
+REQUIRED = "<required>"  # a recipe's value the user must supply (module docstring)
+
+
+def required_keys(raw: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys of `raw` whose value is still REQUIRED."""
+    out: list[str] = []
+    for key, value in raw.items():
+        if isinstance(value, Mapping):
+            out += required_keys(value, f"{prefix}{key}.")
+        elif value == REQUIRED:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def check_supplied(raw: Mapping[str, Any], source: str, override_prefix: str = "") -> None:
+    """A ConfigError naming every REQUIRED value of `raw` and the override that supplies it
+    (`override_prefix`: where the mapping sits in the user's config, e.g. a sweep's "train.")."""
+    missing = required_keys(raw)
+    if missing:
+        raise ConfigError(f"{source}: " + "; ".join(f"{override_prefix}{k} is required: pass "
+                                                    f"{override_prefix}{k}=..." for k in missing))
 
 
 def read_yaml(text: str, source: str = "<string>") -> Any:
@@ -134,8 +160,10 @@ def read_config(path: str | Path | None = None, overrides: Sequence[str] = (), *
     return merge(merge(read_config_file(path, source), data or {}), parse_overrides(overrides))
 
 
-def build(cls: type[T], raw: Mapping[str, Any], source: str = "<config>") -> T:
-    """`cls` (a `@config_dataclass`) from a plain mapping, validated strictly as JSON data."""
+def build(cls: type[T], raw: Mapping[str, Any], source: str = "<config>", override_prefix: str = "") -> T:
+    """`cls` (a `@config_dataclass`) from a plain mapping, validated strictly as JSON data, once no value is
+    still REQUIRED (`check_supplied`)."""
+    check_supplied(raw, source, override_prefix)
     try:
         text = json.dumps(raw)
     except (TypeError, ValueError) as exc:

@@ -20,6 +20,7 @@ from ofa_model.config_files import (
     to_dict,
 )
 from ofa_model.errors import ConfigError
+from tests.recipes import supplied
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,10 +118,10 @@ def test_a_missing_file_is_a_config_error(tmp_path):
 def test_the_data_config_loads_through_the_same_loader():
     from pipelines.data.dataset import DataConfig
 
-    cfg = load_config(DataConfig, "configs/data.yaml", ["preprocess.patch_image_size=256", "tasks=[vqa]"])
+    cfg = load_config(DataConfig, "configs/data.yaml", ["preprocess.patch_image_size=256", "tasks=[vqa]", "uri=s3://b/c"])
     assert cfg.preprocess.patch_image_size == 256 and cfg.tasks == ("vqa",)
     with pytest.raises(ConfigError, match="preprocess.patch_image_sizee: unknown key"):
-        load_config(DataConfig, "configs/data.yaml", ["preprocess.patch_image_sizee=256"])
+        load_config(DataConfig, "configs/data.yaml", ["uri=s3://b/c", "preprocess.patch_image_sizee=256"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -142,7 +143,7 @@ def test_train_config_ranges_name_the_key(override, message):
 
     path = REPO / "configs/finetune/vqa.yaml"
     with pytest.raises(ConfigError) as exc:
-        load_config(TrainConfig, path, [override])
+        load_config(TrainConfig, path, supplied(path, [override]))
     assert f"{path}: {message}" in str(exc.value)
 
 
@@ -158,7 +159,7 @@ def test_data_config_ranges_name_the_key(override, message):
     from pipelines.data.data_config import DataConfig
 
     with pytest.raises(ConfigError, match="configs/data.yaml: ") as exc:
-        load_config(DataConfig, REPO / "configs/data.yaml", [override])
+        load_config(DataConfig, REPO / "configs/data.yaml", ["uri=s3://b/c", override])
     assert message in str(exc.value)
 
 
@@ -190,7 +191,7 @@ def test_sweep_config_ranges_name_the_key(override, message):
 
     path = REPO / "configs/tune/vqa.yaml"
     with pytest.raises(ConfigError) as exc:
-        load_sweep_config(path, [override])
+        load_sweep_config(path, supplied(path, [override]))
     assert f"{path}: {message}" in str(exc.value)
 
 
@@ -200,9 +201,9 @@ def test_cross_field_rules_name_their_keys():
     from serve_app.serve_config import serve_config
 
     with pytest.raises(ConfigError, match=r"optim.end_lr \(0.01\) must not exceed optim.lr \(5e-05\)"):
-        load_config(TrainConfig, REPO / "configs/finetune/vqa.yaml", ["optim.end_lr=0.01"])
+        load_config(TrainConfig, REPO / "configs/finetune/vqa.yaml", supplied(REPO / "configs/finetune/vqa.yaml", ["optim.end_lr=0.01"]))
     with pytest.raises(ConfigError, match=r"num_actors: \(min, max\) with min <= max, got \[3, 1\]"):
-        load_config(DataConfig, REPO / "configs/data.yaml", ["num_actors=[3, 1]"])
+        load_config(DataConfig, REPO / "configs/data.yaml", ["uri=s3://b/c", "num_actors=[3, 1]"])
     with pytest.raises(ConfigError, match=r"autoscaling.min_replicas \(4\) must not exceed autoscaling.max_replicas"):
         serve_config(model="x", overrides=["autoscaling.min_replicas=4", "autoscaling.max_replicas=2"])
     with pytest.raises(ValueError, match=r"num_actors: \(min, max\)"):  # built in Python: the same rules
@@ -217,10 +218,11 @@ def test_every_shipped_config_loads():
     from tune.search import load_sweep_config
 
     configs = REPO / "configs"
-    loaded = [load_config(TrainConfig, p) for p in sorted([*configs.glob("finetune/*.yaml"),
-                                                          *configs.glob("pretrain/*.yaml")])]
-    loaded += [load_sweep_config(p) for p in sorted(configs.glob("tune/*.yaml"))]
-    loaded += [load_config(DataConfig, configs / "data.yaml"), serve_config(configs / "serve.yaml")]
+    loaded = [load_config(TrainConfig, p, supplied(p)) for p in sorted([*configs.glob("finetune/*.yaml"),
+                                                                       *configs.glob("pretrain/*.yaml")])]
+    loaded += [load_sweep_config(p, supplied(p)) for p in sorted(configs.glob("tune/*.yaml"))]
+    loaded += [load_config(DataConfig, configs / "data.yaml", supplied(configs / "data.yaml")),
+               serve_config(configs / "serve.yaml")]
     [app] = read_yaml((REPO / "serve_config.yaml").read_text())["applications"]
     loaded.append(config_from_args(app["args"]))
     assert len(loaded) == len([*configs.rglob("*.yaml")]) + 1
@@ -242,3 +244,29 @@ def test_the_image_dtype_options_are_the_shipped_dtypes():
     from pipelines.data.data_config import IMAGE_DTYPES, ImageDtype
 
     assert typing.get_args(ImageDtype) == tuple(IMAGE_DTYPES)
+
+
+def test_a_value_the_user_must_supply_is_named_with_its_override(monkeypatch):
+    """No shipped recipe holds a real-looking bucket or checkpoint: those values are `<required>`, and loading
+    without them fails at once, naming each key and the override that supplies it (a sweep's base with train.)."""
+    from pipelines.train.train_config import TrainConfig
+    from tune.search import load_sweep_config, plan_sweep
+
+    shipped = "\n".join(p.read_text() for p in (REPO / "configs").rglob("*.yaml"))
+    assert "my-bucket" not in shipped and "init: bundles/" not in shipped
+    path = REPO / "configs/finetune/vqa.yaml"
+    with pytest.raises(ConfigError) as exc:
+        load_config(TrainConfig, path, ["data.uri=s3://corpora/vqav2"])
+    assert str(exc.value) == (f"{path}: model.init is required: pass model.init=...; run.storage_path is required: "
+                              "pass run.storage_path=...")
+    cfg = load_config(TrainConfig, path, ["data.uri=s3://c/vqav2", "model.init=models:/ofa-base@official",
+                                          "run.storage_path=s3://c/runs"])
+    assert (cfg.data.uri, cfg.model.init, cfg.run.storage_path) == ("s3://c/vqav2", "models:/ofa-base@official",
+                                                                    "s3://c/runs")
+    monkeypatch.chdir(REPO)  # a sweep's base is relative to the working directory
+    sweep = load_sweep_config("configs/tune/vqa.yaml", ["storage_path=s3://c/tune", "train.data.uri=s3://c/vqav2"])
+    with pytest.raises(ConfigError) as exc:  # the trials' runs live under the sweep's storage_path
+        plan_sweep(sweep)
+    assert str(exc.value).endswith("train: train.model.init is required: pass train.model.init=...")
+    with pytest.raises(ConfigError, match="storage_path is required: pass storage_path=..."):
+        load_sweep_config("configs/tune/vqa.yaml")

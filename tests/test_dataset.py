@@ -21,6 +21,7 @@ import yaml
 from PIL import Image
 
 from jobs import inspect_data
+from ofa_model.errors import ConfigError
 from ofa_model.preprocess import PreprocessConfig, blank_centre, collate, normalize_pixels
 from ofa_model.tasks import TASKS, build_example
 from ofa_model.vocab import Vocabulary
@@ -211,8 +212,11 @@ def test_config_from_dict_validates_and_names_unknown_keys():
 
 def test_example_yaml_config_loads():
     with open("configs/data.yaml") as f:
-        cfg = DataConfig.from_dict(yaml.safe_load(f))
-    assert cfg.uri.startswith("s3://") and cfg.bad_row_threshold == 0.01
+        raw = yaml.safe_load(f)
+    with pytest.raises(ConfigError, match="uri is required: pass uri=..."):  # the corpus is the user's to name
+        DataConfig.from_dict(raw)
+    cfg = DataConfig.from_dict({**raw, "uri": "s3://b/corpora/easy-vqa"})
+    assert cfg.uri == "s3://b/corpora/easy-vqa" and cfg.bad_row_threshold == 0.01
 
 
 def test_seqset_intervals_mask_and_gaps():

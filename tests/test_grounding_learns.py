@@ -27,6 +27,7 @@ from pipelines.data.converters.easyvqa import convert_easy_vqa
 from pipelines.data.shards import ShardWriter
 from pipelines.train import train
 from pipelines.train.train_config import TrainConfig
+from tests.recipes import supplied
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -63,7 +64,7 @@ def _trains_grounding(cfg: TrainConfig) -> bool:
 
 
 def test_recipes_quantise_boxes_at_ofas_bin_density(rows):
-    recipes = {p.relative_to(CONFIGS).as_posix(): load_config(TrainConfig, p)
+    recipes = {p.relative_to(CONFIGS).as_posix(): load_config(TrainConfig, p, supplied(p))
                for p in sorted([*CONFIGS.glob("finetune/*.yaml"), *CONFIGS.glob("pretrain/*.yaml")])}
     grounding = {name: cfg for name, cfg in recipes.items() if _trains_grounding(cfg)}
     assert {"finetune/grounding_easyvqa.yaml", "pretrain/easyvqa_micro.yaml", "finetune/grounding.yaml"} <= set(grounding)

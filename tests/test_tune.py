@@ -26,6 +26,7 @@ from ofa_model.errors import ConfigError
 from pipelines.train import latest_state_summary
 from pipelines.train.train_config import TrainConfig
 from tests import test_train
+from tests.recipes import supplied
 from tests.test_train import config
 from tune.report import TrialSummary, rank, savings, table
 from tune.search import load_sweep_config, param_space, plan_sweep
@@ -56,11 +57,11 @@ def test_every_task_sweep_config_checks_against_its_base(monkeypatch):
     monkeypatch.chdir(ROOT)  # bases are relative to the working directory
     metrics = {}
     for path in sorted((ROOT / "configs/tune").glob("*.yaml")):
-        cfg = load_sweep_config(path)
+        cfg = load_sweep_config(path, supplied(path))
         if cfg.search == "optuna" and importlib.util.find_spec("optuna") is None:
             with pytest.raises(ConfigError, match="optuna needs the optuna package"):
                 plan_sweep(cfg, source=path.name)
-            cfg = load_sweep_config(path, ["search=random"])
+            cfg = load_sweep_config(path, supplied(path, ["search=random"]))
         plan = plan_sweep(cfg, source=path.name)
         metrics[path.stem] = (plan.base.task, plan.metric, plan.max_t)
         assert {"optim.lr", "optim.warmup_ratio", "optim.label_smoothing", "optim.weight_decay",

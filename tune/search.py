@@ -250,7 +250,10 @@ def plan_sweep(cfg: SweepConfig, *, source: str = "<sweep>") -> SweepPlan:
                           f"directory, {Path.cwd()})")
     where = f"{cfg.base} + {source} train"
     raw_base = read_config_file(cfg.base, cfg.base)
-    base = user_base = build(TrainConfig, merge(raw_base, cfg.train), where)
+    train = dict(cfg.train)
+    if cfg.storage_path is not None:  # the trials' runs live under the sweep's storage (runs_path), not the base's
+        train = merge(train, {"run": {"storage_path": cfg.storage_path}})
+    base = user_base = build(TrainConfig, merge(raw_base, train), where, override_prefix="train.")
     # pinned on the driver: a trial runs in another working directory, where a default sqlite:///<cwd>/mlflow.db
     # or a relative ./ray_results would name other files
     pinned = to_dict(base)
