@@ -27,6 +27,7 @@ from pipelines.data.shards import read_manifest
 from pipelines.tracking.registry import resolve_model
 from pipelines.train import STATE_JSON, TrainOutcome, latest_state_summary, read_state, steps_per_epoch, train
 from pipelines.train.train_config import TrainConfig
+from tests.recipes import supplied
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -287,7 +288,7 @@ def test_every_recipe_loads():
 
     root = Path(__file__).resolve().parents[1] / "configs"
     recipes = sorted([*root.glob("finetune/*.yaml"), *root.glob("pretrain/*.yaml")])
-    loaded = {p.stem: load_config(TrainConfig, p) for p in recipes}
+    loaded = {p.stem: load_config(TrainConfig, p, supplied(p)) for p in recipes}
     assert len(loaded) >= 13
     multitask = loaded["vqa_easyvqa_multitask"]
     assert multitask.mixture == {"vqa": 3, "image_classification": 1}
