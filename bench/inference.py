@@ -275,8 +275,9 @@ def _bundle_metric(bundle: str, corpus: str | None, rows: int) -> None:
 
     if corpus is None:
         raise SystemExit("--bundle needs --corpus (the converted easy-VQA corpus the bundle was validated on)")
-    answers = [a.strip() for a in (Path(__import__("easy_vqa").__file__).parent / "data/answers.txt").read_text()
-               .splitlines() if a.strip()]
+    from pipelines.data.converters.easyvqa import answer_set
+
+    answers = list(answer_set())
     print(f"\ntrained bundle {bundle}: VQA score on {rows} easy-VQA test questions")
     scores = {}
     for c in CONFIGS:

@@ -95,6 +95,7 @@ class Point:
     accuracy: float
     validation_s: float  # the epoch's validation (val/seconds)
     rows: int  # test questions validated: a subset (VAL_SUBSET) before the last epoch, the whole split at the end
+    figure: str  # what `accuracy` measures: the curve's metric, or the judged share of the caption goal
 
 
 def ensure_corpus(out: Path, limit: int | None, shard_mb: float | None = None) -> str:
@@ -142,20 +143,20 @@ def curve(tracking: str, run_id: str, t0_ms: int, metric: str = "vqa_score") -> 
     val = sorted(client.get_metric_history(run_id, f"val/{metric}"), key=lambda m: m.step)
     seconds, rows = history("val/seconds"), history("val/rows")
     return [Point(i + 1, m.step, (m.timestamp - t0_ms) / 60000, m.value, seconds.get(m.step, math.nan),
-                  int(rows.get(m.step, 0))) for i, m in enumerate(val)]
+                  int(rows.get(m.step, 0)), metric) for i, m in enumerate(val)]
 
 
-def judged(task: str, metrics: dict[str, float], predictions: list[dict]) -> float:
+def judged(task: str, metric: str, metrics: dict[str, float], predictions: list[dict]) -> float:
     """The figure a goal is judged on: for captions the share naming the image's colour and shape (easy-VQA's
-    reference caption is written from the image's labels), else the task's curve metric."""
+    reference caption is written from the image's labels), else the curve's `metric`."""
     if task != "caption":
-        return metrics[CURVE_METRIC.get(task, "")]
+        return metrics[metric]
     from pipelines.data.converters.easyvqa import share_fully_right
 
     return share_fully_right([p["prediction"] for p in predictions], [p["reference"][0] for p in predictions])
 
 
-def whole_split(bundle: str, corpus: str, cfg, last: Point, t0: float) -> tuple[Point, dict[str, float]]:
+def whole_split(bundle: str, corpus: str, cfg, metric: str, last: Point, t0: float) -> tuple[Point, dict[str, float]]:
     """The final bundle on every test row of the config's task, as the last epoch's validation would have (its
     mode and answers, at the run's precision), timed from t0: its judged point and all its metrics."""
     from pipelines.evaluate import evaluate_corpus
@@ -163,9 +164,10 @@ def whole_split(bundle: str, corpus: str, cfg, last: Point, t0: float) -> tuple[
     t = time.time()
     out = evaluate_corpus(bundle, corpus, cfg.task, split="test", mode=cfg.validation.mode,
                           candidates=list(cfg.answers) or None, batch_size=64, precision=cfg.run.precision)
-    value = judged(cfg.task, out.metrics, out.predictions)
+    value = judged(cfg.task, metric, out.metrics, out.predictions)
+    figure = "captions_fully_right" if cfg.task == "caption" else metric
     return Point(last.epoch, last.step, (time.time() - t0) / 60, value, time.time() - t,
-                 int(out.metrics["rows"])), out.metrics
+                 int(out.metrics["rows"]), figure), out.metrics
 
 
 def plot(points: list[Point], path: Path, title: str, budget_min: float, test_rows: int, metric: str,
@@ -281,21 +283,22 @@ def main(argv: list[str] | None = None) -> None:
     points = curve(tracking, outcome.mlflow_run_id, t0_ms, metric)
     final: dict[str, float] = {}
     if points and (points[-1].rows != test_rows or task == "caption"):  # evaluate the final bundle on the split
-        point, final = whole_split(outcome.bundle, corpus, task_cfg, points[-1], t0)
+        point, final = whole_split(outcome.bundle, corpus, task_cfg, metric, points[-1], t0)
         points.append(point)
     cores = os.cpu_count()
     print(f"\nlearning curve: {args.arch} from scratch, {epochs} epoch(s), run {name} (MLflow run "
           f"{outcome.mlflow_run_id}, {tracking}); {total_min:.1f} min in all")
-    print(f"{'epoch':>5s} {'step':>6s} {'minutes':>8s} {metric:>9s} {'rows':>9s} {'validation s':>13s}")
+    print(f"{'epoch':>5s} {'step':>6s} {'minutes':>8s} {'value':>9s} {'rows':>9s} {'validation s':>13s}  figure")
     for pt in points:
-        print(f"{pt.epoch:5d} {pt.step:6d} {pt.minutes:8.1f} {pt.accuracy:9.4f} {pt.rows:9d} {pt.validation_s:13.0f}")
+        print(f"{pt.epoch:5d} {pt.step:6d} {pt.minutes:8.1f} {pt.accuracy:9.4f} {pt.rows:9d} {pt.validation_s:13.0f}"
+              f"  {pt.figure}")
     png = out / f"{name}.png"
     table = out / f"{name}.csv"
     with table.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["epoch", "step", "minutes", f"test_{metric}", "test_rows", "validation_s"])
-        w.writerows([pt.epoch, pt.step, round(pt.minutes, 3), pt.accuracy, pt.rows, round(pt.validation_s, 1)]
-                    for pt in points)
+        w.writerow(["epoch", "step", "minutes", "figure", "test_value", "test_rows", "validation_s"])
+        w.writerows([pt.epoch, pt.step, round(pt.minutes, 3), pt.figure, pt.accuracy, pt.rows,
+                     round(pt.validation_s, 1)] for pt in points)
     limit = "all" if args.limit is None else str(args.limit)
     plot(points, png, f"easy-VQA {task} test {metric} vs wall-clock, {args.arch} from scratch, {cores} "
          f"cores (images per split: {limit})", minutes, test_rows, metric, goal)

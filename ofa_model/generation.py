@@ -113,6 +113,10 @@ class Constraint:
     allowed_ranges: tuple[tuple[int, int], ...] = ()
     ordered_box: bool = False
 
+    def __post_init__(self) -> None:
+        if self.ordered_box and not self.allowed_ranges:  # the order is among location ids, never the vocabulary
+            raise ValueError("Constraint: ordered_box needs allowed_ranges (the location-token range)")
+
 
 @dataclass
 class Hypothesis:

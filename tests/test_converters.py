@@ -705,3 +705,13 @@ def test_the_share_of_captions_fully_right_counts_each_pair():
     assert share_fully_right([], []) == 0.0
     with pytest.raises(ValueError, match="3 predictions for 4 references"):
         share_fully_right(["a red circle"] * 3, refs)
+
+
+def test_easy_vqa_answer_set_is_the_packages_13_answers():
+    import easy_vqa
+
+    from pipelines.data.converters.easyvqa import COLORS, SHAPES, answer_set
+
+    got = answer_set()
+    assert len(got) == 13 and list(got) == [a for a in easy_vqa.get_answers() if a]
+    assert set(got) == {"yes", "no", *COLORS, *SHAPES}

@@ -323,3 +323,8 @@ def test_image_code_targets_can_fill_the_whole_position_table(model, batch):
     codes = Constraint(allowed_ranges=((50265, 58457),))
     out = generate(model, src[:1], img[:1], cfg=cfg, ids=IDS, constraints=codes, code_masks=torch.tensor([True]))
     assert len(out[0][0].tokens) == 1025 and all(50265 <= t < 58457 for t in out[0][0].tokens)
+
+
+def test_an_ordered_box_needs_the_location_range():
+    with pytest.raises(ValueError, match="ordered_box needs allowed_ranges"):
+        Constraint(ordered_box=True)

@@ -47,6 +47,7 @@ from ofa_model.config_files import (
     parse_overrides,
     read_config,
     read_config_file,
+    required_keys,
     to_dict,
 )
 from ofa_model.errors import ConfigError
@@ -251,7 +252,8 @@ def plan_sweep(cfg: SweepConfig, *, source: str = "<sweep>") -> SweepPlan:
     where = f"{cfg.base} + {source} train"
     raw_base = read_config_file(cfg.base, cfg.base)
     train = dict(cfg.train)
-    if cfg.storage_path is not None:  # the trials' runs live under the sweep's storage (runs_path), not the base's
+    if cfg.storage_path is not None and "run.storage_path" in required_keys(merge(raw_base, train)):
+        # the trials' runs live under the sweep's storage (runs_path): it stands for the base's required one
         train = merge(train, {"run": {"storage_path": cfg.storage_path}})
     base = user_base = build(TrainConfig, merge(raw_base, train), where, override_prefix="train.")
     # pinned on the driver: a trial runs in another working directory, where a default sqlite:///<cwd>/mlflow.db

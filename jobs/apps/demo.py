@@ -29,6 +29,7 @@ import base64
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -356,7 +357,7 @@ def _requests(url: str, corpus: str, n: int, per_call: int) -> list[Sample]:
             if task != "caption":
                 item["text"] = r["text"]
             if task == "vqa":  # as evaluated: the answer scored among easy-VQA's 13 (the bundle keeps no set yet)
-                item.update(mode="allcand", candidates=_answers())
+                item.update(mode="allcand", candidates=list(_answers()))
             items.append(item)
         for start in range(0, len(rows), per_call):
             call = rows[start:start + per_call]
@@ -524,7 +525,7 @@ def _stage_evaluate(demo: _Demo) -> None:
     for task in TASKS:
         uri = f"models:/ofa-{task}@champion"
         ev = evaluate_corpus(uri, demo.corpus, task, limit=demo.size.eval_rows, tracking=demo.svc.mlflow_url,
-                             candidates=_answers() if task == "vqa" else None,
+                             candidates=list(_answers()) if task == "vqa" else None,
                              mode="allcand" if task == "vqa" else None)
         name, _ = primary_metric(SPECS[task])
         records = _records(demo.corpus, task, demo.size.eval_rows)
@@ -615,11 +616,11 @@ def _tail(path: Path, n: int) -> str:
     return log_tail(path, n)
 
 
-def _answers() -> list[str]:
-    import easy_vqa
+@functools.cache
+def _answers() -> tuple[str, ...]:
+    from pipelines.data.converters.easyvqa import answer_set
 
-    path = Path(easy_vqa.__file__).parent / "data" / "answers.txt"
-    return [a.strip() for a in path.read_text().splitlines() if a.strip()]
+    return answer_set()
 
 
 def _records(corpus: str, task: str, rows: int) -> list[dict]:

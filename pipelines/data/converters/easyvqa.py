@@ -174,6 +174,13 @@ def shape_box(png: bytes) -> tuple[float, float, float, float] | None:
     return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
 
 
+def answer_set() -> tuple[str, ...]:
+    """easy-VQA's 13 answers, in the package's order (the closed set its VQA is scored among)."""
+    import easy_vqa
+
+    return tuple(a for a in easy_vqa.get_answers() if a)
+
+
 def caption_attributes(caption: str) -> tuple[set[str], set[str]]:
     """The colours and the shapes a caption names (whole words of COLORS and SHAPES, any case)."""
     words = set(re.findall(r"[a-z]+", str(caption).lower()))
