@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -35,12 +37,21 @@ def config_parser(prog: str, doc: str) -> Parser:
     return p
 
 
-def init_ray() -> None:
-    """Join the cluster of RAY_ADDRESS (as under `ray job submit`), else start a local one."""
+def init_ray(env: Mapping[str, str] | None = None) -> None:
+    """Join the cluster of RAY_ADDRESS (as under `ray job submit`), else start a local one. `env`: the job's
+    settings (`pipelines.job_env.job_env`), set in this driver and in the runtime_env that every task and actor
+    of the job inherits, on every node."""
     import ray
 
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    if not env:
         ray.init()
+        return
+    from pipelines.job_env import runtime_env
+
+    os.environ.update(env)  # this driver's own MLflow and S3 clients see what its workers see
+    ray.init(runtime_env=runtime_env(env))
 
 
 def print_json(obj: Any) -> None:

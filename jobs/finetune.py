@@ -25,16 +25,18 @@ def main(argv: list[str] | None = None, *, prog: str = PROG, doc: str = __doc__,
     setup_logging()
     from ofa_model.config_files import load_config
     from ofa_model.errors import ConfigError
+    from pipelines.job_env import job_env
     from pipelines.train import train
     from pipelines.train.train_config import TrainConfig
 
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
+        env = job_env(cfg.tracking.tracking_uri, cfg.data.s3)
     except ConfigError as exc:
         fail(prog, exc)
     if mixture and not cfg.mixture:
         fail(prog, f"{args.config}: pretraining needs a mixture (task -> weight); use jobs.finetune for one task")
-    init_ray()
+    init_ray(env)
     print_json(dataclasses.asdict(train(cfg)))
 
 

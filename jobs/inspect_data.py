@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     from pipelines.data.dataset import inspect
     from pipelines.data.raw_convert import key_map_option
     from pipelines.data.raw_inspect import input_source, inspect_raw
+    from pipelines.job_env import s3_env
 
     try:
         cfg = _data_config(args)
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"raw input gets one split, got --split {' --split '.join(cfg.splits)}")
     except (OSError, ValueError) as exc:
         fail(PROG, exc)
-    init_ray()
+    init_ray(s3_env(cfg.s3))
     try:
         if source is None:
             summary = inspect(cfg, Vocabulary.gpt2(), limit=args.limit)

@@ -112,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _prepare_raw(args: argparse.Namespace) -> dict:
     from pipelines.data.raw_convert import RawSource, convert_raw, key_map_option
+    from pipelines.job_env import s3_env
 
     s3 = S3Options(args.s3_endpoint, args.s3_region) if args.s3_endpoint or args.s3_region else None
     if args.source == "ofa-tsv":
@@ -119,7 +120,7 @@ def _prepare_raw(args: argparse.Namespace) -> dict:
     else:
         source = RawSource("webdataset", split=args.split, task=args.task, dataset=args.dataset,
                            key_map=key_map_option(args.key_map))
-    init_ray()
+    init_ray(s3_env(s3))
     return convert_raw(source, args.input, args.output, s3=s3, limit=args.limit, shard_mb=args.shard_mb,
                        concurrency=args.concurrency, num_cpus=args.num_cpus, log_every_s=args.log_every_s)
 

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging()
     from ofa_model.errors import ConfigError
-    from serve_app.serve_config import serve_config
+    from serve_app.serve_config import LOOPBACK, serve_config
 
     try:
         cfg = serve_config(args.config, args.overrides, model=args.model, host=args.host, port=args.port)
@@ -69,9 +69,8 @@ def main(argv: list[str] | None = None) -> None:
         except ConfigError as exc:
             fail(PROG, exc)
         print(f"serving {', '.join(cfg.models)} at {url}  (docs: {url}/docs; Ctrl-C stops)", flush=True)
-        if cfg.host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning("bound to %s: reachable from other machines%s", cfg.host,
-                        "" if (cfg.api_key_env or cfg.api_key_file) else " without an API key")
+        if cfg.host not in LOOPBACK:
+            log.warning("bound to %s: reachable from other machines (API key required)", cfg.host)
         stop.wait()
         print("shutting down", flush=True)
     finally:

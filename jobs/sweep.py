@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     setup_logging()
     from ofa_model.errors import ConfigError
+    from pipelines.job_env import job_env
     from tune.runner import SweepError, outcome_dict, run_sweep
     from tune.search import load_sweep_config, plan_sweep
 
@@ -39,11 +40,12 @@ def main(argv: list[str] | None = None) -> None:
         overrides.append(f"num_samples={args.num_samples}")
     try:
         plan = plan_sweep(load_sweep_config(args.config, overrides), source=args.config)
+        env = job_env(plan.base.tracking.tracking_uri, plan.base.data.s3, tracking_key="train.tracking.tracking_uri")
     except ConfigError as exc:
         fail(PROG, exc)
     if plan.base.task != args.task:
         fail(PROG, f"--task {args.task}: {args.config} tunes task {plan.base.task!r} (its base {plan.cfg.base})")
-    init_ray()
+    init_ray(env)
     try:
         outcome = run_sweep(plan, output_dir=args.output)
     except SweepError as exc:

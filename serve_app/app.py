@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +30,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
+from ofa_model.errors import ConfigError
 from serve_app.api import OFAIngress
 from serve_app.model import OFAModelServer
 from serve_app.serve_config import ServeConfig, config_from_args, read_api_key
@@ -53,9 +55,26 @@ def absolute_paths(cfg: ServeConfig) -> ServeConfig:
                                model_cache=absolute(cfg.model_cache))
 
 
+def with_tracking(cfg: ServeConfig) -> ServeConfig:
+    """`cfg` with its tracking URI resolved here, where the application is built (the configured one, else this
+    process's MLFLOW_TRACKING_URI, else ./mlflow.db made absolute), so every replica, on any node, resolves
+    models:/ sources on the same registry. A models:/ source with neither configured, and no ./mlflow.db here, is
+    a ConfigError: the replicas would look in an empty registry."""
+    from pipelines.tracking.registry import tracking_uri  # imports mlflow: only when an application is built
+
+    uri = tracking_uri(cfg.tracking_uri)
+    registry = sorted(name for name, m in cfg.models.items() if m.source.startswith("models:"))
+    default = not cfg.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI")
+    if registry and default and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"tracking_uri: models.{registry[0]}.source is {cfg.models[registry[0]].source}, but no "
+                          f"tracking server is configured (tracking_uri, or MLFLOW_TRACKING_URI where the "
+                          f"application is built) and there is no registry at {uri}")
+    return dataclasses.replace(cfg, tracking_uri=uri)
+
+
 def build(cfg: ServeConfig) -> Application:
     """The application of `cfg`: the ingress bound to one model deployment per model."""
-    cfg = absolute_paths(cfg)
+    cfg = with_tracking(absolute_paths(cfg))
     read_api_key(cfg)  # a configured key must be readable now, not at the first request
     retry = BackpressureConfig(status_code=503, retry_after_s=float(math.ceil(max(cfg.retry_after_s, 1.0))))
     a = cfg.autoscaling

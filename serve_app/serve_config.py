@@ -93,10 +93,13 @@ class IngressSection:
     max_queued_requests: Annotated[int, Field(ge=-1)] = 1024  # -1: unbounded
 
 
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
 @config_dataclass
 class ServeConfig:
-    """host/port: where `jobs.serve` binds HTTP (127.0.0.1 unless configured). max_batch_size /
-    batch_wait_timeout_s: `@serve.batch` of each model replica (requests per model call, and how long the first
+    """host/port: where `jobs.serve` binds HTTP (127.0.0.1 unless configured; another address needs an API key).
+    max_batch_size / batch_wait_timeout_s: `@serve.batch` of each model replica (requests per model call, and how long the first
     waits for company). num_cpus / num_gpus: per model replica (fractions allowed). max_ongoing_requests: per
     model replica; max_queued_requests: requests waiting for a replica, the excess answered 503 with
     Retry-After: retry_after_s. request_timeout_s: a request's time in the model deployment before it is
@@ -106,8 +109,8 @@ class ServeConfig:
     BF16 CPUs and Ampere+ GPUs but changes some beam outputs (bench/inference.py fidelity).
     torch_threads: torch's intra-op threads per replica (None: torch's default). api_key_env / api_key_file:
     where the replicas read the API key (never from the command line); none: no key required. tracking_uri:
-    MLflow for models:/ sources (None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working
-    directory). model_cache: where registry versions are downloaded (None: the registry's default).
+    MLflow for models:/ sources, resolved where the application is built and handed to every replica (None:
+    MLFLOW_TRACKING_URI there, else its ./mlflow.db, which must exist). model_cache: where registry versions are downloaded (None: the registry's default).
     log_encoding: Serve's replica log format."""
 
     models: Annotated[dict[Name, ModelSection], Field(min_length=1)]  # name: {source: ...}
@@ -153,6 +156,9 @@ class ServeConfig:
                              f"({self.max_batch_size}), or batches never fill")
         if self.api_key_env and self.api_key_file:
             raise ValueError("api_key_env / api_key_file: set one, not both")
+        if self.host not in LOOPBACK and not (self.api_key_env or self.api_key_file):
+            raise ValueError(f"host {self.host}: binding beyond this machine needs an API key: set api_key_env "
+                             f"(a variable name) or api_key_file")
 
     def route(self) -> dict[str, str]:
         """task -> model name, for the tasks models list."""

@@ -105,7 +105,7 @@ def test_every_job_runs_a_real_module_with_a_recipe_that_loads(name, monkeypatch
     assert recipes and all((ROOT / r).is_file() for r in recipes), recipes
 
     mod = importlib.import_module(module)
-    monkeypatch.setattr(mod, "init_ray", lambda: (_ for _ in ()).throw(Started()))
+    monkeypatch.setattr(mod, "init_ray", lambda env=None: (_ for _ in ()).throw(Started()))
     monkeypatch.chdir(ROOT)  # the image's working directory holds the same tree
     try:
         mod.main(argv)

@@ -70,18 +70,30 @@ def _s3_objects(s3_server, prefix: str) -> dict[str, int]:
 # A two-node Ray cluster (`ray start --head` + `ray start --address`), token auth on, a job submitted to it
 
 
+# What a node may know besides Ray's own settings: S3 credentials (on Kubernetes a Secret through envFrom), no
+# endpoint, region or tracking server: those are the job's settings and come with the job (pipelines.job_env).
+NODE_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_EC2_METADATA_DISABLED")
+
+
+def _without_settings(env: dict[str, str], keep: tuple[str, ...] = ()) -> dict[str, str]:
+    """`env` without any AWS_* or MLFLOW_* variable but those in `keep`."""
+    return {k: v for k, v in env.items() if k in keep or not k.startswith(("AWS_", "MLFLOW_"))}
+
+
 @dataclass(frozen=True)
 class Cluster:
     gcs: str  # "127.0.0.1:<port>"
     dashboard: str  # "http://127.0.0.1:<port>"
     token: str
-    env: dict[str, str]  # what the nodes run with (and a client needs)
+    env: dict[str, str]  # what the nodes run with: Ray's settings and the S3 credentials, nothing else
+    client_env: dict[str, str]  # a submitting shell's: Ray's settings and token only, no MLflow or S3 variable
 
     def ray(self, *args: str, timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess:
-        """The venv's `ray` CLI run from the repository root, against this cluster, with its token."""
+        """The venv's `ray` CLI run from the repository root, against this cluster, with its token, from a shell
+        that holds no MLflow or S3 variable."""
         try:
-            done = subprocess.run([str(VENV_BIN / "ray"), *args], env=self.env, cwd=REPO, capture_output=True,
-                                  text=True, timeout=timeout)
+            done = subprocess.run([str(VENV_BIN / "ray"), *args], env=self.client_env, cwd=REPO,
+                                  capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
             raise AssertionError(f"ray {' '.join(args[:3])} still running after {timeout} s:\n{out[-4000:]}") \
@@ -116,8 +128,9 @@ def _node_args(ports: list[int], temp_dir: Path) -> list[str]:
             f"--temp-dir={temp_dir}", "--disable-usage-stats"]
 
 
-@pytest.fixture
-def two_node_cluster(s3_server, tmp_path) -> Iterator[Cluster]:
+@pytest.fixture(scope="module")
+def two_node_cluster(s3_server, tmp_path_factory) -> Iterator[Cluster]:
+    tmp_path = tmp_path_factory.mktemp("two-node")
     # The temp dir holds Ray's unix sockets (<temp>/session_<date>_<pid>/sockets/plasma_store): a pytest
     # tmp_path makes them longer than AF_UNIX allows (107 bytes), so it is a short directory under /tmp.
     temp_root = Path(tempfile.mkdtemp(prefix="ray2n-", dir="/tmp"))
@@ -127,12 +140,13 @@ def two_node_cluster(s3_server, tmp_path) -> Iterator[Cluster]:
     # disabled): token, with the token in the environment (~/.ray/auth_token is neither read nor written).
     # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: on SIGTERM a node shuts down at once instead of draining
     # for up to 30 s (made for Kubernetes pods running Serve; nothing to drain here).
-    env = venv_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
-                    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
-                    RAY_DATA_DISABLE_PROGRESS_BARS="1", PYTHONUNBUFFERED="1")
-    assert env["AWS_ENDPOINT_URL"] == s3_server.endpoint  # the job's workers reach the test S3 server
+    client_env = _without_settings(venv_env(
+        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+        RAY_DATA_DISABLE_PROGRESS_BARS="1", PYTHONUNBUFFERED="1"))
+    env = {**client_env, **{k: s3_server.env()[k] for k in NODE_SECRETS}}
     cluster = Cluster(gcs=f"127.0.0.1:{gcs_port}", dashboard=f"http://127.0.0.1:{dash_port}", token=token,
-                      env=env)
+                      env=env, client_env=client_env)
     ray_cli = str(VENV_BIN / "ray")
     head = spawn([ray_cli, "start", "--head", f"--port={gcs_port}", "--include-dashboard=true",
                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
@@ -183,25 +197,32 @@ def _printed_json(logs: str, key: str) -> dict:
     return found
 
 
-@pytest.mark.timeout(360)
-def test_a_finetune_submitted_as_a_ray_job_trains_on_two_nodes_with_checkpoints_on_s3(
-        corpus, s3_server, two_node_cluster, tmp_path):
+@pytest.mark.timeout(420)
+def test_a_finetune_submitted_as_a_ray_job_trains_on_two_nodes_tracked_on_the_server_it_configures(
+        corpus, s3_server, two_node_cluster, mlflow_server):
+    """`ray job submit --working-dir .` from a shell with no MLflow or S3 variable, to nodes that hold only the
+    S3 credentials: the job's config carries the tracking server and the S3 endpoint to the driver and to the
+    workers on both nodes (checkpoints on S3 through Ray Train's storage, which reads the endpoint from the
+    environment, so only the job's runtime_env can have put it there)."""
     cluster = two_node_cluster
     nodes = cluster.alive_nodes()
     assert len(nodes) == 2
     # token auth is really on: the dashboard refuses a request without the token
     assert http_status(f"{cluster.dashboard}/api/version")[0] == 401
+    assert not [k for k in cluster.client_env if k.startswith(("AWS_", "MLFLOW_"))]
+    assert "AWS_ENDPOINT_URL" not in cluster.env and "MLFLOW_TRACKING_URI" not in cluster.env
 
     storage = s3_server.uri("cluster-ckpt")
-    db = tmp_path / "mlflow.db"
     submission = f"ft-cluster-{uuid.uuid4().hex[:8]}"
+    name = f"ofa-vqa-cluster-{uuid.uuid4().hex[:6]}"
     overrides = [
         f"data.uri={corpus}", "data.batch_size=4", "data.actor_num_cpus=0.25", "data.read_num_cpus=0.25",
+        f"data.s3={{endpoint_url: '{s3_server.endpoint}', region: {s3_server.region}}}",
         "data.progress_every_s=600", "data.preprocess={patch_image_size: 32, max_src_length: 24, max_tgt_length: 6}",
         "scaling.num_workers=2", "scaling.placement_strategy=STRICT_SPREAD", "scaling.cpus_per_worker=0.25",
         "run.name=cluster-ft", f"run.storage_path={storage}", "run.log_every_s=0",
-        f"tracking.tracking_uri=sqlite:///{db}", "tracking.experiment=test-cluster",
-        "tracking.registered_model=ofa-vqa-cluster",
+        f"tracking.tracking_uri={mlflow_server.url}", "tracking.experiment=test-cluster",
+        f"tracking.registered_model={name}",
         "epochs=1", "max_steps_per_epoch=3", "validation.max_rows=8", "validation.batch_size=8",
     ]  # fmt: skip
     # --working-dir . uploads the repository (minus .gitignore'd paths) and runs the entrypoint in that copy:
@@ -209,26 +230,37 @@ def test_a_finetune_submitted_as_a_ray_job_trains_on_two_nodes_with_checkpoints_
     submit = cluster.ray("job", "submit", "--address", cluster.dashboard, "--working-dir", ".",
                          "--submission-id", submission, "--",
                          "python", "-m", "jobs.finetune", "--config", "configs/finetune/vqa_easyvqa.yaml",
-                         *overrides, timeout=240, check=False)
+                         *overrides, timeout=300, check=False)
     logs = cluster.ray("job", "logs", "--address", cluster.dashboard, submission).stdout
     job = cluster.api(f"/api/jobs/{submission}")  # the Jobs REST API: the status as a value, not CLI prose
     assert job["status"] == "SUCCEEDED", f"{job}\n{submit.stderr[-2000:]}\n{logs[-6000:]}"
     assert submit.returncode == 0
     assert job["entrypoint"].startswith("python -m jobs.finetune")
+    secret = s3_server.env()["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in json.dumps(job) and secret not in logs  # credentials travel with no job
 
     out = _printed_json(logs, "epochs_done")
     assert (out["epochs_done"], out["step"], out["run_name"]) == (1, 3, "cluster-ft")
     assert out["registered_version"] == "1" and out["champion"] is True
 
-    # both workers ran, one per node of this cluster (STRICT_SPREAD)
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
+    # one run on the server; both workers, one per node (STRICT_SPREAD), reached it themselves
+    client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
     run = client.get_run(out["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:/")
     assert run.data.tags["train.world_size"] == "2"
     train_nodes = run.data.tags["train.nodes"].split(",")
     assert len(train_nodes) == 2 and set(train_nodes) == nodes
+    assert {run.data.tags["train.worker.0.node"], run.data.tags["train.worker.1.node"]} == nodes
+    assert run.data.params["tracking.tracking_uri"] == mlflow_server.url
     assert run.data.tags["data_fingerprint"] == read_manifest(corpus).fingerprint
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
+    # registered on the server, its files on the server's S3 artifact store
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version == "1" and champion.source == f"{run.info.artifact_uri}/bundle"
+    assert champion.run_id == run.info.run_id
+    rel = champion.source.removeprefix("mlflow-artifacts:/").strip("/")
+    assert f"{mlflow_server.artifacts_prefix}/{rel}/config.json" in _s3_objects(s3_server, mlflow_server.artifacts_prefix)
+    assert not (mlflow_server.workdir / "mlartifacts").exists()
 
     # the checkpoint is on S3, under the run's storage prefix
     prefix = storage.removeprefix(f"s3://{s3_server.bucket}/") + "/cluster-ft/"
@@ -241,6 +273,22 @@ def test_a_finetune_submitted_as_a_ray_job_trains_on_two_nodes_with_checkpoints_
                                                                                  "epoch_done": True}
     best = out["best_checkpoint"].removeprefix(f"s3://{s3_server.bucket}/")
     assert f"{best}/bundle/config.json" in objects and f"{best}/train_state.pt" in objects
+
+
+@pytest.mark.timeout(120)
+def test_a_submitted_job_without_a_tracking_server_fails_at_once_naming_the_key(corpus, two_node_cluster):
+    """The same job without tracking.tracking_uri, from the same shell: refused before any work, naming the key
+    (it would otherwise log to a sqlite file in its temporary working directory)."""
+    cluster = two_node_cluster
+    submission = f"ft-notrack-{uuid.uuid4().hex[:8]}"
+    cluster.ray("job", "submit", "--address", cluster.dashboard, "--working-dir", ".", "--submission-id",
+                submission, "--", "python", "-m", "jobs.finetune", "--config", "configs/finetune/vqa_easyvqa.yaml",
+                f"data.uri={corpus}", timeout=90, check=False)
+    job = cluster.api(f"/api/jobs/{submission}")
+    logs = cluster.ray("job", "logs", "--address", cluster.dashboard, submission).stdout
+    assert job["status"] == "FAILED", job
+    assert "error: tracking.tracking_uri is required in a job submitted to a cluster" in logs, logs[-3000:]
+    assert "Started a local Ray instance" not in logs and "TorchTrainer" not in logs
 
 
 # =============================================================================================================

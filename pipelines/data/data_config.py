@@ -59,7 +59,8 @@ class DataConfig:
     read_retries: extra attempts on I/O errors.
     max_object_store_bytes: cap on this dataset's object-store use (None: Ray's default). prefetch_batches:
     batches fetched ahead by the consumer. progress_every_s: seconds between progress log lines.
-    log_bad_rows: bad rows logged at WARNING per reason (the rest at DEBUG). s3: endpoint / region overrides.
+    log_bad_rows: bad rows logged at WARNING per reason (the rest at DEBUG). s3: the S3 endpoint / region (None:
+    the environment's); a training or sweep job hands them to every process it starts (`pipelines.job_env`).
     """
 
     uri: Annotated[str, Field(min_length=1)]

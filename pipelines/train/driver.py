@@ -25,6 +25,7 @@ Before anything starts, the driver folds the init bundle's preprocessing and cus
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -47,6 +48,7 @@ from ofa_model.vocab import Vocabulary
 from pipelines import storage
 from pipelines.data.dataset import build_dataset, corpora
 from pipelines.data.shards import read_manifest
+from pipelines.job_env import job_tracking_uri
 from pipelines.tracking.registry import promote_if_better, register_bundle
 from pipelines.tracking.runs import MetricLogger, end_run, run_key, start_or_resume_run
 from pipelines.train.checkpointing import BUNDLE_DIR, epoch_started, latest_state_summary
@@ -92,6 +94,9 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None,
     """Run (or continue) the training run `cfg.run.name` to `cfg.epochs` epochs; see the module docstring.
     `callbacks`: Ray Train `UserCallback`s for every fit (Tune's report channel: `tune.trial`)."""
     task_specs(cfg)  # fails on bad task names before anything starts
+    # one tracking URI for the driver and every worker, whichever node and environment they run in
+    cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
+        cfg.tracking, tracking_uri=job_tracking_uri(cfg.tracking.tracking_uri)))
     if not ray.is_initialized():
         ray.init()
     cfg = with_init_bundle(cfg)

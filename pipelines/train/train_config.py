@@ -131,7 +131,8 @@ class RunSection:
 
 @config_dataclass
 class TrackingSection:
-    """MLflow. tracking_uri: None reads MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
+    """MLflow. tracking_uri: None reads the driver's MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working
+    directory (refused in a job submitted to a cluster); the driver hands the one it resolves to every worker.
     registered_model: register the best bundle under this name (None: do not register); the `champion` alias
     moves only when its validation metric beats the current champion's."""
 

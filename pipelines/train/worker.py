@@ -134,13 +134,17 @@ def train_loop(loop_config: dict) -> None:
 
 
 def _join(cfg: TrainConfig, mlflow_run_id: str) -> Worker:
-    """This worker's place in the group; rank 0 tags the MLflow run with the group's nodes and settings."""
+    """This worker's place in the group. Each worker tags the MLflow run with its node (`train.worker.<rank>.node`);
+    rank 0 tags it with the group's nodes and settings."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     execution = Execution.resolve(cfg.run.precision, cfg.run.memory_format, device)
+    node = ray.get_runtime_context().get_node_id()
+    # every worker reaches the run itself (its settings came with the job, not from its node's shell)
+    MetricLogger(cfg.tracking.tracking_uri, mlflow_run_id).set_tags({f"train.worker.{rank}.node": node})
     mlflow = MetricLogger(cfg.tracking.tracking_uri, mlflow_run_id) if rank == 0 else None
-    nodes = _all_gather(ray.get_runtime_context().get_node_id(), world)
+    nodes = _all_gather(node, world)
     if mlflow is not None:
         mlflow.set_tags({"train.nodes": ",".join(nodes), "train.world_size": world, "train.device": device,
                          "train.precision": execution.precision, "train.memory_format": execution.memory_format,
