@@ -13,9 +13,10 @@ defaults). Options that take one path per split are given as SPLIT=PATH and repe
 files). These run in this process.
 
 ofa-tsv and webdataset read a file or every .tsv / .tar file under a directory or prefix (local, file://
-or s3://) and run as a Ray job, one task per file (`pipelines.data.raw_convert`), on the Ray cluster of
-RAY_ADDRESS if set, else on a local one. S3 credentials come from the AWS environment of the Ray
-workers; --s3-endpoint / --s3-region override the rest.
+or s3://) and run as a Ray job, one task per file or per --range-mb of a large TSV file
+(`pipelines.data.raw_convert`), on the Ray cluster of RAY_ADDRESS if set, else on a local one. Rerunning a
+failed or killed conversion resumes it (its finished parts are kept); --append adds files to a corpus. S3
+credentials come from the Ray nodes' environment; --s3-endpoint / --s3-region reach every task.
 
 Prints a JSON summary on stdout (bad rows by reason included); exits 2 when the command line, an option
 value, the input or the output is bad.
@@ -30,6 +31,7 @@ from typing import Any
 
 from jobs._cli import Parser, fail, init_ray, print_json, setup_logging
 from pipelines.data.converters import SOURCES, ConverterOption, OutputError, converter_options, prepare
+from pipelines.data.raw_convert import RANGE_MB
 from pipelines.data.readers.ofa_tsv import LAYOUTS
 from pipelines.data.readers.webdataset import WDS_TASKS
 from pipelines.storage import S3Options
@@ -89,7 +91,12 @@ def _parser() -> argparse.ArgumentParser:
     raw.add_argument("--split", required=True, help="the split of every row, e.g. train")
     raw.add_argument("--dataset", default=None, help="the rows' dataset name (default: the reader's)")
     raw.add_argument("--limit", type=int, default=None, help="at most N input records in all, the first in file order")
-    raw.add_argument("--concurrency", type=int, default=None, help="files converted at once (default: 2x CPUs)")
+    raw.add_argument("--concurrency", type=int, default=None, help="parts converted at once (default: 2x CPUs)")
+    raw.add_argument("--range-mb", type=float, default=RANGE_MB,
+                     help=f"a TSV file over this many MiB converts in ranges of this size, in parallel "
+                          f"(default {RANGE_MB:g})")
+    raw.add_argument("--append", action="store_true",
+                     help="add the input's rows to the corpus at --output (its ids must stay unique)")
     raw.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per conversion task")
     raw.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS environment)")
     raw.add_argument("--s3-region", default=None, help="S3 region (default: AWS environment)")
@@ -122,7 +129,8 @@ def _prepare_raw(args: argparse.Namespace) -> dict:
                            key_map=key_map_option(args.key_map))
     init_ray(s3_env(s3))
     return convert_raw(source, args.input, args.output, s3=s3, limit=args.limit, shard_mb=args.shard_mb,
-                       concurrency=args.concurrency, num_cpus=args.num_cpus, log_every_s=args.log_every_s)
+                       concurrency=args.concurrency, num_cpus=args.num_cpus, log_every_s=args.log_every_s,
+                       range_mb=args.range_mb, append=args.append)
 
 
 def _prepare(args: argparse.Namespace) -> dict:

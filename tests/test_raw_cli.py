@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,106 @@ def test_ids_without_an_id_column_name_the_file_and_do_not_depend_on_parallelism
 
 
 @pytest.mark.timeout(RAY_TIMEOUT)
+def test_a_large_file_converts_in_byte_ranges_to_the_same_corpus(data, tmp_path, capsys, ray_cluster):
+    """--range-mb cuts each TSV file into ranges aligned to line starts, a task each: the same rows, ids (the
+    files' line numbering included), bad rows and fingerprint as one task per file."""
+    tsv = str(data / "vqa_tsv")
+    common = ["--layout", "vqa", "--input", tsv, "--split", "train", "--concurrency", "3"]
+    rc, whole, _ = run_prepare(capsys, "ofa-tsv", *common, "--output", str(tmp_path / "whole"))
+    assert rc == 0 and whole["parts"] == 3
+    rc, ranged, _ = run_prepare(capsys, "ofa-tsv", *common, "--output", str(tmp_path / "ranged"),
+                                "--range-mb", str(300 / 2**20))  # ~300 bytes: about a line per range
+    assert rc == 0 and ranged["parts"] > 3 and ranged["files"] == 3 and ranged["files_read"] == 3
+    for key in ("records", "rows_ok", "rows_bad", "bad_examples", "counts", "fingerprint"):
+        assert ranged[key] == whole[key], key
+    assert list(iter_rows(str(tmp_path / "ranged"))) == list(iter_rows(str(tmp_path / "whole")))
+
+    # layouts without an id column number the non-blank lines of the file: the ranges count the lines before them
+    d = tmp_path / "giga"
+    write_lines(d / "a.tsv", [f"article number {i} about shares\tsummary {i}" for i in range(40)] + [""] +
+                ["one column only", "last article\tlast"])
+    outs = []
+    for name, extra in (("g-whole", []), ("g-ranged", ["--range-mb", str(200 / 2**20)])):
+        rc, summary, _ = run_prepare(capsys, "ofa-tsv", "--layout", "gigaword", "--input", str(d), "--split",
+                                     "train", "--output", str(tmp_path / name), *extra)
+        assert rc == 0 and summary["rows_ok"] == 41 and summary["rows_bad"] == {"missing_column": 1}
+        outs.append((summary["parts"], ids(str(tmp_path / name)), summary["fingerprint"],
+                     summary["bad_examples"]))
+    assert outs[0][0] == 1 and outs[1][0] > 5
+    assert outs[1][1:] == outs[0][1:]
+    assert "ofa-gigaword/train/a/41" in outs[0][1] and "ofa-gigaword/train/a/40" not in outs[0][1]  # bad
+
+
+@pytest.mark.timeout(RAY_TIMEOUT + 60)
+def test_a_killed_conversion_resumes_to_the_clean_runs_corpus(tmp_path, capsys, ray_cluster):
+    """The driver is killed (SIGKILL) once some parts are finished; the same command again keeps them, converts
+    the rest, and writes the corpus a clean run writes. Another command into that output is refused."""
+    import ray
+
+    d = tmp_path / "big"
+    write_lines(d / "a.tsv", [vqa(i) for i in range(1, 121)])
+    argv = ["ofa-tsv", "--layout", "vqa", "--input", str(d), "--split", "train", "--concurrency", "1",
+            "--range-mb", str(1500 / 2**20), "--log-every-s", "0"]
+    out = tmp_path / "resumed"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.prepare_data", *argv, "--output", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + RAY_TIMEOUT
+        while len(list(out.glob("part-*/_done.json"))) < 3:
+            assert proc.poll() is None, f"finished before it could be killed: {proc.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "no part finished in time"
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+    finished = len(list(out.glob("part-*/_done.json")))
+    assert not (out / "manifest.json").exists() and (out / "conversion-plan.json").exists()
+
+    rc, other, err = run_prepare(capsys, *argv[:-4], "--output", str(out))  # other options: refused
+    assert rc == 2 and "holds an unfinished conversion of other input or options (differing: range_bytes)" in err
+    rc, resumed, _ = run_prepare(capsys, *argv, "--output", str(out))
+    assert rc == 0 and finished <= resumed["resumed_parts"] < resumed["parts"]
+    rc, clean, _ = run_prepare(capsys, *argv, "--output", str(tmp_path / "clean"))
+    assert rc == 0 and clean["resumed_parts"] == 0
+    assert (resumed["fingerprint"], resumed["rows_ok"], resumed["counts"]) == (clean["fingerprint"], 120,
+                                                                                {"train": {"vqa": 120}})
+    assert list(iter_rows(str(out))) == list(iter_rows(str(tmp_path / "clean")))
+    assert not (out / "conversion-plan.json").exists()
+
+
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_append_adds_files_to_a_corpus_and_still_refuses_duplicate_ids(tmp_path, capsys, ray_cluster):
+    a, b, both = tmp_path / "a", tmp_path / "b", tmp_path / "both"
+    write_lines(a / "a.tsv", [vqa(i) for i in range(1, 6)])
+    write_lines(b / "b.tsv", [vqa(i) for i in range(6, 9)])
+    for src in (a / "a.tsv", b / "b.tsv"):
+        write_lines(both / src.name, src.read_text().splitlines())
+    corpus = str(tmp_path / "corpus")
+    common = ["ofa-tsv", "--layout", "vqa", "--split", "train", "--output", corpus]
+    assert run_prepare(capsys, *common, "--input", str(a))[0] == 0
+    rc, _, err = run_prepare(capsys, *common, "--input", str(b))
+    assert rc == 2 and "already holds a corpus (manifest.json)" in err and "--append" in err
+    rc, appended, _ = run_prepare(capsys, *common, "--input", str(b), "--append")
+    assert rc == 0 and appended["counts"] == {"train": {"vqa": 8}}
+    rc, single, _ = run_prepare(capsys, "ofa-tsv", "--layout", "vqa", "--split", "train", "--input", str(both),
+                                "--output", str(tmp_path / "single"))
+    assert appended["fingerprint"] == single["fingerprint"]  # the rows of both, however they were added
+    assert ids(corpus) == ids(str(tmp_path / "single")) == sorted(f"ofa-vqa/train/{i}" for i in range(1, 9))
+    manifest = read_manifest(corpus)
+    assert [s["path"].split("/")[0] for s in manifest.shards] == ["part-00000", "part-00001"]
+    assert manifest.conversion["appended_to"]["num_rows"] == 5
+
+    before = (tmp_path / "corpus" / "manifest.json").read_bytes()
+    write_lines(tmp_path / "again" / "c.tsv", [vqa(20), vqa(3, "the same id again?")])
+    rc, _, err = run_prepare(capsys, *common, "--input", str(tmp_path / "again"), "--append")
+    assert rc == 2 and "'ofa-vqa/train/3' in" in err and "(the corpus appended to)" in err
+    assert (tmp_path / "corpus" / "manifest.json").read_bytes() == before  # the corpus as it was
+    assert sorted(p.name for p in (tmp_path / "corpus").iterdir()) == ["manifest.json", "part-00000", "part-00001"]
+    assert ids(corpus) == sorted(f"ofa-vqa/train/{i}" for i in range(1, 9))
+
+
+@pytest.mark.timeout(RAY_TIMEOUT)
 def test_limit_keeps_the_first_records_in_file_order(data, tmp_path, capsys, ray_cluster):
     rc, summary, _ = run_prepare(capsys, "ofa-tsv", "--layout", "vqa", "--input", str(data / "vqa_tsv"), "--split",
                                  "val", "--output", str(tmp_path / "out"), "--limit", "7", "--concurrency", "3")
@@ -239,7 +340,7 @@ def test_duplicate_ids_are_an_error_that_names_them_and_leaves_nothing(tmp_path,
     rc, _, err = run_prepare(capsys, "ofa-tsv", "--layout", "vqa", "--input", str(d), "--split", "train",
                              "--output", str(out))
     assert rc == 2
-    assert f"1 row id(s) occur in more than one input file, e.g. 'ofa-vqa/train/2' in {d}/a.tsv and {d}/b.tsv" in err
+    assert f"1 row id(s) occur more than once in the input, e.g. 'ofa-vqa/train/2' in {d}/a.tsv and {d}/b.tsv" in err
     assert not out.exists() or not list(out.iterdir())
     write_lines(d / "b.tsv", [vqa(3), vqa(3, "again?")])  # now within one file
     rc, _, err = run_prepare(capsys, "ofa-tsv", "--layout", "vqa", "--input", str(d), "--split", "train",

@@ -310,25 +310,71 @@ _DEFAULT_DATASETS = {
 
 TSV_SUFFIXES = (".tsv",)
 
-def _read_lines(file_uri: str, s3: S3Options | None, chunk_bytes: int = 1 << 20) -> Iterator[tuple[int, bytes] | BadRow]:
-    """(1-based line number, line without its newline) for every line; a BadRow if reading fails."""
+def _read_lines(file_uri: str, s3: S3Options | None, chunk_bytes: int = 1 << 20, *,
+                byte_range: tuple[int, int] | None = None,
+                first_line: int = 1) -> Iterator[tuple[int, bytes] | BadRow]:
+    """(line number, line without its newline) for every line; a BadRow if reading fails.
+
+    byte_range (start, end): only the lines that start at a byte offset in [start, end) (a line starts at 0 or
+    after a newline), the last of them read to its end even past `end`; `first_line` is the number of the first
+    of them (`count_lines` of the ranges before). None: the whole file, from line 1."""
     try:
         fs, path = storage.resolve(file_uri, s3)
-        with fs.open_input_stream(path) as stream:
-            pending: list[bytes] = []
-            line_no = 0
-            while chunk := stream.read(chunk_bytes):
-                *complete, rest = chunk.split(b"\n")
-                for part in complete:
-                    pending.append(part)
-                    line_no += 1
-                    yield line_no, b"".join(pending)
-                    pending = []
-                pending.append(rest)
-            if any(pending):
-                yield line_no + 1, b"".join(pending)
+        if byte_range is None:
+            stream_cm, start, end = fs.open_input_stream(path), 0, None
+        else:
+            (start, end), stream_cm = byte_range, fs.open_input_file(path)
+        with stream_cm as stream:
+            pos, head = start, b""
+            if start > 0:  # skip to the first line starting at or after `start`: the one before is not ours
+                stream.seek(start - 1)
+                pos = start - 1
+                while (chunk := stream.read(chunk_bytes)) and b"\n" not in chunk:
+                    pos += len(chunk)
+                if not chunk:
+                    return
+                cut = chunk.index(b"\n") + 1
+                pos, head = pos + cut, chunk[cut:]
+            yield from _lines_from(stream, head, pos, end, first_line, chunk_bytes)
     except OSError as exc:
         yield BadRow(None, UNREADABLE_SHARD, storage.redact(str(exc)), file_uri)
+
+
+def _lines_from(stream, head: bytes, pos: int, end: int | None, line_no: int,
+                chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
+    """The lines of `head` + the rest of `stream`, the first starting at byte `pos` and numbered `line_no`, up
+    to the last that starts before `end` (None: the end of the stream)."""
+    pending: list[bytes] = []
+    chunk = head
+    while True:
+        *complete, rest = chunk.split(b"\n")
+        for part in complete:
+            if end is not None and pos >= end:
+                return
+            pending.append(part)
+            line = b"".join(pending)
+            yield line_no, line
+            pos += len(line) + 1
+            line_no += 1
+            pending = []
+        pending.append(rest)
+        chunk = stream.read(chunk_bytes)
+        if not chunk:
+            break
+    if any(pending) and (end is None or pos < end):
+        yield line_no, b"".join(pending)
+
+
+def count_lines(file_uri: str, s3: S3Options | None, byte_range: tuple[int, int]) -> tuple[int, int]:
+    """(lines, non-blank lines) that start in `byte_range` of the file: where the next range's numbering
+    starts. OSError when the file cannot be read."""
+    lines = non_blank = 0
+    for item in _read_lines(file_uri, s3, byte_range=byte_range):
+        if isinstance(item, BadRow):
+            raise OSError(item.detail)
+        lines += 1
+        non_blank += bool(item[1].rstrip(b"\r"))
+    return lines, non_blank
 
 
 def check_tsv_options(layout: str, split: str) -> None:
@@ -346,7 +392,8 @@ def layout_task(layout: str) -> str | None:
 
 
 def read_ofa_tsv_file(
-    file: InputFile, layout: str, *, split: str, s3: S3Options | None = None, dataset: str | None = None
+    file: InputFile, layout: str, *, split: str, s3: S3Options | None = None, dataset: str | None = None,
+    byte_range: tuple[int, int] | None = None, first_line: int = 1, first_index: int = 0,
 ) -> Iterator[dict | BadRow]:
     """Canonical rows (or BadRows) of one OFA TSV file of `input_files`.
 
@@ -362,14 +409,17 @@ def read_ofa_tsv_file(
     image_classification (imagenet), summarization (gigaword), glue_<name> (glue_<name>), text_to_image;
     pretrain_vl rows map type caption/qa/visual_grounding to caption/vqa/grounding. Label words are those
     of the task's TaskSpec.labels.
+    byte_range: only the lines starting in it (`_read_lines`), the first numbered `first_line` and, among
+    the non-blank lines, `first_index` (`count_lines` of the ranges before): the rows and ids of the whole
+    file, read in parts.
     """
     check_tsv_options(layout, split)
     spec = _LAYOUTS[layout]
     dataset_given = dataset is not None
     dataset = dataset or _DEFAULT_DATASETS[layout]
     stem = file.name[: -len(".tsv")] if file.name.endswith(".tsv") else file.name
-    index = 0
-    for item in _read_lines(file.uri, s3):
+    index = first_index
+    for item in _read_lines(file.uri, s3, byte_range=byte_range, first_line=first_line):
         if isinstance(item, BadRow):
             yield item
             continue
