@@ -39,7 +39,7 @@ def test_a_local_bundle_directory_is_used_in_place(tmp_path):
 
 
 @pytest.mark.parametrize("uri,match", [
-    ("", "bundle directory or models"),
+    ("", "bundle directory, s3://bucket/prefix or models"),
     ("models:/", "expected models"),
     ("models:/a@", "expected models"),
     ("models:/a/b", "expected models"),
@@ -230,3 +230,26 @@ def test_s3_sources_that_are_not_bundles_are_refused_naming_the_uri(s3_server, m
                                                f"{size - 1:,}-byte cap"):
         resolve_model(big, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()  # refused before anything was written
+
+
+def test_evaluate_takes_a_model_on_s3(s3_server, micro_bundle, tmp_path, monkeypatch, capsys):
+    from jobs.evaluate import main
+    from pipelines.data.shards import write_corpus
+    from pipelines.tracking import registry
+    from tests.test_dataset import png
+    from tests.test_storage import make_row
+
+    prefix = s3_server.uri("bundles/eval")
+    _upload(micro_bundle, prefix)
+    write_corpus([make_row(i, split="test", image=png((200, 10, 10))) for i in range(2)], str(tmp_path / "corpus"))
+    monkeypatch.setattr(registry, "DEFAULT_CACHE", tmp_path / "cache")
+    main(["--model", prefix, "--data", str(tmp_path / "corpus"), "--task", "vqa", "--split", "test",
+          "--mode", "allcand", "--candidates", "red,blue", "--batch-size", "2"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"]["uri"] == prefix and out["model"]["path"].startswith(str(tmp_path / "cache" / "s3"))
+    assert [p["id"] for p in out["predictions"]] == ["ds/test/000", "ds/test/001"]
+    assert all(p["prediction"] in ("red", "blue") for p in out["predictions"]), out["predictions"]
+    missing = s3_server.uri("bundles/missing")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", missing, "--data", str(tmp_path / "corpus"), "--task", "vqa"])
+    assert exit_.value.code == 2 and f"{missing}: not a bundle" in capsys.readouterr().err
