@@ -14,10 +14,14 @@ from jobs.apps.config_reference import current, write
 PROG = "python -m jobs.config_reference"
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> Parser:
     p = Parser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--check", action="store_true", help="exit 1 when README.md's reference is not current")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
     if a.check:
         block, fresh = current()
         if block != fresh:

@@ -1,7 +1,13 @@
 """Convert an official OFA checkpoint into an ofa-ray bundle, with the preprocessing it was trained with.
 
     python -m jobs.convert_checkpoint --input ofa_tiny.pt --arch ofa-tiny --dict dict.txt \\
-        --patch-image-size 480 --max-src-length 80 --max-tgt-length 20 --output DIR [--ema] [--overwrite]
+        --patch-image-size 480 --max-src-length 80 --max-tgt-length 20 --output DIR [--ema] [--overwrite] \\
+        [--register NAME [--alias official] [--tracking-uri URI]]
+
+--register logs the bundle as the artifacts of an MLflow run (experiment ofa-checkpoints) and registers it as a
+version of NAME with the alias `official` (`pipelines.tracking.checkpoints`); jobs then name
+models:/NAME@official. The same checkpoint converted the same way again only moves the alias to the version
+already registered.
 
 Every failure (a bad option, a file that is missing, corrupt, unsafe or does not fit the architecture, an output
 that cannot be written, a full disk) is one `error: ...` line on stderr and exit status 2; a failed write leaves the
@@ -52,7 +58,7 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> Parser:
     p = Parser(prog=PROG, description=__doc__.split("\n")[0], epilog=EPILOG,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="fairseq .pt, HF-port pytorch_model.bin/.safetensors or its directory")
@@ -79,8 +85,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the bundle at --output; the old one stays until the new one is complete, and a "
                         "directory holding files other than the bundle's is refused, naming them")
-    args = p.parse_args(argv)
+    p.add_argument("--register", metavar="NAME", help="register the bundle in MLflow as a new version of NAME")
+    p.add_argument("--alias", default="official", help="the alias --register points at the version (default official)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for --register (default: MLFLOW_TRACKING_URI, else "
+                   "sqlite:///mlflow.db in the working directory)")
+    return p
+
+
+def _register(args: argparse.Namespace) -> dict:
+    """The registration's part of the summary; a failure is one error line saying the bundle is written."""
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.tracking.checkpoints import register_converted
+
+    try:
+        reg = register_converted(args.output, args.register, checkpoint=args.input, arch=args.arch,
+                                 alias=args.alias, tracking=args.tracking_uri)
+    except (MlflowException, OSError) as e:
+        fail(PROG, f"the bundle is written at {args.output}, but registering it as {args.register} failed: "
+                   f"{_one_line(e)}")
+    return {"model_uri": reg.uri, "registered": {"name": reg.name, "version": reg.version, "alias": reg.alias,
+                                                 "run_id": reg.run_id, "reused": reg.reused}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     setup_logging()
+    if args.register:
+        from pipelines.tracking.checkpoints import models_uri
+
+        try:
+            models_uri(args.register, args.alias)
+        except ValueError as e:
+            fail(PROG, e)
     try:
         norm = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD) if args.imagenet_mean_std else {}
         preprocess = PreprocessConfig(patch_image_size=args.patch_image_size, max_src_length=args.max_src_length,
@@ -91,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                                      fmt=args.format, overwrite=args.overwrite)
     except (InputError, OSError) as e:
         fail(PROG, _one_line(e))
+    if args.register:
+        summary.update(_register(args))
     print_json(summary)
     return 0
 

@@ -4,7 +4,8 @@
         --split test --output s3://b/eval/vqa-1
     python -m jobs.evaluate --model bundles/ofa-tiny --data /data/coco --task caption --split val --limit 500
 
---model: a bundle directory (e.g. a converted official checkpoint) or models:/name@alias, models:/name/N.
+--model: a bundle directory (e.g. a converted official checkpoint), a bundle directory on S3 (s3://bucket/prefix,
+downloaded into the model cache) or models:/name@alias, models:/name/N.
 Writes <output>/metrics.json and <output>/predictions.jsonl (local path, file:// or s3://) and prints the
 metrics. Exit status 2 on a bad model, corpus or option.
 """
@@ -18,9 +19,9 @@ from jobs._cli import Parser, fail, print_json, setup_logging
 PROG = "python -m jobs.evaluate"
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> Parser:
     p = Parser(prog=PROG, description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="bundle directory or models:/name@alias")
+    p.add_argument("--model", required=True, help="bundle directory, s3://bucket/prefix or models:/name@alias")
     p.add_argument("--data", required=True, help="canonical corpus directory (holds manifest.json)")
     p.add_argument("--task", required=True)
     p.add_argument("--split", default="test")
@@ -36,7 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory-format", choices=("auto", "contiguous", "channels_last"), default="auto",
                    help="the ResNet's layout (auto: channels_last)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.limit is not None and args.limit < 1:
         fail(PROG, "--limit must be >= 1")
     setup_logging()

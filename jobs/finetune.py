@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from jobs._cli import config_parser, fail, init_ray, print_json, setup_logging
+from jobs._cli import Parser, config_parser, fail, init_ray, print_json, setup_logging
 
 PROG = "python -m jobs.finetune"
+
+
+def build_parser() -> Parser:
+    return config_parser(PROG, __doc__)
 
 
 def main(argv: list[str] | None = None, *, prog: str = PROG, doc: str = __doc__, mixture: bool = False) -> None:

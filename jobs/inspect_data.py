@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 PROG = "python -m jobs.inspect_data"
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> Parser:
     from pipelines.data.raw_inspect import INPUT_LAYOUTS
 
     p = Parser(prog=PROG, description=__doc__.split("\n")[0])
@@ -50,7 +50,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scratch", help="raw input: where the scratch corpus goes (default: a local temporary "
                    "directory; on a cluster of several machines give an s3:// prefix)")
     p.add_argument("--list-bad", type=int, default=100, help="raw input: bad lines listed in full (default 100)")
-    args = p.parse_args(argv)
+    return p
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     if args.list_bad < 0:
         fail(PROG, f"--list-bad must be >= 0, got {args.list_bad}")
     return args

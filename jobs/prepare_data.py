@@ -78,7 +78,7 @@ def _add_option(p: argparse.ArgumentParser, option: ConverterOption) -> None:
     p.add_argument(*_flags(option), **kw)
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     output = Parser(add_help=False)
     output.add_argument("--output", required=True, help="corpus directory: local path, file:// or s3:// URI")
     output.add_argument("--shard-mb", type=float, default=128, help="close a shard at this many MiB of rows")
@@ -144,7 +144,7 @@ def _prepare(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     setup_logging()
     try:
         summary = _prepare_raw(args) if args.source in RAW_SOURCES else _prepare(args)

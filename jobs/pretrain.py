@@ -9,10 +9,17 @@ and how often, `task` which one is validated. Rerunning with the same run.name c
 from __future__ import annotations
 
 from jobs import finetune
+from jobs._cli import Parser, config_parser
+
+PROG = "python -m jobs.pretrain"
+
+
+def build_parser() -> Parser:
+    return config_parser(PROG, __doc__)
 
 
 def main(argv: list[str] | None = None) -> None:
-    finetune.main(argv, prog="python -m jobs.pretrain", doc=__doc__, mixture=True)
+    finetune.main(argv, prog=PROG, doc=__doc__, mixture=True)
 
 
 if __name__ == "__main__":

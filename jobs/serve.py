@@ -23,21 +23,21 @@ PROG = "python -m jobs.serve"
 log = logging.getLogger("jobs.serve")
 
 
-def parse_args(argv: list[str] | None):
+def build_parser() -> Parser:
     p = Parser(prog=PROG, description=__doc__.split("\n")[0],
                epilog="Overrides reach nested keys: max_batch_size=16 autoscaling.max_replicas=4 num_gpus=0.5.")
-    p.add_argument("--model", help="a bundle directory or models:/name@alias (one model serving every task)")
+    p.add_argument("--model", help="a bundle directory, s3://bucket/prefix or models:/name@alias (one model serving every task)")
     p.add_argument("--config", help="ServeConfig YAML (models, limits, scaling, ...)")
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
     p.add_argument("--num-cpus", type=float, help="logical CPUs of the local Ray this starts (default: all)")
     p.add_argument("--num-gpus", type=float, help="logical GPUs of the local Ray this starts (default: detected)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of config keys")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     setup_logging()
     from ofa_model.errors import ConfigError
     from serve_app.serve_config import LOOPBACK, serve_config

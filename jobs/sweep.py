@@ -18,7 +18,7 @@ from jobs._cli import Parser, fail, init_ray, print_json, setup_logging
 PROG = "python -m jobs.sweep"
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> Parser:
     p = Parser(prog=PROG, description=__doc__.split("\n")[0], epilog="Overrides: num_samples=4 "
                "asha.grace_period=2 train.optim.ema_decay=0 train.data.uri=s3://... (train.* reaches the fine-tune "
                "config). Every key: tune/search.py.")
@@ -28,7 +28,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-samples", type=int, default=None, help="trials to run (default: the config's)")
     p.add_argument("--output", default=None, help="directory for the table, plot and best config "
                    "(default: a new temporary directory; all of it is logged to the sweep's MLflow run too)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     setup_logging()
     from ofa_model.errors import ConfigError
     from pipelines.job_env import job_env

@@ -3,7 +3,7 @@
     result = evaluate_corpus("models:/ofa-vqa@champion", "s3://b/corpora/easy-vqa", "vqa", split="test",
                              output="s3://b/eval/vqa-1")
 
-The model is a bundle directory or a registry URI (`pipelines.tracking.registry`); rows are read from the canonical
+The model is a bundle directory, an s3:// bundle prefix or a registry URI (`pipelines.tracking.registry`); rows are read from the canonical
 corpus in manifest order and go through `ofa_model.evaluation.evaluate_rows` (the predictor), so the metrics
 equal `score_predictions` applied to the written predictions file.
 """
@@ -43,7 +43,7 @@ def evaluate_corpus(model: str, data: str, task: str, *, split: str = "test", ou
                     memory_format: str = "auto") -> EvaluationOutput:
     """Predict `limit` rows (None: all) of `task` in `split` of the corpus at `data` and score them.
     `precision` / `memory_format`: `OFAPredictor`'s (its defaults keep fp32's answers)."""
-    resolved = resolve_model(model, tracking=tracking)
+    resolved = resolve_model(model, tracking=tracking, s3=s3)
     predictor = OFAPredictor.from_bundle(resolved.path, device=device, max_batch_size=batch_size,
                                          precision=precision, memory_format=memory_format)
     if task not in predictor.tasks:

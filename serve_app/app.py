@@ -45,7 +45,7 @@ def absolute_paths(cfg: ServeConfig) -> ServeConfig:
     replicas, whatever their working directory, find them."""
 
     def absolute(p: str | None) -> str | None:
-        if p is None or p.startswith("models:"):
+        if p is None or p.startswith("models:") or "://" in p:
             return p
         path = Path(p).expanduser()
         return str(path.resolve()) if path.exists() else p

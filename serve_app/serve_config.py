@@ -34,8 +34,9 @@ MIN_KEY_CHARS = 16  # an API key shorter than this is refused as guessable
 
 @config_dataclass
 class ModelSection:
-    """source: a bundle directory or `models:/name@alias` / `models:/name/version`. tasks: the tasks routed to
-    this model; empty: every task no other model lists (at most one model may be this fallback)."""
+    """source: a bundle directory, `s3://bucket/prefix` or `models:/name@alias` / `models:/name/version`. tasks:
+    the tasks routed to this model; empty: every task no other model lists (at most one model may be this
+    fallback)."""
 
     source: Annotated[str, Field(pattern=r"\S")]  # not blank
     tasks: tuple[str, ...] = ()

@@ -475,3 +475,49 @@ def test_overwrite_never_deletes_a_users_other_files(converted, fairseq_ckpt, tm
     assert_one_error_line(rc, err)
     assert "holds files that are not part of its bundle: ['notes.txt']" in err
     assert digest(out) == before
+
+
+def test_convert_and_register_once_then_jobs_name_the_alias(fairseq_ckpt, tmp_path, capsys):
+    """--register logs the bundle to MLflow and points `official` at its version; the same conversion again
+    moves the alias to that version instead of adding one; models:/NAME@official resolves to the same weights."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from pipelines.tracking.registry import resolve_model
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--input", str(fairseq_ckpt), "--arch", "ofa-tiny", "--gpt2-vocab", *REFCOCO, "--register", "ofa-tiny",
+              "--tracking-uri", tracking]
+    summaries = []
+    for n in range(2):
+        assert convert_main([*common, "--output", str(tmp_path / f"bundle-{n}")]) == 0
+        summaries.append(json.loads(capsys.readouterr().out))
+    first, second = (s["registered"] for s in summaries)
+    assert summaries[0]["model_uri"] == "models:/ofa-tiny@official"
+    assert (first["version"], first["reused"], second["version"], second["reused"]) == ("1", False, "1", True)
+    client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+    mv = client.get_model_version_by_alias("ofa-tiny", "official")
+    sha = hashlib.sha256(fairseq_ckpt.read_bytes()).hexdigest()
+    assert mv.tags["ofa.checkpoint_sha256"] == sha and mv.tags["ofa.arch"] == "ofa-tiny"
+    run = client.get_run(first["run_id"])
+    assert run.data.tags["ofa.checkpoint_sha256"] == sha and run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "ofa-checkpoints"
+
+    got = resolve_model("models:/ofa-tiny@official", tracking=tracking, cache_dir=tmp_path / "cache")
+    assert got.version == "1"
+    converted = load_bundle(tmp_path / "bundle-0").model.state_dict()
+    registered = load_bundle(got.path).model.state_dict()
+    assert converted.keys() == registered.keys()
+    for k, v in converted.items():
+        assert torch.equal(v, registered[k]), k
+
+    # other preprocessing is another bundle: a new version, here under another alias (official stays)
+    assert convert_main([*common[:-4], "--register", "ofa-tiny", "--tracking-uri", tracking, "--alias", "ref512",
+                         "--patch-image-size", "480", "--output", str(tmp_path / "bundle-480")]) == 0
+    third = json.loads(capsys.readouterr().out)
+    assert third["registered"]["version"] == "2" and third["model_uri"] == "models:/ofa-tiny@ref512"
+    assert str(client.get_model_version_by_alias("ofa-tiny", "official").version) == "1"
+    rc, err = run_cli(capsys, *common[:-4], "--register", "bad name", "--output", tmp_path / "bundle-x")
+    assert_one_error_line(rc, err)
+    assert "model name 'bad name'" in err and not (tmp_path / "bundle-x").exists()

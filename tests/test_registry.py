@@ -39,7 +39,7 @@ def test_a_local_bundle_directory_is_used_in_place(tmp_path):
 
 
 @pytest.mark.parametrize("uri,match", [
-    ("", "bundle directory or models"),
+    ("", "bundle directory, s3://bucket/prefix or models"),
     ("models:/", "expected models"),
     ("models:/a@", "expected models"),
     ("models:/a/b", "expected models"),
@@ -149,3 +149,107 @@ def test_another_registry_with_the_same_name_and_version_is_not_served_from_the_
         got.append(resolve_model("models:/ofa-vqa@champion", tracking=uri, cache_dir=cache))
     assert [g.version for g in got] == ["1", "1"] and got[0].path != got[1].path
     assert [json.loads((g.path / "config.json").read_text()) for g in got] == [{"tag": "first"}, {"tag": "second"}]
+
+
+# --- bundles on S3 (the session's SeaweedFS) --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def micro_bundle(tmp_path_factory):
+    """A real (tiny) bundle directory: ofa-micro, GPT-2 vocabulary."""
+    from ofa_model.architecture import get_config
+    from ofa_model.bundle import save_bundle
+    from ofa_model.model import OFAModel
+    from ofa_model.preprocess import PreprocessConfig
+    from ofa_model.vocab import Vocabulary
+
+    path = tmp_path_factory.mktemp("micro") / "bundle"
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    return save_bundle(path, OFAModel(get_config("ofa-micro")).eval(), Vocabulary.gpt2(),
+                       preprocess=PreprocessConfig(patch_image_size=64))
+
+
+def _upload(directory, prefix: str) -> None:
+    from pipelines import storage
+
+    for f in sorted(directory.iterdir()):
+        storage.write_bytes(storage.join(prefix, f.name), f.read_bytes())
+
+
+def test_an_s3_bundle_is_downloaded_once_and_again_when_it_changes(s3_server, micro_bundle, tmp_path):
+    from ofa_model.bundle import load_bundle
+    from pipelines import storage
+
+    prefix, cache = s3_server.uri("bundles/ofa-micro"), tmp_path / "cache"
+    _upload(micro_bundle, prefix)
+    storage.write_bytes(storage.join(prefix, "nested", "other.bin"), b"x" * 10)  # below the prefix's top: not taken
+    got = resolve_model(prefix, cache_dir=cache)
+    assert got.uri == prefix and got.name is None and got.path.parent == cache / "s3"
+    assert sorted(p.name for p in got.path.iterdir()) == sorted(p.name for p in micro_bundle.iterdir())
+    for f in micro_bundle.iterdir():
+        assert (got.path / f.name).read_bytes() == f.read_bytes()
+    bundle = load_bundle(got.path)
+    assert bundle.preprocess.patch_image_size == 64 and bundle.config.name == "ofa-micro"
+
+    # unchanged: the same copy, not downloaded again (its files keep their times), no temporary directories left
+    weights = got.path / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    again = resolve_model(prefix + "/", cache_dir=cache)
+    assert again.path == got.path and weights.stat().st_mtime_ns == before
+    assert [p.name for p in (cache / "s3").iterdir()] == [got.path.name]
+
+    # the weights rewritten at the same prefix: a new copy with the new bytes
+    new_weights = weights.read_bytes()[:-4] + b"\0\0\0\0"
+    storage.write_bytes(storage.join(prefix, "model.safetensors"), new_weights)
+    fresh = resolve_model(prefix, cache_dir=cache)
+    assert fresh.path != got.path and (fresh.path / "model.safetensors").read_bytes() == new_weights
+    assert (got.path / "model.safetensors").read_bytes() == micro_bundle.joinpath("model.safetensors").read_bytes()
+
+
+def test_s3_sources_that_are_not_bundles_are_refused_naming_the_uri(s3_server, micro_bundle, tmp_path,
+                                                                    monkeypatch):
+    from pipelines import storage
+    from pipelines.tracking import registry
+
+    empty = s3_server.uri("nothing")
+    with pytest.raises(ModelSourceError, match=f"{empty}: not a bundle \\(no config.json"):
+        resolve_model(empty, cache_dir=tmp_path)
+    no_config = s3_server.uri("no-config")
+    storage.write_bytes(storage.join(no_config, "model.safetensors"), b"w" * 10)
+    with pytest.raises(ModelSourceError, match=f"{no_config}: not a bundle"):
+        resolve_model(no_config, cache_dir=tmp_path)
+    with pytest.raises(ModelSourceError, match="s3://: cannot list"):
+        resolve_model("s3://", cache_dir=tmp_path)
+
+    big = s3_server.uri("big")
+    _upload(micro_bundle, big)
+    size = (micro_bundle / "model.safetensors").stat().st_size
+    monkeypatch.setattr(registry, "WEIGHTS_MAX_BYTES", size - 1)
+    with pytest.raises(ModelSourceError, match=f"{big}: model.safetensors is {size:,} bytes, over the "
+                                               f"{size - 1:,}-byte cap"):
+        resolve_model(big, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()  # refused before anything was written
+
+
+def test_evaluate_takes_a_model_on_s3(s3_server, micro_bundle, tmp_path, monkeypatch, capsys):
+    from jobs.evaluate import main
+    from pipelines.data.shards import write_corpus
+    from pipelines.tracking import registry
+    from tests.test_dataset import png
+    from tests.test_storage import make_row
+
+    prefix = s3_server.uri("bundles/eval")
+    _upload(micro_bundle, prefix)
+    write_corpus([make_row(i, split="test", image=png((200, 10, 10))) for i in range(2)], str(tmp_path / "corpus"))
+    monkeypatch.setattr(registry, "DEFAULT_CACHE", tmp_path / "cache")
+    main(["--model", prefix, "--data", str(tmp_path / "corpus"), "--task", "vqa", "--split", "test",
+          "--mode", "allcand", "--candidates", "red,blue", "--batch-size", "2"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"]["uri"] == prefix and out["model"]["path"].startswith(str(tmp_path / "cache" / "s3"))
+    assert [p["id"] for p in out["predictions"]] == ["ds/test/000", "ds/test/001"]
+    assert all(p["prediction"] in ("red", "blue") for p in out["predictions"]), out["predictions"]
+    missing = s3_server.uri("bundles/missing")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", missing, "--data", str(tmp_path / "corpus"), "--task", "vqa"])
+    assert exit_.value.code == 2 and f"{missing}: not a bundle" in capsys.readouterr().err

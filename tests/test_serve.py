@@ -584,6 +584,25 @@ def test_serve_config_yaml_and_device_choice():
         pick_device("cuda", 1, cuda_available=False)
 
 
+def test_a_model_source_on_s3_loads_in_the_replica(bundles, predictors, s3_server, tmp_path):
+    """models.<name>.source: s3://bucket/prefix passes the config, stays a URI for the replicas and loads
+    (into model_cache) the same predictor as the bundle directory."""
+    from pipelines import storage
+    from serve_app.app import absolute_paths
+    from serve_app.model import load_model
+    from serve_app.serve_config import serve_config
+
+    prefix = s3_server.uri("serve/a")
+    for f in bundles["a"].iterdir():
+        storage.write_bytes(storage.join(prefix, f.name), f.read_bytes())
+    cfg = absolute_paths(serve_config(model=prefix, overrides=[f"model_cache={tmp_path / 'cache'}"]))
+    assert cfg.models["default"].source == prefix
+    loaded = load_model("default", prefix, cfg, "cpu")
+    assert loaded.predictor.tasks.keys() == predictors["a"].tasks.keys()
+    want = predictors["a"].predict("caption", [{"image": IMG}])
+    assert loaded.predictor.predict("caption", [{"image": IMG}])[0]["text"] == want[0]["text"]
+
+
 def test_config_errors_name_the_key(tmp_path, monkeypatch):
     from ofa_model.errors import ConfigError
     from serve_app.serve_config import config_from_args, read_api_key, serve_config

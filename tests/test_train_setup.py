@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from ofa_model.architecture import get_config
 from ofa_model.bundle import save_bundle
@@ -69,3 +70,33 @@ def test_from_scratch_the_config_is_unchanged_and_the_rule_is_field_by_field(tmp
     mine = PreprocessConfig(patch_image_size=128, max_src_length=50)
     assert merged_preprocess(mine, PRETRAINED) == PreprocessConfig(
         patch_image_size=128, mean=PRETRAINED.mean, std=PRETRAINED.std, max_src_length=50, max_tgt_length=16)
+
+
+def test_an_init_bundle_on_s3_is_fetched_where_it_is_used_with_the_configs_s3_settings(
+        bundle, tmp_path, s3_server, monkeypatch):
+    """model.init=s3://...: the driver's rule and the worker's model build each resolve it (into the node's
+    cache), reaching S3 through data.s3 where it is set (here the environment's endpoint is wrong)."""
+    from ofa_model.bundle import load_bundle
+    from pipelines import storage
+    from pipelines.tracking import registry
+    from pipelines.train.setup import build_setup, run_vocab
+
+    prefix = s3_server.uri("init/ofa-micro")
+    for f in bundle.iterdir():
+        storage.write_bytes(storage.join(prefix, f.name), f.read_bytes())
+    monkeypatch.setattr(registry, "DEFAULT_CACHE", tmp_path / "cache")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    local = with_init_bundle(_config(tmp_path, str(bundle), {"patch_image_size": 32}))
+    raw = {"task": "vqa", "model": {"init": prefix}, "run": {"name": "ft", "storage_path": str(tmp_path / "runs")},
+           "data": {"uri": str(tmp_path / "corpus"), "preprocess": {"patch_image_size": 32},
+                    "s3": {"endpoint_url": s3_server.endpoint}},
+           "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}
+    cfg = with_init_bundle(build(TrainConfig, raw))
+    assert cfg.data.preprocess == local.data.preprocess and cfg.custom_tasks == local.custom_tasks
+    setup = build_setup(cfg)
+    assert setup.init == prefix and len(run_vocab(cfg)) == len(setup.vocab)
+    want = load_bundle(bundle).model.state_dict()
+    got = setup.model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    [entry] = (tmp_path / "cache" / "s3").iterdir()  # fetched once, reused by the later resolves
+    assert entry.name.startswith("ofa-micro-")

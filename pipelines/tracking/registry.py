@@ -1,6 +1,7 @@
-"""Model sources: a bundle directory or an MLflow registry URI, and the registry's `champion` rule.
+"""Model sources: a bundle directory, a bundle on S3 or an MLflow registry URI, and the registry's `champion` rule.
 
     resolve_model("bundles/ofa-tiny")              # a local bundle directory, used in place
+    resolve_model("s3://bucket/bundles/ofa-base")  # a bundle directory on S3: downloaded into the cache
     resolve_model("models:/ofa-vqa@champion")      # an alias ...
     resolve_model("models:/ofa-vqa/3")             # ... or a version: downloaded once into the cache
 
@@ -9,6 +10,17 @@ are immutable, so a download is cached by (name, version, source) and written at
 then rename): two processes resolving the same version at once both end with a complete copy. The source (its
 artifact URI names the training run) is in the key because another registry (a new tracking server, a fresh
 sqlite file) has its own `ofa-vqa` version 1, a different model.
+
+An S3 prefix is not immutable: the same `s3://bucket/bundles/ofa-base` may be overwritten with new weights. Its
+cache entry is keyed by the URI and the prefix's listing (each file's name, size and modification time), which
+costs one LIST request per resolve and no download: a rewritten, added or removed file gives a new key and a
+fresh download, an unchanged prefix reuses its copy. (A rewrite within the same second at the same size would go
+unnoticed; hashing the bytes instead would mean downloading the weights to learn that they need no download.)
+Only the regular files directly under the prefix are taken, each under the cap `ofa_model.bundle` puts on it
+(config.json, model.safetensors; any other file at the dict.txt cap); a file that changes while it downloads is
+an error, and the download is written atomically like a registry version's. S3 settings (endpoint, region) come
+from `s3` or the environment, credentials only from the AWS SDK's chain where the process runs
+(`pipelines.storage`).
 
 The `champion` alias moves only when a new version's validation metric beats the current champion's
 (`promote_if_better`); the metric and its direction are tags on every version, so the rule needs no run lookup.
@@ -25,23 +37,31 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+import pyarrow.fs as pafs
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+
+from ofa_model.bundle import CONFIG_FILE, CONFIG_MAX_BYTES, DICT_MAX_BYTES, WEIGHTS_FILE, WEIGHTS_MAX_BYTES
+from pipelines import storage
+from pipelines.storage import S3Options
 
 logger = logging.getLogger(__name__)
 
 MODELS_URI = re.compile(r"^models:/(?P<name>[A-Za-z0-9][\w.\-]*)(?:@(?P<alias>[A-Za-z0-9][\w\-]*)|/(?P<version>\d+))$")
 CHAMPION = "champion"
 METRIC_TAG, MODE_TAG = "metric_name", "metric_mode"  # version tags: which metric decides, and "max" or "min"
+COPY_CHUNK = 8 * 2**20
 DEFAULT_CACHE = Path(os.environ.get("OFA_MODEL_CACHE", Path.home() / ".cache" / "ofa-ray" / "models"))
 
 
 class ModelSourceError(ValueError):
-    """A model URI that is malformed, names nothing, or points at something that is not a bundle."""
+    """A model URI that is malformed, names nothing, points at something that is not a bundle, or cannot be
+    fetched."""
 
 
 @dataclass(frozen=True)
@@ -63,10 +83,14 @@ def _client(uri: str | None) -> MlflowClient:
     return MlflowClient(tracking_uri=resolved, registry_uri=resolved)
 
 
-def resolve_model(uri: str, *, tracking: str | None = None, cache_dir: str | Path | None = None) -> ResolvedModel:
-    """A local bundle directory for `uri` (see the module docstring)."""
+def resolve_model(uri: str, *, tracking: str | None = None, cache_dir: str | Path | None = None,
+                  s3: S3Options | None = None) -> ResolvedModel:
+    """A local bundle directory for `uri` (see the module docstring); `s3` overrides the environment's S3
+    endpoint and region for an s3:// source."""
     if not isinstance(uri, str) or not uri:
-        raise ModelSourceError(f"a model is a bundle directory or models:/name@alias, got {uri!r}")
+        raise ModelSourceError(f"a model is a bundle directory, s3://bucket/prefix or models:/name@alias, got {uri!r}")
+    if uri.startswith("s3://"):
+        return _resolve_s3(uri, Path(cache_dir or DEFAULT_CACHE), s3)
     if not uri.startswith("models:"):
         path = Path(uri).expanduser()
         if not (path.is_dir() and (path / "config.json").is_file()):
@@ -90,6 +114,57 @@ def resolve_model(uri: str, *, tracking: str | None = None, cache_dir: str | Pat
     return ResolvedModel(path=target, uri=uri, name=mv.name, version=str(mv.version), tags=dict(mv.tags))
 
 
+def _file_cap(name: str) -> int:
+    return {CONFIG_FILE: CONFIG_MAX_BYTES, WEIGHTS_FILE: WEIGHTS_MAX_BYTES}.get(name, DICT_MAX_BYTES)
+
+
+def _resolve_s3(uri: str, cache_dir: Path, s3: S3Options | None) -> ResolvedModel:
+    """The bundle at the S3 prefix `uri`, downloaded into `cache_dir` unless its listing is cached already."""
+    shown = storage.redact(uri)
+    try:
+        fs, prefix = storage.resolve(uri, s3)
+        infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=False, allow_not_found=True))
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"{shown}: cannot list the bundle ({storage.redact(str(exc))})") from exc
+    files = sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.base_name)
+    if not any(i.base_name == CONFIG_FILE for i in files):
+        raise ModelSourceError(f"{shown}: not a bundle (no {CONFIG_FILE} directly under the prefix)")
+    for i in files:
+        if i.size > _file_cap(i.base_name):
+            raise ModelSourceError(f"{shown}: {i.base_name} is {i.size:,} bytes, over the "
+                                   f"{_file_cap(i.base_name):,}-byte cap for a bundle file")
+    listing = "\n".join(f"{i.base_name}\t{i.size}\t{i.mtime_ns}" for i in files)
+    digest = hashlib.sha256(f"{uri.rstrip('/')}\n{listing}".encode()).hexdigest()[:16]
+    tail = re.sub(r"[^\w.\-]", "_", prefix.rstrip("/").rsplit("/", 1)[-1])[:64]
+    target = cache_dir / "s3" / f"{tail}-{digest}"
+    if not (target / CONFIG_FILE).is_file():
+        _atomic_fill(target, lambda tmp: _download_s3(fs, files, tmp, shown))
+    logger.info("model %s -> %s", shown, target)
+    return ResolvedModel(path=target, uri=uri)
+
+
+def _download_s3(fs: pafs.FileSystem, files: list[pafs.FileInfo], tmp: Path, shown: str) -> Path:
+    """Copy the listed files into `tmp`; ModelSourceError if one is not the size it was listed at."""
+    for info in files:
+        got, cap = 0, min(info.size, _file_cap(info.base_name))
+        try:
+            with fs.open_input_stream(info.path) as src, open(tmp / info.base_name, "wb") as dst:
+                while chunk := src.read(min(COPY_CHUNK, cap + 1 - got)):
+                    got += len(chunk)
+                    if got > cap:
+                        break
+                    dst.write(chunk)
+        except FileNotFoundError as exc:
+            raise ModelSourceError(f"{shown}: {info.base_name} disappeared while downloading; retry") from exc
+        except OSError as exc:
+            raise ModelSourceError(f"{shown}: cannot download {info.base_name} "
+                                   f"({storage.redact(str(exc))})") from exc
+        if got != info.size:
+            raise ModelSourceError(f"{shown}: {info.base_name} changed while downloading (listed at "
+                                   f"{info.size:,} bytes, read {got:,}); retry")
+    return tmp
+
+
 def _cache_entry(mv) -> str:
     """`<version>-<digest of the version's source and run>`: one registry's version never serves another's."""
     digest = hashlib.sha256(f"{mv.source}\n{mv.run_id}".encode()).hexdigest()[:16]
@@ -97,17 +172,28 @@ def _cache_entry(mv) -> str:
 
 
 def _download(source: str, target: Path, tracking: str | None) -> None:
+    def fetch(tmp: Path) -> Path:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp),
+                                                        tracking_uri=tracking_uri(tracking)))
+
+    _atomic_fill(target, fetch, what=f"registered source {source}")
+
+
+def _atomic_fill(target: Path, fetch: Callable[[Path], Path], what: str | None = None) -> None:
+    """Make `target` a complete bundle copy: `fetch(tmp)` fills a temporary directory beside it and returns the
+    bundle directory inside, which is renamed into place. Of two processes at once, the first rename wins and
+    the other keeps its copy; both end with a complete `target`."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp),
-                                                       tracking_uri=tracking_uri(tracking)))
-        if not (got / "config.json").is_file():
-            raise ModelSourceError(f"registered source {source} is not a bundle (no config.json)")
+        got = fetch(tmp)
+        if not (got / CONFIG_FILE).is_file():
+            raise ModelSourceError(f"{what or target} is not a bundle (no {CONFIG_FILE})")
+        os.chmod(got, 0o755)  # mkdtemp makes it private; a cached bundle is read by other users (serving)
         try:
             got.rename(target)
         except OSError:  # another process finished first: keep its copy
-            if not (target / "config.json").is_file():
+            if not (target / CONFIG_FILE).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

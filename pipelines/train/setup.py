@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from ofa_model import OFAModel
 from ofa_model.bundle import load_bundle, load_bundle_vocab, read_bundle_config
@@ -64,12 +65,19 @@ def merged_preprocess(config: PreprocessConfig, bundle: PreprocessConfig) -> Pre
     return dataclasses.replace(config, **changes)
 
 
+def _init_bundle(cfg: TrainConfig) -> Path:
+    """The local directory of `cfg.model.init`. Each process that needs it resolves it itself (the driver, and
+    every worker on its own node), so a models:/ or s3:// init is fetched once per node into that node's cache;
+    an s3:// init takes the endpoint and region of `data.s3`, else the environment."""
+    return resolve_model(cfg.model.init, tracking=cfg.tracking.tracking_uri, s3=cfg.data.s3).path
+
+
 def with_init_bundle(cfg: TrainConfig) -> TrainConfig:
     """`cfg` with the init bundle's preprocessing and custom tasks folded in (the module docstring's rule);
     `cfg` itself when it starts from scratch."""
     if not cfg.model.init:
         return cfg
-    bundle = read_bundle_config(resolve_model(cfg.model.init, tracking=cfg.tracking.tracking_uri).path)
+    bundle = read_bundle_config(_init_bundle(cfg))
     theirs = PreprocessConfig.from_dict(bundle["preprocess"], complete=True)
     preprocess = merged_preprocess(cfg.data.preprocess, theirs)
     for f in dataclasses.fields(PreprocessConfig):
@@ -94,7 +102,7 @@ def build_setup(cfg: TrainConfig) -> Setup:
     driver's, the init bundle's preprocessing and custom tasks already folded in (`with_init_bundle`)."""
     reg = cfg.model.regularization
     if cfg.model.init:
-        bundle = load_bundle(resolve_model(cfg.model.init, tracking=cfg.tracking.tracking_uri).path)
+        bundle = load_bundle(_init_bundle(cfg))
         model = OFAModel(bundle.config, reg)
         model.load_state_dict(bundle.model.state_dict())
         vocab, init = bundle.vocab, cfg.model.init
@@ -109,5 +117,5 @@ def build_setup(cfg: TrainConfig) -> Setup:
 def run_vocab(cfg: TrainConfig) -> Vocabulary:
     """The vocabulary the run trains with (the init bundle's, read without building its model)."""
     if cfg.model.init:
-        return load_bundle_vocab(resolve_model(cfg.model.init, tracking=cfg.tracking.tracking_uri).path)
+        return load_bundle_vocab(_init_bundle(cfg))
     return Vocabulary.gpt2()

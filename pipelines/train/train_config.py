@@ -29,8 +29,9 @@ Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^/]+$")]  
 class ModelSection:
     """arch: a named size (`ofa_model.get_config`) for training from scratch. dims: Transformer sizes that
     replace the named size's (keys of Dim, e.g. {embed_dim: 128, ffn_dim: 512}); the architecture is then
-    named `arch[key=value,...]` in the bundle. init: a bundle directory or a `models:/name@alias` URI to start
-    from (its architecture, vocabulary and weights; `arch` and `dims` must then be left at their defaults)."""
+    named `arch[key=value,...]` in the bundle. init: a bundle directory, an `s3://bucket/prefix` bundle (reached
+    with `data.s3`) or a `models:/name@alias` URI to start from (its architecture, vocabulary and weights; `arch`
+    and `dims` must then be left at their defaults)."""
 
     arch: str = "ofa-micro"
     dims: dict[Dim, Annotated[int, Field(ge=1)]] = field(default_factory=dict)
