@@ -1,7 +1,9 @@
 """Every `python -m jobs.<name> ...` in README.md's bash blocks runs as printed, as far as can be told without
 running it: its arguments parse with the job's own parser (`build_parser()`), a `--config` loads with its
 `key=value` overrides through the job's loader (a recipe's `<required>` keys must be given on the line), and
-`ray job submit` options in front of it are options of Ray's CLI. `$VARS` are opaque values."""
+`ray job submit` options in front of it are options of Ray's CLI. A `$VAR` assigned earlier in the same block
+(`VAR=value`, `export VAR=value`) is replaced by its value, as the shell would; any other `$VAR` is an opaque
+value."""
 
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 JOB = re.compile(r"\bpython -m jobs\.(\w+)")
+ASSIGNMENT = re.compile(r"[A-Za-z_]\w*=.*", re.S)
+VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 
 
 @dataclass(frozen=True)
@@ -36,10 +40,10 @@ class Command:
 
 def readme_commands(text: str) -> list[Command]:
     """The job commands of the ```bash blocks of `text`, continuation lines (`\\` at the end) joined."""
-    out, in_bash, pending, start = [], False, "", 0
+    out, in_bash, pending, start, shell = [], False, "", 0, {}
     for n, line in enumerate(text.splitlines(), 1):
         if line.startswith("```"):
-            in_bash, pending = line.strip() == "```bash", ""
+            in_bash, pending, shell = line.strip() == "```bash", "", {}
             continue
         if not in_bash:
             continue
@@ -49,11 +53,17 @@ def readme_commands(text: str) -> list[Command]:
             pending += line.rstrip()[:-1] + " "
             continue
         logical, pending = pending + line, ""
+        words = shlex.split(logical, comments=True)
+        if words[:1] == ["export"]:
+            words = words[1:]
+        if words and all(ASSIGNMENT.fullmatch(w) for w in words):
+            shell.update(w.split("=", 1) for w in words)
+            continue
         m = JOB.search(logical)
         if m is None:
             continue
-        tokens = shlex.split(logical[m.start():], comments=True)
-        before = shlex.split(logical[:m.start()], comments=True)
+        tokens = _expand(shlex.split(logical[m.start():], comments=True), shell)
+        before = _expand(shlex.split(logical[:m.start()], comments=True), shell)
         ray = None
         if before[:3] == ["ray", "job", "submit"]:
             assert before[-1] == "--", f"README.md:{start}: ray job submit without `--` before the entrypoint"
@@ -62,6 +72,11 @@ def readme_commands(text: str) -> list[Command]:
             assert not before, f"README.md:{start}: unexpected words before python -m: {before}"
         out.append(Command(start, " ".join(logical.split()), m.group(1), tokens[3:], ray))
     return out
+
+
+def _expand(words: list[str], shell: dict[str, str]) -> list[str]:
+    """Each word with the variables `shell` assigns replaced, as the shell expands a quoted word (not re-split)."""
+    return [VARIABLE.sub(lambda v: shell.get(v.group(1) or v.group(2), v.group(0)), w) for w in words]
 
 
 COMMANDS = readme_commands(README.read_text())
