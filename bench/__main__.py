@@ -8,7 +8,7 @@ curve (30 minutes), the fidelity report and the realistic-data run are not among
 import importlib
 import sys
 
-BENCHES = {"model": [], "data": [], "train": [], "inference": ["speed"], "gpu": []}
+BENCHES = {"model": [], "data": [], "convert": [], "train": [], "inference": ["speed"], "gpu": []}
 
 
 def main(argv: list[str]) -> None:
