@@ -23,7 +23,7 @@ from ofa_model.errors import ConfigError
 from ofa_model.predictor import OFAPredictor
 from ofa_model.preprocess import PreprocessConfig
 from pipelines import storage
-from pipelines.train.setup import answer_sets, read_answer_set, with_answer_sets
+from pipelines.train.setup import read_answer_set, with_answer_sets
 from pipelines.train.train_config import TrainConfig
 from tests.recipes import answer_file, supplied
 
@@ -126,10 +126,10 @@ def test_a_recipe_names_a_file_and_the_driver_reads_it_once(tmp_path):
     resolved = with_answer_sets(cfg)
     assert resolved.answers == ("yes", "no", "2") and resolved.answer_files() == {}
     assert to_dict(resolved)["answers"] == ["yes", "no", "2"]  # what the workers get: the list, not the file
-    assert answer_sets(resolved) == {"vqa": ("yes", "no", "2")}
+    assert resolved.answer_sets() == {"vqa": ("yes", "no", "2")}
     assert with_answer_sets(resolved) is resolved
     with pytest.raises(ValueError, match="still name files"):
-        answer_sets(cfg)
+        cfg.answer_sets()
 
 
 def test_inline_lists_and_mixture_label_files(tmp_path):
@@ -140,7 +140,7 @@ def test_inline_lists_and_mixture_label_files(tmp_path):
     assert cfg.answer_files() == {"labels.image_classification": str(labels)}
     resolved = with_answer_sets(cfg)
     assert resolved.answers == cfg.answers and len(cfg.answers) == 13  # an inline list stays as it is
-    assert answer_sets(resolved) == {"vqa": cfg.answers, "image_classification": ("circle", "rectangle", "triangle")}
+    assert resolved.answer_sets() == {"vqa": cfg.answers, "image_classification": ("circle", "rectangle", "triangle")}
 
 
 def test_an_unreadable_answer_file_names_the_key(tmp_path):

@@ -34,7 +34,7 @@ from ofa_model.bundle import save_bundle
 from pipelines import storage
 from pipelines.data.rowstats import MixtureState, ResumeState, RowStats
 from pipelines.train.optim import Ema
-from pipelines.train.setup import Setup, answer_sets
+from pipelines.train.setup import Setup
 from pipelines.train.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def published_weights(raw: OFAModel, ema: Ema | None) -> OFAModel:
 def save_training_bundle(cfg: TrainConfig, setup: Setup, raw: OFAModel, ema: Ema | None, path: Path, *,
                          epoch: int, step: int, metrics: dict, fingerprint: str) -> None:
     save_bundle(path, published_weights(raw, ema), setup.vocab, preprocess=cfg.data.preprocess,
-                custom_tasks=dict(cfg.custom_tasks), answer_sets=answer_sets(cfg),
+                custom_tasks=dict(cfg.custom_tasks), answer_sets=cfg.answer_sets(),
                 metadata={"task": cfg.task, "data_fingerprint": fingerprint, "data_uri": cfg.data.uri,
                           "epoch": epoch, "step": step, "init": setup.init,
                           "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)},

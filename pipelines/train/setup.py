@@ -140,18 +140,6 @@ def with_answer_sets(cfg: TrainConfig) -> TrainConfig:
     return build(TrainConfig, raw, f"run {cfg.run.name} with its answer files")
 
 
-def answer_sets(cfg: TrainConfig) -> dict[str, tuple[str, ...]]:
-    """The closed sets a run trains with, task -> answers (files already read: `with_answer_sets`): the main
-    task's `answers` and the mixture's `labels`; what every bundle of the run stores."""
-    files = cfg.answer_files()
-    if files:
-        raise ValueError(f"{sorted(files)} still name files; the driver reads them first (with_answer_sets)")
-    sets = {task: tuple(labels) for task, labels in cfg.labels.items()}
-    if cfg.answers:
-        sets[cfg.task] = tuple(cfg.answers)
-    return sets
-
-
 def build_setup(cfg: TrainConfig) -> Setup:
     """The model to train (training-mode regularisation), from the init bundle or from scratch. `cfg` is the
     driver's, the init bundle's preprocessing and custom tasks already folded in (`with_init_bundle`)."""

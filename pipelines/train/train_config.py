@@ -169,7 +169,7 @@ class ScstSection:
     no_repeat_ngram_size: int = 3
 
 
-AnswerFile = Annotated[str, Field(min_length=1, max_length=4096)]  # a local path (from the cwd) or s3:// URI
+AnswerFile = Annotated[str, Field(pattern=r"\S")]  # a local path (from the cwd) or an s3:// URI
 AnswerList = tuple[Annotated[str, Field(pattern=r"\S")], ...]
 
 
@@ -226,6 +226,18 @@ class TrainConfig:
             raise ValueError(f"task {self.task}: validation scores captions with pycocoevalcap's PTB tokenizer, "
                              "which runs Java, and `java` is not on PATH: install a Java runtime (the Dockerfile "
                              "installs openjdk-17-jre-headless)")
+
+    def answer_sets(self) -> dict[str, tuple[str, ...]]:
+        """The closed sets the run trains with, task -> answers: the main task's `answers` and the mixture's
+        `labels` (what every bundle of the run stores). The files must have been read (the driver's
+        `pipelines.train.setup.with_answer_sets`): a set still named by its file is a ValueError."""
+        if self.answer_files():
+            raise ValueError(f"{sorted(self.answer_files())} still name files; the driver reads them first "
+                             "(pipelines.train.setup.with_answer_sets)")
+        sets = {task: tuple(labels) for task, labels in self.labels.items()}
+        if self.answers:
+            sets[self.task] = tuple(self.answers)
+        return sets
 
     def answer_files(self) -> dict[str, str]:
         """The answer and label files this config names, by key ("answers", "labels.<task>")."""

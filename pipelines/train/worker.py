@@ -59,7 +59,7 @@ from pipelines.train.checkpointing import (
     worker_resume,
 )
 from pipelines.train.optim import Ema, build_optimizer, build_scheduler, freeze
-from pipelines.train.setup import Setup, answer_sets, build_setup
+from pipelines.train.setup import Setup, build_setup
 from pipelines.train.step import Learner, forward_loss, optimizer_step, scst_setup
 from pipelines.train.train_config import TrainConfig
 
@@ -286,7 +286,7 @@ def _validate(run: Run, learner: Learner, *, last_epoch: bool) -> dict[str, floa
     predictor = OFAPredictor(published_weights(raw, learner.ema), run.setup.vocab, cfg.data.preprocess,
                              device=execution.device, tasks=run.setup.specs, max_batch_size=cfg.validation.batch_size,
                              precision=execution.precision, memory_format=execution.memory_format,
-                             answer_sets=answer_sets(cfg))
+                             answer_sets=cfg.answer_sets())
     try:  # rows stream through the predictor chunk by chunk: a large validation split is never held whole
         rows = _validation_rows(cfg, None if last_epoch and cfg.validation.full_at_end else cfg.validation.max_rows)
         # no candidates per row: the predictor scores the run's answer set, as a saved bundle's predictor will
