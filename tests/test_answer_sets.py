@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,18 @@ def test_inline_lists_and_mixture_label_files(tmp_path):
     resolved = with_answer_sets(cfg)
     assert resolved.answers == cfg.answers and len(cfg.answers) == 13  # an inline list stays as it is
     assert resolved.answer_sets() == {"vqa": cfg.answers, "image_classification": ("circle", "rectangle", "triangle")}
+
+
+def test_a_set_of_the_wrong_form_names_the_key_and_the_form():
+    multitask = REPO / "configs/finetune/vqa_easyvqa_multitask.yaml"
+    for override, message in [
+        ("answers=3", "answers: expected an answer file (a path or s3:// URI) or a list of answers"),
+        ("answers=[yes, 3]", "answers.list.1: Input should be a valid string"),
+        ("answers=' '", "answers.file: String should match pattern"),
+        ("labels={image_classification: []}", "labels.image_classification.list: Tuple should have at least 1 item"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(f"{multitask}: {message}")):
+            load_config(TrainConfig, multitask, [override])
 
 
 def test_an_unreadable_answer_file_names_the_key(tmp_path):

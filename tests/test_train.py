@@ -289,7 +289,7 @@ def test_bad_configs_fail_before_anything_starts(corpus, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--config", str(cfg), "optim.lr=1e-4", "mixture={vqa: 3, image_classification: 1}",
               "labels={image_classification: []}"])
-    assert "labels.image_classification: Tuple should have at least 1 item" in capsys.readouterr().err
+    assert "labels.image_classification.list: Tuple should have at least 1 item" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--config", str(cfg), "optim.lr=1e-4", "scaling.threads_per_worker=0"])
     assert "scaling.threads_per_worker: Input should be greater than or equal to 1" in capsys.readouterr().err

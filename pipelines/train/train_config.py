@@ -13,7 +13,7 @@ import shutil
 from dataclasses import field
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Discriminator, Field, Tag
 
 from ofa_model.architecture import OFAConfig, Regularization, get_config
 from ofa_model.config_files import config_dataclass
@@ -173,6 +173,19 @@ AnswerFile = Annotated[str, Field(pattern=r"\S")]  # a local path (from the cwd)
 AnswerList = tuple[Annotated[str, Field(pattern=r"\S")], ...]
 
 
+def _file_or_list(value: object) -> str | None:
+    """Which form of an answer set `value` is: a file or a list are told apart by type, so that an error names
+    the one that was meant (`answers.list.0: ...`)."""
+    return "file" if isinstance(value, str) else "list" if isinstance(value, list | tuple) else None
+
+
+_BY_TYPE = Discriminator(_file_or_list, custom_error_type="answer_set",
+                         custom_error_message="expected an answer file (a path or s3:// URI) or a list of answers")
+Answers = Annotated[Annotated[AnswerFile, Tag("file")] | Annotated[AnswerList, Tag("list")], _BY_TYPE]
+Labels = Annotated[Annotated[AnswerFile, Tag("file")] | Annotated[AnswerList, Field(min_length=1), Tag("list")],
+                   _BY_TYPE]
+
+
 @config_dataclass
 class TrainConfig:
     """task: the task trained (a key of TASKS or of custom_tasks); mixture: task -> weight for multi-task
@@ -189,8 +202,8 @@ class TrainConfig:
     task: str = "vqa"
     mixture: Annotated[dict[str, Annotated[float, Field(ge=1e-9, le=1e9)]], Field(min_length=1)] | None = None
     custom_tasks: dict[str, str] = field(default_factory=dict)
-    answers: AnswerFile | AnswerList = ()
-    labels: dict[str, AnswerFile | Annotated[AnswerList, Field(min_length=1)]] = field(default_factory=dict)
+    answers: Answers = ()
+    labels: dict[str, Labels] = field(default_factory=dict)
     epochs: Annotated[int, Field(ge=1, le=100_000)] = 1
     max_steps_per_epoch: Annotated[int, Field(ge=1)] | None = None
     seed: int = 0
