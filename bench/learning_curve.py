@@ -158,12 +158,13 @@ def judged(task: str, metric: str, metrics: dict[str, float], predictions: list[
 
 def whole_split(bundle: str, corpus: str, cfg, metric: str, last: Point, t0: float) -> tuple[Point, dict[str, float]]:
     """The final bundle on every test row of the config's task, as the last epoch's validation would have (its
-    mode and answers, at the run's precision), timed from t0: its judged point and all its metrics."""
+    mode, the answer set the bundle stores, the run's precision), timed from t0: its judged point and all its
+    metrics."""
     from pipelines.evaluate import evaluate_corpus
 
     t = time.time()
-    out = evaluate_corpus(bundle, corpus, cfg.task, split="test", mode=cfg.validation.mode,
-                          candidates=list(cfg.answers) or None, batch_size=64, precision=cfg.run.precision)
+    out = evaluate_corpus(bundle, corpus, cfg.task, split="test", mode=cfg.validation.mode, batch_size=64,
+                          precision=cfg.run.precision)
     value = judged(cfg.task, metric, out.metrics, out.predictions)
     figure = "captions_fully_right" if cfg.task == "caption" else metric
     return Point(last.epoch, last.step, (time.time() - t0) / 60, value, time.time() - t,

@@ -2,7 +2,7 @@
 
     python -m jobs.convert_checkpoint --input ofa_tiny.pt --arch ofa-tiny --dict dict.txt \\
         --patch-image-size 480 --max-src-length 80 --max-tgt-length 20 --output DIR [--ema] [--overwrite] \\
-        [--register NAME [--alias official] [--tracking-uri URI]]
+        [--answers vqa=trainval_ans2label.pkl] [--register NAME [--alias official] [--tracking-uri URI]]
 
 --register logs the bundle as the artifacts of an MLflow run (experiment ofa-checkpoints) and registers it as a
 version of NAME with the alias `official` (`pipelines.tracking.checkpoints`); jobs then name
@@ -20,6 +20,7 @@ import argparse
 import sys
 
 from jobs._cli import Parser, fail, print_json, setup_logging
+from ofa_model.answer_sets import read_answer_file
 from ofa_model.architecture import ARCHITECTURES
 from ofa_model.checkpoint import convert_checkpoint
 from ofa_model.errors import InputError
@@ -58,6 +59,17 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())
 
 
+def _answers(items: list[str]) -> dict[str, tuple[str, ...]]:
+    """--answers TASK=FILE options as task -> answers (the files read and checked)."""
+    out = {}
+    for item in items:
+        task, sep, path = item.partition("=")
+        if not sep or not task or not path:
+            fail(PROG, f"--answers {item!r}: expected TASK=FILE, e.g. vqa=trainval_ans2label.pkl")
+        out[task] = read_answer_file(path)
+    return out
+
+
 def build_parser() -> Parser:
     p = Parser(prog=PROG, description=__doc__.split("\n")[0], epilog=EPILOG,
                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,6 +93,9 @@ def build_parser() -> Parser:
                    help="objects per detection target (OFA --max-object-length; default 30)")
     p.add_argument("--imagenet-mean-std", action="store_true",
                    help="normalise images with ImageNet's mean and std (OFA's ImageNet fine-tune) instead of 0.5")
+    p.add_argument("--answers", action="append", default=[], metavar="TASK=FILE",
+                   help="store a closed answer set with the bundle, the predictor's candidates for TASK by default "
+                        "(e.g. vqa=trainval_ans2label.pkl; .txt one a line, .json, or OFA's .pkl); repeatable")
     p.add_argument("--output", required=True, help="bundle directory to write (absent or empty)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the bundle at --output; the old one stays until the new one is complete, and a "
@@ -125,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                                       max_object_length=args.max_object_length, **norm)
         summary = convert_checkpoint(args.input, args.arch, args.output, preprocess=preprocess,
                                      dict_path=args.dict_path, gpt2_vocab=args.gpt2_vocab, use_ema=args.ema,
-                                     fmt=args.format, overwrite=args.overwrite)
+                                     fmt=args.format, overwrite=args.overwrite, answer_sets=_answers(args.answers))
     except (InputError, OSError) as e:
         fail(PROG, _one_line(e))
     if args.register:

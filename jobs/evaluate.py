@@ -28,7 +28,8 @@ def build_parser() -> Parser:
     p.add_argument("--output", help="directory (path, file:// or s3://) for metrics.json and predictions.jsonl")
     p.add_argument("--limit", type=int, help="at most this many rows")
     p.add_argument("--mode", choices=("open", "trie", "allcand"), help="VQA inference mode")
-    p.add_argument("--candidates", help="comma-separated answers (VQA allcand / trie)")
+    p.add_argument("--candidates", help="comma-separated answers (VQA allcand / trie; default: the answer set "
+                                        "the model's bundle stores)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="fp32",

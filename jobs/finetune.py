@@ -28,15 +28,16 @@ def main(argv: list[str] | None = None, *, prog: str = PROG, doc: str = __doc__,
     args = config_parser(prog, doc).parse_args(argv)
     setup_logging()
     from ofa_model.config_files import load_config
-    from ofa_model.errors import ConfigError
+    from ofa_model.errors import InputError
     from pipelines.job_env import job_env
     from pipelines.train import train
+    from pipelines.train.setup import with_answer_sets
     from pipelines.train.train_config import TrainConfig
 
-    try:
-        cfg = load_config(TrainConfig, args.config, args.overrides)
+    try:  # a bad config, answer file or missing setting stops the job here, before Ray starts
+        cfg = with_answer_sets(load_config(TrainConfig, args.config, args.overrides))
         env = job_env(cfg.tracking.tracking_uri, cfg.data.s3)
-    except ConfigError as exc:
+    except InputError as exc:
         fail(prog, exc)
     if mixture and not cfg.mixture:
         fail(prog, f"{args.config}: pretraining needs a mixture (task -> weight); use jobs.finetune for one task")

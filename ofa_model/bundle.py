@@ -1,7 +1,7 @@
 """Our self-describing model bundle: written atomically, read as untrusted input.
 
-Bundle = a directory with `config.json` (architecture, vocabulary reference, preprocessing, custom tasks,
-metadata), `model.safetensors` and, for the official vocabulary layout, `dict.txt`. Every bundle carries a
+Bundle = a directory with `config.json` (architecture, vocabulary reference, preprocessing, custom tasks, answer
+sets, metadata), `model.safetensors` and, for the official vocabulary layout, `dict.txt`. Every bundle carries a
 complete `PreprocessConfig`, checked against the architecture when it is saved and when it is loaded.
 
 Every way a bundle can be wrong is a `BundleError` (an `InputError`) naming the file and the field, or a
@@ -22,7 +22,7 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ofa_model import errors
+from ofa_model.answer_sets import AnswerSetError, answer_sets_of
 from ofa_model.architecture import OFAConfig
 from ofa_model.errors import ConfigError, InputError, check_value
 from ofa_model.instructions import parse_instruction
@@ -45,9 +46,9 @@ BUNDLE_FORMAT = "ofa-ray-bundle"
 BUNDLE_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-# config.json keys: all required but custom_tasks (absent in bundles written before custom tasks were stored).
+# config.json keys: all required but custom_tasks and answer_sets (absent in bundles written before they were stored).
 _CONFIG_KEYS = frozenset({"format", "format_version", "model", "vocab", "preprocess", "metadata"})
-_OPTIONAL_CONFIG_KEYS = frozenset({"custom_tasks"})
+_OPTIONAL_CONFIG_KEYS = frozenset({"custom_tasks", "answer_sets"})
 
 # Size caps on what a bundle may make us read.
 CONFIG_MAX_BYTES = 4 * 2**20
@@ -149,6 +150,19 @@ def _check_custom_tasks(tasks, where: str) -> None:
             parse_instruction(line, name)
         except ConfigError as e:  # parse_instruction's error for a malformed line
             raise BundleError(f"{where}: custom_tasks.{name}: {e}") from e
+
+
+def _check_answer_sets(sets, custom_tasks: Mapping[str, str], where: str) -> dict[str, tuple[str, ...]]:
+    """`sets` (task -> answers, `ofa_model.answer_sets.check_answer_set` each) of tasks the bundle knows, else
+    BundleError naming the field."""
+    try:
+        out = answer_sets_of(sets, "answer_sets")
+    except AnswerSetError as e:
+        raise BundleError(f"{where}: {e}") from e
+    unknown = sorted(set(out) - set(TASKS) - set(custom_tasks))
+    if unknown:
+        raise BundleError(f"{where}: answer_sets names tasks the bundle does not know: {unknown}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,6 +318,7 @@ class Bundle:
     preprocess: PreprocessConfig
     metadata: dict = field(default_factory=dict)
     custom_tasks: dict[str, str] = field(default_factory=dict)  # name -> instruction line, declared in training
+    answer_sets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # task -> the closed set it trained with
 
     @property
     def tasks(self) -> dict[str, TaskSpec]:
@@ -313,9 +328,11 @@ class Bundle:
 
 def save_bundle(path: str | Path, model: OFAModel, vocab, *, preprocess: PreprocessConfig,
                 custom_tasks: Mapping[str, str] | None = None, metadata: Mapping | None = None,
-                overwrite: bool = False, limits: BundleLimits | None = None) -> Path:
-    """Write `model`, its vocabulary reference, preprocessing and custom tasks ({name: instruction line}) as a
-    bundle directory at `path`.
+                answer_sets: Mapping[str, Sequence[str]] | None = None, overwrite: bool = False,
+                limits: BundleLimits | None = None) -> Path:
+    """Write `model`, its vocabulary reference, preprocessing, custom tasks ({name: instruction line}) and answer
+    sets ({task: answers}: the closed sets it trained with, the predictor's candidates by default) as a bundle
+    directory at `path`.
 
     Everything is checked first (the vocabulary and `preprocess` against the model and `limits`, custom task names
     against the built-in tasks, metadata as plain JSON, finite weights): a BundleError naming the field. The bundle
@@ -335,12 +352,13 @@ def save_bundle(path: str | Path, model: OFAModel, vocab, *, preprocess: Preproc
         check_preprocess_fits(preprocess, config, limits)
     except ConfigError as e:
         raise BundleError(f"cannot save a bundle to {path}: preprocess: {e}") from e
-    for what, value in (("custom_tasks", custom_tasks), ("metadata", metadata)):
+    for what, value in (("custom_tasks", custom_tasks), ("metadata", metadata), ("answer_sets", answer_sets)):
         if value is not None and not isinstance(value, Mapping):
             raise BundleError(f"cannot save a bundle to {path}: {what} must be a mapping (a dict) or None, got "
                               f"{type(value).__name__}")
     custom_tasks = dict(custom_tasks or {})
     _check_custom_tasks(custom_tasks, f"cannot save a bundle to {path}")
+    answer_sets = _check_answer_sets(dict(answer_sets or {}), custom_tasks, f"cannot save a bundle to {path}")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in TIED_KEYS}
     bad = non_finite(state)
     if bad:
@@ -354,6 +372,8 @@ def save_bundle(path: str | Path, model: OFAModel, vocab, *, preprocess: Preproc
         "custom_tasks": custom_tasks,
         "metadata": dict(metadata or {}),
     }
+    if answer_sets:
+        body["answer_sets"] = {task: list(answers) for task, answers in answer_sets.items()}
     try:
         json.dumps(body, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -365,7 +385,11 @@ def save_bundle(path: str | Path, model: OFAModel, vocab, *, preprocess: Preproc
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is read by other users (serving)
         _write_weights(state, tmp / WEIGHTS_FILE)
         body["vocab"] = vocab.to_reference(tmp)
-        (tmp / CONFIG_FILE).write_text(json.dumps(body, indent=2, sort_keys=True))
+        text = json.dumps(body, indent=2, sort_keys=True)
+        if len(text.encode()) > CONFIG_MAX_BYTES:  # a reader would refuse it
+            raise BundleError(f"cannot save a bundle to {path}: {CONFIG_FILE} would be {len(text.encode()):,} "
+                              f"bytes, over the {CONFIG_MAX_BYTES:,}-byte cap (answer sets or metadata too large)")
+        (tmp / CONFIG_FILE).write_text(text)
         _fsync_dir(tmp)
         _move_into_place(tmp, path)
     except BaseException:
@@ -472,7 +496,7 @@ def load_bundle_vocab(path: str | Path) -> Vocabulary:
 
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu", *, limits: BundleLimits | None = None) -> Bundle:
-    """Rebuild model (eval mode, on `device`), vocabulary, preprocessing and custom tasks from a bundle.
+    """Rebuild model (eval mode, on `device`), vocabulary, preprocessing, custom tasks and answer sets from a bundle.
 
     Every section of config.json is checked, the preprocessing against the model and `limits` (default
     `BundleLimits()`), and the weights' header against the architecture, before the model is allocated. Any problem
@@ -490,6 +514,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", *, limits:
         raise BundleError(f"{where}: {e}") from e
     custom_tasks = cfg.get("custom_tasks", {})
     _check_custom_tasks(custom_tasks, str(where))
+    answer_sets = _check_answer_sets(cfg.get("answer_sets", {}), custom_tasks, str(where))
     if not isinstance(cfg["metadata"], dict):
         raise BundleError(f"{where}: metadata must be an object, got {type(cfg['metadata']).__name__}")
     vocab = _load_vocab(root, cfg["vocab"], config, where)
@@ -501,5 +526,6 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", *, limits:
     except (SafetensorError, OSError) as e:
         raise BundleError(f"{weights} is not a valid safetensors file: {e}") from e
     load_weights(model, state, source=str(weights))
-    return Bundle(model.to(device).eval(), vocab, config, preprocess, cfg["metadata"], dict(custom_tasks))
+    return Bundle(model.to(device).eval(), vocab, config, preprocess, cfg["metadata"], dict(custom_tasks),
+                  answer_sets)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -81,8 +82,10 @@ def _read_dict_txt(path: str | Path) -> Vocabulary:
 
 def convert_checkpoint(input_path: str | Path, arch: str, output: str | Path, *, preprocess: PreprocessConfig,
                        dict_path: str | Path | None = None, gpt2_vocab: bool = False, use_ema: bool = False,
-                       fmt: str = "auto", overwrite: bool = False) -> dict:
-    """Import an official checkpoint and write it as a bundle with `preprocess`; returns a JSON-ready summary.
+                       fmt: str = "auto", overwrite: bool = False,
+                       answer_sets: Mapping[str, Sequence[str]] | None = None) -> dict:
+    """Import an official checkpoint and write it as a bundle with `preprocess` (and `answer_sets`, task ->
+    answers, e.g. OFA's VQA answers for its VQA checkpoint); returns a JSON-ready summary.
 
     Official checkpoints index text by OFA's dict.txt, so `dict_path` is required unless `gpt2_vocab` says the
     weights were trained with ofa-ray's GPT-2 id order. The preprocessing and the output are checked before the
@@ -96,7 +99,7 @@ def convert_checkpoint(input_path: str | Path, arch: str, output: str | Path, *,
     check_bundle_target(Path(output), overwrite)
     vocab = _read_dict_txt(dict_path) if dict_path else Vocabulary.gpt2()
     model = import_checkpoint(input_path, config, use_ema=use_ema, fmt=fmt)
-    save_bundle(output, model, vocab, preprocess=preprocess, overwrite=overwrite,
+    save_bundle(output, model, vocab, preprocess=preprocess, overwrite=overwrite, answer_sets=answer_sets,
                 metadata={"source": str(input_path), "ema": use_ema, "arch": arch})
     return {"output": str(output), "arch": arch, "parameters": model.num_parameters(), "vocab": vocab.layout,
             "ema": use_ema, "preprocess": preprocess.to_dict()}

@@ -55,6 +55,7 @@ BAD_CONFIG = "bad_config"  # a config value of the wrong type, out of range, unk
 BAD_CHECKPOINT = "bad_checkpoint"  # a checkpoint file that cannot be read or does not fit the architecture
 UNSAFE_CHECKPOINT = "unsafe_checkpoint"  # a pickle holding objects that only code execution could rebuild
 BAD_BUNDLE = "bad_bundle"  # a bundle directory or file that is missing, outside the bundle, not regular or too big
+BAD_ANSWER_SET = "bad_answer_set"  # an answer or label file (or a bundle's set) that is not distinct non-empty strings
 # requests to the predictor
 UNKNOWN_TASK = "unknown_task"  # a task name that is not one of the known tasks
 BAD_SETTING = "bad_setting"  # a decoding setting or mode of the wrong type or outside its allowed range

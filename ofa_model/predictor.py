@@ -10,6 +10,11 @@ exception is a bug in this code and propagates.
 The work one input may ask for is bounded by `PredictorLimits`, checked before it is preprocessed;
 image payloads by `PreprocessConfig.max_image_bytes` / `max_image_pixels`. Inputs are preprocessed
 and run `max_batch_size` at a time, so memory is bounded by one chunk, not by the call.
+
+A closed-set task (VQA in allcand or trie mode, image classification) scores an input's own `candidates`, or,
+when it sends none, the answer set the model was trained with (`answer_sets`, from the bundle): a client of a
+VQA model need not send its 3,129 answers. `PredictorLimits.max_candidates` bounds what an input sends, not the
+bundle's own set.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ofa_model.answer_sets import answer_sets_of
 from ofa_model.bundle import BundleLimits, load_bundle
 from ofa_model.errors import (
     BAD_SETTING,
@@ -74,7 +80,7 @@ class PredictorLimits:
     max_items: int = 64  # inputs in one call; more fail the whole call
     max_beam_tokens: int = 1024  # beams (samples when sampling) x the most tokens decoding may generate
     max_return_sequences: int = 8  # and never more than the beams
-    max_candidates: int = 1000  # answers per input for candidate scoring or a trie
+    max_candidates: int = 1000  # answers an input sends for candidate scoring or a trie (not the bundle's own set)
     max_text_chars: int = 4096  # characters of any one text field or candidate
 
     def __post_init__(self) -> None:
@@ -108,7 +114,8 @@ class OFAPredictor:
     def __init__(self, model: OFAModel, vocab, preprocess: PreprocessConfig, *, device: str | torch.device = "cpu",
                  tasks: Mapping[str, TaskSpec] | None = None, max_batch_size: int = 16,
                  limits: PredictorLimits | Mapping[str, int] | None = None, precision: str = "fp32",
-                 memory_format: str = "auto", fold_batchnorm: bool = True):
+                 memory_format: str = "auto", fold_batchnorm: bool = True,
+                 answer_sets: Mapping[str, Sequence[str]] | None = None):
         # Process-wide CPU settings (e.g. torch.set_flush_denormal(True), which bench/model.py shows matters
         # after fine-tuning) belong to the process owner: the serving replica or the job entry point.
         if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
@@ -122,14 +129,15 @@ class OFAPredictor:
         self.max_batch_size = max_batch_size
         self.limits = PredictorLimits.of(limits)
         self.ids = SpecialIds.of(vocab)
+        self.answer_sets = answer_sets_of(answer_sets or {}, "answer_sets")
 
     @classmethod
     def from_bundle(cls, path: str | Path, device: str | torch.device = "cpu", *,
                     bundle_limits: BundleLimits | None = None, **kw) -> OFAPredictor:
-        """Model, vocabulary, preprocessing and tasks (built-in plus those declared in training) of a bundle, loaded
-        within `bundle_limits` (image and encoder tokens per input; default `BundleLimits()`)."""
+        """Model, vocabulary, preprocessing, tasks (built-in plus those declared in training) and answer sets of a
+        bundle, loaded within `bundle_limits` (image and encoder tokens per input; default `BundleLimits()`)."""
         b = load_bundle(path, device=device, limits=bundle_limits)
-        return cls(b.model, b.vocab, b.preprocess, device=device, tasks=b.tasks, **kw)
+        return cls(b.model, b.vocab, b.preprocess, device=device, tasks=b.tasks, answer_sets=b.answer_sets, **kw)
 
     def predict(self, task: str | TaskSpec, inputs: Sequence[Mapping[str, Any]]) -> list[dict]:
         """One JSON-ready result per input, in order: the answer, or `{"error": {...}}` for that input alone."""
@@ -151,7 +159,8 @@ class OFAPredictor:
                 chunk: list[tuple[int, InferenceRequest]] = []
                 for i in members[lo:lo + self.max_batch_size]:
                     try:
-                        chunk.append((i, inference_request(spec, inputs[i], self.vocab, self.preprocess, mode)))
+                        chunk.append((i, inference_request(spec, inputs[i], self.vocab, self.preprocess, mode,
+                                                           self._answer_set(spec, mode))))
                     except InputError as e:
                         results[i] = error_dict(e)
                 if chunk:
@@ -167,6 +176,13 @@ class OFAPredictor:
         if spec is None:
             raise TaskInputError(f"unknown task {reprlib.repr(task)}; known: {sorted(self.tasks)}", UNKNOWN_TASK)
         return spec
+
+    def _answer_set(self, spec: TaskSpec, mode: str) -> tuple[str, ...]:
+        """The candidates of an input that sends none: the bundle's set for the task where `mode` scores or
+        constrains to candidates (allcand, trie, a candidate-ranking task), else none (the task's labels)."""
+        if mode in ("allcand", "trie") or spec.inference != "generate":
+            return self.answer_sets.get(spec.name, ())
+        return ()
 
     def _options(self, spec: TaskSpec, item: Mapping[str, Any]) -> tuple[str, GenerationConfig]:
         """Mode and decoding settings of one input, checked against the limits before it is preprocessed."""

@@ -22,7 +22,7 @@ import operator
 import re
 import reprlib
 import string
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral
 from typing import Any, Literal, get_args
@@ -593,9 +593,10 @@ class InferenceRequest:
 
 
 def inference_request(spec: TaskSpec, item: Mapping[str, Any], vocab, pcfg: PreprocessConfig,
-                      mode: str | None = None) -> InferenceRequest:
+                      mode: str | None = None, default_candidates: Sequence[str] = ()) -> InferenceRequest:
     """Source, image, prefix, constraint and candidates for one predictor input; every text is plain text
-    (text infilling's input may hold <mask>)."""
+    (text infilling's input may hold <mask>). An input without 'candidates' takes `default_candidates` (a
+    bundle's answer set for the task), else the task's labels."""
     image = size = None
     region = _box(_field(item, spec.region_field, spec.name), spec.name, spec.region_field) \
         if spec.region_field else None
@@ -609,7 +610,7 @@ def inference_request(spec: TaskSpec, item: Mapping[str, Any], vocab, pcfg: Prep
     prefix = src[1:-1] if spec.prompt_type == "prev_output" else []
     cands = item.get("candidates")
     if cands is None:
-        cands = list(spec.labels)
+        cands = list(default_candidates or spec.labels)
     elif not isinstance(cands, (list, tuple)) or not all(isinstance(c, str) and c.strip() for c in cands):
         raise TaskInputError(f"task {spec.name}: 'candidates' must be a list of non-empty strings", BAD_TYPE)
     else:  # answers are keyed by candidate in "scores": a repeated one would collapse there

@@ -42,6 +42,7 @@ def evaluate_corpus(model: str, data: str, task: str, *, split: str = "test", ou
                     s3: S3Options | None = None, precision: str = "fp32",
                     memory_format: str = "auto") -> EvaluationOutput:
     """Predict `limit` rows (None: all) of `task` in `split` of the corpus at `data` and score them.
+    `candidates`: None scores the answer set the bundle stores where `mode` (or the task) needs candidates.
     `precision` / `memory_format`: `OFAPredictor`'s (its defaults keep fp32's answers)."""
     resolved = resolve_model(model, tracking=tracking, s3=s3)
     predictor = OFAPredictor.from_bundle(resolved.path, device=device, max_batch_size=batch_size,

@@ -98,8 +98,9 @@ def load_model(name: str, source: str, cfg: ServeConfig, device: str) -> LoadedM
     preprocess = dataclasses.replace(bundle.preprocess, max_image_bytes=cfg.limits.max_image_bytes,
                                      max_image_pixels=cfg.limits.max_image_pixels)
     predictor = OFAPredictor(bundle.model, bundle.vocab, preprocess, device=device, tasks=bundle.tasks,
-                             max_batch_size=cfg.max_batch_size, limits=cfg.limits.predictor_limits(),
-                             precision=cfg.precision, memory_format=cfg.memory_format)
+                             answer_sets=bundle.answer_sets, max_batch_size=cfg.max_batch_size,
+                             limits=cfg.limits.predictor_limits(), precision=cfg.precision,
+                             memory_format=cfg.memory_format)
     unknown = sorted(set(cfg.models[name].tasks) - set(predictor.tasks))
     if unknown:
         raise ValueError(f"models.{name}.tasks: {unknown} are not tasks of {source} (it has: "

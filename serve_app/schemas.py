@@ -75,7 +75,8 @@ _IMAGE = Field(None, description="the image: base64 of its bytes (a data: URL pr
 _DECODING = Field(None, description="overrides of the task's decoding settings (GenerationConfig fields: "
                                     + ", ".join(f.name for f in dataclasses.fields(GenerationConfig))
                                     + "), within the server's limits")
-_CANDIDATES = Field(None, description="candidate answers or labels, scored by the model")
+_CANDIDATES = Field(None, description="candidate answers or labels, scored by the model (default: the answer set "
+                                      "the model was trained with, where its bundle holds one)")
 
 
 class CaptionItem(BaseModel):
@@ -110,7 +111,8 @@ class EntailmentItem(BaseModel):
 class ClassifyItem(BaseModel):
     model_config = _STRICT
     image: str | None = _IMAGE
-    candidates: list[str] | None = Field(None, description="the labels to choose from")
+    candidates: list[str] | None = Field(None, description="the labels to choose from (default: the model's "
+                                                           "label set, where its bundle holds one)")
 
 
 class TextItem(BaseModel):

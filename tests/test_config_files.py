@@ -257,16 +257,17 @@ def test_a_value_the_user_must_supply_is_named_with_its_override(monkeypatch):
     path = REPO / "configs/finetune/vqa.yaml"
     with pytest.raises(ConfigError) as exc:
         load_config(TrainConfig, path, ["data.uri=s3://corpora/vqav2"])
-    assert str(exc.value) == (f"{path}: model.init is required: pass model.init=...; run.storage_path is required: "
-                              "pass run.storage_path=...")
+    assert str(exc.value) == (f"{path}: answers is required: pass answers=...; model.init is required: pass "
+                              "model.init=...; run.storage_path is required: pass run.storage_path=...")
     cfg = load_config(TrainConfig, path, ["data.uri=s3://c/vqav2", "model.init=models:/ofa-base@official",
-                                          "run.storage_path=s3://c/runs"])
-    assert (cfg.data.uri, cfg.model.init, cfg.run.storage_path) == ("s3://c/vqav2", "models:/ofa-base@official",
-                                                                    "s3://c/runs")
+                                          "run.storage_path=s3://c/runs", "answers=s3://c/trainval_ans2label.pkl"])
+    assert (cfg.data.uri, cfg.model.init, cfg.run.storage_path, cfg.answers) == (
+        "s3://c/vqav2", "models:/ofa-base@official", "s3://c/runs", "s3://c/trainval_ans2label.pkl")
     monkeypatch.chdir(REPO)  # a sweep's base is relative to the working directory
     sweep = load_sweep_config("configs/tune/vqa.yaml", ["storage_path=s3://c/tune", "train.data.uri=s3://c/vqav2"])
     with pytest.raises(ConfigError) as exc:  # the trials' runs live under the sweep's storage_path
         plan_sweep(sweep)
-    assert str(exc.value).endswith("train: train.model.init is required: pass train.model.init=...")
+    assert str(exc.value).endswith("train: train.answers is required: pass train.answers=...; train.model.init is "
+                                   "required: pass train.model.init=...")
     with pytest.raises(ConfigError, match="storage_path is required: pass storage_path=..."):
         load_sweep_config("configs/tune/vqa.yaml")

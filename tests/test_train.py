@@ -126,6 +126,18 @@ def test_a_rerun_with_the_same_name_continues_at_the_next_epoch(corpus, tmp_path
     assert losses == [1, 2, 3, 4, 5, 6]  # the loss curve continues where it stopped
 
 
+def test_an_answer_file_is_read_by_the_driver_and_stored_in_the_bundle(corpus, tmp_path, ray_cluster):
+    from ofa_model.bundle import load_bundle
+
+    answers = tmp_path / "answers.txt"
+    answers.write_text("\n".join(ANSWERS) + "\n")
+    cfg = config(corpus, tmp_path, "answerfile", answers=str(answers), validation={"max_rows": 4})
+    out = train(cfg, output_dir=tmp_path / "o")
+    assert load_bundle(out.bundle).answer_sets == {"vqa": tuple(ANSWERS)}
+    # validated in allcand mode with no candidates per row: the predictor scored the run's set
+    assert out.metrics["val/rows"] == 4 and out.metrics["val/errors"] == 0
+
+
 def test_one_worker_runs_all_its_epochs_in_one_fit(corpus, tmp_path, ray_cluster):
     cfg = config(corpus, tmp_path, "onefit", epochs=2, validation={"max_rows": 4, "full_at_end": True})
     out = train(cfg, output_dir=tmp_path / "o")
@@ -277,7 +289,7 @@ def test_bad_configs_fail_before_anything_starts(corpus, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--config", str(cfg), "optim.lr=1e-4", "mixture={vqa: 3, image_classification: 1}",
               "labels={image_classification: []}"])
-    assert "labels.image_classification: Tuple should have at least 1 item" in capsys.readouterr().err
+    assert "labels.image_classification.list: Tuple should have at least 1 item" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--config", str(cfg), "optim.lr=1e-4", "scaling.threads_per_worker=0"])
     assert "scaling.threads_per_worker: Input should be greater than or equal to 1" in capsys.readouterr().err

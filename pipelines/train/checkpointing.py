@@ -9,7 +9,7 @@ state was known). So a resumed run continues mid-epoch where it stopped, and its
 Beside the state (`train_state.pt`) each checkpoint has a summary (`train_state.json`: epoch, step, whether the
 epoch was done, its metrics; our file, not Ray's internal snapshot) and the bundle of the weights published at
 that point (`bundle/`: EMA weights when enabled, with the preprocessing it trained with, its task and custom
-tasks, the data fingerprint). The driver finds where a run stands from the newest summary among the run's
+tasks, its answer and label sets, the data fingerprint). The driver finds where a run stands from the newest summary among the run's
 checkpoint directories, and the sweep copies a stopped trial's best bundle from them.
 """
 
@@ -162,7 +162,7 @@ def published_weights(raw: OFAModel, ema: Ema | None) -> OFAModel:
 def save_training_bundle(cfg: TrainConfig, setup: Setup, raw: OFAModel, ema: Ema | None, path: Path, *,
                          epoch: int, step: int, metrics: dict, fingerprint: str) -> None:
     save_bundle(path, published_weights(raw, ema), setup.vocab, preprocess=cfg.data.preprocess,
-                custom_tasks=dict(cfg.custom_tasks),
+                custom_tasks=dict(cfg.custom_tasks), answer_sets=cfg.answer_sets(),
                 metadata={"task": cfg.task, "data_fingerprint": fingerprint, "data_uri": cfg.data.uri,
                           "epoch": epoch, "step": step, "init": setup.init,
                           "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)},

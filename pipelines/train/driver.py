@@ -17,8 +17,9 @@ Epochs meet Ray Train like this (the decision, made once, in `fit_plan`):
 * The driver finds where a run stands from the newest `train_state.json` among the run's checkpoint
   directories (`pipelines.train.checkpointing`), and starts at that epoch.
 
-Before anything starts, the driver folds the init bundle's preprocessing and custom tasks into the config
-(`pipelines.train.setup.with_init_bundle`); the workers get that config. The worker loop is
+Before anything starts, the driver reads the answer and label files (`pipelines.train.setup.with_answer_sets`)
+and folds the init bundle's preprocessing and custom tasks into the config (`with_init_bundle`); the workers get
+that config. The worker loop is
 `pipelines.train.worker`. At the end the driver logs the best bundle as an artifact and registers it; the
 `champion` alias moves only on improvement (`pipelines.tracking.registry`).
 """
@@ -52,7 +53,7 @@ from pipelines.job_env import job_tracking_uri
 from pipelines.tracking.registry import promote_if_better, register_bundle
 from pipelines.tracking.runs import MetricLogger, end_run, run_key, start_or_resume_run
 from pipelines.train.checkpointing import BUNDLE_DIR, epoch_started, latest_state_summary
-from pipelines.train.setup import run_vocab, task_specs, with_init_bundle
+from pipelines.train.setup import run_vocab, task_specs, with_answer_sets, with_init_bundle
 from pipelines.train.train_config import TrainConfig
 from pipelines.train.worker import train_loop
 
@@ -94,6 +95,7 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None,
     """Run (or continue) the training run `cfg.run.name` to `cfg.epochs` epochs; see the module docstring.
     `callbacks`: Ray Train `UserCallback`s for every fit (Tune's report channel: `tune.trial`)."""
     task_specs(cfg)  # fails on bad task names before anything starts
+    cfg = with_answer_sets(cfg)  # answer and label files, read once: the workers get the answers
     # one tracking URI for the driver and every worker, whichever node and environment they run in
     cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
         cfg.tracking, tracking_uri=job_tracking_uri(cfg.tracking.tracking_uri)))

@@ -11,6 +11,10 @@ trained with. The rule (`with_init_bundle`, applied by the driver before anythin
 * custom tasks: the bundle's, plus the config's; a task both define takes the config's instruction.
 
 Where the result differs from the YAML, it is logged at INFO, field by field.
+
+Answer and label files (`answers`, `labels.<task>`: a local path or s3:// URI) are read once, on the driver
+(`with_answer_sets`), and replaced by their answers: the workers get the lists (their config is the driver's),
+so no worker needs the file, and every bundle the run saves stores them.
 """
 
 from __future__ import annotations
@@ -20,13 +24,18 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
 from ofa_model import OFAModel
+from ofa_model.answer_sets import MAX_FILE_BYTES, AnswerSetError, parse_answer_set
 from ofa_model.bundle import load_bundle, load_bundle_vocab, read_bundle_config
 from ofa_model.config_files import build, to_dict
 from ofa_model.instructions import parse_instruction
 from ofa_model.preprocess import PreprocessConfig
 from ofa_model.tasks import TASKS, TaskSpec
 from ofa_model.vocab import Vocabulary
+from pipelines import storage
+from pipelines.storage import S3Options
 from pipelines.tracking.registry import resolve_model
 from pipelines.train.train_config import TrainConfig
 
@@ -95,6 +104,48 @@ def with_init_bundle(cfg: TrainConfig) -> TrainConfig:
     raw["data"]["preprocess"] = to_dict(preprocess)
     raw["custom_tasks"] = custom
     return build(TrainConfig, raw, f"run {cfg.run.name} with the init bundle {cfg.model.init}")
+
+
+def read_answer_set(uri: str, s3: S3Options | None = None) -> tuple[str, ...]:
+    """The answers of an answer or label file at `uri` (a local path, file:// or s3:// URI), read through
+    `pipelines.storage` no further than its size cap and parsed by `ofa_model.answer_sets.parse_answer_set`."""
+    try:
+        fs, path = storage.resolve(uri, s3)
+        info = fs.get_file_info(path)
+        if info.type != pafs.FileType.File:
+            raise AnswerSetError(f"{storage.redact(uri)}: no such file" if info.type == pafs.FileType.NotFound
+                                 else f"{storage.redact(uri)}: not a file")
+        if info.size is not None and info.size > MAX_FILE_BYTES:
+            raise AnswerSetError(f"{storage.redact(uri)}: {info.size:,} bytes, over the limit of {MAX_FILE_BYTES:,} "
+                                 "for an answer file")
+        with fs.open_input_stream(path) as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except AnswerSetError:
+        raise
+    except (OSError, ValueError) as exc:  # storage's errors for a URI it cannot reach or read
+        raise AnswerSetError(f"{storage.redact(uri)}: cannot read the answer file: {storage.redact(str(exc))}") \
+            from None
+    return parse_answer_set(data, storage.redact(uri))
+
+
+def with_answer_sets(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with every answer and label file it names read (once, here) and replaced by its answers; `cfg` itself
+    when it names none. A file that cannot be read or parsed is an AnswerSetError naming the key."""
+    files = cfg.answer_files()
+    if not files:
+        return cfg
+    raw = to_dict(cfg)
+    for key, uri in files.items():
+        try:
+            answers = list(read_answer_set(uri, cfg.data.s3))
+        except AnswerSetError as exc:
+            raise AnswerSetError(f"{key}: {exc}") from None
+        if key == "answers":
+            raw["answers"] = answers
+        else:
+            raw["labels"][key.removeprefix("labels.")] = answers
+        logger.info("%s: %d answers from %s", key, len(answers), storage.redact(uri))
+    return build(TrainConfig, raw, f"run {cfg.run.name} with its answer files")
 
 
 def build_setup(cfg: TrainConfig) -> Setup:

@@ -112,13 +112,15 @@ def loss_targets(cfg: TrainConfig, vocab: Vocabulary, specs: Mapping[str, TaskSp
     batch of their task alone): its closed answer set, else its task's labels, else codes or none."""
     tasks = batch["tasks"] if cfg.mixture else [cfg.task] * batch["target"].shape[0]
     row_specs = [specs[t] for t in tasks]
-    answers = [cfg.answers if t == cfg.task else cfg.labels.get(t, ()) for t in tasks]
+    sets = cfg.answer_sets()  # the main task's answers, the mixture's labels
+    answers = [sets.get(t, ()) for t in tasks]
     columns = answer_columns(row_specs, vocab, cfg.data.preprocess, batch["target"].cpu(), answers)
     if columns is None:  # codes, free text or an answer outside its set: the masks, and their columns
         if cfg.mixture:
             allowed = mixture_constraints(row_specs, vocab, cfg.data.preprocess, batch["target"], answers)
         else:
-            allowed = target_constraints(row_specs[0], vocab, cfg.data.preprocess, batch["target"], cfg.answers)
+            allowed = target_constraints(row_specs[0], vocab, cfg.data.preprocess, batch["target"],
+                                         sets.get(cfg.task, ()))
         target = batch["target"][keep]
         if allowed is not None:
             allowed = allowed.to(device)[keep] if allowed.ndim == 3 else allowed.to(device)  # (N|, V)

@@ -9,14 +9,16 @@ starts from (`model.init`), or from a named size (`model.arch`) when training fr
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from dataclasses import field
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Discriminator, Field, Tag
 
 from ofa_model.architecture import OFAConfig, Regularization, get_config
 from ofa_model.config_files import config_dataclass
 from ofa_model.errors import ConfigError
+from ofa_model.instructions import parse_instruction
 from ofa_model.tasks import TASKS
 from pipelines.data.data_config import DataConfig
 
@@ -169,21 +171,41 @@ class ScstSection:
     no_repeat_ngram_size: int = 3
 
 
+AnswerFile = Annotated[str, Field(pattern=r"\S")]  # a local path (from the cwd) or an s3:// URI
+AnswerList = tuple[Annotated[str, Field(pattern=r"\S")], ...]
+
+
+def _file_or_list(value: object) -> str | None:
+    """Which form of an answer set `value` is: a file or a list are told apart by type, so that an error names
+    the one that was meant (`answers.list.0: ...`)."""
+    return "file" if isinstance(value, str) else "list" if isinstance(value, list | tuple) else None
+
+
+_BY_TYPE = Discriminator(_file_or_list, custom_error_type="answer_set",
+                         custom_error_message="expected an answer file (a path or s3:// URI) or a list of answers")
+Answers = Annotated[Annotated[AnswerFile, Tag("file")] | Annotated[AnswerList, Tag("list")], _BY_TYPE]
+Labels = Annotated[Annotated[AnswerFile, Tag("file")] | Annotated[AnswerList, Field(min_length=1), Tag("list")],
+                   _BY_TYPE]
+
+
 @config_dataclass
 class TrainConfig:
     """task: the task trained (a key of TASKS or of custom_tasks); mixture: task -> weight for multi-task
-    pretraining (then `task` names the one validated). answers: the closed answer set of VQA-style tasks
-    (trie-constrained loss and `allcand` validation, as OFA's ans2label); empty: unconstrained. labels: the
-    closed label sets of the mixture's other tasks (task -> labels; built-in label tasks such as itm and
-    visual_entailment have theirs). In a mixture every row trains under its own task's constraint, as alone."""
+    pretraining (then `task` names the one validated). answers: the main task's closed answer or label set
+    (trie-constrained loss, `allcand`/`trie` validation, candidate-ranking tasks such as image_classification),
+    as a file (a local path or s3:// URI of a .txt file, one answer a line; a .json list or answer -> index
+    object; OFA's trainval_ans2label.pkl) or, for a few answers, a list; empty: unconstrained. labels: the closed
+    label sets of the mixture's other tasks (task -> file or list; built-in label tasks such as itm and
+    visual_entailment have theirs). In a mixture every row trains under its own task's constraint, as alone.
+    The driver reads each file once (`pipelines.train.setup.with_answer_sets`): workers get the answers, and
+    every bundle the run saves stores them (the predictor's candidates by default)."""
 
     data: DataConfig
     task: str = "vqa"
     mixture: Annotated[dict[str, Annotated[float, Field(ge=1e-9, le=1e9)]], Field(min_length=1)] | None = None
     custom_tasks: dict[str, str] = field(default_factory=dict)
-    answers: tuple[str, ...] = ()
-    labels: dict[str, Annotated[tuple[Annotated[str, Field(pattern=r"\S")], ...], Field(min_length=1)]] = field(
-        default_factory=dict)
+    answers: Answers = ()
+    labels: dict[str, Labels] = field(default_factory=dict)
     epochs: Annotated[int, Field(ge=1, le=100_000)] = 1
     max_steps_per_epoch: Annotated[int, Field(ge=1)] | None = None
     seed: int = 0
@@ -207,3 +229,32 @@ class TrainConfig:
             if name not in (self.mixture or {}) or name == self.task:
                 raise ValueError(f"labels.{name}: labels are for the mixture's other tasks ({name!r} is not one; "
                                  f"the main task's closed set is `answers`)")
+        spec = TASKS.get(self.task) or parse_instruction(self.custom_tasks[self.task], self.task)
+        if not self.answers and not spec.labels and (self.validation.mode in ("allcand", "trie")
+                                                     or spec.inference != "generate"):
+            why = (f"validation.mode {self.validation.mode}" if self.validation.mode in ("allcand", "trie")
+                   else f"task {self.task} (it ranks candidates)")
+            raise ValueError(f"answers: {why} needs the closed answer set: name a file (answers: path or "
+                             "s3://...: one answer a line, a JSON list, or OFA's trainval_ans2label.pkl) or list "
+                             "the answers")
+        if spec.metric == "caption" and shutil.which("java") is None:
+            raise ValueError(f"task {self.task}: validation scores captions with pycocoevalcap's PTB tokenizer, "
+                             "which runs Java, and `java` is not on PATH: install a Java runtime (the Dockerfile "
+                             "installs openjdk-17-jre-headless)")
+
+    def answer_sets(self) -> dict[str, tuple[str, ...]]:
+        """The closed sets the run trains with, task -> answers: the main task's `answers` and the mixture's
+        `labels` (what every bundle of the run stores). The files must have been read (the driver's
+        `pipelines.train.setup.with_answer_sets`): a set still named by its file is a ValueError."""
+        if self.answer_files():
+            raise ValueError(f"{sorted(self.answer_files())} still name files; the driver reads them first "
+                             "(pipelines.train.setup.with_answer_sets)")
+        sets = {task: tuple(labels) for task, labels in self.labels.items()}
+        if self.answers:
+            sets[self.task] = tuple(self.answers)
+        return sets
+
+    def answer_files(self) -> dict[str, str]:
+        """The answer and label files this config names, by key ("answers", "labels.<task>")."""
+        files = {"answers": self.answers} if isinstance(self.answers, str) else {}
+        return files | {f"labels.{task}": ref for task, ref in self.labels.items() if isinstance(ref, str)}

@@ -289,10 +289,12 @@ def _validate(run: Run, learner: Learner, *, last_epoch: bool) -> dict[str, floa
     t0 = time.perf_counter()
     predictor = OFAPredictor(published_weights(raw, learner.ema), run.setup.vocab, cfg.data.preprocess,
                              device=execution.device, tasks=run.setup.specs, max_batch_size=cfg.validation.batch_size,
-                             precision=execution.precision, memory_format=execution.memory_format)
+                             precision=execution.precision, memory_format=execution.memory_format,
+                             answer_sets=cfg.answer_sets())
     try:  # rows stream through the predictor chunk by chunk: a large validation split is never held whole
         rows = _validation_rows(cfg, None if last_epoch and cfg.validation.full_at_end else cfg.validation.max_rows)
-        result = evaluate_rows(predictor, cfg.task, rows, mode=cfg.validation.mode, candidates=cfg.answers or None)
+        # no candidates per row: the predictor scores the run's answer set, as a saved bundle's predictor will
+        result = evaluate_rows(predictor, cfg.task, rows, mode=cfg.validation.mode)
     finally:
         raw.train(was_training)
         del predictor
