@@ -9,7 +9,8 @@
   Train's preemption watcher off) with 4 logical CPUs and a 300 MiB object store, started after `s3_server` so
   its workers inherit the S3 environment.
 
-Both start lazily: a test run that uses neither never starts a server or a cluster.
+Both start lazily: a test run that uses neither never starts a server or a cluster. Every test ends with
+flush-to-zero off (`_no_flush_to_zero`).
 """
 
 from __future__ import annotations
@@ -53,3 +54,14 @@ def ray_cluster(s3_server: S3Server) -> Iterator[None]:
             yield
         finally:
             ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _no_flush_to_zero() -> Iterator[None]:
+    """A job's entry point run in-process (`jobs.evaluate.main`) turns on flush-to-zero for the whole process
+    (`torch.set_flush_denormal(True)`, as its command line should); off again after every test, or hypothesis's
+    float strategies in later tests refuse to run (FloatingPointError: subnormals are flushed)."""
+    yield
+    import torch
+
+    torch.set_flush_denormal(False)

@@ -25,7 +25,9 @@ CLUSTER_SERVE_CONFIG = ROOT / "deploy" / "serve_config.cluster.yaml"
 CONFIGMAP, SECRET = "ofa-settings", "ofa-credentials"
 # The ConfigMap's keys that entrypoints read, with the dummy values a test substitutes for them.
 SETTINGS = {"DATA_URI": "s3://test/corpus", "MODEL_INIT": "models:/ofa-base@official",
-            "STORAGE_URI": "s3://test/runs", "MLFLOW_TRACKING_URI": "http://mlflow.test:5000"}
+            "STORAGE_URI": "s3://test/runs", "MLFLOW_TRACKING_URI": "http://mlflow.test:5000",
+            # read by the job before it starts: a real (small) answer file
+            "ANSWERS_URI": str(ROOT / "tests" / "data" / "vqa_answers.txt")}
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "OFA_API_KEY")
 SECRET_NAME = re.compile(r"KEY|SECRET|PASSWORD|TOKEN|CREDENTIAL", re.IGNORECASE)
 
