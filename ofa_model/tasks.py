@@ -68,6 +68,7 @@ TARGET_KINDS: tuple[str, ...] = get_args(TargetKind)
 PROMPT_TYPES: tuple[str, ...] = get_args(PromptType)
 INFERENCE_KINDS: tuple[str, ...] = get_args(InferenceKind)
 _INFILL_TOKENS = 256  # text infilling keeps the last 256 tokens of its text, as OFA
+INFILL_CODES = 256  # image infilling's target: the 16 x 16 VQGAN codes of a 256 x 256 image's 128 x 128 centre, as OFA
 _RESULT_KEYS = ("score", "scores", "alternatives", "error")  # keys predict adds beside the answer
 NORMALIZERS = {
     "caption": normalize_caption,
@@ -214,7 +215,8 @@ TASKS: dict[str, TaskSpec] = {
                                               min_len=1024)),
     "image_infilling": TaskSpec("image_infilling", " what is the image in the middle part?", target_kind="codes",
                                 target_field="codes", image_infill=True, code_target=True, metric="none",
-                                generation=_gen(sampling=True, top_k=256, max_len_b=256, min_len=256)),
+                                generation=_gen(sampling=True, top_k=256, max_len_b=INFILL_CODES,
+                                                min_len=INFILL_CODES)),
     "text_infilling": TaskSpec("text_infilling", ' what is the complete text of " "?', image_field=None,
                                target_kind="infill_text", target_field="text", target_norm="lower", metric="none"),
     "detection": TaskSpec("detection", " what are the objects in the image?", target_kind="objects",

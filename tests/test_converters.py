@@ -14,7 +14,9 @@ import pytest
 from PIL import Image
 
 from jobs import prepare_data
-from ofa_model.tasks import TASKS
+from ofa_model.preprocess import PreprocessConfig
+from ofa_model.tasks import TASKS, build_example
+from ofa_model.vocab import Vocabulary
 from pipelines.data.converters import SOURCES, OutputError, convert, converter_options, prepare
 from pipelines.data.converters.coco import convert_coco
 from pipelines.data.converters.easyvqa import COLORS, SHAPES, convert_easy_vqa, parse_yes_no
@@ -173,6 +175,38 @@ def test_easy_vqa_undetermined_image_and_seeded_negatives():
 
     assert itm_texts(0) == [r["text"] for r in only(rows, task="itm")]
     assert itm_texts(0) != itm_texts(1)
+
+
+def test_easy_vqa_pretraining_stand_ins_for_detection_and_text(easy_rows):
+    rows, bad = easy_rows
+    more, more_bad = split_items(list(convert_easy_vqa(limit=3, seed=0, pretraining=True)))
+    added = [r for r in more if r["task"] in ("detection", "text_infilling")]
+    assert [r for r in more if r not in added] == rows and more_bad == bad  # the default rows, unchanged
+    r = by_id(more)
+    # train image 0, a blue rectangle: its grounding box, read off the pixels by hand above, and its shape
+    det = r["easy-vqa/train/detection/0"]
+    assert (det["object_boxes"], det["object_labels"]) == ([[26.0, 37.0, 57.0, 62.0]], ["rectangle"])
+    assert r["easy-vqa/train/text_infilling/caption/0"]["text"] == "a blue rectangle"
+    for split in ("train", "test"):
+        grounding = only(rows, split=split, task="grounding")
+        assert len(grounding) == len(only(more, split=split, task="detection")) == 3
+        for g in grounding:
+            image_id = g["id"].rsplit("/", 1)[1]
+            det = r[f"easy-vqa/{split}/detection/{image_id}"]
+            shape = r[f"easy-vqa/{split}/image_classification/{image_id}"]["target"]
+            assert (det["object_boxes"], det["object_labels"], det["image"]) == ([g["box"]], [shape], g["image"])
+            caption = r[f"easy-vqa/{split}/caption/{image_id}"]["target"]
+            assert r[f"easy-vqa/{split}/text_infilling/caption/{image_id}"]["text"] == caption
+        qs = json.loads((EASY_VQA_DATA / split / "questions.json").read_text())
+        questions = sorted((f"easy-vqa/{split}/text_infilling/question/{n}", q)
+                           for n, (q, _, i) in enumerate(qs) if i in (0, 1, 2))
+        texts = [x for x in only(more, split=split, task="text_infilling") if "/question/" in x["id"]]
+        assert sorted((x["id"], x["text"]) for x in texts) == questions
+        assert all(x["image"] is None for x in texts)
+    vocab, pcfg = Vocabulary.gpt2(), PreprocessConfig(patch_image_size=64)
+    for row in added:  # each passes its task's preprocessing
+        sample = build_example(TASKS[row["task"]], row, vocab, pcfg, train=True, rng=np.random.default_rng(0))
+        assert sample["target"][-1] == vocab.eos_id and len(sample["target"]) > 1
 
 
 # ---------------------------------------------------------------------------------------------- COCO
@@ -517,7 +551,9 @@ def _tiny_inputs(tmp_path: Path) -> dict[str, list[tuple[dict, set[str]]]]:
     root = str(tmp_path / "img")
     return {
         "easy-vqa": [({},
-                      {"vqa", "visual_entailment", "caption", "grounding", "image_classification", "itm"})],
+                      {"vqa", "visual_entailment", "caption", "grounding", "image_classification", "itm"}),
+                     ({"pretraining": True}, {"vqa", "visual_entailment", "caption", "grounding",
+                                              "image_classification", "itm", "detection", "text_infilling"})],
         "coco": [({"annotations": {"val": str(tmp_path / "coco.json")}, "image_root": root}, {"caption"})],
         "vqav2": [({"questions": {"val": str(tmp_path / "q.json")}, "annotations": {"val": str(tmp_path / "a.json")},
                     "image_root": root}, {"vqa"})],

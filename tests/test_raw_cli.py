@@ -288,6 +288,58 @@ def test_append_adds_files_to_a_corpus_and_still_refuses_duplicate_ids(tmp_path,
     assert ids(corpus) == sorted(f"ofa-vqa/train/{i}" for i in range(1, 9))
 
 
+def pretraining_files(root: Path) -> dict[str, tuple[Path, int, dict[str, int]]]:
+    """OFA's four pretraining files: layout -> (file, good rows, bad rows by reason)."""
+    img = [b64(png((40 * k, 90, 200 - 40 * k))) for k in range(3)]  # 16 x 16
+    codes = " ".join(str(c * 31 % 8192) for c in range(256))
+    return {
+        "pretrain_vl": (write_lines(root / "vision_language_examples.tsv", [
+            f"v1\t{img[0]}\ta red square\t\t\t\tcoco\tcaption",
+            f"v2\t{img[1]}\t\twhat color?\t0.9|!+red&&0.1|!+pink\t\tvqa\tqa",
+            f"v3\t{img[2]}\tthe square\t\t1,1,9,12\t\trefcoco\tvisual_grounding",
+            f"v4\t{img[2]}\tx\t\t\t\tcoco\tdetection",  # unknown_label
+        ]), 3, {"unknown_label": 1}),
+        "pretrain_text": (write_lines(root / "text_examples.tsv", [
+            "t1\tthe quick brown fox jumps over the lazy dog", "t2\ta red square on a blue ground", "t3\t ",
+        ]), 2, {"empty_text": 1}),
+        "pretrain_image": (write_lines(root / "image_examples.tsv", [
+            f"i1\t{img[0]}\t{codes}", f"i2\t{img[1]}\t{codes}", f"i3\t{img[2]}\t{codes} 7",  # 257: bad_format
+        ]), 2, {"bad_format": 1}),
+        "pretrain_detection": (write_lines(root / "detection_examples.tsv", [
+            f"d1\t{img[0]}\t1,2,9,10,3,cat&&0,0,16,16,7,traffic light", f"d2\t{img[1]}\t2,2,5,5,3,cat",
+            f"d3\t{img[2]}\t5,2,1,6,3,dog",  # bad_box
+        ]), 2, {"bad_box": 1}),
+    }  # fmt: skip
+
+
+@pytest.mark.timeout(2 * RAY_TIMEOUT)
+def test_the_four_pretraining_families_convert_into_one_corpus_that_passes_the_doctor(tmp_path, capsys,
+                                                                                       ray_cluster):
+    files = pretraining_files(tmp_path / "ofa")
+    corpus = str(tmp_path / "pretrain")
+    for n, (layout, (path, good, bad)) in enumerate(files.items()):
+        rc, summary, err = run_prepare(capsys, "ofa-tsv", "--layout", layout, "--input", str(path), "--split", "train",
+                                       "--output", corpus, *(["--append"] if n else []))  # fmt: skip
+        assert rc == 0, err
+        assert (summary["layout"], summary["rows_ok"], summary["rows_bad"]) == (layout, good, bad)
+    assert summary["counts"] == {"train": {"caption": 1, "vqa": 1, "grounding": 1, "text_infilling": 2,
+                                           "image_infilling": 2, "detection": 2}}  # fmt: skip
+    written = sum(good for _, good, _ in files.values())
+    assert len(ids(corpus)) == written == 9
+
+    # every converted row passes its task's preprocessing (build_example), as training reads it
+    report = run_doctor(capsys, "--input", corpus, "--config", doctor_config(tmp_path))
+    assert report["rows_seen"] == report["rows_ok"] == written and report["rows_bad"] == 0
+    assert report["ok_by_task"] == summary["counts"]["train"]
+
+    # the doctor on a raw file of a family: its layout guessed from the one --task
+    path, good, bad = files["pretrain_detection"]
+    report = run_doctor(capsys, "--input", str(path), "--task", "detection", "--config", doctor_config(tmp_path))
+    assert report["input_layout"] == "pretrain_detection"
+    assert (report["rows_ok"], report["bad_by_reason"]) == (good, bad)
+    assert report["bad_examples"] == {"bad_box": ["ofa-pretrain-detection/train/d3"]}
+
+
 @pytest.mark.timeout(RAY_TIMEOUT)
 def test_limit_keeps_the_first_records_in_file_order(data, tmp_path, capsys, ray_cluster):
     rc, summary, _ = run_prepare(capsys, "ofa-tsv", "--layout", "vqa", "--input", str(data / "vqa_tsv"), "--split",

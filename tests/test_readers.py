@@ -7,11 +7,13 @@ import struct
 import tarfile
 from collections import Counter
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from ofa_model.preprocess import SUPPORTED_FORMATS
-from ofa_model.tasks import TASKS
+from ofa_model.preprocess import SUPPORTED_FORMATS, PreprocessConfig
+from ofa_model.tasks import TASKS, build_example
+from ofa_model.vocab import Vocabulary
 from pipelines import storage
 from pipelines.data.readers.files import input_files
 from pipelines.data.readers.ofa_tsv import (
@@ -334,6 +336,92 @@ def test_imagenet_text_to_image_and_pretrain_layouts(tmp_path):
     assert [(b.id, b.reason) for b in bad] == [("coco/train/p4", "unknown_label")]
 
 
+CODES = list(range(0, 8192, 32))  # 256 codes, the 16 x 16 of an image's centre, 0 and 8160 among them
+
+
+def test_pretrain_text_image_and_detection_layouts(tmp_path):
+    lines = ["t1\t  The Quick  brown fox ", "t2\t   ", "t3"]
+    rows, bad = split_rows(read_ofa_tsv(write_tsv(tmp_path / "t.tsv", lines), "pretrain_text", split="train"))
+    assert rows == [canonical(id="ofa-pretrain-text/train/t1", task="text_infilling", split="train",
+                              dataset="ofa-pretrain-text", text="The Quick brown fox")]  # fmt: skip
+    assert [(b.id, b.reason) for b in bad] == [("ofa-pretrain-text/train/t2", "empty_text"),
+                                               ("ofa-pretrain-text/train/t3", "missing_column")]
+
+    codes = " ".join(map(str, CODES))
+    lines = [f"i1\t{b64(RED)}\t{codes}",
+             f"i2\t{b64(RED)}\t{codes.replace(' 32 ', ' 3x2 ')}",  # not an integer
+             f"i3\t{b64(RED)}\t{codes} 8192",  # out of [0, 8192) (and 257 codes: the range is checked first)
+             f"i4\t{b64(RED)}\t{codes.replace('0 ', '-1 ', 1)}",  # negative
+             f"i5\t{b64(RED)}\t{codes.rsplit(' ', 1)[0]}",  # 255 codes
+             f"i6\t{b64(RED)}\t ",  # no codes
+             f"i7\t{b64(b'not an image')}\t{codes}"]  # fmt: skip
+    rows, bad = split_rows(read_ofa_tsv(write_tsv(tmp_path / "i.tsv", lines), "pretrain_image", split="train"))
+    assert rows == [canonical(id="ofa-pretrain-image/train/i1", task="image_infilling", split="train",
+                              dataset="ofa-pretrain-image", image=RED, codes=CODES)]  # fmt: skip
+    assert [(b.id.rsplit("/", 1)[1], b.reason) for b in bad] == [
+        ("i2", "bad_type"), ("i3", "bad_type"), ("i4", "bad_type"), ("i5", "bad_format"), ("i6", "bad_format"),
+        ("i7", "bad_image")]  # fmt: skip
+    rows, bad = split_rows(read_ofa_tsv(str(tmp_path / "i.tsv"), "pretrain_image", split="test"))
+    assert [(r["id"], r["codes"]) for r in rows] == [("ofa-pretrain-image/test/i1", CODES),
+                                                     ("ofa-pretrain-image/test/i6", None)]  # test: codes optional
+    assert len(bad) == 5
+
+    lines = [f"d1\t{b64(BLUE)}\t1,2,5,6,3,cat&&0.5,0,2,1.5,10,traffic light, red",  # a label with a comma
+             f"d2\t{b64(BLUE)}\t1,2,5,6,3,cat&&5,2,1,6,3,dog",  # x1 < x0
+             f"d3\t{b64(BLUE)}\tx,2,5,6,3,cat",  # not a number
+             f"d4\t{b64(BLUE)}\t1,2,5,6,cat",  # 5 fields
+             f"d5\t{b64(BLUE)}\t1,2,5,6,3,cat&&",  # an empty second object
+             f"d6\t{b64(BLUE)}\t1,2,5,6,c3,cat",  # category id not an integer
+             f"d7\t{b64(BLUE)}\t1,2,5,6,3, ",  # no category
+             f"d8\t{b64(BLUE)}\t   ",  # no objects
+             f"d9\t{b64(BLUE)}"]  # fmt: skip
+    rows, bad = split_rows(read_ofa_tsv(write_tsv(tmp_path / "d.tsv", lines), "pretrain_detection", split="train"))
+    assert rows == [canonical(id="ofa-pretrain-detection/train/d1", task="detection", split="train",
+                              dataset="ofa-pretrain-detection", image=BLUE, object_boxes=[[1, 2, 5, 6], [0.5, 0, 2, 1.5]],
+                              object_labels=["cat", "traffic light, red"])]  # fmt: skip
+    assert [(b.id.rsplit("/", 1)[1], b.reason) for b in bad] == [
+        ("d2", "bad_box"), ("d3", "bad_box"), ("d4", "bad_format"), ("d5", "bad_format"), ("d6", "bad_type"),
+        ("d7", "empty_text"), ("d8", "empty_text"), ("d9", "missing_column")]  # fmt: skip
+    assert [layout_task(x) for x in ("pretrain_text", "pretrain_image", "pretrain_detection")] == [
+        "text_infilling", "image_infilling", "detection"]
+
+
+def test_pretraining_family_rows_build_their_examples(tmp_path):
+    """Each family's row becomes its task's sample: targets checked against tokens written out by hand."""
+    vocab = Vocabulary.gpt2()
+    pcfg = PreprocessConfig(patch_image_size=64, max_image_size=64)  # scale 1: bins are x / width * 999
+    image = png((0, 0, 255), size=(8, 8))
+    lines = {"pretrain_text": "t1\tThe quick brown fox jumps over the lazy dog again and again",
+             "pretrain_image": f"i1\t{b64(image)}\t{' '.join(map(str, CODES))}",
+             "pretrain_detection": f"d1\t{b64(image)}\t1,2,5,6,3,cat&&0,0,8,8,9,Blue Box"}  # fmt: skip
+    rows = {}
+    for layout, line in lines.items():
+        (rows[layout],) = read_ofa_tsv(write_tsv(tmp_path / f"{layout}.tsv", [line]), layout, split="train")
+
+    det = build_example(TASKS["detection"], rows["pretrain_detection"], vocab, pcfg)
+    # bins of (1, 2, 5, 6) in an 8 x 8 image: round(999 * (1/8, 2/8, 5/8, 6/8)) = 125, 250, 624, 749
+    assert [vocab.id_to_token(t) for t in det["target"]] == [
+        "<bin_125>", "<bin_250>", "<bin_624>", "<bin_749>", "\u0120cat",
+        "<bin_0>", "<bin_0>", "<bin_999>", "<bin_999>", "\u0120blue", "\u0120box", "</s>"]  # fmt: skip
+    assert vocab.decode(det["source"]) == " what are the objects in the image?"
+
+    fill = build_example(TASKS["image_infilling"], rows["pretrain_image"], vocab, pcfg)
+    assert [vocab.id_to_token(t) for t in fill["target"]] == [f"<code_{c}>" for c in CODES] + ["</s>"]
+    assert fill["code_mask"] is True and vocab.decode(fill["source"]) == " what is the image in the middle part?"
+    centre = fill["image"][:, 16:48, 16:48]  # (3, 32, 32): the blanked centre of the 64 x 64 input
+    assert float(centre.abs().max()) == 0.0 and float(fill["image"].abs().max()) > 0
+
+    spec, row = TASKS["text_infilling"], rows["pretrain_text"]
+    words = "the quick brown fox jumps over the lazy dog again and again"
+    samples = [build_example(spec, row, vocab, pcfg, train=True, rng=np.random.default_rng([0, epoch, 0]))
+               for epoch in (0, 1)]  # the masks of two epochs of one row (ingest's per-row seed)
+    for sample in samples:
+        assert sample["target"] == vocab.encode(" " + words) + [vocab.eos_id]
+        src = sample["source"]
+        assert vocab.mask_id in src and vocab.decode(src).startswith(' what is the complete text of "')
+    assert samples[0]["source"] != samples[1]["source"]  # drawn per epoch, not frozen in the row
+
+
 # One good line per layout -> the task(s) its rows must carry.
 GOOD_LINES = {
     "caption": ([f"1\t9001\ta dog\tobj\t{b64(RED)}"], {"caption"}),
@@ -344,6 +432,9 @@ GOOD_LINES = {
     "imagenet": ([f"{b64(RED)}\t3\trugby ball"], {"image_classification"}),
     "gigaword": (["an article\ta summary"], {"summarization"}),
     "text_to_image": (["c1\t5 0 8191\ta red square"], {"text_to_image"}),
+    "pretrain_text": (["t1\ta red square"], {"text_infilling"}),
+    "pretrain_image": ([f"i1\t{b64(RED)}\t{' '.join(map(str, CODES))}"], {"image_infilling"}),
+    "pretrain_detection": ([f"d1\t{b64(RED)}\t0,0,2,1,1,square"], {"detection"}),
     "pretrain_vl": ([f"p1\t{b64(RED)}\ta red square\t\t\t\tcoco\tcaption",
                      f"p2\t{b64(RED)}\t\twhat color?\t0.9|!+red\t\tvqa\tqa",
                      f"p3\t{b64(BLUE)}\tthe square\t\t1,1,2,3\t\trefcoco\tvisual_grounding"],

@@ -12,6 +12,10 @@ Rows per split ("train" / "test", the package's own split), with ids "easy-vqa/<
   extent, see `shape_box`), image_classification (target = the shape name: circle / rectangle /
   triangle), itm twice: key "<id>/pos" (text = the true caption, target "yes") and "<id>/neg" (shape or
   colour swapped, chosen by a generator seeded with (seed, split, image id), target "no").
+* with `pretraining`, stand-ins for two more of OFA's pretraining families: detection per image (key = image
+  id; object_boxes = [the grounding box], object_labels = [the shape name], OFA's detection labels being
+  categories), and text_infilling, one per caption (key "caption/<image id>", text = the caption) and one per
+  question (key "question/<index>", text = the question). Image infilling has none: it needs image codes.
 
 The shape and colour of an image come only from its questions' answers: a "what shape"/"what colour"
 answer, a shape or colour named in a wh-question, a yes/no question that asserts or denies one, or the
@@ -213,9 +217,11 @@ def _negative_caption(shape: str, color: str, rng: random.Random) -> str:
 
 
 def _image_rows(
-    split: str, image_id: int, png: bytes, questions: Sequence[Question], seed: int, source: str
+    split: str, image_id: int, png: bytes, questions: Sequence[Question], seed: int, source: str,
+    pretraining: bool = False,
 ) -> Iterator[dict | BadRow]:
-    """The derived per-image rows (caption, grounding, image_classification, itm) or BadRows."""
+    """The derived per-image rows (caption, grounding, image_classification, itm; with `pretraining` also
+    detection and the caption's text_infilling) or BadRows."""
     key = f"{DATASET}/{split}"
     shape, color, conflicts = image_attributes(questions)
     image_bad_id = f"{key}/image/{image_id}"
@@ -253,6 +259,23 @@ def _image_rows(
                    text=caption, target="yes")
     yield make_row(source, id=f"{key}/itm/{image_id}/neg", task="itm", split=split, dataset=DATASET, image=png,
                    text=_negative_caption(shape, color, rng), target="no")
+    if not pretraining:
+        return
+    if box is None:
+        yield BadRow(id=f"{key}/detection/{image_id}", reason=NO_SHAPE, detail="no pixels differ from the "
+                     "background", source=source)
+    else:
+        yield make_row(source, id=f"{key}/detection/{image_id}", task="detection", split=split, dataset=DATASET,
+                       image=png, object_boxes=[list(box)], object_labels=[shape])
+    yield make_row(source, id=f"{key}/text_infilling/caption/{image_id}", task="text_infilling", split=split,
+                   dataset=DATASET, text=caption)
+
+
+def _question_text_rows(split: str, questions: Sequence[Question], source: str) -> Iterator[dict | BadRow]:
+    """The text_infilling row of every question (the text alone: no image, no answer)."""
+    for q in questions:
+        yield make_row(source, id=f"{DATASET}/{split}/text_infilling/question/{q.index}", task="text_infilling",
+                       split=split, dataset=DATASET, text=q.text)
 
 
 def _question_rows(split: str, png: bytes, questions: Sequence[Question], source: str) -> Iterator[dict | BadRow]:
@@ -278,12 +301,14 @@ def _question_rows(split: str, png: bytes, questions: Sequence[Question], source
 
 
 def convert_easy_vqa(
-    *, splits: Sequence[str] | None = None, limit: int | None = None, seed: int = 0
+    *, splits: Sequence[str] | None = None, limit: int | None = None, seed: int = 0, pretraining: bool = False
 ) -> Iterator[dict | BadRow]:
     """Canonical rows from the installed easy-vqa package (see the module docstring for the rows).
 
     splits: "train" and/or "test" (default both). limit: at most this many images per split, the
-    lowest image ids first, each with all its questions. seed: picks the ITM negatives.
+    lowest image ids first, each with all its questions. seed: picks the ITM negatives. pretraining: also
+    write detection and text_infilling rows (stand-ins for OFA's detection and text pretraining families);
+    the other rows are the same either way.
     """
     check_limit(limit)
     for split in select_splits(SPLITS, splits, DATASET):
@@ -304,5 +329,7 @@ def convert_easy_vqa(
                 continue
             png = Path(paths[image_id]).read_bytes()
             yield from _question_rows(split, png, questions, source)
-            yield from _image_rows(split, image_id, png, questions, seed, source)
+            yield from _image_rows(split, image_id, png, questions, seed, source, pretraining)
+            if pretraining:
+                yield from _question_text_rows(split, questions, source)
 

@@ -24,6 +24,8 @@ from ofa_model.errors import (
     UNKNOWN_LABEL,
     UNREADABLE_SHARD,
 )
+from ofa_model.tasks import INFILL_CODES
+from ofa_model.vocab import NUM_CODES
 from pipelines import storage
 from pipelines.data.readers.files import InputFile
 from pipelines.data.readers.rows import (
@@ -238,6 +240,64 @@ def _parse_pretrain_vl(line: _Line) -> dict[str, Any]:
     return _row(line, row_id, task, **fields)
 
 
+# OFA's three other pretraining families. A row holds what the file holds: text infilling's masked spans are
+# drawn per example at preprocessing, from the row's (seed, epoch, row) generator (`ofa_model.tasks.build_example`),
+# never frozen at conversion.
+
+
+def _parse_pretrain_text(line: _Line) -> dict[str, Any]:
+    # uniq-id, text: text infilling, whose source is the text with spans masked (drawn per example)
+    uniq, text = line.cols
+    return _row(line, line.row_id(uniq), "text_infilling", text=required_text(text, "text"))
+
+
+def _infill_codes(value: str, line: _Line) -> dict[str, Any]:
+    """OFA's "code" column: INFILL_CODES space-separated VQGAN codes in [0, NUM_CODES) (16 x 16 of the centre)."""
+    items = value.split()
+    if not items and not line.needs_target:
+        return {}
+    codes = [_int(c, "image code") for c in items]
+    outside = [c for c in codes if not 0 <= c < NUM_CODES]
+    if outside:
+        raise BadInput(BAD_TYPE, f"image codes must lie in [0, {NUM_CODES}), got {outside[0]}")
+    if len(codes) != INFILL_CODES:
+        raise BadInput(BAD_FORMAT, f"{len(codes)} image codes; image infilling needs {INFILL_CODES} (the 16 x 16 "
+                       "codes of the image's centre)")
+    return {"codes": codes}
+
+
+def _parse_pretrain_image(line: _Line) -> dict[str, Any]:
+    # uniq-id, image (256 x 256), codes of its 128 x 128 centre: image infilling
+    uniq, image, codes = line.cols
+    row_id = line.row_id(uniq)
+    return _row(line, row_id, "image_infilling", image=image_from_base64(image, "image"), **_infill_codes(codes, line))
+
+
+def _objects(value: str, line: _Line) -> dict[str, Any]:
+    """OFA's detection column "x0,y0,x1,y1,category id,category&&..." -> object_boxes, object_labels (a
+    category may hold commas: an item splits at its first five)."""
+    if not value.strip():
+        if line.needs_target:
+            raise BadInput(EMPTY_TEXT, "objects column is empty")
+        return {}
+    boxes, labels = [], []
+    for n, item in enumerate(value.split("&&")):
+        parts = item.split(",", 5)
+        if len(parts) != 6:
+            raise BadInput(BAD_FORMAT, f"object {n} {item[:40]!r} is not 'x0,y0,x1,y1,category id,category'")
+        boxes.append(check_box(parts[:4], f"object {n} box"))
+        _int(parts[4], f"object {n} category id")
+        labels.append(required_text(parts[5], f"object {n} category"))
+    return {"object_boxes": boxes, "object_labels": labels}
+
+
+def _parse_pretrain_detection(line: _Line) -> dict[str, Any]:
+    # uniq-id, image, objects: detection
+    uniq, image, objects = line.cols
+    row_id = line.row_id(uniq)
+    return _row(line, row_id, "detection", image=image_from_base64(image, "image"), **_objects(objects, line))
+
+
 # GLUE: (text column, text2 column or None, label column) per task. Labels: the public GLUE labels
 # (schema.GLUE_LABEL_WORDS) plus the numeric codes OFA's own TSVs use where they differ from GLUE's.
 _OFA_GLUE_CODES = {"mnli": {"0": "maybe", "1": "yes", "2": "no"}, "qnli": {"0": "no", "1": "yes"}}
@@ -290,6 +350,9 @@ _LAYOUTS: dict[str, _Layout] = {
     "imagenet": _Layout(3, True, False, _parse_imagenet),
     "gigaword": _Layout(2, True, False, _parse_gigaword),
     "pretrain_vl": _Layout(8, True, True, _parse_pretrain_vl, dataset_column=6),
+    "pretrain_text": _Layout(2, True, True, _parse_pretrain_text),
+    "pretrain_image": _Layout(3, True, True, _parse_pretrain_image),
+    "pretrain_detection": _Layout(3, True, True, _parse_pretrain_detection),
     "text_to_image": _Layout(3, True, True, _parse_text_to_image),
     **{f"glue_{name}": _Layout(max(c for c in cols if c is not None) + 1, False, False, _glue_parser(name))
        for name, cols in _GLUE_COLUMNS.items()},
@@ -299,6 +362,7 @@ LAYOUTS = tuple(sorted(_LAYOUTS))
 _LAYOUT_TASKS = {
     "caption": "caption", "vqa": "vqa", "refcoco": "grounding", "snli_ve": "visual_entailment",
     "imagenet": "image_classification", "gigaword": "summarization", "text_to_image": "text_to_image",
+    "pretrain_text": "text_infilling", "pretrain_image": "image_infilling", "pretrain_detection": "detection",
     **{f"glue_{name}": f"glue_{name}" for name in _GLUE_COLUMNS},
 }  # fmt: skip
 _DEFAULT_DATASETS = {
@@ -398,17 +462,21 @@ def read_ofa_tsv_file(
     """Canonical rows (or BadRows) of one OFA TSV file of `input_files`.
 
     layout: one of LAYOUTS ("caption", "vqa", "refcoco", "snli_ve", "imagenet", "gigaword",
-    "glue_{cola,sst2,mnli,rte,mrpc,qqp,qnli}", "pretrain_vl", "text_to_image"), with OFA's column orders.
+    "glue_{cola,sst2,mnli,rte,mrpc,qqp,qnli}", "pretrain_vl", "pretrain_text", "pretrain_image",
+    "pretrain_detection", "text_to_image"), with OFA's column orders.
     Row ids are "<dataset>/<split>/<uniq-id>" for layouts with an id column. Layouts without one number
     the non-blank lines of the file from 0: "<dataset>/<split>/<n>" when the input named the file itself,
     "<dataset>/<split>/<name>/<n>" for a file under a directory, name being `file.name` without ".tsv"
     (so a file's ids do not depend on the other files).
     dataset: defaults to "ofa-<layout>" ("glue-<task>" for GLUE); for pretrain_vl the per-row dataset
-    column wins over the default. Targets (answers, captions, labels) may be empty only on split "test".
+    column wins over the default. Targets (answers, captions, labels, image codes, objects) may be empty only
+    on split "test".
     Tasks (keys of `ofa_model.tasks.TASKS`): caption, vqa, grounding (refcoco), visual_entailment (snli_ve),
     image_classification (imagenet), summarization (gigaword), glue_<name> (glue_<name>), text_to_image;
-    pretrain_vl rows map type caption/qa/visual_grounding to caption/vqa/grounding. Label words are those
-    of the task's TaskSpec.labels.
+    pretrain_vl rows map type caption/qa/visual_grounding to caption/vqa/grounding; pretrain_text gives
+    text_infilling (text), pretrain_image image_infilling (image, codes: INFILL_CODES ints in [0, NUM_CODES)),
+    pretrain_detection detection (image, object_boxes, object_labels). Label words are those of the task's
+    TaskSpec.labels.
     byte_range: only the lines starting in it (`_read_lines`), the first numbered `first_line` and, among
     the non-blank lines, `first_index` (`count_lines` of the ranges before): the rows and ids of the whole
     file, read in parts.
