@@ -8,6 +8,7 @@ split, the doctor) run it for real.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import threading
@@ -35,7 +36,16 @@ from pipelines.data.batches import (
     iter_train_batches,
     weighted_schedule,
 )
-from pipelines.data.dataset import DataConfig, build_dataset, corpora, epoch_batches, epoch_plans
+from pipelines.data.data_config import SourceSection
+from pipelines.data.dataset import (
+    DataConfig,
+    build_dataset,
+    corpora,
+    data_fingerprint,
+    epoch_batches,
+    epoch_plans,
+    read_manifests,
+)
 from pipelines.data.ingest import _image_array, _Preprocess, output_schema, plan_epoch
 from pipelines.data.rowstats import BadDataError, BadRowRule, MixtureState, ResumeState, RowStats
 from pipelines.data.schema import normalize_row
@@ -471,6 +481,61 @@ def test_epoch_batches_of_a_mixture_read_one_corpus_per_task(run, corpus, vocab)
     pairs = [(n, i) for b in given for n, i in zip(b["sources"], b["ids"], strict=True)]
     assert sorted(i for n, i in pairs if n == "caption") == sorted(i for n, i in zip(names, ids, strict=True) if n == "caption")
     assert all(i.startswith(n + "/") for n, i in pairs)
+
+
+@pytest.fixture(scope="module")
+def two_corpora(s3_server) -> tuple[str, str]:
+    """Two corpora converted apart: captions in one, VQA (with a split of its own) in the other."""
+    captions, questions = s3_server.uri("mix-captions"), s3_server.uri("mix-vqa")
+    write_corpus([row(f"cap/{i}", "caption", image=png((10, 20 * i, 30)), target=f"a shape number {i}")
+                  for i in range(12)], captions, shard_bytes=600, row_group_rows=2)
+    write_corpus([row(f"q/{i}", "vqa", split="trainval", image=png((30 * i, 10, 10)), text=f"what is {i}?",
+                      target="red", targets=["red"], target_weights=[1.0]) for i in range(20)],
+                 questions, shard_bytes=600, row_group_rows=2)
+    return captions, questions
+
+
+def test_a_mixture_reads_each_task_from_its_own_corpus(two_corpora):
+    captions, questions = two_corpora
+    cfg = config(captions, sources={"vqa": SourceSection(questions, ("trainval",))})
+    got = corpora(cfg, {"caption": 1, "vqa": 2})
+    assert {n: (c.uri, c.splits, c.tasks, c.sources) for n, c in got.items()} == {
+        "caption": (captions, ("train",), ("caption",), {}), "vqa": (questions, ("trainval",), ("vqa",), {})}
+    manifests = read_manifests(cfg, {"caption": 1, "vqa": 2})
+    assert set(manifests) == {captions, questions}
+    expected = hashlib.sha256("\n".join(f"{u}\t{manifests[u].fingerprint}"
+                                         for u in sorted(manifests)).encode()).hexdigest()
+    assert data_fingerprint(manifests) == "corpora-sha256:" + expected
+    assert data_fingerprint({captions: manifests[captions]}) == manifests[captions].fingerprint
+    with pytest.raises(ValueError, match=r"data\.sources\.grounding: not a task of the mixture \(caption, vqa\)"):
+        corpora(config(captions, sources={"grounding": SourceSection(questions)}), {"caption": 1, "vqa": 2})
+    with pytest.raises(ValueError, match=r"data\.sources \(vqa\) is for a mixture's tasks"):
+        corpora(cfg)
+
+
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_a_two_corpus_mixture_resumes_each_source_where_it_stopped(two_corpora, vocab, ray_cluster):
+    """Stopped after its first batch, the mixture resumed from its saved state yields exactly the rows an
+    uninterrupted run yields after that batch: each corpus's position is kept."""
+    captions, questions = two_corpora
+    cfg = config(captions, seed=SEED, sources={"vqa": SourceSection(questions, ("trainval",))})
+    weights = {"caption": 1, "vqa": 3}
+    plans = epoch_plans(cfg, weights, train=True, epoch=EPOCH, manifests=read_manifests(cfg, weights))
+
+    def batches(**kw):
+        return epoch_batches(cfg, vocab, train=True, mixture=weights, plans=plans, with_meta=True,
+                             options=_opts(None, seed=5), **kw)
+
+    whole = [(n, i) for b in batches() for n, i in zip(b["sources"], b["ids"], strict=True)]
+    assert {n for n, _ in whole} == {"caption", "vqa"}
+    assert all(i.startswith("cap/" if n == "caption" else "q/") for n, i in whole)  # each from its corpus
+    assert sum(n == "vqa" for n, _ in whole) == 20  # the epoch ends when its first source (VQA) runs out
+    first = batches()
+    head = next(iter(first))
+    state = MixtureState.from_dict(json.loads(json.dumps(first.resume_state().to_dict())))
+    rest = batches(resume=state)
+    tail = [(n, i) for b in rest for n, i in zip(b["sources"], b["ids"], strict=True)]
+    assert list(zip(head["sources"], head["ids"], strict=True)) + tail == whole
 
 
 @pytest.mark.timeout(RAY_TIMEOUT)

@@ -76,13 +76,13 @@ def trial_train_config(plan: SweepPlan, params: Mapping[str, Any], trial_id: str
 def start_trial_run(cfg: TrainConfig, ctx: TrialContext, trial_id: str) -> str:
     """The trial's MLflow run (created with the parent tag, or resumed): the run `train()` then continues. Its
     params and tags are those `train()` gives a new run, plus the sweep's."""
-    from pipelines.data.shards import read_manifest
+    from pipelines.data.dataset import data_fingerprint, read_manifests
 
-    manifest = read_manifest(cfg.data.uri, s3=cfg.data.s3)
+    fingerprint = data_fingerprint(read_manifests(cfg.data, cfg.mixture))
     return start_or_resume_run(
         cfg.tracking.tracking_uri, cfg.tracking.experiment, name=cfg.run.name,
         key=run_key(cfg.run.name, cfg.run.storage_path), params=flatten(to_dict(cfg)),
-        tags={"task": cfg.task, "data_fingerprint": manifest.fingerprint, "data_uri": cfg.data.uri,
+        tags={"task": cfg.task, "data_fingerprint": fingerprint, "data_uri": cfg.data.uri,
               PARENT_TAG: ctx.parent_run_id, SWEEP_TAG: ctx.plan.cfg.name, TRIAL_TAG: trial_id})
 
 

@@ -33,6 +33,14 @@ PositiveFloat = Annotated[float, Field(gt=0.0)]
 
 
 @config_dataclass
+class SourceSection:
+    """Another corpus a mixture draws one task from: its `uri` and `splits` (None: the main corpus's splits)."""
+
+    uri: Annotated[str, Field(min_length=1)]
+    splits: Names | None = None
+
+
+@config_dataclass
 class DataConfig:
     """How a corpus becomes training batches. Validated on construction; unknown keys are errors.
 
@@ -61,6 +69,8 @@ class DataConfig:
     batches fetched ahead by the consumer. progress_every_s: seconds between progress log lines.
     log_bad_rows: bad rows logged at WARNING per reason (the rest at DEBUG). s3: the S3 endpoint / region (None:
     the environment's); a training or sweep job hands them to every process it starts (`pipelines.job_env`).
+    sources: for a mixture, task -> the corpus that task's rows come from when it is not `uri` (its own `uri`
+    and `splits`): OFA's pretraining families converted separately, or a new corpus mixed into an old one.
     """
 
     uri: Annotated[str, Field(min_length=1)]
@@ -89,6 +99,7 @@ class DataConfig:
     progress_every_s: PositiveFloat = 30.0
     log_bad_rows: NonNegative = 20
     s3: S3Options | None = None
+    sources: dict[Annotated[str, Field(min_length=1)], SourceSection] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_actors[0] > self.num_actors[1]:

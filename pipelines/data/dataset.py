@@ -28,6 +28,7 @@ seeded local shuffle, the same config and epoch give the same id order.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,28 +39,58 @@ from pipelines.data.batches import BatchIterator, ConsumerOptions, iter_mixture_
 from pipelines.data.data_config import DataConfig
 from pipelines.data.ingest import build_dataset, plan_epoch
 from pipelines.data.rowstats import MixtureState, ResumeState
-from pipelines.data.shards import Manifest
+from pipelines.data.shards import Manifest, read_manifest
 from pipelines.data.source import EpochPlan
 
 __all__ = [
-    "BatchIterator", "ConsumerOptions", "DataConfig", "EpochPlan", "build_dataset", "corpora", "epoch_batches",
-    "epoch_plans", "inspect",
+    "BatchIterator", "ConsumerOptions", "DataConfig", "EpochPlan", "build_dataset", "corpora", "data_fingerprint",
+    "epoch_batches", "epoch_plans", "inspect", "read_manifests",
 ]  # fmt: skip
 
 SINGLE = "data"  # the name of a single corpus among `corpora` (and of its Ray Train dataset)
 
 
 def corpora(cfg: DataConfig, mixture: Mapping[str, float] | None = None) -> dict[str, DataConfig]:
-    """The corpora an epoch reads, by name: `cfg` alone, or one per task of a `mixture` (`cfg` restricted to it)."""
+    """The corpora an epoch reads, by name: `cfg` alone, or one per task of a `mixture`: `cfg` restricted to the
+    task, read from the task's own corpus when `cfg.sources` names one."""
     if not mixture:
+        if cfg.sources:
+            raise ValueError(f"data.sources ({', '.join(sorted(cfg.sources))}) is for a mixture's tasks; "
+                             f"this run trains one task from data.uri")
         return {SINGLE: cfg}
-    return {task: cfg.replace(tasks=(task,)) for task in sorted(mixture)}
+    strays = sorted(set(cfg.sources) - set(mixture))
+    if strays:
+        raise ValueError(f"data.sources.{strays[0]}: not a task of the mixture ({', '.join(sorted(mixture))})")
+    out = {}
+    for task in sorted(mixture):
+        source = cfg.sources.get(task)
+        moved = {} if source is None else {"uri": source.uri, "splits": source.splits or cfg.splits}
+        out[task] = cfg.replace(tasks=(task,), sources={}, **moved)
+    return out
+
+
+def read_manifests(cfg: DataConfig, mixture: Mapping[str, float] | None = None) -> dict[str, Manifest]:
+    """The manifest of every corpus an epoch reads, by URI (each read once)."""
+    uris = sorted({c.uri for c in corpora(cfg, mixture).values()})
+    return {uri: read_manifest(uri, s3=cfg.s3) for uri in uris}
+
+
+def data_fingerprint(manifests: Mapping[str, Manifest]) -> str:
+    """What a run trained on: the corpus's fingerprint, or, over several corpora, a hash of theirs (in URI
+    order), so a run's data is named by one value either way."""
+    if len(manifests) == 1:
+        return next(iter(manifests.values())).fingerprint
+    joined = "\n".join(f"{uri}\t{m.fingerprint}" for uri, m in sorted(manifests.items()))
+    return "corpora-sha256:" + hashlib.sha256(joined.encode()).hexdigest()
 
 
 def epoch_plans(cfg: DataConfig, mixture: Mapping[str, float] | None = None, *, train: bool, epoch: int = 0,
-                split: str | Sequence[str] | None = None, manifest: Manifest | None = None) -> dict[str, EpochPlan]:
-    """Each corpus's `EpochPlan` (shard order, row numbering) for `epoch`, by the names of `corpora`."""
-    return {name: plan_epoch(c, split=split, train=train, epoch=epoch, manifest=manifest)
+                split: str | Sequence[str] | None = None,
+                manifests: Mapping[str, Manifest] | None = None) -> dict[str, EpochPlan]:
+    """Each corpus's `EpochPlan` (shard order, row numbering) for `epoch`, by the names of `corpora`.
+    manifests: by URI (`read_manifests`; None: read here)."""
+    return {name: plan_epoch(c, split=split, train=train, epoch=epoch,
+                             manifest=(manifests or {}).get(c.uri))
             for name, c in corpora(cfg, mixture).items()}
 
 

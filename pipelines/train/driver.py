@@ -47,8 +47,7 @@ from ofa_model.config_files import flatten, to_dict
 from ofa_model.evaluation import primary_metric
 from ofa_model.vocab import Vocabulary
 from pipelines import storage
-from pipelines.data.dataset import build_dataset, corpora
-from pipelines.data.shards import read_manifest
+from pipelines.data.dataset import build_dataset, corpora, data_fingerprint, read_manifests
 from pipelines.job_env import job_tracking_uri
 from pipelines.tracking.registry import promote_if_better, register_bundle
 from pipelines.tracking.runs import MetricLogger, end_run, run_key, start_or_resume_run
@@ -104,12 +103,12 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None,
     cfg = with_init_bundle(cfg)
     specs = task_specs(cfg)
     vocab = run_vocab(cfg)
-    manifest = read_manifest(cfg.data.uri, s3=cfg.data.s3)
+    fingerprint = data_fingerprint(read_manifests(cfg.data, cfg.mixture))
     metric, mode = primary_metric(specs[cfg.task])
     run_id = start_or_resume_run(
         cfg.tracking.tracking_uri, cfg.tracking.experiment, name=cfg.run.name,
         key=run_key(cfg.run.name, cfg.run.storage_path), params=flatten(to_dict(cfg)),
-        tags={"task": cfg.task, "data_fingerprint": manifest.fingerprint, "data_uri": cfg.data.uri})
+        tags={"task": cfg.task, "data_fingerprint": fingerprint, "data_uri": cfg.data.uri})
     ok = False
     try:
         summary = latest_state_summary(cfg.run.storage_path, cfg.run.name)
@@ -122,7 +121,7 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None,
             logger.info("run %s: epoch%s %s of %d", cfg.run.name, "s" if fit.end - fit.first > 1 else "",
                         f"{fit.first + 1}-{fit.end}" if fit.end - fit.first > 1 else fit.first + 1, cfg.epochs)
             trainer = _trainer(cfg, fit, vocab, specs, metric, mode, callbacks,
-                               {"mlflow_run_id": run_id, "data_fingerprint": manifest.fingerprint})
+                               {"mlflow_run_id": run_id, "data_fingerprint": fingerprint})
             result = trainer.fit()
             if result.error is not None:
                 raise result.error

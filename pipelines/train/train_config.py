@@ -225,6 +225,10 @@ class TrainConfig:
         for name in [self.task, *(self.mixture or {})]:
             if name not in known:
                 raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(known))}")
+        strays = sorted(set(self.data.sources) - set(self.mixture or {}))
+        if strays:
+            raise ValueError(f"data.sources.{strays[0]}: sources are for the mixture's tasks "
+                             f"({', '.join(sorted(self.mixture or {})) or 'none: this run trains one task'})")
         for name in self.labels:
             if name not in (self.mixture or {}) or name == self.task:
                 raise ValueError(f"labels.{name}: labels are for the mixture's other tasks ({name!r} is not one; "

@@ -41,9 +41,9 @@ from ofa_model.evaluation import evaluate_rows
 from ofa_model.precision import Execution
 from ofa_model.predictor import OFAPredictor
 from pipelines.data.batches import BatchIterator, ConsumerOptions
-from pipelines.data.dataset import epoch_batches, epoch_plans
+from pipelines.data.dataset import epoch_batches, epoch_plans, read_manifests
 from pipelines.data.rowstats import BadRowRule, RowStats
-from pipelines.data.shards import Manifest, iter_rows, read_manifest
+from pipelines.data.shards import Manifest, iter_rows
 from pipelines.data.source import EpochPlan
 from pipelines.progress import Progress
 from pipelines.tracking.runs import MetricLogger
@@ -119,8 +119,8 @@ def train_loop(loop_config: dict) -> None:
     worker = _join(cfg, loop_config["mlflow_run_id"])
     torch.manual_seed(cfg.seed)
     setup = build_setup(cfg)
-    manifest = read_manifest(cfg.data.uri, s3=cfg.data.s3)  # once per fit: every epoch plans from it
-    plans = _plans(cfg, start, manifest)
+    manifests = read_manifests(cfg.data, cfg.mixture)  # once per fit: every epoch plans from them
+    plans = _plans(cfg, start, manifests)
     per_epoch = steps_per_epoch(cfg, {n: p.info.total_rows for n, p in plans.items()}, worker.world)
     learner, frozen = _learner(cfg, setup, worker, state, per_epoch * cfg.epochs)
     run = Run(cfg, setup, worker, per_epoch, shared, loop_config["data_fingerprint"],
@@ -130,7 +130,7 @@ def train_loop(loop_config: dict) -> None:
                     worker.world, worker.execution.describe(), per_epoch, per_epoch * cfg.epochs,
                     frozen or "nothing", setup.init, learner.step)
     for epoch in range(start, end):
-        _train_epoch(run, learner, epoch, plans if epoch == start else _plans(cfg, epoch, manifest), state)
+        _train_epoch(run, learner, epoch, plans if epoch == start else _plans(cfg, epoch, manifests), state)
 
 
 def _join(cfg: TrainConfig, mlflow_run_id: str) -> Worker:
@@ -311,7 +311,9 @@ def _release_memory() -> None:
 
 
 def _validation_rows(cfg: TrainConfig, max_rows: int | None) -> Iterator[dict]:
-    rows = iter_rows(cfg.data.uri, s3=cfg.data.s3, splits=[cfg.validation.split], tasks=[cfg.task])
+    """The validated task's rows of the validation split, from the task's own corpus in a mixture."""
+    uri = cfg.data.sources[cfg.task].uri if cfg.task in cfg.data.sources else cfg.data.uri
+    rows = iter_rows(uri, s3=cfg.data.s3, splits=[cfg.validation.split], tasks=[cfg.task])
     return itertools.islice(rows, max_rows)
 
 
@@ -327,8 +329,8 @@ def steps_per_epoch(cfg: TrainConfig, rows: Mapping[str, int], world: int) -> in
     return min(n, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else n
 
 
-def _plans(cfg: TrainConfig, epoch: int, manifest: Manifest) -> dict[str, EpochPlan]:
-    return epoch_plans(cfg.data, cfg.mixture, train=True, epoch=epoch, manifest=manifest)
+def _plans(cfg: TrainConfig, epoch: int, manifests: Mapping[str, Manifest]) -> dict[str, EpochPlan]:
+    return epoch_plans(cfg.data, cfg.mixture, train=True, epoch=epoch, manifests=manifests)
 
 
 def _bad_row_rule(cfg: TrainConfig) -> BadRowRule:
