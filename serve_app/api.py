@@ -3,6 +3,7 @@
     POST /v1/caption /v1/vqa /v1/grounding /v1/entailment /v1/classify   (the task is the route's)
     POST /v1/text /v1/predict                                              (the task is the body's)
     GET  /v1/models /healthz /docs /openapi.json
+    GET  /   (the try-it page: serve_app/page/, its files under /page/; it only calls the routes above)
 
 A request is JSON (`{"items": [...]}` with base64 images) or a multipart form (a `json` field holding the
 same document, and file parts: the k-th file named `image` is item k's image; without `json`, one item per
@@ -27,11 +28,13 @@ import math
 import time
 import typing
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from ray import serve
@@ -67,7 +70,13 @@ log = logging.getLogger(f"ray.serve.{__name__}")  # under Serve's logger: replic
 
 LATENCY_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
 INFO_TIMEOUT_S = 10.0  # /v1/models and /healthz wait this long for a model replica
-OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})  # no API key
+OPEN_PATHS = frozenset({"/", "/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})  # no API key
+PAGE = Path(__file__).with_name("page")  # the try-it page: index.html, app.js, style.css, examples/
+PAGE_PREFIX = "/page/"  # its files, open like OPEN_PATHS (the page asks for the key before calling the API)
+# The page runs only its own files and talks only to this server.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
+                                           "base-uri 'self'; frame-ancestors 'none'",
+                "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff"}
 
 
 def request_id() -> str:
@@ -82,7 +91,12 @@ def request_id() -> str:
 def _path(scope: dict) -> str:
     root = scope.get("root_path", "")
     path = scope.get("path", "")
-    return path[len(root):] if root and path.startswith(root) else path
+    return (path[len(root):] or "/") if root and path.startswith(root) else path  # /prefix is the app's /
+
+
+def _open(path: str) -> bool:
+    """Whether a path is served without the API key."""
+    return path in OPEN_PATHS or (path.startswith(PAGE_PREFIX) and ".." not in path.split("/"))
 
 
 class Metrics:
@@ -114,7 +128,7 @@ class Guard:
             return
         scope.setdefault("state", {})["started"] = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
-        if self._key is not None and _path(scope) not in OPEN_PATHS and not self._authorised(headers):
+        if self._key is not None and not _open(_path(scope)) and not self._authorised(headers):
             await self._refuse(scope, receive, send, ApiError(
                 UNAUTHORIZED, "missing or wrong API key: send it in the X-API-Key header", type_="AuthError",
                 headers={"WWW-Authenticate": 'ApiKey header="X-API-Key"'}))
@@ -388,6 +402,12 @@ def create_api(ingress: Ingress) -> FastAPI:
     async def healthz() -> Response:
         status, body = await ingress.health()
         return JSONResponse(body, status)
+
+    @api.get("/", include_in_schema=False)  # /prefix redirects here (Starlette's redirect_slashes), so the
+    async def page() -> Response:           # page's relative links resolve under the prefix
+        return FileResponse(PAGE / "index.html", headers=PAGE_HEADERS)
+
+    api.mount(PAGE_PREFIX.rstrip("/"), StaticFiles(directory=PAGE), name="page")
 
     @api.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -285,7 +285,9 @@ class OFAModelServer:
                                      tag_keys=("model",))
         self._m_queue = Gauge("ofa_serve_queue_length", "requests in this replica, waiting or running",
                               tag_keys=("model",))
-        for m in (self._m_batch, self._m_items, self._m_batch_ms, self._m_queue):
+        self._m_load_s = Gauge("ofa_serve_model_load_seconds", "seconds this replica took to load the model it "
+                               "serves", tag_keys=("model",))
+        for m in (self._m_batch, self._m_items, self._m_batch_ms, self._m_queue, self._m_load_s):
             m.set_default_tags({"model": name})
 
     async def reconfigure(self, user_config: dict) -> None:
@@ -310,8 +312,10 @@ class OFAModelServer:
                       self.reconfigure_error, self._model.describe())
             return
         old, self._model, self.reconfigure_error = self._model, loaded, None
+        seconds = time.perf_counter() - started
+        self._m_load_s.set(seconds)
         log.info("model %s replica %s: serving %s after %.1f s; was %s", self.name, self.replica, loaded.describe(),
-                 time.perf_counter() - started, old.describe() if old else "nothing")
+                 seconds, old.describe() if old else "nothing")
 
     async def predict(self, task: str, items: list[dict]) -> dict:
         """`{"results": [...]} | {"error": ...}` plus the model name and version that answered."""

@@ -11,6 +11,10 @@
 
 Both start lazily: a test run that uses neither never starts a server or a cluster. Every test ends with
 flush-to-zero off (`_no_flush_to_zero`).
+
+Two hooks: each test's reports are kept on it (`item.rep_setup`, `item.rep_call`, ...) so a fixture can see how
+its test went (tests/test_page.py saves a screenshot of a failed test), and the end of the run says loudly
+when the browser tests were skipped, and why.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import pytest
 
 from pipelines.local.ray_settings import LOCAL_RAY_ENV, TEST_OBJECT_STORE_BYTES, init_local_ray
 from pipelines.local.s3 import CONFLICTING_ENV, S3Server, start_weed_retrying, stop_weed
+
+BROWSER_SKIPPED = "BROWSER TESTS SKIPPED"  # starts the skip reason of tests/test_page.py
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +71,18 @@ def _no_flush_to_zero() -> Iterator[None]:
     import torch
 
     torch.set_flush_denormal(False)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """A red banner when the browser tests did not run (no Chromium, chromedriver or Selenium here)."""
+    reasons = {str(r.longrepr[2]).removeprefix("Skipped: ") for r in terminalreporter.stats.get("skipped", [])
+               if isinstance(r.longrepr, tuple) and BROWSER_SKIPPED in str(r.longrepr[2])}
+    for reason in sorted(reasons):
+        terminalreporter.write_sep("!", reason, red=True, bold=True)
