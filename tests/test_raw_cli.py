@@ -340,6 +340,52 @@ def test_the_four_pretraining_families_convert_into_one_corpus_that_passes_the_d
     assert report["bad_examples"] == {"bad_box": ["ofa-pretrain-detection/train/d3"]}
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(4 * RAY_TIMEOUT)
+def test_ofa_base_pretraining_runs_on_the_four_families_with_its_derived_tasks(tmp_path, capsys, ray_cluster):
+    """configs/pretrain/ofa-base.yaml as shipped, at smoke size (ofa-micro, 32 px, two updates), through
+    `jobs.pretrain` on a corpus of OFA's four pretraining files: every task of its mixture gets rows, itm and
+    grounded_caption made from the caption and grounding rows as they are read."""
+    from jobs import pretrain
+    from ofa_model.config_files import load_config
+    from pipelines.data.dataset import epoch_plans
+    from pipelines.train.train_config import TrainConfig
+
+    files = pretraining_files(tmp_path / "ofa")
+    img = [b64(png((60 * k, 30, 90))) for k in range(4)]
+    write_lines(files["pretrain_vl"][0], [  # more captions than the families test: itm draws its negatives
+        *(f"c{k}\t{img[k]}\t{caption}\t\t\t\tcoco\tcaption"
+          for k, caption in enumerate(["a red square", "a blue circle", "two grey triangles", "a teal box"])),
+        *(f"q{k}\t{img[k]}\t\twhat color is it?\t1.0|!+{a}\t\tvqa\tqa" for k, a in enumerate(["red", "blue"])),
+        *(f"g{k}\t{img[k]}\tthe shape\t\t1,1,{9 + k},12\t\trefcoco\tvisual_grounding" for k in range(3)),
+    ])
+    corpus = str(tmp_path / "pretrain")
+    for n, (layout, (path, _, _)) in enumerate(files.items()):
+        rc, _, err = run_prepare(capsys, "ofa-tsv", "--layout", layout, "--input", str(path), "--split", "train",
+                                 "--output", corpus, *(["--append"] if n else []))
+        assert rc == 0, err
+    overrides = [
+        f"data.uri={corpus}", "model.init=null", "model.arch=ofa-micro", f"run.storage_path={tmp_path / 'runs'}",
+        "run.log_every_s=0", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "scaling.use_gpu=false",
+        "scaling.num_workers=1", "scaling.cpus_per_worker=0.5", "data.batch_size=4", "data.num_actors=[1, 1]",
+        "data.actor_num_cpus=0.25", "data.read_num_cpus=0.25",
+        "data.preprocess={patch_image_size: 32, max_image_size: 512, max_src_length: 32, max_tgt_length: 30}",
+        "epochs=1", "max_steps_per_epoch=2", "validation.split=train", "validation.max_rows=2",
+        "validation.batch_size=2",
+    ]  # fmt: skip
+    cfg = load_config(TrainConfig, "configs/pretrain/ofa-base.yaml", overrides)
+    plans = epoch_plans(cfg.data, cfg.mixture, train=True)
+    assert {task: plan.info.total_rows for task, plan in plans.items()} == {
+        "caption": 4, "itm": 4, "vqa": 2, "grounding": 3, "grounded_caption": 3, "text_infilling": 2,
+        "image_infilling": 2, "detection": 2}
+    pretrain.main(["--config", "configs/pretrain/ofa-base.yaml", *overrides])
+    printed = capsys.readouterr().out
+    out = json.loads(printed[printed.index("{\n"):])  # the summary, after MLflow's lines
+    assert (out["epochs_done"], out["step"]) == (1, 2)
+    assert out["metrics"]["data/rows_bad"] == 0 and out["metrics"]["data/rows_ok"] == 8  # 2 updates of 4 rows
+    assert out["registered_version"] == "1"
+
+
 @pytest.mark.timeout(RAY_TIMEOUT)
 def test_limit_keeps_the_first_records_in_file_order(data, tmp_path, capsys, ray_cluster):
     rc, summary, _ = run_prepare(capsys, "ofa-tsv", "--layout", "vqa", "--input", str(data / "vqa_tsv"), "--split",

@@ -71,6 +71,11 @@ class DataConfig:
     the environment's); a training or sweep job hands them to every process it starts (`pipelines.job_env`).
     sources: for a mixture, task -> the corpus that task's rows come from when it is not `uri` (its own `uri`
     and `splits`): OFA's pretraining families converted separately, or a new corpus mixed into an old one.
+    derive: a mixture's tasks made from their source task's rows as they are preprocessed, as OFA's pretraining
+    builds its auxiliary examples (`ofa_model.derived`: itm from captions, qa_matching from VQA,
+    grounded_caption from grounding), rather than read from rows of their own.
+    derived: set by `pipelines.data.dataset.corpora` on the corpus of a derived task (its rows are the source
+    task's, turned into the derived task's); not for config files.
     """
 
     uri: Annotated[str, Field(min_length=1)]
@@ -100,6 +105,8 @@ class DataConfig:
     log_bad_rows: NonNegative = 20
     s3: S3Options | None = None
     sources: dict[Annotated[str, Field(min_length=1)], SourceSection] = field(default_factory=dict)
+    derive: tuple[Literal["itm", "qa_matching", "grounded_caption"], ...] = ()
+    derived: Literal["itm", "qa_matching", "grounded_caption"] | None = None
 
     def __post_init__(self) -> None:
         if self.num_actors[0] > self.num_actors[1]:

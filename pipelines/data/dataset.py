@@ -33,6 +33,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ofa_model.derived import DERIVED
 from ofa_model.tasks import TaskSpec
 from pipelines import storage
 from pipelines.data.batches import BatchIterator, ConsumerOptions, iter_mixture_batches, iter_train_batches
@@ -52,20 +53,34 @@ SINGLE = "data"  # the name of a single corpus among `corpora` (and of its Ray T
 
 def corpora(cfg: DataConfig, mixture: Mapping[str, float] | None = None) -> dict[str, DataConfig]:
     """The corpora an epoch reads, by name: `cfg` alone, or one per task of a `mixture`: `cfg` restricted to the
-    task, read from the task's own corpus when `cfg.sources` names one."""
+    task, read from the task's own corpus when `cfg.sources` names one. A derived task (`ofa_model.derived`:
+    itm, qa_matching, grounded_caption) reads its source task's rows (from that task's corpus), turned into its
+    own as they are preprocessed, when `cfg.derive` lists it."""
     if not mixture:
+        if cfg.derive:
+            raise ValueError(f"data.derive ({', '.join(cfg.derive)}) is for a mixture's tasks; this run trains one "
+                             f"task")
         if cfg.sources:
             raise ValueError(f"data.sources ({', '.join(sorted(cfg.sources))}) is for a mixture's tasks; "
                              f"this run trains one task from data.uri")
         return {SINGLE: cfg}
-    strays = sorted(set(cfg.sources) - set(mixture))
+    strays = sorted(set(cfg.sources) - set(mixture) - {DERIVED[t] for t in cfg.derive})
     if strays:
         raise ValueError(f"data.sources.{strays[0]}: not a task of the mixture ({', '.join(sorted(mixture))})")
+    strays = sorted(set(cfg.derive) - set(mixture))
+    if strays:
+        raise ValueError(f"data.derive: {strays[0]} is not a task of the mixture ({', '.join(sorted(mixture))})")
+    moved = sorted(set(cfg.derive) & set(cfg.sources))
+    if moved:
+        raise ValueError(f"data.derive: {moved[0]} is made from {DERIVED[moved[0]]} rows; data.sources.{moved[0]} "
+                         f"would read rows of its own")
     out = {}
     for task in sorted(mixture):
-        source = cfg.sources.get(task)
-        moved = {} if source is None else {"uri": source.uri, "splits": source.splits or cfg.splits}
-        out[task] = cfg.replace(tasks=(task,), sources={}, **moved)
+        reads = DERIVED[task] if task in cfg.derive else task
+        source = cfg.sources.get(reads)
+        where = {} if source is None else {"uri": source.uri, "splits": source.splits or cfg.splits}
+        out[task] = cfg.replace(tasks=(reads,), sources={}, derive=(), derived=task if reads != task else None,
+                                **where)
     return out
 
 

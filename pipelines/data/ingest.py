@@ -33,6 +33,7 @@ import pyarrow as pa
 import ray
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
+from ofa_model.derived import POOL_SIZE, derive_row, needs_pool, pool_value
 from ofa_model.errors import (
     BAD_BOX,
     BAD_IMAGE,
@@ -54,7 +55,7 @@ from ofa_model.tasks import TASKS, TaskSpec, build_example
 from pipelines import storage
 from pipelines.data.data_config import IMAGE_DTYPES, DataConfig, read_block_rows
 from pipelines.data.rowstats import ResumeState
-from pipelines.data.shards import Manifest, read_manifest
+from pipelines.data.shards import Manifest, iter_rows, read_manifest
 from pipelines.data.source import EpochPlan, ShardSource, plan_shards
 
 __all__ = ["REASONS", "build_dataset", "classify", "output_schema", "plan_epoch", "preprocess_row"]
@@ -125,8 +126,9 @@ class _Preprocess:
     """map_batches UDF (one instance per actor): source rows (pyarrow) -> OUTPUT rows (pyarrow)."""
 
     def __init__(self, vocab: Any, pcfg: PreprocessConfig, specs: Mapping[str, TaskSpec], train: bool, seed: int,
-                 epoch: int, image_dtype: str) -> None:
+                 epoch: int, image_dtype: str, derived: str | None = None, pool: Sequence[str] = ()) -> None:
         self.vocab = vocab  # unpickling a Vocabulary rebuilds it: once per actor
+        self.derived, self.pool = derived, tuple(pool)  # rows of a derived task: made from the source's rows
         self.pcfg = pcfg
         self.specs = dict(specs)
         self.train = train
@@ -142,10 +144,10 @@ class _Preprocess:
         cols: dict[str, list] = {name: [] for name in self.schema.names if name != "image"}
         images: list[np.ndarray | None] = []
         for row in rows:
-            sample, reason, detail = self._one(row)
+            task, sample, reason, detail = self._one(row)
             ok = sample is not None
             cols["id"].append(row["id"])
-            cols["task"].append(row["task"])
+            cols["task"].append(task)
             cols["seq"].append(row["seq"])
             cols["span"].append(row["span"])
             cols["ok"].append(ok)
@@ -166,14 +168,36 @@ class _Preprocess:
         arrays["image"] = _image_array(images, self.schema.field("image").type)
         return pa.Table.from_arrays([arrays[n] for n in self.schema.names], schema=self.schema)
 
-    def _one(self, row: dict[str, Any]) -> tuple[dict | None, str | None, str | None]:
+    def _one(self, row: dict[str, Any]) -> tuple[str, dict | None, str | None, str | None]:
+        """(the row's task, then `preprocess_row`'s sample, reason, detail); a derived task's row is made from
+        the source row first, with the row's own generator (its negatives: the same on a resumed epoch)."""
+        task = self.derived or row["task"]
         if row["error"] is not None:  # a marker from the read stage
-            return None, row["error"], row["detail"]
-        spec = self.specs.get(row["task"])
-        if spec is None:
-            return None, UNKNOWN_TASK, f"task {row['task']!r} is not one of {sorted(self.specs)}"
+            return task, None, row["error"], row["detail"]
         rng = np.random.default_rng([self.seed, self.epoch, row["seq"]]) if self.train else None
-        return preprocess_row(spec, row, self.vocab, self.pcfg, train=self.train, rng=rng, pixels=self.pixels)
+        if self.derived is not None:
+            try:
+                row = derive_row(self.derived, row, rng or np.random.default_rng([row["seq"]]), self.pool)
+            except InputError as exc:
+                return task, None, classify(exc), str(exc)
+        spec = self.specs.get(task)
+        if spec is None:
+            return task, None, UNKNOWN_TASK, f"task {task!r} is not one of {sorted(self.specs)}"
+        return (task, *preprocess_row(spec, row, self.vocab, self.pcfg, train=self.train, rng=rng,
+                                      pixels=self.pixels))
+
+
+def negative_pool(cfg: DataConfig) -> tuple[str, ...]:
+    """The captions or answers a derived task draws its negatives from: the first POOL_SIZE distinct ones of the
+    corpus's source-task rows in manifest order (`ofa_model.derived.pool_value`), the same in every process."""
+    seen: dict[str, None] = {}
+    for row in iter_rows(cfg.uri, s3=cfg.s3, columns=["target", "targets"], splits=cfg.splits, tasks=cfg.tasks):
+        value = pool_value(row)
+        if value is not None:
+            seen.setdefault(value, None)
+            if len(seen) >= POOL_SIZE:
+                break
+    return tuple(seen)
 
 
 def _preprocess_batch(batch: pa.Table, kwargs: dict[str, Any]) -> pa.Table:
@@ -261,7 +285,8 @@ def build_dataset(cfg: DataConfig, vocab: Any, *, split: str | Sequence[str] | N
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
             object_store_memory=cfg.max_object_store_bytes)
     kwargs = {"vocab": vocab, "pcfg": cfg.preprocess, "specs": specs, "train": train, "seed": cfg.seed,
-              "epoch": plan.epoch, "image_dtype": cfg.image_dtype}
+              "epoch": plan.epoch, "image_dtype": cfg.image_dtype, "derived": cfg.derived,
+              "pool": negative_pool(cfg) if cfg.derived is not None and needs_pool(cfg.derived) else ()}
     if cfg.preprocess_on == "tasks":  # fused into the read tasks: no actor to start (see DataConfig)
         return ds.map_batches(_preprocess_batch, fn_kwargs={"kwargs": kwargs}, batch_size=cfg.rows_per_map_batch,
                               batch_format="pyarrow", num_cpus=cfg.read_num_cpus)

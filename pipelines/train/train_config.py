@@ -17,6 +17,7 @@ from pydantic import Discriminator, Field, Tag
 
 from ofa_model.architecture import OFAConfig, Regularization, get_config
 from ofa_model.config_files import config_dataclass
+from ofa_model.derived import DERIVED
 from ofa_model.errors import ConfigError
 from ofa_model.instructions import parse_instruction
 from ofa_model.tasks import TASKS
@@ -225,10 +226,12 @@ class TrainConfig:
         for name in [self.task, *(self.mixture or {})]:
             if name not in known:
                 raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(known))}")
-        strays = sorted(set(self.data.sources) - set(self.mixture or {}))
-        if strays:
-            raise ValueError(f"data.sources.{strays[0]}: sources are for the mixture's tasks "
-                             f"({', '.join(sorted(self.mixture or {})) or 'none: this run trains one task'})")
+        mixed = set(self.mixture or {})
+        for key, names in (("data.derive", set(self.data.derive)), ("data.sources", set(self.data.sources))):
+            strays = sorted(names - mixed - ({DERIVED[t] for t in self.data.derive} if key == "data.sources" else set()))
+            if strays:
+                raise ValueError(f"{key}: {strays[0]} is not a task of the mixture "
+                                 f"({', '.join(sorted(mixed)) or 'none: this run trains one task'})")
         for name in self.labels:
             if name not in (self.mixture or {}) or name == self.task:
                 raise ValueError(f"labels.{name}: labels are for the mixture's other tasks ({name!r} is not one; "
