@@ -8,11 +8,17 @@ Training validation and `jobs.evaluate` both call this, so the number a run is s
 user reproduces from a predictions file are computed the same way (`score_predictions` recomputes the metrics
 from such records alone).
 
-Metrics by `TaskSpec.metric`: "vqa" -> `vqa_score` (confidence-weighted when the row has target_weights, else
-the official 10-annotator accuracy); "caption" -> `cider` (CIDEr-D, PTB-tokenised, corpus level), `bleu4` and
-`exact` (the share of captions equal to one of their references, ignoring case, spaces and full stops);
-"grounding" -> `acc50` (IoU >= 0.5) and `miou`; "classification" -> `accuracy`; "summarization" -> `rouge_l`
-(and ROUGE-1/2). A row whose prediction is an error counts as wrong (0) and is counted in `errors`.
+Metrics by `TaskSpec.metric` (`METRICS`): "vqa" -> `vqa_score` (confidence-weighted when the row has
+target_weights, else the official 10-annotator accuracy); "caption" -> `cider` (CIDEr-D, PTB-tokenised, corpus
+level), `bleu4` and `exact` (the share of captions equal to one of their references, ignoring case, spaces and
+full stops); "grounding" -> `acc50` (IoU >= 0.5, RefCOCO's accuracy) and `miou`; "classification" ->
+`accuracy`, `mcc` (Matthews correlation, K-class for K labels) and, for a task with two labels, `f1` (of its
+first label: "yes" for GLUE's MRPC and QQP); "summarization" -> `rouge_l` (and ROUGE-1/2). A row whose
+prediction is an error counts as wrong (0) and is counted in `errors`. The metric models are compared by is
+`TaskSpec.primary`, else the kind's first: MCC for CoLA, F1 for MRPC and QQP, as OFA and GLUE report them.
+
+Each record also carries `example_score`, the row's own share of the metric: its VQA accuracy, CIDEr-D, IoU,
+1 / 0 for a right / wrong label, or ROUGE-L F (0 for an error).
 """
 
 from __future__ import annotations
@@ -24,17 +30,22 @@ from typing import Any
 from ofa_model import metrics as M
 from ofa_model.tasks import TaskSpec
 
-# metric name and direction ("max": higher is better) that selects checkpoints and moves the champion
-PRIMARY = {"vqa": ("vqa_score", "max"), "caption": ("cider", "max"), "grounding": ("acc50", "max"),
-           "classification": ("accuracy", "max"), "summarization": ("rouge_l", "max")}
+# What each metric kind reports; its first is the primary metric of a task that names none (`TaskSpec.primary`).
+# Every one of them is better higher.
+METRICS = {"vqa": ("vqa_score",), "caption": ("cider", "bleu4", "exact"), "grounding": ("acc50", "miou"),
+           "classification": ("accuracy", "mcc", "f1"), "summarization": ("rouge_l", "rouge_1", "rouge_2")}
 INPUT_FIELDS = ("image", "text", "text2", "box")  # row fields a predictor item takes (box: a region, if any)
 
 
 def primary_metric(spec: TaskSpec) -> tuple[str, str]:
     """(metric name, "max" or "min") by which models of this task are compared."""
-    if spec.metric not in PRIMARY:
+    if spec.metric not in METRICS:
         raise ValueError(f"task {spec.name} has no evaluation metric (metric={spec.metric!r})")
-    return PRIMARY[spec.metric]
+    name = spec.primary or METRICS[spec.metric][0]
+    if name not in METRICS[spec.metric] or (name == "f1" and len(spec.labels) != 2):
+        raise ValueError(f"task {spec.name}: primary metric {name!r} is not one its {spec.metric!r} scoring reports "
+                         f"({', '.join(METRICS[spec.metric])}; f1 needs exactly two labels)")
+    return name, "max"
 
 
 @dataclass(frozen=True)
@@ -74,7 +85,10 @@ def evaluate_rows(predictor, task: str | TaskSpec, rows: Iterable[Mapping[str, A
             flush()
     if batch:
         flush()
-    return EvalResult(score_predictions(spec, records), records)
+    metrics, per_row = scored(spec, records)
+    for rec, value in zip(records, per_row, strict=True):
+        rec["example_score"] = value
+    return EvalResult(metrics, records)
 
 
 def prediction_record(spec: TaskSpec, row: Mapping[str, Any], out: Mapping[str, Any]) -> dict[str, Any]:
@@ -104,45 +118,62 @@ def _reference(spec: TaskSpec, row: Mapping[str, Any]) -> Any:
 
 def score_predictions(spec: TaskSpec, records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """The task's metrics from prediction records (as `evaluate_rows` writes them)."""
+    return scored(spec, records)[0]
+
+
+def scored(spec: TaskSpec, records: Sequence[Mapping[str, Any]]) -> tuple[dict[str, float], list[float]]:
+    """The task's metrics from prediction records, and each record's `example_score` (module docstring)."""
     n = len(records)
     errors = sum(1 for r in records if r.get("prediction") is None)
     out: dict[str, float] = {"rows": float(n), "errors": float(errors)}
     if n == 0:
-        return out
+        return out, []
     kind = spec.metric
     if kind == "vqa":
-        total = 0.0
-        for r in records:
-            if r["prediction"] is None or not r["reference"]:
-                continue
-            if r.get("reference_weights") is not None:
-                total += M.vqa_score_weighted(r["prediction"], r["reference"], r["reference_weights"])
-            else:
-                total += M.vqa_accuracy(r["prediction"], r["reference"])
-        out["vqa_score"] = total / n
+        per_row = [_vqa_score(r) for r in records]
+        out["vqa_score"] = sum(per_row) / n
     elif kind == "caption":
         ids = [str(i) for i in range(n)]
         preds = {i: (r["prediction"] or "") for i, r in zip(ids, records, strict=True)}
         refs = {i: list(r["reference"]) for i, r in zip(ids, records, strict=True)}
-        scores = M.caption_scores(preds, refs, metrics=("CIDEr", "BLEU_4"))
+        by_image: dict[str, float] = {}
+        scores = M.caption_scores(preds, refs, metrics=("CIDEr", "BLEU_4"), cider_by_image=by_image)
         out["cider"], out["bleu4"] = scores["CIDEr"], scores["BLEU_4"]
         out["exact"] = sum(1 for r in records if r["prediction"] is not None
                            and _caption_key(r["prediction"]) in {_caption_key(x) for x in r["reference"]}) / n
+        per_row = [by_image[i] if r["prediction"] is not None else 0.0 for i, r in zip(ids, records, strict=True)]
     elif kind == "grounding":
-        ious = [M.box_iou(r["prediction"], r["reference"]) if r["prediction"] is not None else 0.0
-                for r in records]
-        out["acc50"] = sum(1 for v in ious if v >= 0.5) / n
-        out["miou"] = sum(ious) / n
+        per_row = [M.box_iou(r["prediction"], r["reference"]) if r["prediction"] is not None else 0.0
+                   for r in records]
+        answered = [r for r in records if r["prediction"] is not None]
+        hits = round(M.grounding_accuracy([r["prediction"] for r in answered], [r["reference"] for r in answered])
+                     * len(answered)) if answered else 0
+        out["acc50"] = hits / n
+        out["miou"] = sum(per_row) / n
     elif kind == "classification":
-        out["accuracy"] = sum(1 for r in records if r["prediction"] is not None
-                              and r["prediction"] == r["reference"]) / n
+        preds, gold = [r["prediction"] for r in records], [r["reference"] for r in records]
+        per_row = [float(p is not None and p == g) for p, g in zip(preds, gold, strict=True)]
+        out["accuracy"] = M.accuracy(preds, gold)
+        out["mcc"] = M.matthews_corrcoef(preds, gold)  # an error is a label of its own, never right
+        if len(spec.labels) == 2:
+            out["f1"] = M.f1_binary(preds, gold, positive=spec.labels[0])
     elif kind == "summarization":
         scores = M.summarization_scores([r["prediction"] or "" for r in records],
                                         [r["reference"] for r in records])
         out.update({"rouge_1": scores["ROUGE_1"], "rouge_2": scores["ROUGE_2"], "rouge_l": scores["ROUGE_L"]})
+        per_row = [100.0 * M.rouge_l(r["prediction"], r["reference"])["f"] if r["prediction"] is not None else 0.0
+                   for r in records]
     else:
         raise ValueError(f"task {spec.name} has no evaluation metric (metric={spec.metric!r})")
-    return out
+    return out, per_row
+
+
+def _vqa_score(record: Mapping[str, Any]) -> float:
+    if record["prediction"] is None or not record["reference"]:
+        return 0.0
+    if record.get("reference_weights") is not None:
+        return M.vqa_score_weighted(record["prediction"], record["reference"], record["reference_weights"])
+    return M.vqa_accuracy(record["prediction"], record["reference"])
 
 
 def _caption_key(text: Any) -> str:

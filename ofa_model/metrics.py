@@ -36,6 +36,8 @@ def caption_scores(
     references: dict[str, list[str]],
     metrics: Sequence[str] = ("CIDEr", "BLEU_4", "METEOR", "ROUGE_L"),
     tokenize: bool = True,
+    *,
+    cider_by_image: dict | None = None,
 ) -> dict[str, float]:
     """Corpus-level COCO caption scores for one caption per image against its references.
 
@@ -46,7 +48,8 @@ def caption_scores(
     whenever any BLEU is asked; corpus BLEU with the closest reference length), "METEOR" (1.5, Java), "ROUGE_L"
     (LCS F with beta=1.2, averaged over images). All scores are 0..1 except CIDEr (0..10).
     CIDEr-D takes its idf from the references of the images scored together, so score a whole split at once
-    (a single image always gets CIDEr 0).
+    (a single image always gets CIDEr 0). `cider_by_image`, a dict, receives each image's CIDEr-D (the corpus
+    score is their mean) when CIDEr is asked for.
     """
     wanted = _check_metric_names(metrics)
     ids = _check_caption_inputs(predictions, references)
@@ -62,7 +65,10 @@ def caption_scores(
     if "CIDEr" in wanted:
         from pycocoevalcap.cider.cider import Cider
 
-        scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+        corpus, per_image = Cider().compute_score(gts, res)
+        scores["CIDEr"] = float(corpus)
+        if cider_by_image is not None:
+            cider_by_image.update({i: float(v) for i, v in zip(ids, per_image, strict=True)})
     if any(k in wanted for k in BLEU_KEYS):
         from pycocoevalcap.bleu.bleu import Bleu
 

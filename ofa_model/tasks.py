@@ -128,7 +128,8 @@ class TaskSpec:
     inference: InferenceKind = "generate"
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(beam_size=5, max_len_b=16,
                                                                                   no_repeat_ngram_size=3))
-    metric: str = "caption"
+    metric: str = "caption"  # how predictions are scored (the metric kinds of `ofa_model.evaluation.METRICS`)
+    primary: str | None = None  # the metric models are compared by; None: the metric kind's first
     region_field: str | None = None  # grounded captioning: a box rendered as 4 bins after the prompt
     prev_noise: float = 0.0  # fraction of decoder-input tokens replaced at random in training (summarisation)
     image_infill: bool = False  # zero the centre of the image (image infilling)
@@ -191,7 +192,7 @@ TASKS: dict[str, TaskSpec] = {
     "grounded_caption": TaskSpec("grounded_caption", "  what does the region describe? region:",
                                  region_field="box", target_norm="text", clean_caption=True),
     "glue_cola": TaskSpec("glue_cola", ' is the text " {text} " grammatically correct?', slots=(("text", "text"),),
-                          labels=_YES_NO, **_GLUE),
+                          labels=_YES_NO, primary="mcc", **_GLUE),
     "glue_sst2": TaskSpec("glue_sst2", ' is the sentiment of text " {text} " positive or negative?',
                           slots=(("text", "text"),), labels=("positive", "negative"), **_GLUE),
     "glue_mnli": TaskSpec("glue_mnli", ' can text1 " {text1} " imply text2 " {text2} "?',
@@ -199,9 +200,9 @@ TASKS: dict[str, TaskSpec] = {
     "glue_rte": TaskSpec("glue_rte", ' can text1 " {text1} " imply text2 " {text2} "?',
                          slots=(("text1", "text"), ("text2", "text2")), labels=_YES_NO, **_GLUE),
     "glue_mrpc": TaskSpec("glue_mrpc", ' does text1 " {text1} " and text2 " {text2} " have the same semantics?',
-                          slots=(("text1", "text"), ("text2", "text2")), labels=_YES_NO, **_GLUE),
+                          slots=(("text1", "text"), ("text2", "text2")), labels=_YES_NO, primary="f1", **_GLUE),
     "glue_qqp": TaskSpec("glue_qqp", ' is question " {q1} " and question " {q2} " equivalent?',
-                         slots=(("q1", "text"), ("q2", "text2")), labels=_YES_NO, **_GLUE),
+                         slots=(("q1", "text"), ("q2", "text2")), labels=_YES_NO, primary="f1", **_GLUE),
     "glue_qnli": TaskSpec("glue_qnli", ' does " {sentence} " contain the answer to question " {question} "?',
                           slots=(("sentence", "text2"), ("question", "text")), labels=_YES_NO, **_GLUE),
     "summarization": TaskSpec("summarization", ' what is the summary of article " {text} "?', slots=(("text", "text"),),
