@@ -82,6 +82,7 @@ def test_the_training_meter_reports_loss_per_token_rate_and_both_etas(caplog):
     assert m["train/loss"] == 12.0 / 8 and m["train/steps_per_s"] == 2.5  # (15 - 10) steps / 2 s
     assert m["train/samples_per_s"] == 6 / 2.0 * 2  # per worker x world
     assert m["train/eta_epoch_s"] == 45 / 2.5 and m["train/eta_run_s"] == 85 / 2.5
+    assert m["progress/fraction"] == 0.15  # 15 of 100 steps
     assert caplog.messages == ["train epoch 1/2: 15/100 steps (15%), 1.5 loss, 0.0001 lr, 6 samples, "
                                "3.00 samples/s, 2.50 steps/s, ETA 0m34s"]
     assert meter.sums == {}  # the sums start again

@@ -401,8 +401,9 @@ class _Meter:
         m = {"train/loss": loss, "train/nll": sums.get("nll", 0.0) / tokens,
              "train/samples_per_s": f["samples_per_s"] * world, "train/steps_per_s": rate,
              "train/eta_epoch_s": max(0, self.steps_epoch - step_in_epoch) / rate if rate > 0 else math.nan,
-             "train/eta_run_s": f.get("eta_s", math.nan) if rate > 0 else math.nan,
-             "progress/fraction": f["percent"] / 100 if "percent" in f else math.nan}
+             "train/eta_run_s": f.get("eta_s", math.nan) if rate > 0 else math.nan}
+        if "percent" in f:  # the run's share done
+            m["progress/fraction"] = f["percent"] / 100
         if "reward" in sums:
             m["train/scst_reward"] = sums["reward"] / max(1, sums["batches"])
         return m
