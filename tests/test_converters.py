@@ -5,6 +5,7 @@ import collections
 import gzip
 import io
 import json
+import logging
 import pickle
 from pathlib import Path
 
@@ -655,10 +656,13 @@ def run_prepare(*argv: str) -> int:
     return 0
 
 
-def test_prepare_data_cli(tmp_path, capsys):
+def test_prepare_data_cli(tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="pipelines.data.converters")
     data = _gigaword_dir(tmp_path)
     rc = run_prepare("gigaword", "--data-dir", str(data), "--output", str(tmp_path / "out"), "--splits", "train,val")
     assert rc == 0
+    progress = [m for m in caplog.messages if m.endswith(" rows/s")]  # the progress helper's lines
+    assert progress and progress[-1].startswith("gigaword: 2 rows, 1 bad, ")
     summary = json.loads(capsys.readouterr().out)
     assert summary["rows_ok"] == 2 and summary["rows_bad"] == {"unpaired_line": 1}
     assert summary["counts"] == {"train": {"summarization": 1}, "val": {"summarization": 1}}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import threading
 
 import numpy as np
@@ -605,10 +606,14 @@ def test_mixture_realises_weights_reproducibly_and_resumes(run, vocab):
 
 
 @pytest.mark.timeout(RAY_TIMEOUT)
-def test_doctor_prints_exact_json(corpus, tmp_path, capsys, ray_cluster):
+def test_doctor_prints_exact_json(corpus, tmp_path, capsys, caplog, ray_cluster):
+    caplog.set_level(logging.INFO, logger="pipelines.data.batches")
     cfg_path = tmp_path / "data.yaml"
     cfg_path.write_text(yaml.safe_dump({**config(corpus).to_dict(), "bad_row_threshold": 0.01}))
     inspect_data.main(["--config", str(cfg_path), "--input", corpus, "--task", "vqa"])
+    # the progress helper's last line: rows seen of the manifest's, the bad rows so far, rate and ETA
+    last = [m for m in caplog.messages if " rows/s" in m][-1]
+    assert ": 14/14 rows (100%), 8 bad, " in last and last.endswith(", ETA 0m00s")
     report = json.loads(capsys.readouterr().out)
     assert report["rows_in_manifest"] == 14 and report["rows_seen"] == 14
     assert report["rows_ok"] == 6 and report["rows_bad"] == 8 and report["over_threshold"] is True

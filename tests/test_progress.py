@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 
@@ -81,6 +82,64 @@ def test_the_training_meter_reports_loss_per_token_rate_and_both_etas(caplog):
     assert m["train/loss"] == 12.0 / 8 and m["train/steps_per_s"] == 2.5  # (15 - 10) steps / 2 s
     assert m["train/samples_per_s"] == 6 / 2.0 * 2  # per worker x world
     assert m["train/eta_epoch_s"] == 45 / 2.5 and m["train/eta_run_s"] == 85 / 2.5
+    assert m["progress/fraction"] == 0.15  # 15 of 100 steps
     assert caplog.messages == ["train epoch 1/2: 15/100 steps (15%), 1.5 loss, 0.0001 lr, 6 samples, "
                                "3.00 samples/s, 2.50 steps/s, ETA 0m34s"]
     assert meter.sums == {}  # the sums start again
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_one_bar_is_redrawn_in_place_and_the_last_line_logged(caplog):
+    caplog.set_level(logging.INFO, logger="pipelines.progress")
+    clock, seen, term = Clock(), [], Terminal()
+    progress = Progress("coco", 1000, 10.0, on_report=seen.append, stream=term, clock=clock)
+    clock.now += 5
+    assert progress.update(100, extra={"bad": 2}) is None  # drawn, not yet due
+    clock.now += 0.1
+    progress.update(150, extra={"bad": 2})  # under REDRAW_S since the last draw: not drawn
+    clock.now += 4.9
+    assert progress.update(500, extra={"bad": 3})["eta_s"] == 10.0  # due: reported, drawn, not logged
+    clock.now += 10
+    progress.update(1000, extra={"bad": 3}, force=True)
+    first = "coco [##..................] 100/1000 rows (10%), 2 bad, 20.0 rows/s, ETA 0m45s"
+    second = "coco [##########..........] 500/1000 rows (50%), 3 bad, 50.0 rows/s, ETA 0m10s"
+    assert len(first) == len(second)
+    assert term.getvalue() == "\r" + first + "\r" + second + "\r" + " " * len(second) + "\r"
+    assert caplog.messages == ["coco: 1000/1000 rows (100%), 3 bad, 50.0 rows/s, ETA 0m00s"]
+    assert [f["done"] for f in seen] == [500, 1000]
+
+
+def test_on_a_terminal_a_shorter_line_blanks_the_longer_one_and_close_wipes(caplog):
+    caplog.set_level(logging.INFO, logger="pipelines.progress")
+    clock, term = Clock(), Terminal()
+    progress = Progress("giga", None, 30.0, stream=term, clock=clock)
+    clock.now += 1
+    progress.update(1000, extra={"bad": 10})
+    clock.now += 1
+    progress.update(1001, extra={"bad": 0})
+    progress.close()
+    first, second = "giga: 1000 rows, 10 bad, 1000.0 rows/s", "giga: 1001 rows, 0 bad, 500.5 rows/s"
+    assert len(second) < len(first)  # the shorter line is padded over the longer one, then wiped at its width
+    assert term.getvalue() == "\r" + first + "\r" + second.ljust(len(first)) + "\r" + " " * len(second) + "\r"
+    assert caplog.messages == []
+
+
+def test_elsewhere_every_line_is_logged_and_nothing_drawn(caplog):
+    caplog.set_level(logging.INFO, logger="pipelines.progress")
+    clock, plain = Clock(), io.StringIO()
+    progress = Progress("coco", 10, 1.0, stream=plain, clock=clock)
+    clock.now += 1
+    progress.update(5)
+    clock.now += 0.5
+    progress.update(6)
+    progress.update(10, force=True)
+    progress.close()
+    assert plain.getvalue() == ""
+    assert caplog.messages == ["coco: 5/10 rows (50%), 5.00 rows/s, ETA 0m01s",
+                               "coco: 10/10 rows (100%), 6.67 rows/s, ETA 0m00s"]

@@ -139,11 +139,18 @@ def test_an_answer_file_is_read_by_the_driver_and_stored_in_the_bundle(corpus, t
 
 
 def test_one_worker_runs_all_its_epochs_in_one_fit(corpus, tmp_path, ray_cluster):
-    cfg = config(corpus, tmp_path, "onefit", epochs=2, validation={"max_rows": 4, "full_at_end": True})
+    cfg = config(corpus, tmp_path, "onefit", epochs=2, validation={"max_rows": 4, "full_at_end": True},
+                 tracking={"system_metrics_every_s": 0.5})
     out = train(cfg, output_dir=tmp_path / "o")
     assert (out.epochs_done, out.step) == (2, 6)
     client = _mlflow(cfg)
     assert [m.step for m in client.get_metric_history(out.mlflow_run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
+    # the run's progress (the progress helper's figures) and rank 0's machine (MLflow's system metrics)
+    fraction = [m.value for m in client.get_metric_history(out.mlflow_run_id, "progress/fraction")]
+    assert fraction == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1])
+    cpu = client.get_metric_history(out.mlflow_run_id, "system/cpu_utilization_percentage")
+    assert sorted(m.step for m in cpu) == list(range(len(cpu))) and len(cpu) >= 2
+    assert 0 < client.get_run(out.mlflow_run_id).data.metrics["system/system_memory_usage_megabytes"]
     # the worker's 0.25 CPUs give it one intra-op thread, not PyTorch's default of every core
     assert client.get_run(out.mlflow_run_id).data.tags["train.threads"] == "1"
     # validated after each epoch: 4 rows after the first, the whole test split (full_at_end) after the last

@@ -35,6 +35,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 import urllib.request
@@ -145,6 +146,22 @@ class Stages:
 
 def _say(text: str) -> None:
     print(text, flush=True)
+
+
+@contextlib.contextmanager
+def _on_console(logger_name: str) -> Iterator[None]:
+    """A driver-side stage's log lines (its progress lines, `pipelines.progress`) on the console too, indented
+    under the stage; they go to demo.log as every line does. The training fits' and the sweep's progress lines
+    come from their Ray workers, which Ray prints here (log_to_driver)."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("    %(message)s"))
+    handler.setLevel(logging.INFO)
+    log = logging.getLogger(logger_name)
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
 
 
 def _clock(seconds: float) -> str:
@@ -477,7 +494,8 @@ def _stage_services(demo: _Demo) -> None:
 def _stage_convert(demo: _Demo) -> None:
     from pipelines.data.converters import prepare
 
-    summary = prepare("easy-vqa", {}, demo.corpus, limit=demo.size.images)
+    with _on_console("pipelines.data.converters"):
+        summary = prepare("easy-vqa", {}, demo.corpus, limit=demo.size.images)
     _say(f"    {summary['rows_ok']} rows ({summary['counts']}), {summary['rows_per_s']:.0f} rows/s -> {demo.corpus}")
 
 

@@ -12,11 +12,12 @@ the `ofa.run_key` tag.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -125,3 +126,35 @@ class MetricLogger:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
+
+
+@contextlib.contextmanager
+def system_metrics(uri: str | None, run_id: str, every_s: float) -> Iterator[None]:
+    """This machine's system metrics logged to the MLflow run `run_id` by MLflow's own monitor (a thread) every
+    `every_s` seconds while the block runs, and once more as it ends, so that a block shorter than `every_s`
+    still leaves a sample; `every_s` 0: nothing. The names are MLflow's: system/cpu_utilization_percentage,
+    system/system_memory_usage_megabytes and _percentage, disk and network, and, where the nvidia-ml-py
+    package finds an NVIDIA GPU, system/gpu_<i>_utilization_percentage and _memory_usage_megabytes (without
+    either, MLflow logs that it skips the GPU). Steps go on from the run's last system step (a resumed run,
+    the next fit of the same run). MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, if set, overrides `every_s`."""
+    if every_s <= 0:
+        yield
+        return
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError as exc:  # psutil, which MLflow's CPU monitor imports
+        raise RuntimeError(f"MLflow's system metrics cannot start: {exc}. Install psutil, or set "
+                           "tracking.system_metrics_every_s=0") from exc
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, resume_logging=True,
+                                   tracking_uri=tracking_uri(uri))
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+        try:
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+        except MlflowException as exc:  # e.g. the run was deleted meanwhile: the block's own outcome matters more
+            logger.warning("MLflow: the last system metrics of run %s were not logged: %s", run_id, exc)

@@ -138,11 +138,14 @@ class TrackingSection:
     """MLflow. tracking_uri: None reads the driver's MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working
     directory (refused in a job submitted to a cluster); the driver hands the one it resolves to every worker.
     registered_model: register the best bundle under this name (None: do not register); the `champion` alias
-    moves only when its validation metric beats the current champion's."""
+    moves only when its validation metric beats the current champion's. system_metrics_every_s: seconds between
+    two samples of MLflow's system metrics (CPU, memory, disk, network, NVIDIA GPUs) of rank 0's machine during
+    training, one more at each fit's end (0: none)."""
 
     tracking_uri: str | None = None
     experiment: str = "ofa-ray"
     registered_model: str | None = None
+    system_metrics_every_s: Annotated[float, Field(ge=0.0, le=3600.0)] = 10.0
 
 
 @config_dataclass

@@ -46,7 +46,7 @@ from pipelines.data.rowstats import BadRowRule, RowStats
 from pipelines.data.shards import Manifest, iter_rows
 from pipelines.data.source import EpochPlan
 from pipelines.progress import Progress
-from pipelines.tracking.runs import MetricLogger
+from pipelines.tracking.runs import MetricLogger, system_metrics
 from pipelines.train.checkpointing import (
     epoch_started,
     merge_positions,
@@ -117,20 +117,23 @@ def train_loop(loop_config: dict) -> None:
         ray.train.report({"epoch": end - 1, "step": state["step"], **state["metrics"], "epoch_done": False})
         return
     worker = _join(cfg, loop_config["mlflow_run_id"])
-    torch.manual_seed(cfg.seed)
-    setup = build_setup(cfg)
-    manifests = read_manifests(cfg.data, cfg.mixture)  # once per fit: every epoch plans from them
-    plans = _plans(cfg, start, manifests)
-    per_epoch = steps_per_epoch(cfg, {n: p.info.total_rows for n, p in plans.items()}, worker.world)
-    learner, frozen = _learner(cfg, setup, worker, state, per_epoch * cfg.epochs)
-    run = Run(cfg, setup, worker, per_epoch, shared, loop_config["data_fingerprint"],
-              scst_setup(cfg) if cfg.scst.enabled else None)
-    if worker.rank == 0:
-        logger.info("%d worker(s), %s: ~%d updates/epoch, %d in all; %s frozen; init %s; starting at step %d",
-                    worker.world, worker.execution.describe(), per_epoch, per_epoch * cfg.epochs,
-                    frozen or "nothing", setup.init, learner.step)
-    for epoch in range(start, end):
-        _train_epoch(run, learner, epoch, plans if epoch == start else _plans(cfg, epoch, manifests), state)
+    # rank 0 samples its machine for MLflow (system/...), from the model's setup to the fit's end
+    with system_metrics(cfg.tracking.tracking_uri, loop_config["mlflow_run_id"],
+                        cfg.tracking.system_metrics_every_s if worker.rank == 0 else 0):
+        torch.manual_seed(cfg.seed)
+        setup = build_setup(cfg)
+        manifests = read_manifests(cfg.data, cfg.mixture)  # once per fit: every epoch plans from them
+        plans = _plans(cfg, start, manifests)
+        per_epoch = steps_per_epoch(cfg, {n: p.info.total_rows for n, p in plans.items()}, worker.world)
+        learner, frozen = _learner(cfg, setup, worker, state, per_epoch * cfg.epochs)
+        run = Run(cfg, setup, worker, per_epoch, shared, loop_config["data_fingerprint"],
+                  scst_setup(cfg) if cfg.scst.enabled else None)
+        if worker.rank == 0:
+            logger.info("%d worker(s), %s: ~%d updates/epoch, %d in all; %s frozen; init %s; starting at step %d",
+                        worker.world, worker.execution.describe(), per_epoch, per_epoch * cfg.epochs,
+                        frozen or "nothing", setup.init, learner.step)
+        for epoch in range(start, end):
+            _train_epoch(run, learner, epoch, plans if epoch == start else _plans(cfg, epoch, manifests), state)
 
 
 def _join(cfg: TrainConfig, mlflow_run_id: str) -> Worker:
@@ -399,6 +402,8 @@ class _Meter:
              "train/samples_per_s": f["samples_per_s"] * world, "train/steps_per_s": rate,
              "train/eta_epoch_s": max(0, self.steps_epoch - step_in_epoch) / rate if rate > 0 else math.nan,
              "train/eta_run_s": f.get("eta_s", math.nan) if rate > 0 else math.nan}
+        if "percent" in f:  # the run's share done
+            m["progress/fraction"] = f["percent"] / 100
         if "reward" in sums:
             m["train/scst_reward"] = sums["reward"] / max(1, sums["batches"])
         return m

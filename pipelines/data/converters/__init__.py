@@ -201,6 +201,7 @@ def prepare(
                     raise OutputError(f"cannot write output {output!r}: {e}") from e
                 stats.add_ok(item["task"])
             progress.update(stats.ok, extra={"bad": stats.bad})
+        progress.update(stats.ok, extra={"bad": stats.bad}, force=True)
         try:
             manifest = writer.close()
         except OSError as e:
