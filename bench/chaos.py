@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--after", type=float, default=5.0, help="seconds of load after the recovery")
     p.add_argument("--timeout", type=float, default=60.0, help="a client's timeout per request (s)")
     p.add_argument("--cpus", type=float, default=4.0, help="the local Ray's logical CPUs")
-    p.add_argument("--output", type=Path, default=Path("bench/results"))
+    p.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "tmp" / "chaos_bench",
+                   help="directory for chaos.json")
     args = p.parse_args(argv)
 
     from ray import serve
