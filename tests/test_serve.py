@@ -475,6 +475,56 @@ def test_a_replica_killed_under_load_costs_no_request(apps, bundles, registry, t
         serve.delete("chaos")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_reconfigure_with_the_registry_down_keeps_the_old_version_serving(apps, bundles, registry, tmp_path):
+    """The tracking server is down (nothing listens at tracking_uri) when the model is switched to a models:/
+    version: the replica keeps answering with the model it has, and /v1/models says why the switch failed.
+    MLflow's HTTP retries are cut short in the replicas (2 retries, 5 s timeout) to bound the test; with its
+    defaults the failing switch takes minutes, during which the old version serves all the same."""
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    [down] = free_ports(1)
+    args = base_args(bundles, registry, tmp_path, tracking_uri=f"http://127.0.0.1:{down}", batch_wait_timeout_s=0.0)
+    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+    def deploy(source: str) -> None:
+        details = apps["client"].get_serve_details()["applications"]
+        others = [a["deployed_app_config"] for name, a in details.items()  # a deploy replaces every declarative
+                  if name != "regdown" and a.get("deployed_app_config")]  # app: keep the others as they are
+        apps["client"].deploy_apps(ServeDeploySchema.model_validate({"applications": [*others, {
+            "name": "regdown", "route_prefix": "/regdown", "import_path": "serve_app.app:build_app", "args": args,
+            "runtime_env": {"env_vars": env},
+            "deployments": [{"name": "model-default", "user_config": {"source": source}}]}]}))
+
+    app = Http(f"{apps['main'].base.rstrip('/')}/regdown")
+    body = {"items": [{"image": b64(IMG), "decoding": SHORT}]}
+    try:
+        deploy(str(bundles["a"]))
+        deadline = time.monotonic() + 120
+        while serve.status().applications["regdown"].status != "RUNNING":
+            assert time.monotonic() < deadline, serve.status().applications["regdown"]
+            time.sleep(0.3)
+        before = app.models()["default"]
+        assert before["source"] == str(bundles["a"]) and not before["reconfigure_error"]
+        deploy(f"models:/{REGISTERED}/2")
+        codes = []
+        deadline = time.monotonic() + 120
+        while not (info := app.models()["default"])["reconfigure_error"]:
+            assert time.monotonic() < deadline, info
+            r = app.post("/v1/caption", body)
+            codes.append(r.status_code)
+            assert r.status_code == 200 and r.json()["version"] == before["version"], r.text
+        assert codes, "the switch failed before any request was sent while it was tried"
+        assert f"models:/{REGISTERED}/2" in info["reconfigure_error"] and info["source"] == before["source"], info
+        assert info["stats"]["replica"] == before["stats"]["replica"]  # the same replica, never restarted
+        assert app.post("/v1/caption", body).status_code == 200 and app.get("/healthz").status_code == 200
+    finally:
+        serve.delete("regdown")
+
+
 class _DyingModel:
     """A model handle whose first `deaths` calls lose their replica (Ray's ActorDiedError)."""
 
