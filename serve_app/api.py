@@ -14,6 +14,9 @@ else the one the config routes the task to), and passes the items to it. Answers
 * 4xx with `{"error": {"type", "reason", "message"}}` when nothing could be answered (`schemas.status_of`).
 * 503 + Retry-After when the model's queue is full, 504 past request_timeout_s, 500 only for our bugs.
 
+Inference is idempotent, so a request whose model replica dies under it (a killed process, a lost node) is sent
+once more, to another replica; only when that one dies too is it answered 503 `replica_lost` with Retry-After.
+
 Every response carries the request id (Serve's, also in the `x-request-id` header) and, for inference, the model
 name and version and the server-side latency. Each request is logged as one JSON line (never bodies or keys).
 """
@@ -38,6 +41,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
@@ -50,6 +54,7 @@ from serve_app.schemas import (
     MALFORMED_BODY,
     NOT_FOUND,
     OVERLOADED,
+    REPLICA_LOST,
     ROUTES,
     TIMEOUT,
     UNAUTHORIZED,
@@ -71,6 +76,8 @@ log = logging.getLogger(f"ray.serve.{__name__}")  # under Serve's logger: replic
 LATENCY_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
 INFO_TIMEOUT_S = 10.0  # /v1/models and /healthz wait this long for a model replica
 OPEN_PATHS = frozenset({"/", "/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})  # no API key
+DRAIN_BYTES = 64 * 2**20  # a refused body is read (and dropped) up to this many bytes before the answer ...
+DRAIN_S = 10.0  # ... and for this long at most (see Guard)
 PAGE = Path(__file__).with_name("page")  # the try-it page: index.html, app.js, style.css, examples/
 PAGE_PREFIX = "/page/"  # its files, open like OPEN_PATHS (the page asks for the key before calling the API)
 # The page runs only its own files and talks only to this server.
@@ -115,8 +122,15 @@ class Metrics:
 
 
 class Guard:
-    """ASGI middleware: the API key on every path but OPEN_PATHS (401), and the body size (413, answered unread
-    past the limit); starts the latency clock. The request is handed on with its body already read."""
+    """ASGI middleware: the API key on every path but OPEN_PATHS (401), and the body size (413, never buffered
+    past the limit); starts the latency clock. The request is handed on with its body already read.
+
+    A refused request's body is read and dropped (`_drain`) before the answer, up to DRAIN_BYTES and DRAIN_S:
+    Python's urllib and requests send the whole body before they read, and a proxy that closes the connection
+    with the body half sent (urllib always asks it to: `Connection: close`) leaves them a reset connection
+    instead of the answer. A body declared over DRAIN_BYTES is answered at once, and a client that asked for the
+    connection to close may see a reset (measured: urllib at 20 MB); requests, keeping the connection, reads it.
+    """
 
     def __init__(self, app, *, api_key: str | None, max_body_bytes: int, on_refusal) -> None:
         self.app, self.max_body_bytes, self.on_refusal = app, max_body_bytes, on_refusal
@@ -145,7 +159,9 @@ class Guard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                await self._refuse(scope, receive, send, self._too_large(f"more than {size}"))
+                more = message.get("more_body", False)
+                await self._refuse(scope, receive, send, self._too_large(f"more than {size}"), read=size,
+                                   done=not more)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -173,11 +189,35 @@ class Guard:
         return ApiError(BODY_TOO_LARGE, f"the body ({size} bytes) is over the limit of {self.max_body_bytes} "
                                         "bytes (max_body_bytes)")
 
-    async def _refuse(self, scope, receive, send, err: ApiError) -> None:
+    async def _refuse(self, scope, receive, send, err: ApiError, *, read: int = 0, done: bool = False) -> None:
+        """Answer `err`, after the rest of the body (`read` bytes of it already read; `done` if all of it)."""
         rid = request_id()
+        if not done:
+            await _drain(scope, receive, read)
         self.on_refusal(_path(scope), err, time.perf_counter() - scope["state"]["started"])
         response = JSONResponse({"error": err.error(), "request_id": rid}, err.status, headers=err.headers)
         await response(scope, receive, send)
+
+
+async def _drain(scope: dict, receive, read: int) -> bool:
+    """Read and drop the rest of a refused request's body, `read` bytes of it already read, up to DRAIN_BYTES in
+    all and for DRAIN_S at most (a body declared longer is not read); whether it was read to its end."""
+    declared = dict(scope.get("headers", [])).get(b"content-length", b"").strip()
+    if declared.isdigit() and int(declared) > DRAIN_BYTES:
+        return False
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DRAIN_S
+    while read <= DRAIN_BYTES:
+        try:
+            message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+        except TimeoutError:
+            return False
+        if message["type"] != "http.request":  # the client went away
+            return False
+        read += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return True
+    return False
 
 
 class Ingress:
@@ -294,24 +334,29 @@ class Ingress:
         return name
 
     async def _call(self, name: str, task: str, items: list[dict]) -> dict:
-        response = self.models[name].predict.remote(task, items)
-
-        async def answer():
-            return await response
-
-        try:
-            return await asyncio.wait_for(answer(), self.cfg.request_timeout_s)
-        except TimeoutError:
-            response.cancel()
-            raise ApiError(TIMEOUT, f"model {name} did not answer within request_timeout_s="
-                                    f"{self.cfg.request_timeout_s} s") from None
-        except BackPressureError:
-            raise ApiError(OVERLOADED, f"model {name} is at capacity (max_queued_requests="
-                                       f"{self.cfg.max_queued_requests}); retry after {self.retry_after} s",
-                           headers={"Retry-After": self.retry_after}) from None
-        except DeploymentUnavailableError:
-            raise ApiError(OVERLOADED, f"model {name} is unavailable; retry after {self.retry_after} s",
-                           headers={"Retry-After": self.retry_after}) from None
+        """The model's answer; sent once more when the replica dies with it (RayActorError: Ray's ActorDiedError,
+        or ActorUnavailableError for a replica that stopped answering), all within request_timeout_s."""
+        deadline = time.monotonic() + self.cfg.request_timeout_s
+        for attempt in (1, 2):
+            response = self.models[name].predict.remote(task, items)
+            try:
+                return await asyncio.wait_for(_awaited(response), max(deadline - time.monotonic(), 0.0))
+            except TimeoutError:
+                response.cancel()
+                raise ApiError(TIMEOUT, f"model {name} did not answer within request_timeout_s="
+                                        f"{self.cfg.request_timeout_s} s") from None
+            except BackPressureError:
+                raise ApiError(OVERLOADED, f"model {name} is at capacity (max_queued_requests="
+                                           f"{self.cfg.max_queued_requests}); retry after {self.retry_after} s",
+                               headers={"Retry-After": self.retry_after}) from None
+            except DeploymentUnavailableError:
+                raise ApiError(OVERLOADED, f"model {name} is unavailable; retry after {self.retry_after} s",
+                               headers={"Retry-After": self.retry_after}) from None
+            except RayActorError as exc:
+                log.warning("request %s: a replica of model %s was lost with it (attempt %d of 2): %s",
+                            request_id(), name, attempt, type(exc).__name__)
+        raise ApiError(REPLICA_LOST, f"model {name} lost its replica with this request, twice; retry after "
+                                     f"{self.retry_after} s", headers={"Retry-After": self.retry_after})
 
     # ------------------------------------------------------------------------------------------ service routes
 

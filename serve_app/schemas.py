@@ -25,10 +25,12 @@ UNKNOWN_MODEL = "unknown_model"  # a model name that is not configured
 NOT_FOUND = "not_found"  # no such route (or method)
 OVERLOADED = "overloaded"  # the model's queue is full: retry after Retry-After seconds
 TIMEOUT = "timeout"  # the request ran over request_timeout_s
+REPLICA_LOST = "replica_lost"  # the model replica died with the request, and again on the retry: retry later
 INTERNAL = "internal"  # a bug of ours: the log has the request id and the traceback
 
 STATUS = {MALFORMED_BODY: 400, UNAUTHORIZED: 401, NOT_FOUND: 404, BODY_TOO_LARGE: 413, IMAGE_TOO_LARGE: 413,
-          UNSUPPORTED_MEDIA_TYPE: 415, INTERNAL: 500, OVERLOADED: 503, TIMEOUT: 504}
+          UNSUPPORTED_MEDIA_TYPE: 415, INTERNAL: 500, OVERLOADED: 503, REPLICA_LOST: 503,
+          TIMEOUT: 504}
 
 
 def status_of(reason: str) -> int:

@@ -104,8 +104,9 @@ class ServeConfig:
     waits for company). num_cpus / num_gpus: per model replica (fractions allowed). max_ongoing_requests: per
     model replica; max_queued_requests: requests waiting for a replica, the excess answered 503 with
     Retry-After: retry_after_s. request_timeout_s: a request's time in the model deployment before it is
-    answered 504. max_body_bytes: request bodies over it are answered 413 unread. device: "auto" is CUDA where
-    the replica sees a CUDA device, else CPU (logged). precision / memory_format: passed to `OFAPredictor`; the
+    answered 504. max_body_bytes: request bodies over it are answered 413, never buffered (read and dropped up
+    to 64 MiB first, so that clients read the answer). device: "auto" is CUDA where the replica sees a CUDA
+    device, else CPU (logged). precision / memory_format: passed to `OFAPredictor`; the
     defaults (fp32, channels-last, BatchNorms folded) keep plain fp32's answers, bf16 is faster on AMX/AVX-512
     BF16 CPUs and Ampere+ GPUs but changes some beam outputs (bench/inference.py fidelity).
     torch_threads: torch's intra-op threads per replica (None: torch's default). api_key_env / api_key_file:

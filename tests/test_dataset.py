@@ -39,6 +39,7 @@ from pipelines.data.batches import (
 )
 from pipelines.data.data_config import SourceSection
 from pipelines.data.dataset import (
+    SINGLE,
     DataConfig,
     build_dataset,
     corpora,
@@ -482,6 +483,33 @@ def test_epoch_batches_of_a_mixture_read_one_corpus_per_task(run, corpus, vocab)
     pairs = [(n, i) for b in given for n, i in zip(b["sources"], b["ids"], strict=True)]
     assert sorted(i for n, i in pairs if n == "caption") == sorted(i for n, i in zip(names, ids, strict=True) if n == "caption")
     assert all(i.startswith(n + "/") for n, i in pairs)
+
+
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_a_shard_deleted_between_planning_and_reading_is_counted_and_the_epoch_goes_on(s3_server, vocab,
+                                                                                       ray_cluster):
+    """A shard the plan holds is gone from the store when the epoch reads it: its rows are unreadable_shard rows
+    (the shard's URI the example), every other row is read, and the bad-row rule decides whether the epoch
+    fails."""
+    uri = s3_server.uri("vanishing")
+    rows = [row(f"cap/{i}", "caption", image=png((10, 20 * i, 30)), target=f"a shape number {i}") for i in range(12)]
+    write_corpus(rows, uri, shard_bytes=600, row_group_rows=2)
+    cfg = config(uri)
+    plans = epoch_plans(cfg, train=False)
+    shards = plans[SINGLE].shards
+    assert len(shards) >= 3, shards
+    gone = shards[1]
+    fs, path = storage.resolve(gone.uri)
+    lost = pq.read_table(path, filesystem=fs, columns=["id"]).column("id").to_pylist()
+    storage.delete_file(gone.uri)  # after planning, before reading
+    assert not storage.exists(gone.uri)
+    it = epoch_batches(cfg, vocab, train=False, plans=plans, with_meta=True, options=_opts(0.5))
+    ids, _ = consume(it)
+    assert sorted(ids) == sorted(r["id"] for r in rows if r["id"] not in lost) and len(lost) == gone.num_rows
+    assert it.stats.bad_by_reason == {"unreadable_shard": gone.num_rows} and it.stats.ok == 12 - gone.num_rows
+    assert it.stats.examples["unreadable_shard"] == [gone.uri]
+    with pytest.raises(BadDataError, match="unreadable_shard"):  # a rule it breaks still stops the epoch
+        list(epoch_batches(cfg, vocab, train=False, plans=plans, options=_opts(0.01, early_check_rows=4)))
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ composition may change their last bits).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
 import json
@@ -347,6 +348,36 @@ def test_bad_requests_are_4xx_with_the_reason_and_the_replica_stays_healthy(apps
     assert main.post("/v1/caption", {"items": [{"image": b64(IMG), "decoding": SHORT}]}).status_code == 200
 
 
+@pytest.mark.slow
+def test_an_over_limit_body_is_refused_with_a_413_that_python_clients_read(apps):
+    """urllib and requests send the whole body before they read: the Guard reads and drops a refused body (up to
+    DRAIN_BYTES) before answering, so they read the 413 instead of a reset connection (urllib's was, at 20 MB)."""
+    from bench.chaos import urllib_post
+    from serve_app.api import DRAIN_BYTES
+
+    url = f"{apps['main'].base}/v1/caption"
+    json_type = {"content-type": "application/json"}
+    for size in (300 * 1024, 20 * 2**20):  # over the limit of 256 KiB; 20 MB reset urllib's connection
+        body = b'{"items": [{"image": "' + b"A" * size + b'"}]}'
+        chunks = (body[i:i + 2**20] for i in range(0, len(body), 2**20))  # no Content-Length: chunked
+        got = {"urllib": urllib_post(url, body, json_type),
+               "urllib, chunked": urllib_post(url, chunks, {**json_type, "Transfer-Encoding": "chunked"})}
+        for how, kw in (("requests", {}), ("requests, Connection: close", {"headers": {"Connection": "close"}})):
+            r = requests.post(url, data=body, timeout=60, **{"headers": json_type, **kw})
+            got[how] = r.status_code, r.json()
+        for how, (status, answer) in got.items():
+            assert status == 413 and answer["error"]["reason"] == "body_too_large", (size, how, status, answer)
+            assert "over the limit of 262144 bytes" in answer["error"]["message"], (size, how, answer)
+    # declared past DRAIN_BYTES: answered at once, unread; requests (keeping its connection) reads it
+    huge = b"A" * (DRAIN_BYTES + 2**20)
+    r = requests.post(url, data=huge, headers=json_type, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["reason"] == "body_too_large"
+    # a refusal for the key reads the body too
+    status, answer = urllib_post(f"{apps['guarded'].base}/v1/caption", b"{" + b" " * 20 * 2**20 + b"}", json_type)
+    assert status == 401 and answer["error"]["reason"] == "unauthorized"
+    assert apps["main"].get("/healthz").status_code == 200
+
+
 # ---------------------------------------------------------------------------------------------- batching
 
 
@@ -409,6 +440,137 @@ def test_a_full_queue_answers_503_with_retry_after(apps):
     busy = next(r for r in responses if r.status_code == 503)
     assert busy.headers["Retry-After"] == "2" and busy.json()["error"]["reason"] == "overloaded"
     assert guarded.get("/healthz").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- faults
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_replica_killed_under_load_costs_no_request(apps, bundles, registry, tmp_path):
+    """8 clients against two model replicas; one replica's process is SIGKILLed. The requests it held are sent
+    once more, to the other replica: no client sees an error or hangs, and the deployment is back to two running
+    replicas within 30 s."""
+    from ray import serve
+
+    from bench.chaos import replica_kill, replica_pids
+    from serve_app.app import start
+    from serve_app.serve_config import serve_config
+
+    cfg = serve_config(data=base_args(bundles, registry, tmp_path, app_name="chaos", port=apps["port"],
+                                      route_prefix="/chaos", batch_wait_timeout_s=0.01,
+                                      autoscaling={"min_replicas": 2, "max_replicas": 2}))
+    try:
+        url = start(cfg) + "/v1/caption"
+        got = replica_kill(url, {"items": [{"image": b64(IMG), "decoding": SHORT}]}, "chaos", clients=8,
+                           before_s=4.0, recover_limit_s=45.0, after_s=4.0, timeout_s=60.0)
+        print("replica kill:", got)
+        assert got["failed"] == 0 and got["hung"] == 0, got
+        assert got["recovery_s"] is not None and got["recovery_s"] <= 30.0, got
+        assert got["requests"] >= 16, got  # the load went on
+        pids = replica_pids("chaos")
+        assert len(pids) == 2 and got["killed_pid"] not in pids
+        assert requests.get(f"{url.rsplit('/v1/', 1)[0]}/healthz", timeout=30).status_code == 200
+    finally:
+        serve.delete("chaos")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_reconfigure_with_the_registry_down_keeps_the_old_version_serving(apps, bundles, registry, tmp_path):
+    """The tracking server is down (nothing listens at tracking_uri) when the model is switched to a models:/
+    version: the replica keeps answering with the model it has, and /v1/models says why the switch failed.
+    MLflow's HTTP retries are cut short in the replicas (2 retries, 5 s timeout) to bound the test; with its
+    defaults one registry call to a server that is down fails after 248 s (measured here), and the old version
+    serves all the while."""
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    [down] = free_ports(1)
+    args = base_args(bundles, registry, tmp_path, tracking_uri=f"http://127.0.0.1:{down}", batch_wait_timeout_s=0.0)
+    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+    def deploy(source: str) -> None:
+        details = apps["client"].get_serve_details()["applications"]
+        others = [a["deployed_app_config"] for name, a in details.items()  # a deploy replaces every declarative
+                  if name != "regdown" and a.get("deployed_app_config")]  # app: keep the others as they are
+        apps["client"].deploy_apps(ServeDeploySchema.model_validate({"applications": [*others, {
+            "name": "regdown", "route_prefix": "/regdown", "import_path": "serve_app.app:build_app", "args": args,
+            "runtime_env": {"env_vars": env},
+            "deployments": [{"name": "model-default", "user_config": {"source": source}}]}]}))
+
+    app = Http(f"{apps['main'].base.rstrip('/')}/regdown")
+    body = {"items": [{"image": b64(IMG), "decoding": SHORT}]}
+    try:
+        deploy(str(bundles["a"]))
+        deadline = time.monotonic() + 120
+        while serve.status().applications["regdown"].status != "RUNNING":
+            assert time.monotonic() < deadline, serve.status().applications["regdown"]
+            time.sleep(0.3)
+        before = app.models()["default"]
+        assert before["source"] == str(bundles["a"]) and not before["reconfigure_error"]
+        deploy(f"models:/{REGISTERED}/2")
+        codes = []
+        deadline = time.monotonic() + 120
+        while not (info := app.models()["default"])["reconfigure_error"]:
+            assert time.monotonic() < deadline, info
+            r = app.post("/v1/caption", body)
+            codes.append(r.status_code)
+            assert r.status_code == 200 and r.json()["version"] == before["version"], r.text
+        assert codes, "the switch failed before any request was sent while it was tried"
+        assert f"models:/{REGISTERED}/2" in info["reconfigure_error"] and info["source"] == before["source"], info
+        assert info["stats"]["replica"] == before["stats"]["replica"]  # the same replica, never restarted
+        assert app.post("/v1/caption", body).status_code == 200 and app.get("/healthz").status_code == 200
+    finally:
+        serve.delete("regdown")
+
+
+class _DyingModel:
+    """A model handle whose first `deaths` calls lose their replica (Ray's ActorDiedError)."""
+
+    def __init__(self, deaths: int) -> None:
+        self.deaths, self.calls = deaths, 0
+        self.predict = self
+
+    def remote(self, task: str, items: list[dict]):
+        self.calls += 1
+        return _Answer(self.calls <= self.deaths)
+
+
+class _Answer:
+    def __init__(self, dies: bool) -> None:
+        self.dies = dies
+
+    def __await__(self):
+        from ray.exceptions import ActorDiedError
+
+        yield from asyncio.sleep(0).__await__()
+        if self.dies:
+            raise ActorDiedError()
+        return {"version": "1", "results": [{"text": "a"}]}
+
+    def cancel(self) -> None:
+        pass
+
+
+def test_a_request_is_sent_once_more_when_its_replica_dies_then_503_replica_lost(monkeypatch):
+    import serve_app.api
+    from serve_app.api import Ingress
+    from serve_app.schemas import ApiError
+    from serve_app.serve_config import serve_config
+
+    monkeypatch.setattr(serve_app.api, "Metrics", lambda: None)  # Ray's metrics need a Ray worker
+    cfg = serve_config(data={"models": {"default": {"source": "unused"}}, "retry_after_s": 3})
+    once = Ingress(cfg, {"default": _DyingModel(deaths=1)})
+    assert asyncio.run(once._call("default", "caption", [{}])) == {"version": "1", "results": [{"text": "a"}]}
+    assert once.models["default"].calls == 2
+    twice = Ingress(cfg, {"default": _DyingModel(deaths=2)})
+    with pytest.raises(ApiError) as caught:
+        asyncio.run(twice._call("default", "caption", [{}]))
+    err = caught.value
+    assert (err.status, err.reason, err.headers) == (503, "replica_lost", {"Retry-After": "3"})
+    assert twice.models["default"].calls == 2  # once more, not forever
 
 
 @pytest.mark.slow

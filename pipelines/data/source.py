@@ -9,8 +9,9 @@ of the shards before it). `ShardSource` reads the shards of a plan in that order
 group, with columns `SOURCE_SCHEMA`: the canonical fields (boxes as variable lists) plus seq, span (rows a
 row stands for), error and detail. Reading never raises for bad data:
 
-* a shard that cannot be opened or read (after `retries` extra attempts on I/O errors) becomes one marker
-  row per unread range, error "unreadable_shard", span = its rows, detail = its URI and the error;
+* a shard that cannot be opened or read (after `retries` extra attempts on I/O errors; none for a shard that
+  is not there, such as one deleted after the plan was made) becomes one marker row per unread range, error
+  "unreadable_shard", span = its rows, detail = its URI and the error;
 * a row group with a column of the wrong type (text stored as int64, say) becomes one "bad_type" marker
   per row, ids kept;
 * rows in `skip` (already consumed before a resume) are dropped before anything is decoded.
