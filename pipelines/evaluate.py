@@ -175,9 +175,10 @@ def evaluate_on_ray(model: str, data: str, task: str, *, split: str = "test", ou
                     batch_size: int = 16, pool: Pool | None = None, device: str = "cpu",
                     tracking: str | None = None, s3: S3Options | None = None, precision: str = "fp32",
                     memory_format: str = "auto", experiment: str = EXPERIMENT,
-                    progress_every_s: float = 10.0) -> EvaluationOutput:
+                    progress_every_s: float = 10.0, system_metrics_every_s: float = 10.0) -> EvaluationOutput:
     """`evaluate_corpus` on the Ray cluster this process is connected to (`ray.init` first), as the module
-    docstring says. The model is resolved here (a bad one fails before any actor starts) and in every actor."""
+    docstring says. The model is resolved here (a bad one fails before any actor starts) and in every actor.
+    system_metrics_every_s: the driver's CPU and memory sampled into the run this often (0: off)."""
     import ray
 
     from ofa_model.bundle import read_bundle_config
@@ -185,7 +186,7 @@ def evaluate_on_ray(model: str, data: str, task: str, *, split: str = "test", ou
     from ofa_model.tasks import TASKS
     from pipelines.data.shards import read_manifest
     from pipelines.data.source import SeqSet, ShardSource, plan_shards
-    from pipelines.tracking.runs import MetricLogger, client_for, experiment_id
+    from pipelines.tracking.runs import MetricLogger, client_for, experiment_id, system_metrics
 
     pool = pool or Pool()
     if gpu := pool.gpus_per_worker > 0:
@@ -217,56 +218,57 @@ def evaluate_on_ray(model: str, data: str, task: str, *, split: str = "test", ou
                                                             "progress/rows_per_s": f["rate"]}, step=int(f["done"])))
     ok = False
     try:
-        source = ShardSource(plan, s3=s3, skip=skip)
-        ds = ray.data.read_datasource(source, override_num_blocks=max(1, math.ceil(total / batch_size)))
-        ds = ds.map_batches(
-            _PredictBatch, batch_size=batch_size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=pool.workers), num_cpus=pool.cpus_per_worker,
-            num_gpus=pool.gpus_per_worker if gpu else None,
-            fn_constructor_kwargs={"model": model, "task": task, "tracking": uri, "s3": s3, "mode": mode,
-                                   "candidates": candidates, "batch_size": batch_size, "device": device,
-                                   "precision": precision, "memory_format": memory_format})
-        gathered: list[tuple[int, dict, float, str | None]] = []
-        errors = 0
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for seq, text, latency, bad in zip(*(batch.column(c).to_pylist() for c in ("seq", "record",
-                                                                                       "latency_s", "bad")),
-                                               strict=True):
-                rec = json.loads(text)
-                errors += rec["prediction"] is None
-                gathered.append((seq, rec, latency, bad))
-            progress.update(len(gathered), extra={"errors": errors})
-        progress.update(len(gathered), extra={"errors": errors}, force=True)
-        gathered.sort(key=lambda g: g[0])  # manifest order, as evaluate_corpus reads the rows
-        bad_rows = Counter()
-        for _, rec, _, bad in gathered:
-            if bad is not None:
-                bad_rows[bad] += rec["error"]["rows"]
-        records = [rec for _, rec, _, bad in gathered if bad is None]
-        metrics, per_row = scored(spec, records)
-        for rec, value in zip(records, per_row, strict=True):
-            rec["example_score"] = value
-        for _, rec, latency, _ in gathered:
-            rec["latency_s"] = latency
-        if bad_rows:
-            logger.warning("%d row(s) could not be read, left out of the metrics: %s", sum(bad_rows.values()),
-                           dict(bad_rows))
-        summary = {"task": task, "split": split, "data": data, "model": info, "metrics": metrics,
-                   "bad_rows": dict(bad_rows), "mlflow_run_id": run_id}
-        files = {PARQUET_FILE: _parquet_bytes([rec for _, rec, _, _ in gathered]),
-                 METRICS_FILE: json.dumps(summary, indent=2, sort_keys=True).encode()}
-        metrics_uri = predictions_uri = None
-        if output is not None:
-            metrics_uri, predictions_uri = storage.join(output, METRICS_FILE), storage.join(output, PARQUET_FILE)
-            storage.write_bytes(predictions_uri, files[PARQUET_FILE], s3)
-            storage.write_bytes(metrics_uri, files[METRICS_FILE], s3)
-        mlflow_log.log(metrics, step=0)
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, data_bytes in files.items():
-                Path(tmp, name).write_bytes(data_bytes)
-            mlflow_log.log_artifacts(tmp, "evaluation")
-        if resolved.name and resolved.version:  # seen from the model version in the registry
-            client.set_model_version_tag(resolved.name, resolved.version, f"eval.{task}.{split}", run_id)
+        with system_metrics(uri, run_id, system_metrics_every_s):  # this driver's CPU and memory
+            source = ShardSource(plan, s3=s3, skip=skip)
+            ds = ray.data.read_datasource(source, override_num_blocks=max(1, math.ceil(total / batch_size)))
+            ds = ds.map_batches(
+                _PredictBatch, batch_size=batch_size, batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=pool.workers), num_cpus=pool.cpus_per_worker,
+                num_gpus=pool.gpus_per_worker if gpu else None,
+                fn_constructor_kwargs={"model": model, "task": task, "tracking": uri, "s3": s3, "mode": mode,
+                                       "candidates": candidates, "batch_size": batch_size, "device": device,
+                                       "precision": precision, "memory_format": memory_format})
+            gathered: list[tuple[int, dict, float, str | None]] = []
+            errors = 0
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for seq, text, latency, bad in zip(*(batch.column(c).to_pylist() for c in ("seq", "record",
+                                                                                           "latency_s", "bad")),
+                                                   strict=True):
+                    rec = json.loads(text)
+                    errors += rec["prediction"] is None
+                    gathered.append((seq, rec, latency, bad))
+                progress.update(len(gathered), extra={"errors": errors})
+            progress.update(len(gathered), extra={"errors": errors}, force=True)
+            gathered.sort(key=lambda g: g[0])  # manifest order, as evaluate_corpus reads the rows
+            bad_rows = Counter()
+            for _, rec, _, bad in gathered:
+                if bad is not None:
+                    bad_rows[bad] += rec["error"]["rows"]
+            records = [rec for _, rec, _, bad in gathered if bad is None]
+            metrics, per_row = scored(spec, records)
+            for rec, value in zip(records, per_row, strict=True):
+                rec["example_score"] = value
+            for _, rec, latency, _ in gathered:
+                rec["latency_s"] = latency
+            if bad_rows:
+                logger.warning("%d row(s) could not be read, left out of the metrics: %s", sum(bad_rows.values()),
+                               dict(bad_rows))
+            summary = {"task": task, "split": split, "data": data, "model": info, "metrics": metrics,
+                       "bad_rows": dict(bad_rows), "mlflow_run_id": run_id}
+            files = {PARQUET_FILE: _parquet_bytes([rec for _, rec, _, _ in gathered]),
+                     METRICS_FILE: json.dumps(summary, indent=2, sort_keys=True).encode()}
+            metrics_uri = predictions_uri = None
+            if output is not None:
+                metrics_uri, predictions_uri = storage.join(output, METRICS_FILE), storage.join(output, PARQUET_FILE)
+                storage.write_bytes(predictions_uri, files[PARQUET_FILE], s3)
+                storage.write_bytes(metrics_uri, files[METRICS_FILE], s3)
+            mlflow_log.log(metrics, step=0)
+            with tempfile.TemporaryDirectory() as tmp:
+                for name, data_bytes in files.items():
+                    Path(tmp, name).write_bytes(data_bytes)
+                mlflow_log.log_artifacts(tmp, "evaluation")
+            if resolved.name and resolved.version:  # seen from the model version in the registry
+                client.set_model_version_tag(resolved.name, resolved.version, f"eval.{task}.{split}", run_id)
         ok = True
     finally:
         client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")

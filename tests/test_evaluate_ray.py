@@ -64,6 +64,7 @@ def test_workers_2_writes_parquet_logs_mlflow_and_equals_one_process(ray_cluster
     assert run.info.status == "FINISHED" and run.data.params["workers"] == "2"
     assert run.data.metrics["vqa_score"] == single.metrics["vqa_score"]
     assert [m.value for m in client.get_metric_history(run.info.run_id, "progress/rows_done")][-1] == 14
+    assert client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")  # the driver's
     assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "evaluation")) == [
         "evaluation/metrics.json", "evaluation/predictions.parquet"]
 
