@@ -9,9 +9,10 @@ downloaded into the model cache) or models:/name@alias, models:/name/N.
 With --workers N: Ray Data batch inference on an actor pool of N predictors (`pipelines.evaluate.evaluate_on_ray`)
 on the cluster of RAY_ADDRESS (else a local one); --batch-size rows per actor call; progress (rows done of
 total, rows/s, ETA) on the console every --progress-every seconds; writes <output>/metrics.json and
-<output>/predictions.parquet and logs the run (metrics, progress, both files) to MLflow experiment
+<output>/predictions.parquet and logs the run (metrics, progress, the files) to MLflow experiment
 --experiment. Without --workers: this process alone (`evaluate_corpus`), writing <output>/metrics.json and
-<output>/predictions.jsonl, nothing to MLflow. Both print the metrics (the single process its predictions too);
+<output>/predictions.jsonl, nothing to MLflow. Both write <output>/report.html (unless --no-report): one
+self-contained page with the metrics against a trivial baseline, the task's breakdowns and its worst examples. Both print the metrics (the single process its predictions too);
 the metrics of both are equal on the same rows. Exit status 2 on a bad model, corpus or option.
 """
 
@@ -50,6 +51,9 @@ def build_parser() -> Parser:
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per actor, fractions allowed")
     p.add_argument("--experiment", default="ofa-eval", help="MLflow experiment of a --workers run")
     p.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines (--workers)")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="skip report.html (the HTML report beside the predictions, which reads the evaluated "
+                        "rows a second time)")
     return p
 
 
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         out = evaluate_corpus(args.model, args.data, args.task, split=args.split, output=args.output,
                               limit=args.limit, mode=args.mode, candidates=cands, batch_size=args.batch_size,
                               device=args.device, tracking=args.tracking_uri, precision=args.precision,
-                              memory_format=args.memory_format)
+                              memory_format=args.memory_format, report=args.report)
     except (ModelSourceError, InputError, FileNotFoundError) as exc:
         fail(PROG, exc)
     except ValueError as exc:  # bad manifest, unknown task
@@ -101,7 +105,8 @@ def _on_ray(args, cands: list[str] | None) -> None:
                               limit=args.limit, mode=args.mode, candidates=cands, batch_size=args.batch_size,
                               pool=pool, device=args.device, tracking=env["MLFLOW_TRACKING_URI"],
                               precision=args.precision, memory_format=args.memory_format,
-                              experiment=args.experiment, progress_every_s=args.progress_every)
+                              experiment=args.experiment, progress_every_s=args.progress_every,
+                              report=args.report)
     except (ModelSourceError, InputError, FileNotFoundError, ValueError) as exc:
         fail(PROG, exc)
     print_json({k: v for k, v in dataclasses.asdict(out).items() if k != "predictions"})

@@ -22,7 +22,12 @@ the read stage marks bad (an unreadable shard, a column of the wrong type) is co
 `evaluate_corpus`. It writes predictions.parquet (one row per example: id, prediction, reference, the model's
 score, example_score, latency_s, error) and metrics.json, logs progress (rows done of total, rows/s, ETA) every
 `progress_every_s`, and records the run in MLflow (experiment `experiment`): parameters, the metrics, the
-progress, both files as artifacts, and a tag on the evaluated model version naming the run.
+progress, the files as artifacts, and a tag on the evaluated model version naming the run.
+
+Both write report.html beside the predictions (`pipelines.report`: the metrics against a trivial baseline,
+the task's breakdowns, the worst examples with their images); `evaluate_on_ray` logs it to the run too. It
+reads the evaluated rows a second time (texts and image sizes of all, the images of at most
+`pipelines.report.MAX_IMAGES`); `report=False` skips it.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from pipelines.tracking.registry import resolve_model
 logger = logging.getLogger(__name__)
 
 METRICS_FILE, PREDICTIONS_FILE, PARQUET_FILE = "metrics.json", "predictions.jsonl", "predictions.parquet"
+REPORT_FILE = "report.html"
 PARQUET_COLUMNS = ("id", "task", "prediction", "reference", "reference_weights", "score", "example_score",
                    "latency_s", "error")
 EXPERIMENT = "ofa-eval"
@@ -64,16 +70,18 @@ class EvaluationOutput:
     predictions: list[dict[str, Any]]  # one record per row, as the predictions file holds them
     bad_rows: dict[str, int] = field(default_factory=dict)  # rows the read stage could not give, by reason
     run_id: str | None = None  # the MLflow run (evaluate_on_ray)
+    report_uri: str | None = None  # report.html beside the predictions
 
 
 def evaluate_corpus(model: str, data: str, task: str, *, split: str = "test", output: str | None = None,
                     limit: int | None = None, mode: str | None = None, candidates: list[str] | None = None,
                     batch_size: int = 16, device: str = "cpu", tracking: str | None = None,
                     s3: S3Options | None = None, precision: str = "fp32",
-                    memory_format: str = "auto") -> EvaluationOutput:
+                    memory_format: str = "auto", report: bool = True) -> EvaluationOutput:
     """Predict `limit` rows (None: all) of `task` in `split` of the corpus at `data` and score them.
     `candidates`: None scores the answer set the bundle stores where `mode` (or the task) needs candidates.
-    `precision` / `memory_format`: `OFAPredictor`'s (its defaults keep fp32's answers)."""
+    `precision` / `memory_format`: `OFAPredictor`'s (its defaults keep fp32's answers).
+    report: with `output`, also <output>/report.html (`pipelines.report`; a second pass over the rows)."""
     resolved = resolve_model(model, tracking=tracking, s3=s3)
     predictor = OFAPredictor.from_bundle(resolved.path, device=device, max_batch_size=batch_size,
                                          precision=precision, memory_format=memory_format)
@@ -89,14 +97,35 @@ def evaluate_corpus(model: str, data: str, task: str, *, split: str = "test", ou
     result = evaluate_rows(predictor, task, rows(), mode=mode, candidates=candidates)
     info = {"uri": model, "name": resolved.name, "version": resolved.version, "path": str(resolved.path)}
     summary = {"task": task, "split": split, "data": data, "model": info, "metrics": result.metrics}
-    metrics_uri = predictions_uri = None
+    metrics_uri = predictions_uri = report_uri = None
     if output is not None:
         metrics_uri, predictions_uri = storage.join(output, METRICS_FILE), storage.join(output, PREDICTIONS_FILE)
         lines = "".join(json.dumps(p, sort_keys=True) + "\n" for p in result.predictions)
         storage.write_bytes(predictions_uri, lines.encode(), s3)
         storage.write_bytes(metrics_uri, json.dumps(summary, indent=2, sort_keys=True).encode(), s3)
+        if report:
+            report_uri = storage.join(output, REPORT_FILE)
+            page = _report_bytes(predictor.tasks[task], summary, result.predictions, s3)
+            storage.write_bytes(report_uri, page, s3)
     logger.info("%s on %s/%s: %s", model, data, split, result.metrics)
-    return EvaluationOutput(result.metrics, metrics_uri, predictions_uri, info, result.predictions)
+    return EvaluationOutput(result.metrics, metrics_uri, predictions_uri, info, result.predictions,
+                            report_uri=report_uri)
+
+
+def _report_bytes(spec: TaskSpec, summary: dict[str, Any], records: list[dict[str, Any]],
+                  s3: S3Options | None) -> bytes:
+    """report.html for these records: the rows it needs read again from the corpus (`pipelines.report`)."""
+    from pipelines.report import read_report_rows, render_evaluation
+
+    rows = read_report_rows(summary["data"], spec, records, split=summary["split"], s3=s3)
+    model = summary["model"]
+    facts = {"model": model["uri"] + (f" ({model['name']} v{model['version']})" if model.get("version") else ""),
+             "data": storage.redact(summary["data"]), "split": summary["split"]}
+    if summary.get("mlflow_run_id"):
+        facts["MLflow run"] = summary["mlflow_run_id"]
+    title = f"evaluation: {spec.name} on {summary['split']}"
+    return render_evaluation(spec, records, summary["metrics"], rows, title=title, facts=facts,
+                             bad_rows=summary.get("bad_rows")).encode()
 
 
 # =============================================================================================================
@@ -175,10 +204,13 @@ def evaluate_on_ray(model: str, data: str, task: str, *, split: str = "test", ou
                     batch_size: int = 16, pool: Pool | None = None, device: str = "cpu",
                     tracking: str | None = None, s3: S3Options | None = None, precision: str = "fp32",
                     memory_format: str = "auto", experiment: str = EXPERIMENT,
-                    progress_every_s: float = 10.0, system_metrics_every_s: float = 10.0) -> EvaluationOutput:
+                    progress_every_s: float = 10.0, system_metrics_every_s: float = 10.0,
+                    report: bool = True) -> EvaluationOutput:
     """`evaluate_corpus` on the Ray cluster this process is connected to (`ray.init` first), as the module
     docstring says. The model is resolved here (a bad one fails before any actor starts) and in every actor.
-    system_metrics_every_s: the driver's CPU and memory sampled into the run this often (0: off)."""
+    system_metrics_every_s: the driver's CPU and memory sampled into the run this often (0: off).
+    report: report.html too (`pipelines.report`, rows read again on the driver), beside the predictions and in
+    the run's artifacts."""
     import ray
 
     from ofa_model.bundle import read_bundle_config
@@ -257,11 +289,16 @@ def evaluate_on_ray(model: str, data: str, task: str, *, split: str = "test", ou
                        "bad_rows": dict(bad_rows), "mlflow_run_id": run_id}
             files = {PARQUET_FILE: _parquet_bytes([rec for _, rec, _, _ in gathered]),
                      METRICS_FILE: json.dumps(summary, indent=2, sort_keys=True).encode()}
-            metrics_uri = predictions_uri = None
+            if report:
+                files[REPORT_FILE] = _report_bytes(spec, summary, [rec for _, rec, _, _ in gathered], s3)
+            metrics_uri = predictions_uri = report_uri = None
             if output is not None:
                 metrics_uri, predictions_uri = storage.join(output, METRICS_FILE), storage.join(output, PARQUET_FILE)
                 storage.write_bytes(predictions_uri, files[PARQUET_FILE], s3)
                 storage.write_bytes(metrics_uri, files[METRICS_FILE], s3)
+                if report:
+                    report_uri = storage.join(output, REPORT_FILE)
+                    storage.write_bytes(report_uri, files[REPORT_FILE], s3)
             mlflow_log.log(metrics, step=0)
             with tempfile.TemporaryDirectory() as tmp:
                 for name, data_bytes in files.items():
@@ -274,7 +311,7 @@ def evaluate_on_ray(model: str, data: str, task: str, *, split: str = "test", ou
         client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
     logger.info("%s on %s/%s: %s (MLflow run %s)", model, storage.redact(data), split, metrics, run_id)
     return EvaluationOutput(metrics, metrics_uri, predictions_uri, info, [g[1] for g in gathered],
-                            dict(bad_rows), run_id)
+                            dict(bad_rows), run_id, report_uri)
 
 
 def _parquet_bytes(records: list[dict[str, Any]]) -> bytes:

@@ -66,7 +66,10 @@ def test_workers_2_writes_parquet_logs_mlflow_and_equals_one_process(ray_cluster
     assert [m.value for m in client.get_metric_history(run.info.run_id, "progress/rows_done")][-1] == 14
     assert client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")  # the driver's
     assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "evaluation")) == [
-        "evaluation/metrics.json", "evaluation/predictions.parquet"]
+        "evaluation/metrics.json", "evaluation/predictions.parquet", "evaluation/report.html"]
+    page = (out_dir / "report.html").read_text()
+    assert printed["report_uri"] == str(out_dir / "report.html") and printed["run_id"] in page
+    assert f"<td class='num'>{single.metrics['vqa_score']:.4f}</td>" in page  # the headline, as gathered
 
     # --limit: the first rows in manifest order, as the single process takes them
     main([*common, "--limit", "5", "--batch-size", "2", "--workers", "1", "--tracking-uri", uri])

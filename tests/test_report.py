@@ -95,3 +95,20 @@ def test_samples_show_right_and_wrong_per_task_and_the_note():
     assert html.index("id='note'") < html.index("id='metrics'")
     judged = re.findall(r"data-task='vqa' data-judged='(\w*)'", html)
     assert judged == ["right", "right", "right", "wrong"]
+
+
+def test_the_demo_shows_the_evaluations_own_sections():
+    from ofa_model.evaluation import scored
+    from ofa_model.tasks import TASKS
+    from pipelines.report import RowView, task_sections
+
+    recs = [{"id": f"r{i}", "prediction": "red", "reference": [c] * 3} for i, c in enumerate(["red", "blue"])]
+    for r, v in zip(recs, scored(TASKS["vqa"], recs)[1], strict=True):
+        r["example_score"] = v
+    section = task_sections(TASKS["vqa"], recs, {r["id"]: RowView("what color?", None, _png()) for r in recs})
+    html = render_html(Report(RESULTS, [Sample("vqa", _png(), "what color?", "red", "red", 1.0, True)],
+                              sections={"vqa": section}))
+    part = html[html.index("<div class='task-section' data-task='vqa'>"):]
+    assert "<table id='confusions'>" in part and "<td>blue</td><td>red</td>" in part  # the one confusion
+    assert html.index("id='metrics'") < html.index("class='task-section'")
+    assert len(re.findall(r"<tr class='sample-row'", html)) == 1  # check_demo's samples: only the served ones

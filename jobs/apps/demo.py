@@ -419,6 +419,7 @@ class _Demo:
     sweep: Any = None
     results: list[TaskResult] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
+    sections: dict[str, str] = field(default_factory=dict)  # task -> the evaluation's per-task HTML sections
 
 
 def run_demo(opts: DemoOptions) -> int:
@@ -537,6 +538,7 @@ def _stage_evaluate(demo: _Demo) -> None:
     from ofa_model.evaluation import primary_metric
     from ofa_model.tasks import TASKS as SPECS
     from pipelines.evaluate import evaluate_corpus
+    from pipelines.report import read_report_rows, task_sections
     from pipelines.tracking.registry import resolve_model
 
     bars = demo.size.bars
@@ -546,6 +548,8 @@ def _stage_evaluate(demo: _Demo) -> None:
                              candidates=list(_answers()) if task == "vqa" else None,
                              mode="allcand" if task == "vqa" else None)
         name, _ = primary_metric(SPECS[task])
+        views = read_report_rows(demo.corpus, SPECS[task], ev.predictions, split="test")
+        demo.sections[task] = task_sections(SPECS[task], ev.predictions, views)  # as jobs.evaluate's report
         records = _records(demo.corpus, task, demo.size.eval_rows)
         base, what, const = _majority_baseline(task, demo.corpus, records)
         model = f"ofa-{task} v{resolve_model(uri, tracking=demo.svc.mlflow_url).version}"
@@ -581,7 +585,8 @@ def _stage_report(demo: _Demo) -> None:
     sweep_rows = [_trial_row(t) for t in sweep.trials] if sweep is not None else []
     plot = Path(sweep.output_dir) / "sweep.png" if sweep is not None else None
     report = Report(demo.results, demo.samples, _curves(demo.svc.mlflow_url, demo.runs), sweep_rows,
-                    plot.read_bytes() if plot is not None and plot.is_file() else None, demo.links, demo.size.note)
+                    plot.read_bytes() if plot is not None and plot.is_file() else None, demo.links, demo.size.note,
+                    demo.sections)
     html_path = demo.workdir / "report.html"
     html_path.write_text(render_html(report))
     demo.links["report"] = str(html_path)

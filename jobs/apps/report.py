@@ -1,19 +1,21 @@
 """The demo's report: a metric table for the terminal and one self-contained HTML file (images inlined).
 
-Inputs are plain data gathered by `jobs.apps.demo`: per task its metric against a trivial baseline, sample
-predictions with their image bytes and references, training curves (metric histories) and a sweep table.
+Inputs are plain data gathered by `jobs.apps.demo`: per task its metric against a trivial baseline, the
+evaluation's per-task sections (`pipelines.report.task_sections`, the same as `jobs.evaluate`'s report.html),
+sample predictions with their image bytes and references, training curves (metric histories) and a sweep table.
 """
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image, ImageDraw
+from pipelines.report import CSS, annotated_png
+from pipelines.report import fmt as _fmt
+from pipelines.report import img_tag as _img
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class Report:
     sweep_plot_png: bytes | None = None
     links: dict[str, str] = field(default_factory=dict)
     note: str | None = None  # shown above everything, e.g. that a smoke run's models are not meant to work
+    sections: dict[str, str] = field(default_factory=dict)  # task -> `pipelines.report.task_sections` HTML
 
 
 def metric_table(results: Sequence[TaskResult]) -> str:
@@ -68,24 +71,6 @@ def metric_table(results: Sequence[TaskResult]) -> str:
         return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
     return "\n".join([line(head), line("-" * w for w in widths)] + [line(r) for r in rows])
-
-
-def _is_box(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) == 4 and all(isinstance(v, (int, float)) for v in value)
-
-
-def annotated_png(image: bytes, boxes: Mapping[str, Any], scale: int = 4) -> bytes:
-    """The image enlarged `scale` times with each box drawn (green: reference, red: prediction)."""
-    img = Image.open(io.BytesIO(image)).convert("RGB")
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    draw = ImageDraw.Draw(img)
-    colours = {"reference": (0, 170, 0), "prediction": (220, 0, 0)}
-    for name, box in boxes.items():
-        if _is_box(box):
-            draw.rectangle([v * scale for v in box], outline=colours.get(name, (0, 0, 255)), width=3)
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
 
 
 def curves_png(curves: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]]) -> bytes | None:
@@ -115,18 +100,6 @@ def curves_png(curves: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]]) 
     return buf.getvalue()
 
 
-def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-
-
-def _fmt(value: Any) -> str:
-    if _is_box(value):
-        return "[" + ", ".join(f"{v:.1f}" for v in value) + "]"
-    if isinstance(value, list):
-        return " | ".join(str(v) for v in value[:3])
-    return str(value)
-
-
 def pick_samples(samples: Sequence[Sample], per_kind: int = 3) -> list[Sample]:
     """Per task (in first-seen order), up to `per_kind` correct then up to `per_kind` wrong samples; unjudged
     samples fill in after them up to the same count."""
@@ -142,10 +115,8 @@ def pick_samples(samples: Sequence[Sample], per_kind: int = 3) -> list[Sample]:
 def render_html(report: Report, title: str = "ofa-ray demo") -> str:
     """One HTML document; every image is a data: URI, so the file stands alone."""
     esc = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
-             "body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:14px;vertical-align:top}"
-             "th{background:#f0f0f0}.sample img{image-rendering:pixelated}</style></head><body>",
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{CSS}"
+             ".sample img{image-rendering:pixelated}</style></head><body>",
              f"<h1>{esc(title)}</h1>"]
     if report.note:
         parts.append(f"<p id='note' style='background:#fff3cd;border:1px solid #e0c060;padding:8px'>"
@@ -175,6 +146,9 @@ def render_html(report: Report, title: str = "ofa-ray demo") -> str:
                      f"<td>{_img(png, s.task)}</td><td>{esc(s.prompt)}</td><td>{esc(_fmt(s.prediction))}</td>"
                      f"<td>{esc(_fmt(s.reference))}</td><td>{latency}</td></tr>")
     parts.append("</table>")
+    for task, section in report.sections.items():
+        parts.append(f"<div class='task-section' data-task='{esc(task)}'><h2>Evaluation of {esc(task)}</h2>"
+                     f"{section.replace('<h2>', '<h3>').replace('</h2>', '</h3>')}</div>")
     curves = curves_png(report.curves)
     if curves:
         parts.append("<h2>Training curves</h2>" + _img(curves, "training curves"))
