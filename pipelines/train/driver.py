@@ -50,7 +50,7 @@ from pipelines import storage
 from pipelines.data.dataset import build_dataset, corpora, data_fingerprint, read_manifests
 from pipelines.job_env import job_tracking_uri
 from pipelines.tracking.registry import promote_if_better, register_bundle
-from pipelines.tracking.runs import MetricLogger, end_run, run_key, start_or_resume_run
+from pipelines.tracking.runs import MetricLogger, end_run, patiently, run_key, start_or_resume_run
 from pipelines.train.checkpointing import BUNDLE_DIR, epoch_started, latest_state_summary
 from pipelines.train.setup import run_vocab, task_specs, with_answer_sets, with_init_bundle
 from pipelines.train.train_config import TrainConfig
@@ -105,10 +105,11 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None,
     vocab = run_vocab(cfg)
     fingerprint = data_fingerprint(read_manifests(cfg.data, cfg.mixture))
     metric, mode = primary_metric(specs[cfg.task])
-    run_id = start_or_resume_run(
+    run_id = patiently(lambda: start_or_resume_run(
         cfg.tracking.tracking_uri, cfg.tracking.experiment, name=cfg.run.name,
         key=run_key(cfg.run.name, cfg.run.storage_path), params=flatten(to_dict(cfg)),
-        tags={"task": cfg.task, "data_fingerprint": fingerprint, "data_uri": cfg.data.uri})
+        tags={"task": cfg.task, "data_fingerprint": fingerprint, "data_uri": cfg.data.uri}),
+        what=f"starting run {cfg.run.name}", uri=cfg.tracking.tracking_uri, deadline_s=cfg.tracking.server_wait_s)
     ok = False
     try:
         summary = latest_state_summary(cfg.run.storage_path, cfg.run.name)
@@ -129,7 +130,12 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None,
         ok = True
         return outcome
     finally:
-        end_run(cfg.tracking.tracking_uri, run_id, ok)
+        try:  # the run is FAILED only for its own reasons: the status waits for a server that is away
+            end_run(cfg.tracking.tracking_uri, run_id, ok, deadline_s=cfg.tracking.server_wait_s)
+        except RuntimeError:
+            if ok:
+                raise
+            logger.exception("run %s: its MLflow status could not be set to FAILED", cfg.run.name)
 
 
 def _trainer(cfg: TrainConfig, fit: Fit, vocab: Vocabulary, specs, metric: str, mode: str,
@@ -195,15 +201,18 @@ def _finish(cfg: TrainConfig, run_id: str, result, metric: str, mode: str, outpu
     state = json.loads((local / "config.json").read_text())["metadata"]  # the best checkpoint's bundle
     metrics = state.get("metrics", {})
     last = summary or {"epoch": state.get("epoch", -1), "step": state.get("step", 0), "epoch_done": True}
-    source = MetricLogger(cfg.tracking.tracking_uri, run_id).log_artifacts(local, "bundle")
+    uri, wait_s = cfg.tracking.tracking_uri, cfg.tracking.server_wait_s
+    source = MetricLogger(uri, run_id, deadline_s=wait_s).log_artifacts(local, "bundle")
     version, champion = None, False
     value = metrics.get(f"val/{metric}")
     if cfg.tracking.registered_model and value is not None and math.isfinite(value):
-        version = register_bundle(cfg.tracking.registered_model, source, run_id=run_id, metric=metric,
-                                  value=float(value), mode=mode, tracking=cfg.tracking.tracking_uri,
-                                  tags={"task": cfg.task, "data_fingerprint": state.get("data_fingerprint", ""),
-                                        "run": cfg.run.name})
-        champion = promote_if_better(cfg.tracking.registered_model, version, tracking=cfg.tracking.tracking_uri)
+        name = cfg.tracking.registered_model
+        version = patiently(lambda: register_bundle(
+            name, source, run_id=run_id, metric=metric, value=float(value), mode=mode, tracking=uri,
+            tags={"task": cfg.task, "data_fingerprint": state.get("data_fingerprint", ""), "run": cfg.run.name}),
+            what=f"registering {name}", uri=uri, deadline_s=wait_s)
+        champion = patiently(lambda: promote_if_better(name, version, tracking=uri),
+                             what=f"deciding {name}'s champion", uri=uri, deadline_s=wait_s)
     epochs_done = last["epoch"] + (1 if last["epoch_done"] else 0)
     return TrainOutcome(cfg.run.name, run_id, epochs_done, last["step"], metrics, best_uri, str(local), version,
                         champion)

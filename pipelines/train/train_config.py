@@ -140,12 +140,16 @@ class TrackingSection:
     registered_model: register the best bundle under this name (None: do not register); the `champion` alias
     moves only when its validation metric beats the current champion's. system_metrics_every_s: seconds between
     two samples of MLflow's system metrics (CPU, memory, disk, network, NVIDIA GPUs) of rank 0's machine during
-    training, one more at each fit's end (0: none)."""
+    training, one more at each fit's end (0: none). server_wait_s: how long the end of a run (the last buffered
+    metrics, the bundle artifact, registration, the run's status) waits for a tracking server that is away before
+    the run fails (metrics still undelivered then are dropped with a warning); metrics logged during training are
+    buffered and sent in the background, so training never waits for the server."""
 
     tracking_uri: str | None = None
     experiment: str = "ofa-ray"
     registered_model: str | None = None
     system_metrics_every_s: Annotated[float, Field(ge=0.0, le=3600.0)] = 10.0
+    server_wait_s: Annotated[float, Field(ge=0.0, le=86400.0)] = 300.0
 
 
 @config_dataclass

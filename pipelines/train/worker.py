@@ -117,9 +117,10 @@ def train_loop(loop_config: dict) -> None:
         ray.train.report({"epoch": end - 1, "step": state["step"], **state["metrics"], "epoch_done": False})
         return
     worker = _join(cfg, loop_config["mlflow_run_id"])
-    # rank 0 samples its machine for MLflow (system/...), from the model's setup to the fit's end
-    with system_metrics(cfg.tracking.tracking_uri, loop_config["mlflow_run_id"],
-                        cfg.tracking.system_metrics_every_s if worker.rank == 0 else 0):
+    # rank 0 samples its machine for MLflow (system/...), from the model's setup to the fit's end; its metrics
+    # go in the background, and the fit's end waits for them (up to tracking.server_wait_s, then warns)
+    with _delivered(worker.mlflow), system_metrics(cfg.tracking.tracking_uri, loop_config["mlflow_run_id"],
+                                                   cfg.tracking.system_metrics_every_s if worker.rank == 0 else 0):
         torch.manual_seed(cfg.seed)
         setup = build_setup(cfg)
         manifests = read_manifests(cfg.data, cfg.mixture)  # once per fit: every epoch plans from them
@@ -145,14 +146,32 @@ def _join(cfg: TrainConfig, mlflow_run_id: str) -> Worker:
     execution = Execution.resolve(cfg.run.precision, cfg.run.memory_format, device)
     node = ray.get_runtime_context().get_node_id()
     # every worker reaches the run itself (its settings came with the job, not from its node's shell)
-    MetricLogger(cfg.tracking.tracking_uri, mlflow_run_id).set_tags({f"train.worker.{rank}.node": node})
-    mlflow = MetricLogger(cfg.tracking.tracking_uri, mlflow_run_id) if rank == 0 else None
+    mlflow = MetricLogger(cfg.tracking.tracking_uri, mlflow_run_id, background=True,
+                          deadline_s=cfg.tracking.server_wait_s)
+    mlflow.set_tags({f"train.worker.{rank}.node": node})
+    if rank != 0:
+        mlflow.close()
+        mlflow = None
     nodes = _all_gather(node, world)
     if mlflow is not None:
         mlflow.set_tags({"train.nodes": ",".join(nodes), "train.world_size": world, "train.device": device,
                          "train.precision": execution.precision, "train.memory_format": execution.memory_format,
                          "train.threads": torch.get_num_threads()})
     return Worker(rank, world, device, execution, mlflow)
+
+
+@contextlib.contextmanager
+def _delivered(mlflow: MetricLogger | None) -> Iterator[None]:
+    """Rank 0's buffered metrics sent as the block ends: waiting for the server when it ends well, at once
+    (what is left counted as dropped) when it raises."""
+    try:
+        yield
+    except BaseException:
+        if mlflow is not None:
+            mlflow.close(0)
+        raise
+    if mlflow is not None:
+        mlflow.close()
 
 
 def _learner(cfg: TrainConfig, setup: Setup, worker: Worker, state: dict | None,
