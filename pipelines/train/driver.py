@@ -200,9 +200,9 @@ def _finish(cfg: TrainConfig, run_id: str, result, metric: str, mode: str, outpu
     value = metrics.get(f"val/{metric}")
     if cfg.tracking.registered_model and value is not None and math.isfinite(value):
         version = register_bundle(cfg.tracking.registered_model, source, run_id=run_id, metric=metric,
-                                  value=float(value), mode=mode, tracking=cfg.tracking.tracking_uri,
-                                  tags={"task": cfg.task, "data_fingerprint": state.get("data_fingerprint", ""),
-                                        "run": cfg.run.name})
+                                  value=float(value), split=cfg.validation.split,
+                                  data_fingerprint=state["data_fingerprint"], mode=mode,
+                                  tracking=cfg.tracking.tracking_uri, tags={"task": cfg.task, "run": cfg.run.name})
         champion = promote_if_better(cfg.tracking.registered_model, version, tracking=cfg.tracking.tracking_uri)
     epochs_done = last["epoch"] + (1 if last["epoch_done"] else 0)
     return TrainOutcome(cfg.run.name, run_id, epochs_done, last["step"], metrics, best_uri, str(local), version,
