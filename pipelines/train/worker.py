@@ -17,8 +17,8 @@ A step is `forward_loss` on each of `optim.grad_accum` micro-batches, then `opti
   gathers the prediction records, puts them back in row order and scores them all together, so the corpus
   metric is exactly the one rank 0 alone would compute on the same rows (`_validate`). Rank 0 logs per-step
   and per-epoch metrics to MLflow and writes the checkpoint (`pipelines.train.checkpointing`); every rank
-  reports it. The epoch's report carries `epoch_done`: a Ray Train
-  callback (Tune's, `tune.trial`) hears epochs from it, once the checkpoint is uploaded.
+  reports it. The epoch's report carries `epoch_done`: a Ray Train callback (Tune's, `tune.trial`) hears epochs
+  from it, once the checkpoint is uploaded.
 """
 
 from __future__ import annotations
