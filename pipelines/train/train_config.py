@@ -138,9 +138,10 @@ class TrackingSection:
     """MLflow. tracking_uri: None reads the driver's MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working
     directory (refused in a job submitted to a cluster); the driver hands the one it resolves to every worker.
     registered_model: register the best bundle under this name (None: do not register); the `champion` alias
-    moves only when its validation metric beats the current champion's. system_metrics_every_s: seconds between
-    two samples of MLflow's system metrics (CPU, memory, disk, network, NVIDIA GPUs) of rank 0's machine during
-    training, one more at each fit's end (0: none)."""
+    moves only when its validation metric beats the current champion's, measured on the same split of the same
+    data (else it stays, with a warning). system_metrics_every_s: seconds between two samples of MLflow's system
+    metrics (CPU, memory, disk, network, NVIDIA GPUs) of rank 0's machine during training, one more at each
+    fit's end (0: none)."""
 
     tracking_uri: str | None = None
     experiment: str = "ofa-ray"
