@@ -69,6 +69,13 @@ def evaluate_rows(predictor, task: str | TaskSpec, rows: Iterable[Mapping[str, A
                   candidates: Sequence[str] | None = None) -> EvalResult:
     """Predict every row (as many per call as the predictor's limits allow) and score the predictions."""
     spec = task if isinstance(task, TaskSpec) else predictor.tasks[task]
+    return evaluate_records(spec, predict_records(predictor, spec, rows, mode=mode, candidates=candidates))
+
+
+def predict_records(predictor, spec: TaskSpec, rows: Iterable[Mapping[str, Any]], *, mode: str | None = None,
+                    candidates: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One unscored prediction record per row, in the rows' order (as many rows per predictor call as its limits
+    allow). Records predicted in parts (one per rank) and joined in row order score as `evaluate_rows` would."""
     chunk = predictor.limits.max_items
     records: list[dict[str, Any]] = []
     batch: list[Mapping[str, Any]] = []
@@ -85,6 +92,11 @@ def evaluate_rows(predictor, task: str | TaskSpec, rows: Iterable[Mapping[str, A
             flush()
     if batch:
         flush()
+    return records
+
+
+def evaluate_records(spec: TaskSpec, records: list[dict[str, Any]]) -> EvalResult:
+    """The task's metrics over all `records` together (corpus-level), each record given its `example_score`."""
     metrics, per_row = scored(spec, records)
     for rec, value in zip(records, per_row, strict=True):
         rec["example_score"] = value

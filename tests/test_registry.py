@@ -60,8 +60,8 @@ def test_champion_moves_only_on_improvement_and_resolves(mlflow_env, tmp_path, c
     versions = []
     for tag, acc in (("a", 0.5), ("b", 0.4), ("c", 0.7), ("d", 0.7)):
         run_id, source = _logged_bundle(client, exp, tmp_path, tag)
-        v = register_bundle("ofa-vqa", source, run_id=run_id, metric="vqa_acc", value=acc,
-                            tags={"task": "vqa"}, tracking=uri)
+        v = register_bundle("ofa-vqa", source, run_id=run_id, metric="vqa_acc", value=acc, split="val",
+                            data_fingerprint="fp", tags={"task": "vqa"}, tracking=uri)
         versions.append((v, promote_if_better("ofa-vqa", v, tracking=uri)))
     assert versions == [("1", True), ("2", False), ("3", True), ("4", False)]  # a tie does not move it
     champ = client.get_model_version_by_alias("ofa-vqa", "champion")
@@ -84,7 +84,8 @@ def test_lower_is_better_and_unknown_models(mlflow_env, tmp_path):
     moved = []
     for tag, loss in (("a", 2.0), ("b", 1.0), ("c", 3.0)):
         run_id, source = _logged_bundle(client, exp, tmp_path, tag)
-        v = register_bundle("ofa-sum", source, run_id=run_id, metric="loss", value=loss, mode="min", tracking=uri)
+        v = register_bundle("ofa-sum", source, run_id=run_id, metric="loss", value=loss, split="val",
+                            data_fingerprint="fp", mode="min", tracking=uri)
         moved.append(promote_if_better("ofa-sum", v, tracking=uri))
     assert moved == [True, True, False]
     with pytest.raises(ModelSourceError, match="not in the registry"):
@@ -92,19 +93,56 @@ def test_lower_is_better_and_unknown_models(mlflow_env, tmp_path):
     with pytest.raises(ModelSourceError, match="not in the registry"):
         resolve_model("models:/nothing/1", tracking=uri, cache_dir=tmp_path / "c")
     with pytest.raises(ValueError, match="not finite"):
-        register_bundle("ofa-sum", "x", run_id=None, metric="loss", value=float("nan"), tracking=uri)
+        register_bundle("ofa-sum", "x", run_id=None, metric="loss", value=float("nan"), split="val",
+                        data_fingerprint="fp", tracking=uri)
 
 
 def test_a_champion_chosen_by_another_metric_stays(mlflow_env, tmp_path, caplog):
     uri, client, exp = mlflow_env
     run_id, source = _logged_bundle(client, exp, tmp_path, "a")
-    v1 = register_bundle("m", source, run_id=run_id, metric="cider", value=1.0, tracking=uri)
+    v1 = register_bundle("m", source, run_id=run_id, metric="cider", value=1.0, split="val", data_fingerprint="fp",
+                         tracking=uri)
     assert promote_if_better("m", v1, tracking=uri)
-    v2 = register_bundle("m", source, run_id=run_id, metric="bleu4", value=99.0, tracking=uri)
+    v2 = register_bundle("m", source, run_id=run_id, metric="bleu4", value=99.0, split="val", data_fingerprint="fp",
+                         tracking=uri)
     with caplog.at_level(logging.WARNING, logger="pipelines.tracking.registry"):
         assert not promote_if_better("m", v2, tracking=uri)
     assert "chosen by cider, not bleu4" in caplog.text
     assert str(client.get_model_version_by_alias("m", "champion").version) == v1
+
+
+def test_only_versions_scored_on_the_same_split_and_data_compete(mlflow_env, tmp_path, caplog):
+    uri, client, exp = mlflow_env
+    run_id, source = _logged_bundle(client, exp, tmp_path, "a")
+
+    def register(value: float, split: str, fingerprint: str) -> str:
+        return register_bundle("m", source, run_id=run_id, metric="cider", value=value, split=split,
+                               data_fingerprint=fingerprint, tracking=uri)
+
+    v1 = register(1.0, "val", "fp-a")
+    assert promote_if_better("m", v1, tracking=uri)
+    tags = client.get_model_version("m", v1).tags
+    assert (tags["metric_split"], tags["data_fingerprint"], tags["metric_name"]) == ("val", "fp-a", "cider")
+    with caplog.at_level(logging.WARNING, logger="pipelines.tracking.registry"):
+        assert not promote_if_better("m", register(9.0, "test", "fp-a"), tracking=uri)  # better, another split
+        assert not promote_if_better("m", register(9.0, "val", "fp-b"), tracking=uri)  # better, other data
+    assert "scored on split val, not test" in caplog.text and "on data fp-a, not fp-b" in caplog.text
+    assert "alias left in place" in caplog.text
+    assert str(client.get_model_version_by_alias("m", "champion").version) == v1
+    v4 = register(2.0, "val", "fp-a")  # measured alike and better: it moves
+    assert promote_if_better("m", v4, tracking=uri)
+    assert str(client.get_model_version_by_alias("m", "champion").version) == v4
+
+    # a champion registered before the split and fingerprint tags existed is not comparable either
+    old = client.create_model_version("m", source=source, run_id=run_id,
+                                      tags={"metric_name": "cider", "metric_mode": "max", "metric.cider": "0.5"})
+    client.set_registered_model_alias("m", "champion", old.version)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipelines.tracking.registry"):
+        assert not promote_if_better("m", register(3.0, "val", "fp-a"), tracking=uri)
+    assert "scored on split None, not val" in caplog.text
+    with pytest.raises(ValueError, match="needs the split"):
+        register(1.0, "", "fp-a")
 
 
 def test_jobs_starting_at_once_share_one_experiment(mlflow_env):
@@ -144,7 +182,8 @@ def test_another_registry_with_the_same_name_and_version_is_not_served_from_the_
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         exp = client.create_experiment("reg", artifact_location=str(tmp_path / f"artifacts-{tag}"))
         run_id, source = _logged_bundle(client, exp, tmp_path, tag)
-        assert register_bundle("ofa-vqa", source, run_id=run_id, metric="acc", value=0.5, tracking=uri) == "1"
+        assert register_bundle("ofa-vqa", source, run_id=run_id, metric="acc", value=0.5, split="val",
+                               data_fingerprint="fp", tracking=uri) == "1"
         assert promote_if_better("ofa-vqa", "1", tracking=uri)
         got.append(resolve_model("models:/ofa-vqa@champion", tracking=uri, cache_dir=cache))
     assert [g.version for g in got] == ["1", "1"] and got[0].path != got[1].path

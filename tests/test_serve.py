@@ -105,7 +105,8 @@ def registry(bundles, tmp_path_factory) -> str:
         run = client.create_run(exp)
         client.log_artifacts(run.info.run_id, str(bundles[name]), "bundle")
         v = register_bundle(REGISTERED, f"{run.info.artifact_uri}/bundle", run_id=run.info.run_id,
-                            metric="vqa_score", value=score, tags={"task": "vqa"}, tracking=uri)
+                            metric="vqa_score", value=score, split="val", data_fingerprint="fp", tags={"task": "vqa"},
+                            tracking=uri)
         promote_if_better(REGISTERED, v, tracking=uri)
     return uri
 

@@ -21,12 +21,16 @@ from mlflow import MlflowClient
 
 from ofa_model import metrics as M
 from ofa_model.config_files import build
+from ofa_model.evaluation import evaluate_rows
+from ofa_model.precision import Execution
+from ofa_model.predictor import OFAPredictor
 from pipelines import storage
 from pipelines.data.converters import prepare
 from pipelines.data.shards import read_manifest
 from pipelines.tracking.registry import resolve_model
 from pipelines.train import STATE_JSON, TrainOutcome, latest_state_summary, read_state, steps_per_epoch, train
 from pipelines.train.train_config import TrainConfig
+from pipelines.train.worker import in_row_order, validation_rows
 from tests.recipes import supplied
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -97,6 +101,15 @@ def test_two_worker_finetune_over_s3_logs_registers_and_keeps_the_champion_rule(
     assert meta["preprocess"]["patch_image_size"] == 32
     version = client.get_model_version("ofa-vqa-ft", "1")
     assert version.tags["task"] == "vqa" and float(version.tags["metric.vqa_score"]) == pytest.approx(score)
+    assert (version.tags["metric_split"], version.tags["data_fingerprint"]) == ("test", manifest.fingerprint)
+
+    # validation was sharded over the two ranks: the gathered metric is the one a single process computes with
+    # the saved bundle (the weights validated) on the same rows, in the same precision and memory format
+    execution = Execution.resolve(cfg.run.precision, cfg.run.memory_format, torch.device("cpu"))
+    predictor = OFAPredictor.from_bundle(resolved.path, max_batch_size=cfg.validation.batch_size,
+                                         precision=execution.precision, memory_format=execution.memory_format)
+    alone = evaluate_rows(predictor, "vqa", validation_rows(cfg, cfg.validation.max_rows), mode="allcand")
+    assert alone.metrics["rows"] == 16 and alone.metrics["vqa_score"] == pytest.approx(score, abs=1e-12)
 
     # a second run registers version 2; the champion moves only if its metric is strictly better
     cfg2 = config(corpus, tmp_path, "ft2b", optim={"lr": 3e-3}, tracking={"registered_model": "ofa-vqa-ft"})
@@ -105,6 +118,13 @@ def test_two_worker_finetune_over_s3_logs_registers_and_keeps_the_champion_rule(
     assert out2.champion == (out2.metrics["val/vqa_score"] > score)
     champ = client.get_model_version_by_alias("ofa-vqa-ft", "champion")
     assert str(champ.version) == ("2" if out2.champion else "1")
+
+
+def test_sharded_validation_records_return_to_row_order():
+    rows = [{"id": i} for i in range(7)]
+    for world in (1, 2, 3, 8):
+        parts = [rows[rank::world] for rank in range(world)]  # what rank r predicts: rows r, r + world, ...
+        assert in_row_order(parts) == rows
 
 
 def test_a_rerun_with_the_same_name_continues_at_the_next_epoch(corpus, tmp_path, ray_cluster):

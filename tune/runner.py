@@ -316,9 +316,10 @@ def _register(plan: SweepPlan, parent: str, best: TrialSummary, client) -> tuple
     source, meta = _best_bundle(plan, best, client)
     uri = plan.base.tracking.tracking_uri
     version = register_bundle(name, source, run_id=best.mlflow_run_id, metric=plan.metric.removeprefix("val/"),
-                              value=best.best, mode=plan.mode, tracking=uri,
-                              tags={"task": plan.base.task, "data_fingerprint": meta.get("data_fingerprint", ""),
-                                    "run": best.run_name, "sweep": plan.cfg.name, "trial": best.trial_id})
+                              value=best.best, split=plan.base.validation.split,
+                              data_fingerprint=meta.get("data_fingerprint", ""), mode=plan.mode, tracking=uri,
+                              tags={"task": plan.base.task, "run": best.run_name, "sweep": plan.cfg.name,
+                                    "trial": best.trial_id})
     champion = promote_if_better(name, version, tracking=uri)
     MetricLogger(uri, parent).set_tags({VERSION_TAG: version, CHAMPION_TAG: str(champion).lower()})
     logger.info("sweep %s: best trial %s registered as %s version %s%s", plan.cfg.name, best.trial_id, name, version,

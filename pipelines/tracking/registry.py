@@ -22,8 +22,10 @@ an error, and the download is written atomically like a registry version's. S3 s
 from `s3` or the environment, credentials only from the AWS SDK's chain where the process runs
 (`pipelines.storage`).
 
-The `champion` alias moves only when a new version's validation metric beats the current champion's
-(`promote_if_better`); the metric and its direction are tags on every version, so the rule needs no run lookup.
+The `champion` alias moves only when a new version's validation metric beats the current champion's, measured
+the same way: the same metric on the same split of the same data (fingerprint). The metric, its direction, the
+split and the data fingerprint are tags on every version (`register_bundle`), so the rule needs no run lookup
+(`promote_if_better`).
 
 This is the one module of `pipelines` that `serve_app` may import.
 """
@@ -55,6 +57,7 @@ logger = logging.getLogger(__name__)
 MODELS_URI = re.compile(r"^models:/(?P<name>[A-Za-z0-9][\w.\-]*)(?:@(?P<alias>[A-Za-z0-9][\w\-]*)|/(?P<version>\d+))$")
 CHAMPION = "champion"
 METRIC_TAG, MODE_TAG = "metric_name", "metric_mode"  # version tags: which metric decides, and "max" or "min"
+SPLIT_TAG, FINGERPRINT_TAG = "metric_split", "data_fingerprint"  # ... and the split and data it was measured on
 COPY_CHUNK = 8 * 2**20
 DEFAULT_CACHE = Path(os.environ.get("OFA_MODEL_CACHE", Path.home() / ".cache" / "ofa-ray" / "models"))
 
@@ -199,22 +202,29 @@ def _atomic_fill(target: Path, fetch: Callable[[Path], Path], what: str | None =
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def register_bundle(name: str, source: str, *, run_id: str | None, metric: str, value: float, mode: str = "max",
-                    tags: dict[str, str] | None = None, tracking: str | None = None) -> str:
+def register_bundle(name: str, source: str, *, run_id: str | None, metric: str, value: float, split: str,
+                    data_fingerprint: str, mode: str = "max", tags: dict[str, str] | None = None,
+                    tracking: str | None = None) -> str:
     """Register the bundle at artifact URI `source` as a new version of `name`; returns the version.
 
-    The version is tagged with `tags` plus the deciding metric (`metric` = `value`, `mode` "max" or "min")."""
+    The version is tagged with `tags` plus how it was measured: the deciding metric (`metric` = `value`, `mode`
+    "max" or "min"), the `split` it was scored on and the `data_fingerprint` of the corpus that split belongs
+    to (`promote_if_better` compares only versions measured alike)."""
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
     if not math.isfinite(value):
         raise ValueError(f"metric {metric} = {value} is not finite")
+    if not split or not data_fingerprint:
+        raise ValueError(f"{name}: a version needs the split ({split!r}) and the data fingerprint "
+                         f"({data_fingerprint!r}) its {metric} was measured on")
     client = _client(tracking)
     try:
         client.create_registered_model(name)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    all_tags = {**(tags or {}), METRIC_TAG: metric, MODE_TAG: mode, f"metric.{metric}": repr(float(value))}
+    all_tags = {**(tags or {}), METRIC_TAG: metric, MODE_TAG: mode, f"metric.{metric}": repr(float(value)),
+                SPLIT_TAG: split, FINGERPRINT_TAG: data_fingerprint}
     mv = client.create_model_version(name, source=source, run_id=run_id, tags=all_tags)
     return str(mv.version)
 
@@ -222,8 +232,12 @@ def register_bundle(name: str, source: str, *, run_id: str | None, metric: str, 
 def promote_if_better(name: str, version: str, *, alias: str = CHAMPION, tracking: str | None = None) -> bool:
     """Point `alias` at `version` if there is no champion yet or the version's metric beats the champion's.
 
-    Returns whether the alias moved. A tie does not move it; nor does a champion measured on another metric
-    (that is a different contest: register under another name). MLflow has no compare-and-set on aliases: two
+    Returns whether the alias moved. A tie does not move it. Only versions measured alike are compared: the same
+    metric, on the same split, of data with the same fingerprint (the version tags `register_bundle` writes).
+    When any of them differs, or the champion lacks the tag (registered before the tag existed), the numbers are
+    not comparable: the alias stays where it is and a warning names what differs. Moving it then is the user's
+    decision, through MLflow's alias API (`MlflowClient.set_registered_model_alias(name, "champion", version)`),
+    or registering under another name starts a separate contest. MLflow has no compare-and-set on aliases: two
     promoters of one model deciding in the same instant may both move it, the last one winning."""
     client = _client(tracking)
     new = client.get_model_version(name, version)
@@ -236,9 +250,14 @@ def promote_if_better(name: str, version: str, *, alias: str = CHAMPION, trackin
     if cur is not None:
         if cur.version == new.version:
             return False
-        if cur.tags.get(METRIC_TAG) != metric:
-            logger.warning("%s@%s (version %s) was chosen by %s, not %s: alias left in place", name, alias,
-                           cur.version, cur.tags.get(METRIC_TAG), metric)
+        differs = [f"{what} {cur.tags.get(tag)}, not {new.tags.get(tag)}"
+                   for what, tag in (("chosen by", METRIC_TAG), ("scored on split", SPLIT_TAG),
+                                     ("on data", FINGERPRINT_TAG))
+                   if cur.tags.get(tag) != new.tags.get(tag)]
+        if differs:
+            logger.warning("%s@%s (version %s) was %s: not comparable with version %s, alias left in place (move "
+                           "it deliberately with MLflow's set_registered_model_alias)", name, alias, cur.version,
+                           "; ".join(differs), version)
             return False
         cur_value = float(cur.tags[f"metric.{metric}"])
         better = new_value > cur_value if mode == "max" else new_value < cur_value

@@ -208,8 +208,9 @@ def _finish(cfg: TrainConfig, run_id: str, result, metric: str, mode: str, outpu
     if cfg.tracking.registered_model and value is not None and math.isfinite(value):
         name = cfg.tracking.registered_model
         version = patiently(lambda: register_bundle(
-            name, source, run_id=run_id, metric=metric, value=float(value), mode=mode, tracking=uri,
-            tags={"task": cfg.task, "data_fingerprint": state.get("data_fingerprint", ""), "run": cfg.run.name}),
+            name, source, run_id=run_id, metric=metric, value=float(value), split=cfg.validation.split,
+            data_fingerprint=state["data_fingerprint"], mode=mode, tracking=uri,
+            tags={"task": cfg.task, "run": cfg.run.name}),
             what=f"registering {name}", uri=uri, deadline_s=wait_s)
         champion = patiently(lambda: promote_if_better(name, version, tracking=uri),
                              what=f"deciding {name}'s champion", uri=uri, deadline_s=wait_s)

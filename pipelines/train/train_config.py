@@ -138,12 +138,13 @@ class TrackingSection:
     """MLflow. tracking_uri: None reads the driver's MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working
     directory (refused in a job submitted to a cluster); the driver hands the one it resolves to every worker.
     registered_model: register the best bundle under this name (None: do not register); the `champion` alias
-    moves only when its validation metric beats the current champion's. system_metrics_every_s: seconds between
-    two samples of MLflow's system metrics (CPU, memory, disk, network, NVIDIA GPUs) of rank 0's machine during
-    training, one more at each fit's end (0: none). server_wait_s: how long the end of a run (the last buffered
-    metrics, the bundle artifact, registration, the run's status) waits for a tracking server that is away before
-    the run fails (metrics still undelivered then are dropped with a warning); metrics logged during training are
-    buffered and sent in the background, so training never waits for the server."""
+    moves only when its validation metric beats the current champion's, measured on the same split of the same
+    data (else it stays, with a warning). system_metrics_every_s: seconds between two samples of MLflow's system
+    metrics (CPU, memory, disk, network, NVIDIA GPUs) of rank 0's machine during training, one more at each
+    fit's end (0: none). server_wait_s: how long the end of a run (the last buffered metrics, the bundle
+    artifact, registration, the run's status) waits for a tracking server that is away before the run fails
+    (metrics still undelivered then are dropped with a warning); metrics logged during training are buffered
+    and sent in the background, so training never waits for the server."""
 
     tracking_uri: str | None = None
     experiment: str = "ofa-ray"

@@ -12,10 +12,13 @@ A step is `forward_loss` on each of `optim.grad_accum` micro-batches, then `opti
   others stop too (at most one batch per worker of rows dropped at the end, as drop_last would). Bad-row
   statistics of all workers are gathered at the end of an epoch (and every 100 steps for the early check), so
   the bad-row rule is global: no worker fails alone and leaves the others waiting.
-* Rank 0 validates after every epoch through `OFAPredictor` (EMA weights when enabled), in the training's
-  precision and memory format, logs per-step and per-epoch metrics to MLflow, and writes the checkpoint
-  (`pipelines.train.checkpointing`); every rank reports it. The epoch's report carries `epoch_done`: a Ray Train
-  callback (Tune's, `tune.trial`) hears epochs from it, once the checkpoint is uploaded.
+* Validation after every epoch is sharded: every rank predicts every `world`-th row of the validation rows
+  through `OFAPredictor` (EMA weights when enabled), in the training's precision and memory format; rank 0
+  gathers the prediction records, puts them back in row order and scores them all together, so the corpus
+  metric is exactly the one rank 0 alone would compute on the same rows (`_validate`). Rank 0 logs per-step
+  and per-epoch metrics to MLflow and writes the checkpoint (`pipelines.train.checkpointing`); every rank
+  reports it. The epoch's report carries `epoch_done`: a Ray Train callback (Tune's, `tune.trial`) hears epochs
+  from it, once the checkpoint is uploaded.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from ofa_model.config_files import build
-from ofa_model.evaluation import evaluate_rows
+from ofa_model.evaluation import evaluate_records, predict_records
 from ofa_model.precision import Execution
 from ofa_model.predictor import OFAPredictor
 from pipelines.data.batches import BatchIterator, ConsumerOptions
@@ -275,8 +278,9 @@ def _end_epoch(run: Run, learner: Learner, batches: BatchIterator, epoch: int, f
     stats = _merged_stats(batches.stats, worker.world)
     _bad_row_rule(cfg).check(stats, None, finished=True)
     metrics = {"epoch": epoch, "step": step, "data/rows_ok": stats.ok, "data/rows_bad": stats.bad}
+    validated = _validate(run, learner, last_epoch=epoch + 1 == cfg.epochs)  # every rank: its share of the rows
     if worker.rank == 0:
-        metrics.update(_validate(run, learner, last_epoch=epoch + 1 == cfg.epochs))
+        metrics.update(validated)
         logger.info("epoch %d done at step %d: %s", epoch + 1, step,
                     ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
         worker.mlflow.log({k: v for k, v in metrics.items() if k != "epoch"}, step)
@@ -305,23 +309,38 @@ def _checkpoint(run: Run, learner: Learner, batches: BatchIterator, epoch: int, 
 
 def _validate(run: Run, learner: Learner, *, last_epoch: bool) -> dict[str, float]:
     """The task metric on the validation rows, through the inference path (EMA weights when enabled), in the
-    training's precision and memory format (the one `run.precision` switch)."""
-    cfg, raw, execution = run.cfg, learner.raw, run.worker.execution
+    training's precision and memory format (the one `run.precision` switch). Every rank calls it: rank r predicts
+    rows r, r + world, r + 2 world, ... of `validation_rows`; rank 0 gathers the records, restores the row order
+    and scores them together (the metrics, with `val/seconds`, the whole validation's wall time); the other ranks
+    return {}. Each rank reads the whole row stream and skips the others' rows: the reading is cheap beside the
+    prediction it shares out."""
+    cfg, raw, worker = run.cfg, learner.raw, run.worker
     was_training = raw.training
     t0 = time.perf_counter()
     predictor = OFAPredictor(published_weights(raw, learner.ema), run.setup.vocab, cfg.data.preprocess,
-                             device=execution.device, tasks=run.setup.specs, max_batch_size=cfg.validation.batch_size,
-                             precision=execution.precision, memory_format=execution.memory_format,
-                             answer_sets=cfg.answer_sets())
+                             device=worker.execution.device, tasks=run.setup.specs,
+                             max_batch_size=cfg.validation.batch_size, precision=worker.execution.precision,
+                             memory_format=worker.execution.memory_format, answer_sets=cfg.answer_sets())
+    spec = predictor.tasks[cfg.task]
     try:  # rows stream through the predictor chunk by chunk: a large validation split is never held whole
-        rows = _validation_rows(cfg, None if last_epoch and cfg.validation.full_at_end else cfg.validation.max_rows)
+        rows = validation_rows(cfg, None if last_epoch and cfg.validation.full_at_end else cfg.validation.max_rows)
+        mine = itertools.islice(rows, worker.rank, None, worker.world)
         # no candidates per row: the predictor scores the run's answer set, as a saved bundle's predictor will
-        result = evaluate_rows(predictor, cfg.task, rows, mode=cfg.validation.mode)
+        records = predict_records(predictor, spec, mine, mode=cfg.validation.mode)
     finally:
         raw.train(was_training)
         del predictor
         _release_memory()
+    parts = _all_gather(records, worker.world)  # small dicts: id, prediction, reference
+    if worker.rank != 0:
+        return {}
+    result = evaluate_records(spec, in_row_order(parts))
     return {**{f"val/{k}": v for k, v in result.metrics.items()}, "val/seconds": time.perf_counter() - t0}
+
+
+def in_row_order(parts: Sequence[Sequence[dict]]) -> list[dict]:
+    """Records predicted round-robin (rank r's k-th record is row k * len(parts) + r) back in row order."""
+    return [rec for round_ in itertools.zip_longest(*parts) for rec in round_ if rec is not None]
 
 
 def _release_memory() -> None:
@@ -332,7 +351,7 @@ def _release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _validation_rows(cfg: TrainConfig, max_rows: int | None) -> Iterator[dict]:
+def validation_rows(cfg: TrainConfig, max_rows: int | None) -> Iterator[dict]:
     """The validated task's rows of the validation split, from the task's own corpus in a mixture."""
     uri = cfg.data.sources[cfg.task].uri if cfg.task in cfg.data.sources else cfg.data.uri
     rows = iter_rows(uri, s3=cfg.data.s3, splits=[cfg.validation.split], tasks=[cfg.task])
