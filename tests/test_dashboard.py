@@ -14,12 +14,10 @@ from pathlib import Path
 
 import pytest
 import requests
-import torch
 import yaml
 
-from ofa_model import OFAModel, Vocabulary, get_config, save_bundle
-from ofa_model.preprocess import PreprocessConfig
 from pipelines.local.s3 import free_ports
+from tests.serving import micro_bundle
 from tests.test_predictor import png
 
 pytestmark = pytest.mark.timeout(180)
@@ -58,9 +56,7 @@ def app(ray_cluster, tmp_path_factory):
     from serve_app.serve_config import serve_config
 
     tmp = tmp_path_factory.mktemp("dashboard")
-    torch.manual_seed(0)
-    bundle = save_bundle(tmp / "bundle", OFAModel(get_config("ofa-micro")), Vocabulary.gpt2(),
-                         preprocess=PreprocessConfig(patch_image_size=64))
+    bundle = micro_bundle(tmp / "bundle")
     [port] = free_ports(1)
     cfg = serve_config(data={"models": {"default": {"source": str(bundle)}}, "num_cpus": 0.1, "torch_threads": 1,
                              "ingress": {"num_cpus": 0.05}, "port": port, "app_name": "dashboard",

@@ -22,12 +22,10 @@ from pathlib import Path
 
 import pytest
 import requests
-import torch
 
-from ofa_model import OFAModel, Vocabulary, get_config, save_bundle
-from ofa_model.preprocess import PreprocessConfig
 from pipelines.local.s3 import free_ports
 from tests.conftest import BROWSER_SKIPPED
+from tests.serving import micro_bundle
 from tests.test_predictor import png
 
 pytestmark = pytest.mark.timeout(120)
@@ -71,9 +69,7 @@ def served(ray_cluster, tmp_path_factory):
     from serve_app.serve_config import serve_config
 
     tmp = tmp_path_factory.mktemp("page")
-    torch.manual_seed(0)
-    bundle = save_bundle(tmp / "bundle", OFAModel(get_config("ofa-micro")), Vocabulary.gpt2(),
-                         preprocess=PreprocessConfig(patch_image_size=64))
+    bundle = micro_bundle(tmp / "bundle")
     key_file = tmp / "api_key"
     key_file.write_text(API_KEY + "\n")
     [port] = free_ports(1)
