@@ -66,6 +66,7 @@ PLAN_FILE = "conversion-plan.json"  # what a conversion in progress converts: a 
 DONE_FILE = "_done.json"  # in a part directory: the part finished (its result, written last)
 IDS_FILE = "_ids.u64"  # in a part directory: the 8-byte hashes of its row ids (the cross-part id check)
 RANGE_MB = 256.0  # a TSV file larger than this is read in ranges of this size by as many tasks
+IN_FLIGHT_WAIT_S = 600.0  # a failed conversion waits this long for the parts still running
 
 
 @dataclass(frozen=True)
@@ -452,13 +453,12 @@ def _run_parts(jobs: list[_PartJob], finished: dict[int, _PartResult], *, limit:
                 if left <= 0:
                     pending = []
     except BaseException:
-        for ref in in_flight:
-            ray.cancel(ref)
-        for ref in in_flight:
-            try:
-                ray.get(ref)
-            except Exception:  # noqa: BLE001 -- cancelled or failed; its ShardWriter cleaned up after itself
-                pass
+        # The parts in flight are left to finish, not cancelled: a cancel that crosses a task's completion aborts
+        # this driver in Ray 2.60 (task_manager "Tried to complete task that was not pending", seen in the
+        # duplicate-id test), and a part that finishes is kept for a resume. Bounded: past it, Ray stops them
+        # with this driver.
+        if in_flight:
+            ray.wait(in_flight, num_returns=len(in_flight), timeout=IN_FLIGHT_WAIT_S)
         raise
     return sorted(results, key=lambda r: r.index)
 
