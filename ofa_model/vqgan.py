@@ -1,0 +1,477 @@
+"""The image tokenizer: a VQGAN of OFA's kind (taming-transformers' `GumbelVQ`, downsampling factor 8).
+
+An image of `resolution` pixels a side becomes a grid of (resolution / 8)^2 codes, each an index into a codebook
+of `n_embed` entries; OFA's decoder writes those codes as `<code_*>` tokens (text-to-image, image infilling) and
+`VQGAN.decode` turns them back into pixels. OFA uses taming's `vqgan_gumbel_f8` (8,192 codes, 256 px -> 32 x 32);
+`VQGAN_SIZES["vqgan-micro"]` is a small tokenizer that trains on a CPU.
+
+Module and parameter names follow taming's layout (`encoder.down.0.block.0.norm1.weight`,
+`quantize.embed.weight`, ...), so the official weights load by name (`ofa_model.vqgan_weights`).
+
+Preprocessing has one owner, the tokenizer: `tokenizer_pixels` resizes to `resolution` (Lanczos, as OFA's
+`generate_code.py`) and maps [0, 255] to [-1, 1]; `to_uint8` / `png_bytes` go back. Encoding takes the argmax of the
+quantizer's logits (deterministic; training samples Gumbel noise). A tokenizer is saved as its own bundle directory
+(`save_tokenizer` / `load_tokenizer`: config.json + model.safetensors), read as untrusted input like a model bundle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from ofa_model.errors import ConfigError, check_keys, check_value
+
+TOKENIZER_FORMAT = "ofa-ray-image-tokenizer"
+TOKENIZER_VERSION = 1
+DOWNSAMPLE = 8  # f = 8: every code covers 8 x 8 pixels (OFA: code_image_size // 8 is the grid side)
+GROUPS = 32  # taming's GroupNorm groups: every channel count must be a multiple
+
+
+@dataclass(frozen=True)
+class VQGANConfig:
+    """A tokenizer's architecture (taming's ddconfig plus the quantizer), checked field by field when built."""
+
+    name: str = "vqgan_gumbel_f8"
+    resolution: int = 256  # image side in pixels = OFA's code_image_size; the grid is resolution // 8 a side
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 1, 2, 4)  # one level per entry; len - 1 halvings, so 4 levels give f = 8
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (32,)  # feature-map sides that get a self-attention block
+    z_channels: int = 256
+    embed_dim: int = 256
+    n_embed: int = 8192  # codebook entries; at most the vocabulary's code tokens
+    kl_weight: float = 1e-8  # weight of the quantizer's KL to a uniform prior (taming's GumbelVQ)
+
+    def __post_init__(self) -> None:
+        owner = "VQGANConfig"
+        if not isinstance(self.name, str) or not 0 < len(self.name) <= 100:
+            raise ConfigError(f"{owner}.name must be a non-empty string of at most 100 characters, got {self.name!r}")
+        for key, (lo, hi) in _INT_BOUNDS.items():
+            check_value(f"{owner}.{key}", getattr(self, key), int, lo, hi)
+        check_value(f"{owner}.kl_weight", self.kl_weight, float, 0.0, 1e3)
+        for key in ("ch_mult", "attn_resolutions"):
+            value = getattr(self, key)
+            if not isinstance(value, tuple) or len(value) > 8:
+                raise ConfigError(f"{owner}.{key} must be a tuple (a list in JSON) of at most 8 ints, got {value!r}")
+            for i, v in enumerate(value):
+                check_value(f"{owner}.{key}[{i}]", v, int, 1, 4096)
+        if 2 ** (len(self.ch_mult) - 1) != DOWNSAMPLE:
+            raise ConfigError(f"{owner}.ch_mult {self.ch_mult} has {len(self.ch_mult)} levels; a factor-{DOWNSAMPLE} "
+                              f"tokenizer has {int(math.log2(DOWNSAMPLE)) + 1}")
+        if self.resolution % DOWNSAMPLE:
+            raise ConfigError(f"{owner}.resolution {self.resolution} must be a multiple of {DOWNSAMPLE}")
+        for what, c in (("ch", self.ch), ("z_channels", self.z_channels)):
+            if c % GROUPS:
+                raise ConfigError(f"{owner}.{what} {c} must be a multiple of {GROUPS} (GroupNorm groups)")
+        if self.embed_dim != self.z_channels:
+            # GumbelVQ's quant_conv maps z_channels -> embed_dim and its quantizer's projection reads z_channels
+            raise ConfigError(f"{owner}.embed_dim {self.embed_dim} must equal z_channels {self.z_channels} "
+                              "(taming's GumbelVQ feeds quant_conv's output to the quantizer)")
+
+    @property
+    def grid(self) -> int:
+        """Codes a side: resolution // 8."""
+        return self.resolution // DOWNSAMPLE
+
+    @property
+    def num_codes(self) -> int:
+        """Codes per image: grid ** 2."""
+        return self.grid ** 2
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping, owner: str = "tokenizer config") -> VQGANConfig:
+        check_keys(cls, d, owner)
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        if isinstance(kw.get("kl_weight"), int) and not isinstance(kw.get("kl_weight"), bool):
+            kw["kl_weight"] = float(kw["kl_weight"])
+        return cls(**kw)
+
+
+_INT_BOUNDS = {
+    "resolution": (8, 2048),
+    "in_channels": (1, 4),
+    "out_ch": (1, 4),
+    "ch": (GROUPS, 4096),
+    "num_res_blocks": (1, 16),
+    "z_channels": (GROUPS, 4096),
+    "embed_dim": (1, 4096),
+    "n_embed": (2, 65536),
+}
+
+VQGAN_SIZES: dict[str, VQGANConfig] = {
+    # OFA's image generation release (taming's vqgan_gumbel_f8 ddconfig, 8192 codes), at text-to-image's 256 px
+    "vqgan_gumbel_f8": VQGANConfig(),
+    # a tokenizer that trains on a CPU in minutes: easy-VQA's 64 px images as 8 x 8 codes
+    "vqgan-micro": VQGANConfig(name="vqgan-micro", resolution=64, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1,
+                               attn_resolutions=(), z_channels=64, embed_dim=64, n_embed=512),
+}
+
+
+def tokenizer_config(name: str, **overrides) -> VQGANConfig:
+    """The named tokenizer architecture, with `overrides` replacing fields (e.g. resolution=128)."""
+    if name not in VQGAN_SIZES:
+        raise ConfigError(f"unknown tokenizer architecture {name!r}; known: {sorted(VQGAN_SIZES)}")
+    return dataclasses.replace(VQGAN_SIZES[name], **overrides) if overrides else VQGAN_SIZES[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules (taming's names)
+
+
+def _norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(GROUPS, c, eps=1e-6, affine=True)
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(c_in), nn.Conv2d(c_in, c_out, 3, 1, 1)
+        self.norm2, self.conv2 = _norm(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1)
+        if c_in != c_out:
+            self.nin_shortcut = nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class _Attn(nn.Module):
+    """Single-head self-attention over the feature map's positions."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm = _norm(c)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        n = self.norm(x)
+        q, k, v = (m(n).reshape(b, c, h * w).transpose(1, 2) for m in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(c)) v
+        return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))
+
+
+class _Resample(nn.Module):
+    def __init__(self, c: int, down: bool):
+        super().__init__()
+        self.down = down
+        self.conv = nn.Conv2d(c, c, 3, 2, 0) if down else nn.Conv2d(c, c, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.down:  # taming pads right and bottom only, then a stride-2 convolution
+            return self.conv(F.pad(x, (0, 1, 0, 1)))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Level(nn.Module):
+    def __init__(self, blocks: list[nn.Module], attn: list[nn.Module]):
+        super().__init__()
+        self.block, self.attn = nn.ModuleList(blocks), nn.ModuleList(attn)
+
+    def run(self, h: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.block):
+            h = block(h)
+            if self.attn:
+                h = self.attn[i](h)
+        return h
+
+
+class _Mid(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.block_1, self.attn_1, self.block_2 = _ResBlock(c, c), _Attn(c), _ResBlock(c, c)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(h)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VQGANConfig):
+        super().__init__()
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, 1, 1)
+        res, c_in, levels = cfg.resolution, cfg.ch, []
+        for i, mult in enumerate(cfg.ch_mult):
+            c_out = cfg.ch * mult
+            blocks = [_ResBlock(c_in if j == 0 else c_out, c_out) for j in range(cfg.num_res_blocks)]
+            attn = [_Attn(c_out) for _ in blocks] if res in cfg.attn_resolutions else []
+            level = _Level(blocks, attn)
+            if i != len(cfg.ch_mult) - 1:
+                level.downsample = _Resample(c_out, down=True)
+                res //= 2
+            levels.append(level)
+            c_in = c_out
+        self.down = nn.ModuleList(levels)
+        self.mid = _Mid(c_in)
+        self.norm_out, self.conv_out = _norm(c_in), nn.Conv2d(c_in, cfg.z_channels, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level.run(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VQGANConfig):
+        super().__init__()
+        c_in = cfg.ch * cfg.ch_mult[-1]
+        res = cfg.resolution // 2 ** (len(cfg.ch_mult) - 1)
+        self.conv_in = nn.Conv2d(cfg.z_channels, c_in, 3, 1, 1)
+        self.mid = _Mid(c_in)
+        levels: list[_Level] = []
+        for i in reversed(range(len(cfg.ch_mult))):
+            c_out = cfg.ch * cfg.ch_mult[i]
+            blocks = [_ResBlock(c_in if j == 0 else c_out, c_out) for j in range(cfg.num_res_blocks + 1)]
+            attn = [_Attn(c_out) for _ in blocks] if res in cfg.attn_resolutions else []
+            level = _Level(blocks, attn)
+            if i != 0:
+                level.upsample = _Resample(c_out, down=False)
+                res *= 2
+            levels.insert(0, level)
+            c_in = c_out
+        self.up = nn.ModuleList(levels)  # up[0] is the last (full-resolution) level, as taming stores it
+        self.norm_out, self.conv_out = _norm(c_in), nn.Conv2d(c_in, cfg.out_ch, 3, 1, 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level.run(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class GumbelQuantizer(nn.Module):
+    """Logits over the codebook per position; training mixes codebook entries by a Gumbel-softmax sample."""
+
+    def __init__(self, cfg: VQGANConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.z_channels, cfg.n_embed, 1)
+        self.embed = nn.Embedding(cfg.n_embed, cfg.embed_dim)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) code indices -> (B, embed_dim, h, w) codebook vectors."""
+        return self.embed(codes).permute(0, 3, 1, 2)
+
+
+@dataclass
+class VQGANOutput:
+    pixels: torch.Tensor  # (B, C, S, S) reconstruction in [-1, 1] (not clamped)
+    kl: torch.Tensor  # scalar: the quantizer's KL to a uniform prior, times kl_weight
+    logits: torch.Tensor  # (B, n_embed, h, w)
+    codes: torch.Tensor  # (B, h, w): the code each position used
+
+
+class VQGAN(nn.Module):
+    """Encoder, Gumbel quantizer, decoder. Pixels are (B, 3, S, S) in [-1, 1]; codes are (B, grid * grid), row-major."""
+
+    def __init__(self, config: VQGANConfig):
+        super().__init__()
+        self.config = config
+        self.encoder, self.decoder = Encoder(config), Decoder(config)
+        self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
+        self.quantize = GumbelQuantizer(config)
+
+    def _check_pixels(self, pixels: torch.Tensor) -> None:
+        c = self.config.in_channels
+        if pixels.dim() != 4 or pixels.shape[1] != c or pixels.shape[2] != pixels.shape[3] or pixels.shape[2] % DOWNSAMPLE:
+            raise ValueError(f"VQGAN expects square pixels (B, {c}, S, S) with S a multiple of {DOWNSAMPLE} "
+                             f"(S = {self.config.resolution} for text-to-image), got {tuple(pixels.shape)}")
+
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, n_embed, grid, grid) codebook logits."""
+        self._check_pixels(pixels)
+        return self.quantize.proj(self.quant_conv(self.encoder(pixels)))
+
+    def forward(self, pixels: torch.Tensor, temperature: float = 1.0, hard: bool = False) -> VQGANOutput:
+        """Reconstruct through a Gumbel-softmax sample of the codebook (straight-through one-hot when `hard`)."""
+        logits = self.logits(pixels)
+        weights = F.gumbel_softmax(logits, tau=temperature, hard=hard, dim=1)
+        z = torch.einsum("bnhw,nd->bdhw", weights, self.quantize.embed.weight)
+        q = F.softmax(logits, dim=1)
+        kl = self.config.kl_weight * (q * torch.log(q * self.config.n_embed + 1e-10)).sum(1).mean()
+        return VQGANOutput(self.decoder(self.post_quant_conv(z)), kl, logits, weights.argmax(1))
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, grid * grid) codes: the argmax of each position's logits."""
+        return self.logits(pixels).argmax(1).flatten(1)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, g * g) codes in [0, n_embed), row-major on a g x g grid -> (B, out_ch, 8g, 8g) pixels in [-1, 1]."""
+        g = math.isqrt(codes.shape[1]) if codes.dim() == 2 else 0
+        if codes.dim() != 2 or g == 0 or g * g != codes.shape[1]:
+            raise ValueError(f"VQGAN.decode expects codes of shape (B, g * g), got {tuple(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.config.n_embed):
+            raise ValueError(f"VQGAN.decode: codes must lie in [0, {self.config.n_embed})")
+        z = self.quantize.lookup(codes.reshape(-1, g, g).long())
+        return self.decoder(self.post_quant_conv(z)).clamp(-1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pixels
+
+
+def tokenizer_pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """RGB images -> (B, 3, size, size) in [-1, 1]: Lanczos resize to size x size, then 2x - 1 (OFA's preprocessing)."""
+    arrays = [np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)
+              for img in images]
+    if not arrays:
+        return torch.empty(0, 3, size, size)
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(B, 3, S, S) in [-1, 1] -> (B, S, S, 3) uint8: clamp, then (x + 1) / 2 * 255 rounded."""
+    x = ((pixels.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """One (S, S, 3) uint8 image as PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(image, "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of two (B, C, S, S) batches in [-1, 1] (peak-to-peak 2)."""
+    mse = ((a.float().clamp(-1, 1) - b.float().clamp(-1, 1)) ** 2).flatten(1).mean(1)
+    return 10.0 * torch.log10(4.0 / mse.clamp_min(1e-12))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer bundles
+
+
+def save_tokenizer(path: str | Path, model: VQGAN, *, metadata: Mapping | None = None,
+                   overwrite: bool = False) -> Path:
+    """Write `model` as a tokenizer bundle (config.json + model.safetensors), atomically, like `save_bundle`."""
+    from ofa_model.bundle import BundleError, _fsync_dir, _move_into_place, _write_weights
+    from ofa_model.weights import non_finite
+
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    bad = non_finite(state)
+    if bad:
+        raise BundleError(f"cannot save a tokenizer to {path}: {len(bad)} weights hold NaN or Inf: {', '.join(bad)}")
+    body = {"format": TOKENIZER_FORMAT, "format_version": TOKENIZER_VERSION, "model": model.config.to_dict(),
+            "metadata": dict(metadata or {})}
+    try:
+        text = json.dumps(body, indent=2, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"cannot save a tokenizer to {path}: metadata must be plain JSON ({e})") from e
+    _check_target(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        _write_weights(state, tmp / "model.safetensors")
+        (tmp / "config.json").write_text(text)
+        _fsync_dir(tmp)
+        _move_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _check_target(path: Path, overwrite: bool) -> None:
+    """BundleError unless `path` is absent, empty, or (with `overwrite`) a tokenizer bundle holding only its files."""
+    from ofa_model.bundle import BundleError
+
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise BundleError(f"{path} is a symbolic link or not a directory; write the tokenizer to a directory path")
+    if not path.exists() or not any(path.iterdir()):
+        return
+    if not overwrite:
+        raise BundleError(f"{path} is not empty; pass overwrite=True (--overwrite) to replace the tokenizer there")
+    read_tokenizer_config(path)  # a BundleError unless it is a tokenizer
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in _FILES)
+    if foreign:
+        raise BundleError(f"{path} holds files that are not part of its tokenizer bundle: {foreign}; refusing")
+
+
+_FILES = ("config.json", "model.safetensors")
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    model: VQGAN
+    config: VQGANConfig
+    metadata: dict
+
+    def encode_images(self, images: Sequence[Image.Image], size: int | None = None) -> torch.Tensor:
+        """(B, (size / 8)^2) codes of RGB images resized to `size` (default the tokenizer's resolution), as OFA."""
+        device = next(self.model.parameters()).device
+        return self.model.encode(tokenizer_pixels(images, size or self.config.resolution).to(device))
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor) -> np.ndarray:
+        """(B, grid * grid) codes -> (B, S, S, 3) uint8 images."""
+        device = next(self.model.parameters()).device
+        return to_uint8(self.model.decode(codes.to(device)))
+
+
+def read_tokenizer_config(path: str | Path) -> tuple[Path, dict, VQGANConfig]:
+    """A tokenizer bundle's root, its checked config.json and architecture, without building the model."""
+    from ofa_model.bundle import CONFIG_MAX_BYTES, BundleError, _bundle_root, _parse_json, _read_bundle_file
+
+    root = _bundle_root(path)
+    where = root / "config.json"
+    cfg = _parse_json(_read_bundle_file(root, "config.json", CONFIG_MAX_BYTES), where)
+    if cfg.get("format") != TOKENIZER_FORMAT:
+        raise BundleError(f"{where}: format is {cfg.get('format')!r}, not an image tokenizer ({TOKENIZER_FORMAT!r})")
+    if cfg.get("format_version") != TOKENIZER_VERSION:
+        raise BundleError(f"{where}: format_version {cfg.get('format_version')!r} is not {TOKENIZER_VERSION}")
+    if not isinstance(cfg.get("metadata", {}), dict):
+        raise BundleError(f"{where}: metadata must be an object")
+    try:
+        return root, cfg, VQGANConfig.from_dict(cfg.get("model"), f"{where}: model")
+    except ConfigError as e:
+        raise BundleError(str(e)) from e
+
+
+def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Tokenizer:
+    """Rebuild a tokenizer (eval mode) from its bundle; the weights' header is checked before any is allocated."""
+    from ofa_model.bundle import WEIGHTS_MAX_BYTES, BundleError, _bundle_file, _check_header, _weights_header
+
+    root, cfg, config = read_tokenizer_config(path)
+    weights = _bundle_file(root, "model.safetensors", WEIGHTS_MAX_BYTES)
+    with torch.device("meta"):
+        expected = {k: (tuple(v.shape), v.dtype) for k, v in VQGAN(config).state_dict().items()}
+    _check_header(_weights_header(weights), expected, str(weights))
+    model = VQGAN(config)
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise BundleError(f"{weights} is not a valid safetensors file: {e}") from e
+    model.load_state_dict(state, strict=True)
+    return Tokenizer(model.to(device).eval(), config, dict(cfg.get("metadata", {})))
