@@ -4,6 +4,7 @@
     python -m jobs.prepare_data <source> [source options] --output URI [--limit N] [--splits a,b] [--shard-mb 128]
     python -m jobs.prepare_data ofa-tsv --layout vqa --input URI --split train --output URI
     python -m jobs.prepare_data webdataset --input URI --split train --output URI [--task caption]
+    python -m jobs.prepare_data image-codes --tokenizer BUNDLE --input CORPUS --output URI [--task both]
 
 Sources: easy-vqa, coco, vqav2, refcoco, snli-ve, imagefolder, glue, gigaword, fashion-mnist. Their options
 are the keyword options of their converters (`pipelines.data.converters.converter_options`), one flag each
@@ -18,6 +19,11 @@ or s3://) and run as a Ray job, one task per file or per --range-mb of a large T
 failed or killed conversion resumes it (its finished parts are kept); --append adds files to a corpus. S3
 credentials come from the Ray nodes' environment; --s3-endpoint / --s3-region reach every task.
 
+image-codes runs an image tokenizer bundle (a directory, s3:// or models:/) over the images of a canonical corpus
+as a Ray Data job (`pipelines.data.image_codes`): text_to_image rows (a caption and the codes of its whole
+image at --code-image-size) and image_infilling rows (every distinct image and the codes of its centre), the
+rows those tasks train on; --code-image-size is the code_image_size of the model that trains on them.
+
 Prints a JSON summary on stdout (bad rows by reason included); exits 2 when the command line, an option
 value, the input or the output is bad.
 """
@@ -31,6 +37,7 @@ from typing import Any
 
 from jobs._cli import Parser, fail, init_ray, print_json, setup_logging
 from pipelines.data.converters import SOURCES, ConverterOption, OutputError, converter_options, prepare
+from pipelines.data.image_codes import CODE_TASKS
 from pipelines.data.raw_convert import RANGE_MB
 from pipelines.data.readers.ofa_tsv import LAYOUTS
 from pipelines.data.readers.webdataset import WDS_TASKS
@@ -109,6 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="caption", choices=WDS_TASKS, help="the task of every sample (default caption)")
     p.add_argument("--key-map", action="append", default=None, metavar="ROLE=CANDIDATE[,...]",
                    help="where a role comes from, e.g. text=json:expr (repeatable; see pipelines.data.readers.webdataset)")
+    p = sub.add_parser("image-codes", parents=[output], help="image codes of a corpus's images (text_to_image, "
+                       "image_infilling rows)")
+    p.add_argument("--tokenizer", required=True, help="image tokenizer bundle: directory, s3:// prefix or models:/")
+    p.add_argument("--input", required=True, help="canonical corpus: path, file:// or s3://")
+    p.add_argument("--task", default="both", choices=CODE_TASKS, help="the rows to write (default both)")
+    p.add_argument("--code-image-size", type=int, default=None,
+                   help="pixels a side encoded: the training model's code_image_size (default: the tokenizer's)")
+    p.add_argument("--split", action="append", default=None, dest="splits",
+                   help="a split of the input to read (repeatable; default all)")
+    p.add_argument("--workers", type=int, default=1, help="encoding actors (each loads the tokenizer once)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per encoding call of an actor")
+    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per actor")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (> 0: encode on CUDA)")
+    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS environment)")
+    p.add_argument("--s3-region", default=None, help="S3 region (default: AWS environment)")
     for source, converter in SOURCES.items():
         about = (inspect.getmodule(converter).__doc__ or source).split("\n")[0]
         p = sub.add_parser(source, parents=[common], help=about, description=about)
@@ -133,6 +155,17 @@ def _prepare_raw(args: argparse.Namespace) -> dict:
                        range_mb=args.range_mb, append=args.append)
 
 
+def _image_codes(args: argparse.Namespace) -> dict:
+    from pipelines.data.image_codes import encode_corpus
+    from pipelines.job_env import s3_env
+
+    s3 = S3Options(args.s3_endpoint, args.s3_region) if args.s3_endpoint or args.s3_region else None
+    init_ray(s3_env(s3))
+    return encode_corpus(args.input, args.output, args.tokenizer, task=args.task, code_image_size=args.code_image_size,
+                         splits=args.splits, workers=args.workers, batch_size=args.batch_size, num_cpus=args.num_cpus,
+                         num_gpus=args.gpus_per_worker, s3=s3, shard_mb=args.shard_mb, log_every_s=args.log_every_s)
+
+
 def _prepare(args: argparse.Namespace) -> dict:
     """A converter's run: its options parsed from the flags that were given (the rest keep its defaults)."""
     given = vars(args)
@@ -147,7 +180,10 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        summary = _prepare_raw(args) if args.source in RAW_SOURCES else _prepare(args)
+        if args.source == "image-codes":
+            summary = _image_codes(args)
+        else:
+            summary = _prepare_raw(args) if args.source in RAW_SOURCES else _prepare(args)
     except OutputError as exc:
         fail(PROG, exc)
     except (ValueError, OSError) as exc:  # FileNotFoundError, S3 and permission errors on the input included

@@ -26,6 +26,7 @@ BAD_TYPE = "bad_type"  # a value of the wrong type, or out of the range the sche
 BAD_BOX = "bad_box"  # a box that is not 4 finite numbers with x0 < x1 and y0 < y1
 UNKNOWN_LABEL = "unknown_label"  # a label outside the task's label set
 BAD_ROW = "bad_row"  # any other way a row does not fit its task
+WRONG_CODE_COUNT = "wrong_code_count"  # image codes that are not the (code_image_size // 8)^2 of the model trained
 # images
 BAD_IMAGE = "bad_image"  # an image that cannot be used (generic)
 EMPTY_IMAGE = "empty_image"  # a zero-byte image payload

@@ -38,6 +38,7 @@ from ofa_model.errors import (
     MISSING_FIELD,
     NO_HYPOTHESIS,
     UNKNOWN_LABEL,
+    WRONG_CODE_COUNT,
     ConfigError,
     InputError,
     check_choice,
@@ -55,6 +56,7 @@ from ofa_model.preprocess import (
     normalize_text,
     resize_pixels,
 )
+from ofa_model.vqgan import DOWNSAMPLE
 
 PIXEL_KINDS = ("float", "uint8")
 
@@ -136,6 +138,9 @@ class TaskSpec:
     code_target: bool = False  # decoder emits image codes (code positions / layernorm)
     output_key: str | None = None  # key of the answer in predict's output; None: the target kind's (`answer_key`)
     clean_caption: bool = False  # generated text gets OFA's caption clean-up (`normalize_caption`)
+    # codes a row's target must hold, (code_image_size // 8)^2 of the model trained (`for_code_image_size`);
+    # None: not checked
+    code_count: int | None = None
 
     def __post_init__(self) -> None:
         for attr, allowed in (("target_kind", TARGET_KINDS), ("prompt_type", PROMPT_TYPES),
@@ -147,6 +152,10 @@ class TaskSpec:
             raise ConfigError(f"task {self.name}: prompt placeholders {sorted(names)} != slots {self.slots}")
         if self.inference == "candidates" and self.target_kind not in ("label", "text"):
             raise ConfigError(f"task {self.name}: candidate scoring needs text or label targets")
+        if self.code_count is not None and (self.target_kind != "codes" or isinstance(self.code_count, bool)
+                                            or not isinstance(self.code_count, int) or self.code_count < 1):
+            raise ConfigError(f"task {self.name}: code_count is for image-code targets and must be a positive int, "
+                              f"got {self.code_count!r} (target_kind {self.target_kind!r})")
         if self.output_key is not None and (not isinstance(self.output_key, str) or not self.output_key
                                             or self.output_key in _RESULT_KEYS):
             raise ConfigError(f"task {self.name}: output_key must be a non-empty str other than {_RESULT_KEYS}, "
@@ -226,6 +235,20 @@ TASKS: dict[str, TaskSpec] = {
 }
 # Tasks whose correct answer is one of their fixed labels; the rest take candidates per request.
 # The pretraining mixtures of OFA also use `itm`, `qa_matching`, `grounded_caption` and the infilling tasks.
+
+
+def codes_per_image(code_image_size: int) -> int:
+    """Image codes of one target of a model whose `OFAConfig.code_image_size` is `code_image_size`: the
+    (code_image_size // 8)^2 codes of text-to-image's whole image and of image infilling's centre alike."""
+    return (code_image_size // DOWNSAMPLE) ** 2
+
+
+def for_code_image_size(specs: Mapping[str, TaskSpec], code_image_size: int) -> dict[str, TaskSpec]:
+    """`specs` with every image-code task's `code_count` set for a model of `code_image_size`, so that
+    `build_example` refuses a row whose codes were made at another size (a bad row, `wrong_code_count`)."""
+    n = codes_per_image(code_image_size)
+    return {name: spec.replace(code_count=n) if spec.target_kind == "codes" else spec
+            for name, spec in specs.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,6 +491,11 @@ def _box_tokens(spec, row, vocab, pcfg, box, image_size) -> list[int]:
 
 def _code_tokens(spec, row, vocab, pcfg, box, image_size) -> list[int]:
     codes = _field(row, spec.target_field, spec.name)
+    if _is_list(codes) and spec.code_count is not None and len(codes) != spec.code_count:
+        raise TaskInputError(f"task {spec.name}: field {spec.target_field!r} holds {len(codes)} image codes, the "
+                             f"model trains on {spec.code_count} ((code_image_size // 8)^2): make them at its "
+                             "code_image_size (python -m jobs.prepare_data image-codes --code-image-size)",
+                             WRONG_CODE_COUNT)
     if not _is_list(codes) or not all(isinstance(c, Integral) and not isinstance(c, bool) for c in codes):
         raise TaskInputError(f"task {spec.name}: field {spec.target_field!r} must be a list of integer codes",
                              BAD_TYPE)

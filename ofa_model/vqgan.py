@@ -348,6 +348,14 @@ def tokenizer_pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     return x / 127.5 - 1.0
 
 
+def infill_pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """(B, 3, size, size) in [-1, 1]: the centre size x size pixels of the images resized to 2 x size, the region
+    image infilling blanks and predicts (OFA: the 128 px centre of a 256 px image). `size` is the model's
+    code_image_size, a multiple of 8."""
+    lo = size // 2
+    return tokenizer_pixels(images, 2 * size)[:, :, lo:lo + size, lo:lo + size]
+
+
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     """(B, 3, S, S) in [-1, 1] -> (B, S, S, 3) uint8: clamp, then (x + 1) / 2 * 255 rounded."""
     x = ((pixels.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
@@ -432,6 +440,11 @@ class Tokenizer:
         """(B, (size / 8)^2) codes of RGB images resized to `size` (default the tokenizer's resolution), as OFA."""
         device = next(self.model.parameters()).device
         return self.model.encode(tokenizer_pixels(images, size or self.config.resolution).to(device))
+
+    def encode_centres(self, images: Sequence[Image.Image], size: int) -> torch.Tensor:
+        """(B, (size / 8)^2) codes of the images' centres (`infill_pixels`): image infilling's targets."""
+        device = next(self.model.parameters()).device
+        return self.model.encode(infill_pixels(images, size).to(device))
 
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> np.ndarray:

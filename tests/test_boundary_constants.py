@@ -20,7 +20,7 @@ def test_shared_reasons_and_image_formats_come_from_ofa_model():
     assert schema.IMAGE_FORMATS is SUPPORTED_FORMATS
     shared = {errors.BAD_IMAGE, errors.IMAGE_TOO_LARGE, errors.EMPTY_IMAGE, errors.NOT_AN_IMAGE,
               errors.TRUNCATED_IMAGE, errors.MISSING_FIELD, errors.EMPTY_TEXT, errors.BAD_BOX, errors.UNKNOWN_LABEL,
-              errors.BAD_TYPE, errors.UNKNOWN_TASK, errors.BAD_ROW}
+              errors.BAD_TYPE, errors.UNKNOWN_TASK, errors.BAD_ROW, errors.WRONG_CODE_COUNT}
     assert set(ingest.REASONS) == shared | {errors.UNREADABLE_SHARD}
 
 

@@ -365,7 +365,7 @@ def test_ofa_base_pretraining_runs_on_the_four_families_with_its_derived_tasks(t
                                  "--output", corpus, *(["--append"] if n else []))
         assert rc == 0, err
     overrides = [
-        f"data.uri={corpus}", "model.init=null", "model.arch=ofa-micro", f"run.storage_path={tmp_path / 'runs'}",
+        f"data.uri={corpus}", f"data.sources.image_infilling.uri={corpus}", "model.init=null", "model.arch=ofa-micro", f"run.storage_path={tmp_path / 'runs'}",
         "run.log_every_s=0", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "scaling.use_gpu=false",
         "scaling.num_workers=1", "scaling.cpus_per_worker=0.5", "data.batch_size=4", "data.num_actors=[1, 1]",
         "data.actor_num_cpus=0.25", "data.read_num_cpus=0.25",

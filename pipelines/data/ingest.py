@@ -48,6 +48,7 @@ from ofa_model.errors import (
     UNKNOWN_LABEL,
     UNKNOWN_TASK,
     UNREADABLE_SHARD,
+    WRONG_CODE_COUNT,
     InputError,
 )
 from ofa_model.preprocess import PreprocessConfig
@@ -66,7 +67,7 @@ logger = logging.getLogger(__name__)
 # unknown tasks.
 REASONS = (
     BAD_IMAGE, IMAGE_TOO_LARGE, EMPTY_IMAGE, NOT_AN_IMAGE, TRUNCATED_IMAGE, MISSING_FIELD, EMPTY_TEXT, BAD_BOX,
-    UNKNOWN_LABEL, BAD_TYPE, UNKNOWN_TASK, UNREADABLE_SHARD, BAD_ROW,
+    UNKNOWN_LABEL, BAD_TYPE, UNKNOWN_TASK, UNREADABLE_SHARD, BAD_ROW, WRONG_CODE_COUNT,
 )  # fmt: skip
 
 

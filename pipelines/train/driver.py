@@ -52,7 +52,13 @@ from pipelines.job_env import job_tracking_uri
 from pipelines.tracking.registry import promote_if_better, register_bundle
 from pipelines.tracking.runs import MetricLogger, end_run, patiently, run_key, start_or_resume_run
 from pipelines.train.checkpointing import BUNDLE_DIR, epoch_started, latest_state_summary
-from pipelines.train.setup import run_vocab, task_specs, with_answer_sets, with_init_bundle
+from pipelines.train.setup import (
+    run_code_image_size,
+    run_vocab,
+    task_specs,
+    with_answer_sets,
+    with_init_bundle,
+)
 from pipelines.train.train_config import TrainConfig
 from pipelines.train.worker import train_loop
 
@@ -101,7 +107,7 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None,
     if not ray.is_initialized():
         ray.init()
     cfg = with_init_bundle(cfg)
-    specs = task_specs(cfg)
+    specs = task_specs(cfg, run_code_image_size(cfg))
     vocab = run_vocab(cfg)
     fingerprint = data_fingerprint(read_manifests(cfg.data, cfg.mixture))
     metric, mode = primary_metric(specs[cfg.task])

@@ -28,11 +28,12 @@ import pyarrow.fs as pafs
 
 from ofa_model import OFAModel
 from ofa_model.answer_sets import MAX_FILE_BYTES, AnswerSetError, parse_answer_set
+from ofa_model.architecture import OFAConfig
 from ofa_model.bundle import load_bundle, load_bundle_vocab, read_bundle_config
 from ofa_model.config_files import build, to_dict
 from ofa_model.instructions import parse_instruction
 from ofa_model.preprocess import PreprocessConfig
-from ofa_model.tasks import TASKS, TaskSpec
+from ofa_model.tasks import TASKS, TaskSpec, for_code_image_size
 from ofa_model.vocab import Vocabulary
 from pipelines import storage
 from pipelines.storage import S3Options
@@ -52,8 +53,10 @@ class Setup:
     init: str  # where the weights came from ("scratch:<arch>" or the bundle/URI)
 
 
-def task_specs(cfg: TrainConfig) -> dict[str, TaskSpec]:
-    """Built-in tasks plus the config's custom ones (which may not replace a built-in name)."""
+def task_specs(cfg: TrainConfig, code_image_size: int | None = None) -> dict[str, TaskSpec]:
+    """Built-in tasks plus the config's custom ones (which may not replace a built-in name). `code_image_size`:
+    the trained model's (`run_code_image_size`); image-code rows must then hold its (code_image_size // 8)^2
+    codes (`ofa_model.tasks.for_code_image_size`), else they are bad rows. None: the count is not checked."""
     specs = dict(TASKS)
     for name, line in cfg.custom_tasks.items():
         if name in TASKS:
@@ -63,7 +66,15 @@ def task_specs(cfg: TrainConfig) -> dict[str, TaskSpec]:
     unknown = sorted(n for n in names if n not in specs)
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; known: {sorted(specs)}")
-    return specs
+    return specs if code_image_size is None else for_code_image_size(specs, code_image_size)
+
+
+def run_code_image_size(cfg: TrainConfig) -> int:
+    """The code_image_size of the model the run trains: the init bundle's (read without building its model), else
+    the from-scratch architecture's."""
+    if cfg.model.init:
+        return OFAConfig.from_dict(read_bundle_config(_init_bundle(cfg))["model"]).code_image_size
+    return cfg.model.architecture().code_image_size
 
 
 def merged_preprocess(config: PreprocessConfig, bundle: PreprocessConfig) -> PreprocessConfig:
@@ -162,7 +173,7 @@ def build_setup(cfg: TrainConfig) -> Setup:
         arch = cfg.model.architecture(vocab_size=len(vocab), pad_id=vocab.pad_id)
         model = OFAModel(arch, reg)
         init = f"scratch:{arch.name}"
-    return Setup(model, vocab, task_specs(cfg), init)
+    return Setup(model, vocab, task_specs(cfg, model.config.code_image_size), init)
 
 
 def run_vocab(cfg: TrainConfig) -> Vocabulary:

@@ -1,0 +1,157 @@
+"""`python -m jobs.prepare_data image-codes` (`pipelines.data.image_codes`) on the shared Ray cluster: a tiny
+easy-VQA corpus with one corrupt image through an untrained, seeded vqgan-micro tokenizer. Its codes equal the
+tokenizer's own in-process encoding, bad images are counted by reason beside written neighbours, and the rows
+train (build_example, collate, an ofa-micro forward) only at the code_image_size they were made for."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from jobs import prepare_data
+from ofa_model.architecture import get_config
+from ofa_model.config_files import load_config
+from ofa_model.model import OFAModel
+from ofa_model.preprocess import PreprocessConfig, collate
+from ofa_model.tasks import INFILL_CODES, TASKS, for_code_image_size
+from ofa_model.vocab import Vocabulary
+from ofa_model.vqgan import VQGAN, VQGAN_SIZES, load_tokenizer, save_tokenizer
+from pipelines.data.converters.easyvqa import convert_easy_vqa
+from pipelines.data.ingest import preprocess_row
+from pipelines.data.readers.rows import BadRow
+from pipelines.data.shards import iter_rows, write_corpus
+
+RAY_TIMEOUT = 240
+SIZE = 32  # the job's code_image_size: (32 / 8)^2 = 16 codes a target
+CORRUPT = "easy-vqa/train/caption/corrupt"
+
+
+def run_job(*argv: str) -> tuple[int, dict | None]:
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            prepare_data.main(["image-codes", *argv])
+    except SystemExit as exc:
+        return exc.code, None
+    return 0, json.loads(out.getvalue())
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, ray_cluster):
+    """(summary, source rows by id, output rows, tokenizer): the job run once on 3 easy-VQA train images (about 60
+    rows of 6 tasks showing them) and a caption row whose PNG is cut after 40 bytes."""
+    root = tmp_path_factory.mktemp("image_codes")
+    rows = [r for r in convert_easy_vqa(splits=["train"], limit=3, seed=0) if not isinstance(r, BadRow)]
+    caption = next(r for r in rows if r["task"] == "caption")
+    rows.append({**caption, "id": CORRUPT, "image": caption["image"][:40]})
+    write_corpus(rows, str(root / "corpus"))
+    torch.manual_seed(0)
+    save_tokenizer(root / "tokenizer", VQGAN(VQGAN_SIZES["vqgan-micro"]))
+    rc, summary = run_job("--tokenizer", str(root / "tokenizer"), "--input", str(root / "corpus"), "--output",
+                          str(root / "codes"), "--code-image-size", str(SIZE), "--batch-size", "2",
+                          "--num-cpus", "0.5", "--log-every-s", "0")
+    assert rc == 0
+    return summary, {r["id"]: r for r in rows}, list(iter_rows(str(root / "codes"))), load_tokenizer(root / "tokenizer")
+
+
+def pil(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_codes_equal_the_tokenizers_own_encoding_and_bad_images_are_counted(job):
+    summary, source, out, tokenizer = job
+    good = [r for i, r in source.items() if i != CORRUPT]
+    captions = [r for r in good if r["task"] == "caption"]
+    distinct = {r["image"] for r in good if r["image"] is not None}
+    assert len(captions) == len(distinct) == 3
+    assert summary["rows_by_task"] == {"image_infilling": 3, "text_to_image": 3}
+    assert summary["rows_bad"] == {"truncated_image": 2}  # the corrupt image: its infilling and caption rows
+    assert summary["bad_by_task"] == {"image_infilling": 1, "text_to_image": 1}
+    assert f"{CORRUPT}/text_to_image" in summary["bad_examples"]["truncated_image"]
+    assert (summary["images"], summary["codes_per_image"], summary["counts"]) == (
+        4, 16, {"train": {"image_infilling": 3, "text_to_image": 3}})
+
+    t2i = sorted((r for r in out if r["task"] == "text_to_image"), key=lambda r: r["id"])
+    assert [r["id"] for r in t2i] == sorted(f"{c['id']}/text_to_image" for c in captions)
+    sources = [source[r["id"].removesuffix("/text_to_image")] for r in t2i]
+    assert [r["text"] for r in t2i] == [s["target"] for s in sources] and all(r["image"] is None for r in t2i)
+    expected = tokenizer.encode_images([pil(s["image"]) for s in sources], SIZE).tolist()
+    assert [r["codes"] for r in t2i] == expected
+
+    infill = [r for r in out if r["task"] == "image_infilling"]
+    assert {r["image"] for r in infill} == distinct  # each distinct image once, its bytes as stored
+    assert all(len(r["codes"]) == (SIZE // 8) ** 2 for r in infill)
+    lo, hi = SIZE // 2, SIZE * 3 // 2  # the centre SIZE px of the image at 2 x SIZE, cut here with PIL
+    centres = [pil(r["image"]).resize((2 * SIZE, 2 * SIZE), Image.Resampling.LANCZOS).crop((lo, lo, hi, hi))
+               for r in infill]
+    assert [r["codes"] for r in infill] == tokenizer.encode_images(centres, SIZE).tolist()
+    assert len({tuple(r["codes"]) for r in infill}) == 3  # three images, three different targets
+
+
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_rows_train_at_the_code_image_size_they_were_made_for_and_are_bad_rows_at_another(job):
+    _, _, out, _ = job
+    vocab, pcfg = Vocabulary.gpt2(), PreprocessConfig(patch_image_size=32)
+    at_32, at_64 = for_code_image_size(TASKS, SIZE), for_code_image_size(TASKS, 64)
+    samples = []
+    for row in out:
+        sample, reason, detail = preprocess_row(at_32[row["task"]], row, vocab, pcfg, train=True, rng=None)
+        assert reason is None, detail
+        assert sample["target"] == [vocab.code_id(c) for c in row["codes"]] + [vocab.eos_id]
+        assert sample["code_mask"] and (sample["image"] is None) == (row["task"] == "text_to_image")
+        samples.append(sample)
+        sample, reason, detail = preprocess_row(at_64[row["task"]], row, vocab, pcfg, train=True, rng=None)
+        assert (sample, reason) == (None, "wrong_code_count")
+        assert "holds 16 image codes, the model trains on 64" in detail
+    infill = next(s for s in samples if s["image"] is not None)
+    assert torch.count_nonzero(infill["image"][:, 8:24, 8:24]) == 0  # the centre the codes describe is blanked
+    model = OFAModel(get_config("ofa-micro", code_image_size=SIZE, vocab_size=len(vocab), pad_id=vocab.pad_id))
+    batch = collate(samples, vocab.pad_id)
+    logits = model(batch["src_tokens"], batch.get("patch_images"), batch.get("patch_masks"),
+                   batch["prev_output_tokens"], batch["code_masks"])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["target"].flatten(),
+                                             ignore_index=vocab.pad_id)
+    assert logits.shape[:2] == batch["target"].shape and torch.isfinite(loss)
+
+
+@pytest.mark.timeout(RAY_TIMEOUT)
+def test_the_job_refuses_bad_options_with_status_2(job, tmp_path, capsys):
+    corpus = str(Path(tmp_path) / "nothing")
+    tokenizer = str(Path(tmp_path) / "tok")
+    torch.manual_seed(0)
+    save_tokenizer(tokenizer, VQGAN(VQGAN_SIZES["vqgan-micro"]))
+    rc, _ = run_job("--tokenizer", tokenizer, "--input", corpus, "--output", str(tmp_path / "o"),
+                    "--code-image-size", "30")
+    assert rc == 2 and "code_image_size must be a multiple of 8" in capsys.readouterr().err
+    rc, _ = run_job("--tokenizer", str(tmp_path), "--input", corpus, "--output", str(tmp_path / "o"))
+    assert rc == 2 and "not a bundle directory" in capsys.readouterr().err
+
+
+def test_pretraining_configs_read_image_infilling_from_an_image_codes_corpus():
+    from pipelines.data.dataset import corpora
+    from pipelines.train.setup import run_code_image_size, task_specs
+    from pipelines.train.train_config import TrainConfig
+
+    micro = "configs/pretrain/easyvqa_micro.yaml"
+    demo = load_config(TrainConfig, micro)
+    assert "image_infilling" not in demo.mixture  # the demo's pretraining, as shipped: no codes corpus needed
+    opted = load_config(TrainConfig, micro, [
+        "mixture={image_infilling: 1}", "data.sources={image_infilling: {uri: s3://ofa-demo/corpora/easy-vqa-codes}}"])
+    assert opted.mixture == {**demo.mixture, "image_infilling": 1}
+    assert corpora(opted.data, opted.mixture)["image_infilling"].uri == "s3://ofa-demo/corpora/easy-vqa-codes"
+    specs = task_specs(opted, run_code_image_size(opted))
+    assert specs["image_infilling"].code_count == specs["text_to_image"].code_count == 256  # ofa-micro's 128 px
+    assert specs["caption"].code_count is None
+
+    base = load_config(TrainConfig, "configs/pretrain/ofa-base.yaml", [
+        "data.uri=s3://c/pretrain", "data.sources.image_infilling.uri=s3://c/codes", "model.init=null",
+        "run.storage_path=s3://c/runs"])
+    assert corpora(base.data, base.mixture)["image_infilling"].uri == "s3://c/codes"
+    assert task_specs(base, run_code_image_size(base))["image_infilling"].code_count == INFILL_CODES  # OFA's 256
