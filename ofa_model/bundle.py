@@ -1,8 +1,10 @@
 """Our self-describing model bundle: written atomically, read as untrusted input.
 
 Bundle = a directory with `config.json` (architecture, vocabulary reference, preprocessing, custom tasks, answer
-sets, metadata), `model.safetensors` and, for the official vocabulary layout, `dict.txt`. Every bundle carries a
-complete `PreprocessConfig`, checked against the architecture when it is saved and when it is loaded.
+sets, metadata), `model.safetensors`, for the official vocabulary layout `dict.txt`, and, for a model that
+generates images, its image tokenizer as the tokenizer bundle `image_tokenizer/` (`ofa_model.vqgan`), which turns
+the model's code tokens into pixels. Every bundle carries a complete `PreprocessConfig`, checked against the
+architecture when it is saved and when it is loaded; a tokenizer is checked against the vocabulary likewise.
 
 Every way a bundle can be wrong is a `BundleError` (an `InputError`) naming the file and the field, or a
 `CheckpointMismatchError` for weights that do not fit the architecture. Loading reads only regular files inside
@@ -40,15 +42,18 @@ from ofa_model.preprocess import PreprocessConfig
 from ofa_model.safe_load import file_kind
 from ofa_model.tasks import TASKS, TaskSpec
 from ofa_model.vocab import Vocabulary
+from ofa_model.vqgan import DOWNSAMPLE, Tokenizer, VQGANConfig, load_tokenizer, save_tokenizer
 from ofa_model.weights import TIED_KEYS, CheckpointMismatchError, dtype_mismatch, load_weights, non_finite
 
 BUNDLE_FORMAT = "ofa-ray-bundle"
 BUNDLE_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-# config.json keys: all required but custom_tasks and answer_sets (absent in bundles written before they were stored).
+IMAGE_TOKENIZER_DIR = "image_tokenizer"  # the tokenizer bundle inside a model bundle (config.json names it)
+# config.json keys: all required but custom_tasks and answer_sets (absent in bundles written before they were stored)
+# and image_tokenizer (only a bundle that generates images has one).
 _CONFIG_KEYS = frozenset({"format", "format_version", "model", "vocab", "preprocess", "metadata"})
-_OPTIONAL_CONFIG_KEYS = frozenset({"custom_tasks", "answer_sets"})
+_OPTIONAL_CONFIG_KEYS = frozenset({"custom_tasks", "answer_sets", "image_tokenizer"})
 
 # Size caps on what a bundle may make us read.
 CONFIG_MAX_BYTES = 4 * 2**20
@@ -163,6 +168,23 @@ def _check_answer_sets(sets, custom_tasks: Mapping[str, str], where: str) -> dic
     if unknown:
         raise BundleError(f"{where}: answer_sets names tasks the bundle does not know: {unknown}")
     return out
+
+
+def check_image_tokenizer(tokenizer: VQGANConfig, vocab, config: OFAConfig, where: str) -> None:
+    """BundleError naming `where` unless the tokenizer can turn the model's codes into RGB pixels: its codebook
+    (n_embed) fits the vocabulary's code tokens, it writes 3 channels, and the model's code_image_size is a side
+    it decodes (a multiple of 8; the tokenizer is convolutional, so any such side works whatever its training
+    resolution: OFA's pretraining decodes 128 px centres with its 256 px tokenizer)."""
+    if tokenizer.n_embed > vocab.num_codes:
+        raise BundleError(f"{where}: the image tokenizer {tokenizer.name!r} has {tokenizer.n_embed} codes (n_embed), "
+                          f"more than the vocabulary's {vocab.num_codes} code tokens; use a tokenizer with at most "
+                          f"{vocab.num_codes} codes")
+    if tokenizer.out_ch != 3:
+        raise BundleError(f"{where}: the image tokenizer {tokenizer.name!r} writes {tokenizer.out_ch} channels "
+                          "(out_ch); generated images are RGB: it must write 3")
+    if config.code_image_size % DOWNSAMPLE:
+        raise BundleError(f"{where}: the model's code_image_size {config.code_image_size} is not a multiple of "
+                          f"{DOWNSAMPLE}, so no tokenizer decodes its code grid")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,6 +302,26 @@ def _load_vocab(root: Path, ref, config: OFAConfig, where: Path) -> Vocabulary:
     return vocab
 
 
+def _load_image_tokenizer(root: Path, name, vocab, config: OFAConfig, where: Path,
+                          device: str | torch.device) -> Tokenizer:
+    """The tokenizer bundle in directory `name` of bundle `root`, checked against the vocabulary and model."""
+    if name != IMAGE_TOKENIZER_DIR:
+        raise BundleError(f"{where}: image_tokenizer must be {IMAGE_TOKENIZER_DIR!r} (the directory inside the "
+                          f"bundle), got {name!r}")
+    directory = root / name
+    try:
+        target = directory.resolve(strict=True)
+    except FileNotFoundError:
+        raise BundleError(f"{directory} is missing (config.json lists an image tokenizer)") from None
+    except (OSError, RuntimeError) as e:
+        raise BundleError(f"{directory} cannot be resolved: {e}") from None
+    if not target.is_relative_to(root) or not target.is_dir():
+        raise BundleError(f"{directory} must be a directory inside the bundle {root}")
+    tokenizer = load_tokenizer(target, device)
+    check_image_tokenizer(tokenizer.config, vocab, config, str(directory))
+    return tokenizer
+
+
 def _weights_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, dtype name) from a safetensors header, read without loading any tensor."""
     try:
@@ -319,6 +361,7 @@ class Bundle:
     metadata: dict = field(default_factory=dict)
     custom_tasks: dict[str, str] = field(default_factory=dict)  # name -> instruction line, declared in training
     answer_sets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # task -> the closed set it trained with
+    image_tokenizer: Tokenizer | None = None  # turns generated code tokens into pixels (text-to-image models)
 
     @property
     def tasks(self) -> dict[str, TaskSpec]:
@@ -329,13 +372,15 @@ class Bundle:
 def save_bundle(path: str | Path, model: OFAModel, vocab, *, preprocess: PreprocessConfig,
                 custom_tasks: Mapping[str, str] | None = None, metadata: Mapping | None = None,
                 answer_sets: Mapping[str, Sequence[str]] | None = None, overwrite: bool = False,
-                limits: BundleLimits | None = None) -> Path:
-    """Write `model`, its vocabulary reference, preprocessing, custom tasks ({name: instruction line}) and answer
-    sets ({task: answers}: the closed sets it trained with, the predictor's candidates by default) as a bundle
+                limits: BundleLimits | None = None, image_tokenizer: str | Path | Tokenizer | None = None) -> Path:
+    """Write `model`, its vocabulary reference, preprocessing, custom tasks ({name: instruction line}), answer
+    sets ({task: answers}: the closed sets it trained with, the predictor's candidates by default) and image
+    tokenizer (a tokenizer bundle directory or a loaded `Tokenizer`; stored as `image_tokenizer/`) as a bundle
     directory at `path`.
 
     Everything is checked first (the vocabulary and `preprocess` against the model and `limits`, custom task names
-    against the built-in tasks, metadata as plain JSON, finite weights): a BundleError naming the field. The bundle
+    against the built-in tasks, the tokenizer against the vocabulary's codes, metadata as plain JSON, finite
+    weights): a BundleError naming the field. The bundle
     is written into a temporary directory beside `path` and renamed into place; a failed write is an OSError and
     leaves `path` as it was. A non-empty `path` is refused unless `overwrite`; then it must hold a bundle and
     nothing else, which is replaced only once the new one is complete.
@@ -359,6 +404,10 @@ def save_bundle(path: str | Path, model: OFAModel, vocab, *, preprocess: Preproc
     custom_tasks = dict(custom_tasks or {})
     _check_custom_tasks(custom_tasks, f"cannot save a bundle to {path}")
     answer_sets = _check_answer_sets(dict(answer_sets or {}), custom_tasks, f"cannot save a bundle to {path}")
+    if image_tokenizer is not None and not isinstance(image_tokenizer, Tokenizer):
+        image_tokenizer = load_tokenizer(image_tokenizer)
+    if image_tokenizer is not None:
+        check_image_tokenizer(image_tokenizer.config, vocab, config, f"cannot save a bundle to {path}")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in TIED_KEYS}
     bad = non_finite(state)
     if bad:
@@ -374,6 +423,8 @@ def save_bundle(path: str | Path, model: OFAModel, vocab, *, preprocess: Preproc
     }
     if answer_sets:
         body["answer_sets"] = {task: list(answers) for task, answers in answer_sets.items()}
+    if image_tokenizer is not None:
+        body["image_tokenizer"] = IMAGE_TOKENIZER_DIR
     try:
         json.dumps(body, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -384,6 +435,8 @@ def save_bundle(path: str | Path, model: OFAModel, vocab, *, preprocess: Preproc
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is read by other users (serving)
         _write_weights(state, tmp / WEIGHTS_FILE)
+        if image_tokenizer is not None:
+            save_tokenizer(tmp / IMAGE_TOKENIZER_DIR, image_tokenizer.model, metadata=image_tokenizer.metadata)
         body["vocab"] = vocab.to_reference(tmp)
         text = json.dumps(body, indent=2, sort_keys=True)
         if len(text.encode()) > CONFIG_MAX_BYTES:  # a reader would refuse it
@@ -412,6 +465,8 @@ def _write_weights(state: dict[str, torch.Tensor], path: Path) -> None:
 def _own_files(cfg: Mapping) -> set[str]:
     """Names of the entries at the top of a bundle directory that its config.json accounts for."""
     own = {CONFIG_FILE, WEIGHTS_FILE}
+    if cfg.get("image_tokenizer") == IMAGE_TOKENIZER_DIR:
+        own.add(IMAGE_TOKENIZER_DIR)
     ref = cfg.get("vocab")
     dict_txt = ref.get("dict_txt") if isinstance(ref, Mapping) else None
     if isinstance(dict_txt, str) and dict_txt and not Path(dict_txt).is_absolute():
@@ -496,7 +551,8 @@ def load_bundle_vocab(path: str | Path) -> Vocabulary:
 
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu", *, limits: BundleLimits | None = None) -> Bundle:
-    """Rebuild model (eval mode, on `device`), vocabulary, preprocessing, custom tasks and answer sets from a bundle.
+    """Rebuild model (eval mode, on `device`), vocabulary, preprocessing, custom tasks, answer sets and the image
+    tokenizer (None for a bundle without one) from a bundle.
 
     Every section of config.json is checked, the preprocessing against the model and `limits` (default
     `BundleLimits()`), and the weights' header against the architecture, before the model is allocated. Any problem
@@ -518,6 +574,9 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", *, limits:
     if not isinstance(cfg["metadata"], dict):
         raise BundleError(f"{where}: metadata must be an object, got {type(cfg['metadata']).__name__}")
     vocab = _load_vocab(root, cfg["vocab"], config, where)
+    tokenizer = None
+    if "image_tokenizer" in cfg:
+        tokenizer = _load_image_tokenizer(root, cfg["image_tokenizer"], vocab, config, where, device)
     weights = _bundle_file(root, WEIGHTS_FILE, WEIGHTS_MAX_BYTES)
     _check_header(_weights_header(weights), expected, str(weights))
     model = OFAModel(config)
@@ -527,5 +586,5 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", *, limits:
         raise BundleError(f"{weights} is not a valid safetensors file: {e}") from e
     load_weights(model, state, source=str(weights))
     return Bundle(model.to(device).eval(), vocab, config, preprocess, cfg["metadata"], dict(custom_tasks),
-                  answer_sets)
+                  answer_sets, tokenizer)
 

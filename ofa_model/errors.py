@@ -63,6 +63,7 @@ BAD_SETTING = "bad_setting"  # a decoding setting or mode of the wrong type or o
 LIMIT_EXCEEDED = "limit_exceeded"  # a request over a configured work limit (items, beam x length, candidates, text)
 DUPLICATE_CANDIDATE = "duplicate_candidate"  # a candidate answer listed twice in one input
 NO_HYPOTHESIS = "no_hypothesis"  # decoding gave no answer of the task's form (no hypothesis, too few box tokens)
+NO_IMAGE_TOKENIZER = "no_image_tokenizer"  # an image-generating task on a model whose bundle carries no image tokenizer
 
 
 class InputError(ValueError):

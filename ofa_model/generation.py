@@ -305,11 +305,13 @@ def _greedy(model, enc, start, code_masks, stepper, cons) -> list[list[Hypothesi
 
 
 def _sample(model, enc, start, code_masks, stepper, cons) -> list[list[Hypothesis]]:
+    """`num_return_sequences` samples per example. With a seed, each example draws from its own generator seeded
+    with it, so an example's samples do not depend on the examples decoded beside it."""
     cfg = stepper.cfg
     n = cfg.num_return_sequences
-    gen = None
+    gens = None
     if cfg.seed is not None:
-        gen = torch.Generator(device=start.device).manual_seed(cfg.seed)
+        gens = [torch.Generator(device=start.device).manual_seed(cfg.seed) for _ in range(start.shape[0])]
 
     def pick(lp: torch.Tensor) -> torch.Tensor:
         lp = lp.clone()
@@ -322,7 +324,11 @@ def _sample(model, enc, start, code_masks, stepper, cons) -> list[list[Hypothesi
             cum = sorted_lp.exp().cumsum(-1)
             drop = cum - sorted_lp.exp() >= cfg.top_p  # keep the smallest prefix reaching top_p
             lp.scatter_(1, order, sorted_lp.masked_fill(drop, -math.inf))
-        return torch.multinomial(lp.softmax(-1), 1, generator=gen)[:, 0]
+        probs = lp.softmax(-1)
+        if gens is None:
+            return torch.multinomial(probs, 1)[:, 0]
+        return torch.cat([torch.multinomial(probs[i * n:(i + 1) * n], 1, generator=g)[:, 0]
+                          for i, g in enumerate(gens)])
 
     rep = torch.arange(start.shape[0], device=start.device).repeat_interleave(n)
     cm = code_masks.index_select(0, rep) if code_masks is not None else None

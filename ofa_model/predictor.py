@@ -15,10 +15,22 @@ A closed-set task (VQA in allcand or trie mode, image classification) scores an 
 when it sends none, the answer set the model was trained with (`answer_sets`, from the bundle): a client of a
 VQA model need not send its 3,129 answers. `PredictorLimits.max_candidates` bounds what an input sends, not the
 bundle's own set.
+
+An image-generating task (text_to_image, image_infilling: `TaskSpec.code_target`) needs the bundle's image
+tokenizer (else the input fails with reason "no_image_tokenizer"). It decodes exactly the model's code grid
+(`tasks.codes_per_image`: (code_image_size / 8)^2 tokens, EOS only after it), constrained to the tokenizer's
+codes, `num_samples` times per input (sampling with `top_k`, `top_p`, `temperature`, `seed`: input fields, OFA's
+defaults top_k 256 and temperature 1.0; `decoding` may choose greedy or beam search instead). The tokenizer turns
+each grid into an image, and the images are ranked by the task's `rerank_task` (text_to_image: the model's own
+image-text matching, `itm`, P(" yes") over " yes" / " no" for the input's caption, asked of the PNG through the
+model's normal preprocessing), ties and tasks without one by log-probability. The answer:
+`{"images": [{"png": <base64>, "rank": 1.., "itm_score", "logprob", "codes" (with "return_codes": true)}],
+"width", "height"}`. With a seed, an input's images do not depend on the inputs decoded beside it.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import logging
 import math
@@ -36,6 +48,7 @@ from ofa_model.errors import (
     BAD_SETTING,
     BAD_TYPE,
     LIMIT_EXCEEDED,
+    NO_IMAGE_TOKENIZER,
     UNKNOWN_TASK,
     ConfigError,
     InputError,
@@ -43,7 +56,15 @@ from ofa_model.errors import (
     check_value,
     error_dict,
 )
-from ofa_model.generation import GenerationConfig, SpecialIds, generate, max_new_tokens, score_candidates
+from ofa_model.generation import (
+    MAX_BEAM,
+    GenerationConfig,
+    Hypothesis,
+    SpecialIds,
+    generate,
+    max_new_tokens,
+    score_candidates,
+)
 from ofa_model.model import OFAModel
 from ofa_model.precision import Execution
 from ofa_model.preprocess import PreprocessConfig, pad_sequences
@@ -53,15 +74,22 @@ from ofa_model.tasks import (
     NoAnswerError,
     TaskInputError,
     TaskSpec,
+    code_constraint,
+    codes_per_image,
     inference_request,
     max_source_length,
     parse_output,
 )
+from ofa_model.vqgan import Tokenizer, png_bytes
 
 log = logging.getLogger(__name__)
 
 MODES = ("open", "trie", "allcand")  # VQA: open-ended beam, trie-constrained beam, all-candidate scoring
 _GEN_FIELDS = {f.name for f in dataclasses.fields(GenerationConfig)}
+# image generation: input field -> the GenerationConfig field it sets; the length fields are the model's
+_SAMPLING_FIELDS = {"num_samples": "num_return_sequences", "top_k": "top_k", "top_p": "top_p",
+                    "temperature": "temperature", "seed": "seed"}
+_LENGTH_FIELDS = ("max_len_a", "max_len_b", "min_len")
 
 
 @dataclass(frozen=True)
@@ -82,6 +110,9 @@ class PredictorLimits:
     max_return_sequences: int = 8  # and never more than the beams
     max_candidates: int = 1000  # answers an input sends for candidate scoring or a trie (not the bundle's own set)
     max_text_chars: int = 4096  # characters of any one text field or candidate
+    max_samples: int = 8  # images one input of an image-generating task asks for (num_samples)
+    max_sample_codes: int = 8 * 1024  # its samples (beams) x the code grid: 8 images of 256 px (1,024 codes)
+    max_images: int = 32  # images generated in one call, all inputs together
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -115,7 +146,7 @@ class OFAPredictor:
                  tasks: Mapping[str, TaskSpec] | None = None, max_batch_size: int = 16,
                  limits: PredictorLimits | Mapping[str, int] | None = None, precision: str = "fp32",
                  memory_format: str = "auto", fold_batchnorm: bool = True,
-                 answer_sets: Mapping[str, Sequence[str]] | None = None):
+                 answer_sets: Mapping[str, Sequence[str]] | None = None, image_tokenizer: Tokenizer | None = None):
         # Process-wide CPU settings (e.g. torch.set_flush_denormal(True), which bench/model.py shows matters
         # after fine-tuning) belong to the process owner: the serving replica or the job entry point.
         if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
@@ -130,14 +161,22 @@ class OFAPredictor:
         self.limits = PredictorLimits.of(limits)
         self.ids = SpecialIds.of(vocab)
         self.answer_sets = answer_sets_of(answer_sets or {}, "answer_sets")
+        self.image_tokenizer = image_tokenizer
+        self.grid_length = codes_per_image(model.config.code_image_size)
+        if image_tokenizer is not None and self.grid_length > model.config.max_target_positions:
+            raise ConfigError(f"the model's code grid ({self.grid_length} codes at code_image_size "
+                              f"{model.config.code_image_size}) is longer than its max_target_positions "
+                              f"{model.config.max_target_positions}: it cannot generate an image")
 
     @classmethod
     def from_bundle(cls, path: str | Path, device: str | torch.device = "cpu", *,
                     bundle_limits: BundleLimits | None = None, **kw) -> OFAPredictor:
-        """Model, vocabulary, preprocessing, tasks (built-in plus those declared in training) and answer sets of a
-        bundle, loaded within `bundle_limits` (image and encoder tokens per input; default `BundleLimits()`)."""
+        """Model, vocabulary, preprocessing, tasks (built-in plus those declared in training), answer sets and image
+        tokenizer of a bundle, loaded within `bundle_limits` (image and encoder tokens per input; default
+        `BundleLimits()`)."""
         b = load_bundle(path, device=device, limits=bundle_limits)
-        return cls(b.model, b.vocab, b.preprocess, device=device, tasks=b.tasks, answer_sets=b.answer_sets, **kw)
+        return cls(b.model, b.vocab, b.preprocess, device=device, tasks=b.tasks, answer_sets=b.answer_sets,
+                   image_tokenizer=b.image_tokenizer, **kw)
 
     def predict(self, task: str | TaskSpec, inputs: Sequence[Mapping[str, Any]]) -> list[dict]:
         """One JSON-ready result per input, in order: the answer, or `{"error": {...}}` for that input alone."""
@@ -149,9 +188,17 @@ class OFAPredictor:
                                  LIMIT_EXCEEDED)
         results: list[dict | None] = [None] * len(inputs)
         groups: dict[tuple[str, GenerationConfig], list[int]] = {}
+        images = 0  # generated in this call so far
         for i, item in enumerate(inputs):
             try:
-                groups.setdefault(self._options(spec, item), []).append(i)
+                mode, gen = self._options(spec, item)
+                if spec.code_target:
+                    if images + gen.num_return_sequences > self.limits.max_images:
+                        raise TaskInputError(f"{gen.num_return_sequences} more images would make "
+                                             f"{images + gen.num_return_sequences} in this call, over the limit of "
+                                             f"{self.limits.max_images}", LIMIT_EXCEEDED)
+                    images += gen.num_return_sequences
+                groups.setdefault((mode, gen), []).append(i)
             except InputError as e:
                 results[i] = error_dict(e)
         for (mode, gen), members in groups.items():
@@ -163,10 +210,13 @@ class OFAPredictor:
                                                            self._answer_set(spec, mode))))
                     except InputError as e:
                         results[i] = error_dict(e)
-                if chunk:
-                    outs = self._run(spec, mode, gen, [r for _, r in chunk])
-                    for (i, _), out in zip(chunk, outs, strict=True):
-                        results[i] = out
+                if not chunk:
+                    continue
+                reqs = [r for _, r in chunk]
+                outs = (self._images(spec, gen, [inputs[i] for i, _ in chunk], reqs) if spec.code_target
+                        else self._run(spec, mode, gen, reqs))
+                for (i, _), out in zip(chunk, outs, strict=True):
+                    results[i] = out
         return results  # type: ignore[return-value]
 
     def _spec(self, task: str | TaskSpec) -> TaskSpec:
@@ -197,6 +247,8 @@ class OFAPredictor:
         unknown = sorted(str(k) for k in set(overrides) - _GEN_FIELDS)
         if unknown:
             raise TaskInputError(f"unknown decoding settings {unknown}; known: {sorted(_GEN_FIELDS)}", BAD_SETTING)
+        if spec.code_target:
+            overrides = self._image_settings(spec, item, overrides)
         try:  # GenerationConfig checks every type and range
             gen = dataclasses.replace(spec.generation, **overrides) if overrides else spec.generation
         except InputError as e:
@@ -204,12 +256,46 @@ class OFAPredictor:
         self._check_limits(spec, item, mode, gen)
         return mode, gen
 
+    def _image_settings(self, spec: TaskSpec, item: Mapping[str, Any], overrides: Mapping) -> dict:
+        """The decoding overrides of an image-generating input: its `decoding`, its sampling fields (num_samples,
+        top_k, top_p, temperature, seed) and the model's grid as the exact length."""
+        if self.image_tokenizer is None:
+            raise TaskInputError(f"task {spec.name}: this model's bundle carries no image tokenizer, so it cannot "
+                                 "turn image codes into pixels; serve a bundle saved with save_bundle(..., "
+                                 "image_tokenizer=<tokenizer bundle>) (in training: model.image_tokenizer)",
+                                 NO_IMAGE_TOKENIZER)
+        fixed = sorted(set(overrides) & set(_LENGTH_FIELDS))
+        if fixed:
+            raise TaskInputError(f"task {spec.name}: decoding settings {fixed} cannot be set: an image is exactly "
+                                 f"the model's {self.grid_length} codes", BAD_SETTING)
+        out = dict(overrides)
+        for name, key in _SAMPLING_FIELDS.items():
+            if item.get(name) is None:
+                continue
+            if key in out:
+                raise TaskInputError(f"task {spec.name}: {name!r} and decoding.{key} set the same thing; send one",
+                                     BAD_SETTING)
+            if name == "num_samples":  # named as the client sent it (GenerationConfig says num_return_sequences)
+                check_value("num_samples", item[name], int, 1, MAX_BEAM, reason=BAD_SETTING)
+            out[key] = item[name]
+        if not isinstance(item.get("return_codes", False), bool):
+            raise TaskInputError(f"task {spec.name}: 'return_codes' must be true or false", BAD_TYPE)
+        return {**out, "max_len_a": 0.0, "max_len_b": self.grid_length, "min_len": self.grid_length}
+
     def _check_limits(self, spec: TaskSpec, item: Mapping[str, Any], mode: str, gen: GenerationConfig) -> None:
         lim = self.limits
-        if gen.num_return_sequences > lim.max_return_sequences:
+        if spec.code_target:  # images: the samples (beams) of a grid of codes each
+            beams = gen.num_return_sequences if gen.sampling else gen.beam_size
+            if gen.num_return_sequences > lim.max_samples:
+                raise TaskInputError(f"num_samples={gen.num_return_sequences} is over the limit of "
+                                     f"{lim.max_samples}", LIMIT_EXCEEDED)
+            if beams * self.grid_length > lim.max_sample_codes:
+                raise TaskInputError(f"{beams} {'samples' if gen.sampling else 'beams'} x {self.grid_length} codes "
+                                     f"is over the limit of {lim.max_sample_codes} codes", LIMIT_EXCEEDED)
+        elif gen.num_return_sequences > lim.max_return_sequences:
             raise TaskInputError(f"num_return_sequences={gen.num_return_sequences} is over the limit of "
                                  f"{lim.max_return_sequences}", LIMIT_EXCEEDED)
-        if spec.inference == "generate" and mode != "allcand":
+        elif spec.inference == "generate" and mode != "allcand":
             beams = gen.num_return_sequences if gen.sampling else gen.beam_size
             # from the longest source an input of the task can have: a chunk decodes to its widest source's limit
             longest = max_new_tokens(gen, max_source_length(spec, self.vocab, self.preprocess), 0, self.model)
@@ -233,22 +319,29 @@ class OFAPredictor:
         with self.execution.autocast():
             return self._run_chunk(spec, mode, gen, reqs)
 
-    def _run_chunk(self, spec: TaskSpec, mode: str, gen: GenerationConfig, reqs: list[InferenceRequest]) -> list[dict]:
-        dev, pad = self.device, self.vocab.pad_id
-        src = pad_sequences([r.source for r in reqs], pad).to(dev)
+    def _encode(self, reqs: list[InferenceRequest]):
+        """(src (B, L) padded sources, the encoder's output) of a chunk."""
+        src = pad_sequences([r.source for r in reqs], self.vocab.pad_id).to(self.device)
         images = masks = None
         if reqs[0].image is not None:
             images = self.execution.images(torch.stack([r.image for r in reqs]))
-            masks = torch.ones(len(reqs), dtype=torch.bool, device=dev)
-        enc = self.model.encode(src, images, masks)
+            masks = torch.ones(len(reqs), dtype=torch.bool, device=self.device)
+        return src, self.model.encode(src, images, masks)
+
+    def _generate(self, spec: TaskSpec, gen: GenerationConfig, reqs: list[InferenceRequest], src,
+                  enc) -> list[list[Hypothesis]]:
+        code_masks = torch.full((len(reqs),), spec.code_target, device=self.device) if spec.code_target else None
+        return generate(self.model, src, cfg=gen, ids=self.ids, encoder_out=enc,
+                        prefix_tokens=[r.prefix for r in reqs], constraints=[r.constraint for r in reqs],
+                        code_masks=code_masks)
+
+    def _run_chunk(self, spec: TaskSpec, mode: str, gen: GenerationConfig, reqs: list[InferenceRequest]) -> list[dict]:
+        src, enc = self._encode(reqs)
         if spec.inference == "last_token":
             return self._last_token(spec, reqs, src, enc)
         if spec.inference == "candidates" or mode == "allcand":
             return self._candidates(spec, reqs, enc)
-        code_masks = torch.full((len(reqs),), spec.code_target, device=dev) if spec.code_target else None
-        hyps = generate(self.model, src, cfg=gen, ids=self.ids, encoder_out=enc,
-                        prefix_tokens=[r.prefix for r in reqs], constraints=[r.constraint for r in reqs],
-                        code_masks=code_masks)
+        hyps = self._generate(spec, gen, reqs, src, enc)
         out = []
         for req, hs in zip(reqs, hyps, strict=True):
             if not hs:
@@ -261,6 +354,52 @@ class OFAPredictor:
                                         "score": h.score} for h in hs[1:]]
             out.append(res)
         return out
+
+    @torch.no_grad()
+    def _images(self, spec: TaskSpec, gen: GenerationConfig, items: list[Mapping[str, Any]],
+                reqs: list[InferenceRequest]) -> list[dict]:
+        """Generate, decode and rank the images of a chunk of inputs (the module docstring's answer)."""
+        tokenizer = self.image_tokenizer
+        assert tokenizer is not None  # _options refused the inputs otherwise
+        constraint = code_constraint(self.vocab, tokenizer.config.n_embed)
+        reqs = [dataclasses.replace(r, constraint=constraint) for r in reqs]
+        with self.execution.autocast():
+            hyps = self._generate(spec, gen, reqs, *self._encode(reqs))
+        out = []
+        for item, hs in zip(items, hyps, strict=True):
+            codes = [[t - self.vocab.code_offset for t in h.tokens] for h in hs]
+            if not hs or any(len(c) != self.grid_length for c in codes):  # the constraint and lengths forbid it
+                raise RuntimeError(f"task {spec.name}: decoding gave {[len(c) for c in codes]} codes, not "
+                                   f"{self.grid_length} per image")
+            pixels = tokenizer.decode_codes(torch.tensor(codes))  # (N, S, S, 3) uint8, in fp32
+            pngs = [png_bytes(p) for p in pixels]
+            logprobs = [float(sum(h.token_scores[:self.grid_length])) for h in hs]
+            images = [{"png": base64.b64encode(png).decode(), "logprob": lp} for png, lp in zip(pngs, logprobs,
+                                                                                                 strict=True)]
+            if spec.rerank_task is not None:
+                for image, score in zip(images, self._rerank_scores(spec, item, pngs), strict=True):
+                    image["itm_score"] = score
+            if item.get("return_codes"):
+                for image, c in zip(images, codes, strict=True):
+                    image["codes"] = c
+            images.sort(key=lambda im: (-im.get("itm_score", 0.0), -im["logprob"]))
+            for rank, image in enumerate(images, 1):
+                image["rank"] = rank
+            out.append({"images": images, "width": int(pixels.shape[2]), "height": int(pixels.shape[1])})
+        return out
+
+    def _rerank_scores(self, spec: TaskSpec, item: Mapping[str, Any], pngs: list[bytes]) -> list[float]:
+        """P(first label) of `spec.rerank_task` (itm: " yes" against " no") for each PNG with the input's slot
+        fields (the caption), through the model's own preprocessing and candidate scoring."""
+        task = self.tasks[spec.rerank_task]
+        fields = {col: item[col] for _, col in spec.slots}
+        reqs = [inference_request(task, {**fields, task.image_field: png}, self.vocab, self.preprocess, "allcand")
+                for png in pngs]
+        scores: list[float] = []
+        for lo in range(0, len(reqs), self.max_batch_size):
+            outs = self._run(task, "allcand", task.generation, reqs[lo:lo + self.max_batch_size])
+            scores += [o["scores"][task.labels[0]] for o in outs]
+        return scores
 
     def _candidates(self, spec: TaskSpec, reqs: list[InferenceRequest], enc) -> list[dict]:
         scores = score_candidates(self.model, enc, [r.candidate_tokens for r in reqs], ids=self.ids,

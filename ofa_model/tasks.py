@@ -70,7 +70,7 @@ TARGET_KINDS: tuple[str, ...] = get_args(TargetKind)
 PROMPT_TYPES: tuple[str, ...] = get_args(PromptType)
 INFERENCE_KINDS: tuple[str, ...] = get_args(InferenceKind)
 _INFILL_TOKENS = 256  # text infilling keeps the last 256 tokens of its text, as OFA
-INFILL_CODES = 256  # image infilling's target: the 16 x 16 VQGAN codes of a 256 x 256 image's 128 x 128 centre, as OFA
+INFILL_CODES = 256  # OFA's image-infilling data: the 16 x 16 VQGAN codes of a 256 x 256 image's 128 x 128 centre
 _RESULT_KEYS = ("score", "scores", "alternatives", "error")  # keys predict adds beside the answer
 NORMALIZERS = {
     "caption": normalize_caption,
@@ -141,6 +141,9 @@ class TaskSpec:
     # codes a row's target must hold, (code_image_size // 8)^2 of the model trained (`for_code_image_size`);
     # None: not checked
     code_count: int | None = None
+    # images the task generates are ranked by this candidate task's probability of its first label ("itm": yes),
+    # asked of each image with the input's slot fields; None: ranked by their log-probability
+    rerank_task: str | None = None
 
     def __post_init__(self) -> None:
         for attr, allowed in (("target_kind", TARGET_KINDS), ("prompt_type", PROMPT_TYPES),
@@ -176,6 +179,8 @@ def _gen(**kw) -> GenerationConfig:
 
 _YES_NO = ("yes", "no")
 _LABEL_GEN = _gen(beam_size=1, max_len_b=8)  # unused by candidate scoring, kept for open generation
+# OFA's sampling of image codes; the length is never a setting: exactly the model's code grid (`code_grid_length`)
+_CODE_GEN = _gen(sampling=True, top_k=256, temperature=1.0, num_return_sequences=1)
 _GLUE = dict(image_field=None, slot_norm="text", target_kind="label", prompt_type="src", inference="last_token",
              generation=_LABEL_GEN, metric="classification")
 
@@ -220,13 +225,10 @@ TASKS: dict[str, TaskSpec] = {
                               generation=_gen(beam_size=6, length_penalty=0.7, max_len_b=32, no_repeat_ngram_size=3)),
     "text_to_image": TaskSpec("text_to_image", " what is the complete image? caption: {text}", slots=(("text", "text"),),
                               image_field=None, slot_norm="lower", target_kind="codes", target_field="codes",
-                              code_target=True, metric="none",
-                              generation=_gen(sampling=True, top_k=256, num_return_sequences=1, max_len_b=1024,
-                                              min_len=1024)),
+                              code_target=True, metric="none", generation=_CODE_GEN, rerank_task="itm"),
     "image_infilling": TaskSpec("image_infilling", " what is the image in the middle part?", target_kind="codes",
                                 target_field="codes", image_infill=True, code_target=True, metric="none",
-                                generation=_gen(sampling=True, top_k=256, max_len_b=INFILL_CODES,
-                                                min_len=INFILL_CODES)),
+                                generation=_CODE_GEN),
     "text_infilling": TaskSpec("text_infilling", ' what is the complete text of " "?', image_field=None,
                                target_kind="infill_text", target_field="text", target_norm="lower", metric="none"),
     "detection": TaskSpec("detection", " what are the objects in the image?", target_kind="objects",
@@ -238,8 +240,9 @@ TASKS: dict[str, TaskSpec] = {
 
 
 def codes_per_image(code_image_size: int) -> int:
-    """Image codes of one target of a model whose `OFAConfig.code_image_size` is `code_image_size`: the
-    (code_image_size // 8)^2 codes of text-to-image's whole image and of image infilling's centre alike."""
+    """Image codes of one target or generated image of a model whose `OFAConfig.code_image_size` is
+    `code_image_size`: the (code_image_size // 8)^2 codes of text-to-image's whole image and of image infilling's
+    centre alike (OFA: 1024 at text-to-image's 256 px, 256 for pretraining's 128 px centres)."""
     return (code_image_size // DOWNSAMPLE) ** 2
 
 
@@ -581,8 +584,14 @@ def _bin_constraint(vocab, pcfg: PreprocessConfig) -> Constraint:
     return Constraint(allowed_ranges=((vocab.bin_offset, vocab.bin_offset + last + 1),), ordered_box=True)
 
 
+def code_constraint(vocab, n_codes: int | None = None) -> Constraint:
+    """Only the first `n_codes` code tokens (an image tokenizer's codebook; default all of the vocabulary's)."""
+    lo, hi = vocab.code_range
+    return Constraint(allowed_ranges=((lo, hi if n_codes is None else min(hi, lo + n_codes)),))
+
+
 def _code_constraint(vocab, pcfg: PreprocessConfig) -> Constraint:
-    return Constraint(allowed_ranges=(vocab.code_range,))
+    return code_constraint(vocab)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The HTTP ingress: a FastAPI app built in each ingress replica, in front of one model deployment per model.
 
     POST /v1/caption /v1/vqa /v1/grounding /v1/entailment /v1/classify   (the task is the route's)
+    POST /v1/text-to-image                                                 (text_to_image: base64 PNGs, ranked)
     POST /v1/text /v1/predict                                              (the task is the body's)
     GET  /v1/models /healthz /docs /openapi.json
     GET  /   (the try-it page: serve_app/page/, its files under /page/; it only calls the routes above)
@@ -422,8 +423,9 @@ async def _awaited(response):
 def create_api(ingress: Ingress) -> FastAPI:
     """The FastAPI app of one ingress replica."""
     api = FastAPI(title="OFA inference", version="1",
-                  description="Captioning, VQA, grounding, entailment, classification and text tasks with OFA "
-                              "models. Items are answered one by one: a bad item gets an error in its place.")
+                  description="Captioning, VQA, grounding, entailment, classification, text tasks and "
+                              "text-to-image with OFA models. Items are answered one by one: a bad item gets an "
+                              "error in its place.")
     errors = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503, 504)}
 
     def endpoint(route: Route):

@@ -100,7 +100,7 @@ def load_model(name: str, source: str, cfg: ServeConfig, device: str) -> LoadedM
     predictor = OFAPredictor(bundle.model, bundle.vocab, preprocess, device=device, tasks=bundle.tasks,
                              answer_sets=bundle.answer_sets, max_batch_size=cfg.max_batch_size,
                              limits=cfg.limits.predictor_limits(), precision=cfg.precision,
-                             memory_format=cfg.memory_format)
+                             memory_format=cfg.memory_format, image_tokenizer=bundle.image_tokenizer)
     unknown = sorted(set(cfg.models[name].tasks) - set(predictor.tasks))
     if unknown:
         raise ValueError(f"models.{name}.tasks: {unknown} are not tasks of {source} (it has: "

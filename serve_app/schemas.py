@@ -124,6 +124,18 @@ class TextItem(BaseModel):
     decoding: dict[str, Any] | None = _DECODING
 
 
+class TextToImageItem(BaseModel):
+    model_config = _STRICT
+    text: str | None = Field(None, description="the caption of the image to generate")
+    num_samples: int | None = Field(None, description="images to generate (default 1), ranked by the model's own "
+                                                      "image-text matching; at most the server's limits.max_samples")
+    top_k: int | None = Field(None, description="sample among the k likeliest codes (default 256, as OFA; 0: all)")
+    top_p: float | None = Field(None, description="nucleus sampling threshold in (0, 1] (default 1: off)")
+    temperature: float | None = Field(None, description="sampling temperature (default 1.0)")
+    seed: int | None = Field(None, description="sampling seed: the same seed and caption give the same images")
+    return_codes: bool | None = Field(None, description="also return each image's code grid")
+
+
 class PredictItem(BaseModel):
     """Any task's fields; a custom task's own columns are allowed beside these."""
 
@@ -173,9 +185,15 @@ class ClassifyRequest(BaseModel):
 class TextRequest(BaseModel):
     model_config = _STRICT
     task: str = Field(description="a text task: glue_cola, glue_sst2, glue_mnli, glue_rte, glue_mrpc, glue_qqp, "
-                                  "glue_qnli, summarization, text_infilling, text_to_image")
+                                  "glue_qnli, summarization, text_infilling")
     model: str | None = _MODEL
     items: list[TextItem] = Field(min_length=1)
+
+
+class TextToImageRequest(BaseModel):
+    model_config = _STRICT
+    model: str | None = _MODEL
+    items: list[TextToImageItem] = Field(min_length=1)
 
 
 class PredictRequest(BaseModel):
@@ -261,6 +279,8 @@ ROUTES = (
           {"items": [{"image": PNG_B64, "text": "the picture is red"}]}),
     Route("/v1/classify", "image_classification", ClassifyRequest, "Choose an image's label among candidates",
           {"items": [{"image": PNG_B64, "candidates": ["red square", "blue circle"]}]}),
+    Route("/v1/text-to-image", "text_to_image", TextToImageRequest, "Generate images from a caption (base64 PNGs, "
+          "best first)", {"items": [{"text": "a red circle", "num_samples": 2, "seed": 0}]}),
     Route("/v1/text", None, TextRequest, "Text tasks (GLUE, summarization, text infilling)",
           {"task": "glue_mnli", "items": [{"text": "a man runs", "text2": "a person moves"}]}),
     Route("/v1/predict", None, PredictRequest, "Any task, custom instructions included",

@@ -75,13 +75,17 @@ class LimitsSection:
     max_return_sequences: Annotated[int, Field(ge=1)] = 8
     max_candidates: Annotated[int, Field(ge=1)] = 1000
     max_text_chars: Annotated[int, Field(ge=1)] = 4096
+    max_samples: Annotated[int, Field(ge=1, le=64)] = 4  # images one text-to-image item asks for
+    max_sample_codes: Annotated[int, Field(ge=1)] = 4 * 1024  # its samples x the model's code grid
+    max_images: Annotated[int, Field(ge=1)] = 8  # images generated in one model call
     max_image_bytes: Annotated[int, Field(ge=1, le=2**30)] = 8 * 2**20
     max_image_pixels: Annotated[int, Field(ge=1, le=2**31)] = 25_000_000
 
     def predictor_limits(self) -> PredictorLimits:
         return PredictorLimits(max_items=self.max_items, max_beam_tokens=self.max_beam_tokens,
                                max_return_sequences=self.max_return_sequences, max_candidates=self.max_candidates,
-                               max_text_chars=self.max_text_chars)
+                               max_text_chars=self.max_text_chars, max_samples=self.max_samples,
+                               max_sample_codes=self.max_sample_codes, max_images=self.max_images)
 
 
 @config_dataclass

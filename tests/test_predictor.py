@@ -63,8 +63,8 @@ INPUTS = {
     "glue_qqp": {"text": "how?", "text2": "why?"},
     "glue_qnli": {"text": "who?", "text2": "bob"},
     "summarization": {"text": "the quick brown fox jumps over the lazy dog", "decoding": SHORT},
-    "text_to_image": {"text": "a red square", "decoding": {"max_len_b": 8, "min_len": 8, "seed": 0}},
-    "image_infilling": {"image": png((64, 64)), "decoding": {"max_len_b": 5, "min_len": 5, "seed": 0}},
+    "text_to_image": {"text": "a red square", "seed": 0},  # images: tests/test_text_to_image.py
+    "image_infilling": {"image": png((64, 64)), "seed": 0},
     "text_infilling": {"text": "hello world", "decoding": SHORT},
     "detection": {"image": IMG, "decoding": {"max_len_b": 10}},
 }
@@ -95,6 +95,9 @@ def assert_same_answer(a, b, path="result"):
 def test_every_task_end_to_end(predictor, task):
     spec = TASKS[task]
     out = predictor.predict(task, [INPUTS[task], INPUTS[task]])
+    if spec.code_target:  # this bundle has no image tokenizer (tests/test_text_to_image.py has one)
+        assert [o["error"]["reason"] for o in out] == ["no_image_tokenizer"] * 2
+        return
     assert len(out) == 2 and "error" not in out[0], out[0]
     if not spec.generation.sampling:
         assert_same_answer(out[0], out[1])  # batched copies agree (floats to rounding)
@@ -106,9 +109,6 @@ def test_every_task_end_to_end(predictor, task):
     elif spec.target_kind == "box":
         x0, y0, x1, y1 = out[0]["box"]
         assert 0 <= x0 <= x1 <= 80 and 0 <= y0 <= y1 <= 60
-    elif spec.target_kind == "codes":
-        n = INPUTS[task]["decoding"]["min_len"]
-        assert len(out[0]["codes"]) == n and all(0 <= c < 8192 for c in out[0]["codes"])
     elif spec.target_kind == "objects":
         assert isinstance(out[0]["objects"], list)
     else:

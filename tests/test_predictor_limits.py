@@ -1,5 +1,6 @@
 """OFAPredictor under hostile requests: bounded settings and work, per-item errors, only input errors answered."""
 
+import dataclasses
 import io
 
 import pytest
@@ -12,6 +13,7 @@ from ofa_model.errors import ConfigError, InputError
 from ofa_model.predictor import OFAPredictor, PredictorLimits
 from ofa_model.preprocess import PreprocessConfig
 from ofa_model.tasks import TASKS, TaskInputError
+from ofa_model.vqgan import VQGAN, Tokenizer, tokenizer_config
 
 
 def png(size=(48, 40), color=(20, 160, 40)) -> bytes:
@@ -33,7 +35,8 @@ def parts():
 @pytest.fixture
 def predictor(parts):
     model, vocab, pcfg = parts
-    return OFAPredictor(model, vocab, pcfg, max_batch_size=4)
+    tokenizer = Tokenizer(VQGAN(tokenizer_config("vqgan-micro")), tokenizer_config("vqgan-micro"), {})
+    return OFAPredictor(model, vocab, pcfg, max_batch_size=4, image_tokenizer=tokenizer)  # grid: 16 x 16 codes
 
 
 @pytest.fixture
@@ -87,8 +90,9 @@ def test_hostile_settings_fail_only_their_own_item(predictor):
      "num_return_sequences=64 is over the limit of 8"),
     ("caption", {"decoding": {"beam_size": 2, "max_len_a": 10.0, "max_len_b": 0}},
      "2 beams x up to 820 tokens"),  # 10 x the longest source (80 + 2 tokens)
-    ("text_to_image", {"text": "a cat", "decoding": {"num_return_sequences": 2}},
-     "2 samples x up to 1024 tokens"),
+    ("text_to_image", {"text": "a cat", "decoding": {"sampling": False, "beam_size": 33}},
+     "33 beams x 256 codes is over the limit of 8192 codes"),
+    ("text_to_image", {"text": "a cat", "num_samples": 9}, "num_samples=9 is over the limit of 8"),
     ("image_classification", {"candidates": [f"class {i}" for i in range(10**4)]},
      "10000 candidates, over the limit of 1000"),
     ("vqa", {"text": "what?", "mode": "trie", "candidates": [f"answer {i}" for i in range(10**4)]},
@@ -116,9 +120,10 @@ def test_too_many_items_fail_the_call(no_model):
 def test_every_task_default_is_within_the_default_limits(no_model):
     for name, spec in TASKS.items():
         mode, gen = no_model._options(spec, {"candidates": ["a", "b"]})
-        assert gen == spec.generation, name
-    big = no_model._options(TASKS["text_to_image"], {})[1]  # the largest default: 1 sample x 1024 codes
-    assert (big.num_return_sequences, big.max_len_b, big.min_len) == (1, 1024, 1024)
+        grid = {"max_len_a": 0.0, "max_len_b": 256, "min_len": 256} if spec.code_target else {}  # the model's
+        assert gen == dataclasses.replace(spec.generation, **grid), name
+    big = no_model._options(TASKS["text_to_image"], {})[1]  # 1 sample x the model's 16 x 16 codes
+    assert (big.num_return_sequences, big.max_len_b, big.min_len, big.top_k) == (1, 256, 256, 256)
 
 
 def test_limits_are_configurable_and_checked(parts):

@@ -214,7 +214,10 @@ def _upload(directory, prefix: str) -> None:
     from pipelines import storage
 
     for f in sorted(directory.iterdir()):
-        storage.write_bytes(storage.join(prefix, f.name), f.read_bytes())
+        if f.is_dir():
+            _upload(f, storage.join(prefix, f.name))
+        else:
+            storage.write_bytes(storage.join(prefix, f.name), f.read_bytes())
 
 
 def test_an_s3_bundle_is_downloaded_once_and_again_when_it_changes(s3_server, micro_bundle, tmp_path):
@@ -247,6 +250,22 @@ def test_an_s3_bundle_is_downloaded_once_and_again_when_it_changes(s3_server, mi
     fresh = resolve_model(prefix, cache_dir=cache)
     assert fresh.path != got.path and (fresh.path / "model.safetensors").read_bytes() == new_weights
     assert (got.path / "model.safetensors").read_bytes() == micro_bundle.joinpath("model.safetensors").read_bytes()
+
+
+def test_an_s3_bundle_brings_its_image_tokenizer_directory(s3_server, tmp_path):
+    from ofa_model.bundle import load_bundle
+    from pipelines import storage
+    from tests.serving import micro_image_bundle
+
+    local = micro_image_bundle(tmp_path / "t2i")
+    prefix = s3_server.uri("bundles/t2i")
+    _upload(local, prefix)  # image_tokenizer/ too
+    storage.write_bytes(storage.join(prefix, "image_tokenizer", "deeper", "x.bin"), b"x")  # below it: not taken
+    got = resolve_model(prefix, cache_dir=tmp_path / "cache").path
+    assert sorted(p.name for p in (got / "image_tokenizer").iterdir()) == ["config.json", "model.safetensors"]
+    for f in (local / "image_tokenizer").iterdir():
+        assert (got / "image_tokenizer" / f.name).read_bytes() == f.read_bytes()
+    assert load_bundle(got).image_tokenizer.config.n_embed == 512
 
 
 def test_s3_sources_that_are_not_bundles_are_refused_naming_the_uri(s3_server, micro_bundle, tmp_path,

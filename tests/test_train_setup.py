@@ -100,3 +100,31 @@ def test_an_init_bundle_on_s3_is_fetched_where_it_is_used_with_the_configs_s3_se
     assert all(torch.equal(got[k], v) for k, v in want.items())
     [entry] = (tmp_path / "cache" / "s3").iterdir()  # fetched once, reused by the later resolves
     assert entry.name.startswith("ofa-micro-")
+
+
+def test_a_run_carries_its_image_tokenizer_into_every_bundle(tmp_path):
+    """model.image_tokenizer is loaded and checked once in the setup; the training bundle carries it, and a
+    fine-tune from that bundle keeps it without naming it again."""
+    from ofa_model.bundle import BundleError, load_bundle
+    from ofa_model.vqgan import VQGAN, save_tokenizer, tokenizer_config
+    from pipelines.train.checkpointing import save_training_bundle
+    from pipelines.train.setup import build_setup
+
+    torch.manual_seed(0)
+    tok = save_tokenizer(tmp_path / "tok", VQGAN(tokenizer_config("vqgan-micro")))
+    raw = {"task": "text_to_image", "model": {"image_tokenizer": str(tok)},
+           "run": {"name": "t2i", "storage_path": str(tmp_path / "runs")},
+           "data": {"uri": str(tmp_path / "corpus"), "preprocess": {"patch_image_size": 32}},
+           "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}
+    cfg = build(TrainConfig, raw)
+    setup = build_setup(cfg)
+    assert setup.image_tokenizer.config == tokenizer_config("vqgan-micro")
+    out = tmp_path / "bundle"
+    save_training_bundle(cfg, setup, setup.model, None, out, epoch=0, step=0, metrics={}, fingerprint="fp")
+    assert load_bundle(out).image_tokenizer.config.n_embed == 512
+    again = build_setup(with_init_bundle(build(TrainConfig, {**raw, "model": {"init": str(out)}})))
+    assert again.image_tokenizer.config.n_embed == 512  # kept from the init bundle
+
+    big = save_tokenizer(tmp_path / "big", VQGAN(tokenizer_config("vqgan-micro", n_embed=9000)))
+    with pytest.raises(BundleError, match="model.image_tokenizer .* 9000 codes"):
+        build_setup(build(TrainConfig, {**raw, "model": {"image_tokenizer": str(big)}}))

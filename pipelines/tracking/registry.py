@@ -16,7 +16,8 @@ cache entry is keyed by the URI and the prefix's listing (each file's name, size
 costs one LIST request per resolve and no download: a rewritten, added or removed file gives a new key and a
 fresh download, an unchanged prefix reuses its copy. (A rewrite within the same second at the same size would go
 unnoticed; hashing the bytes instead would mean downloading the weights to learn that they need no download.)
-Only the regular files directly under the prefix are taken, each under the cap `ofa_model.bundle` puts on it
+Only the regular files directly under the prefix, and those directly under its image tokenizer's directory
+(`image_tokenizer/`, a bundle of the same two files), are taken, each under the cap `ofa_model.bundle` puts on it
 (config.json, model.safetensors; any other file at the dict.txt cap); a file that changes while it downloads is
 an error, and the download is written atomically like a registry version's. S3 settings (endpoint, region) come
 from `s3` or the environment, credentials only from the AWS SDK's chain where the process runs
@@ -48,7 +49,14 @@ import pyarrow.fs as pafs
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from ofa_model.bundle import CONFIG_FILE, CONFIG_MAX_BYTES, DICT_MAX_BYTES, WEIGHTS_FILE, WEIGHTS_MAX_BYTES
+from ofa_model.bundle import (
+    CONFIG_FILE,
+    CONFIG_MAX_BYTES,
+    DICT_MAX_BYTES,
+    IMAGE_TOKENIZER_DIR,
+    WEIGHTS_FILE,
+    WEIGHTS_MAX_BYTES,
+)
 from pipelines import storage
 from pipelines.storage import S3Options
 
@@ -118,7 +126,18 @@ def resolve_model(uri: str, *, tracking: str | None = None, cache_dir: str | Pat
 
 
 def _file_cap(name: str) -> int:
-    return {CONFIG_FILE: CONFIG_MAX_BYTES, WEIGHTS_FILE: WEIGHTS_MAX_BYTES}.get(name, DICT_MAX_BYTES)
+    return {CONFIG_FILE: CONFIG_MAX_BYTES, WEIGHTS_FILE: WEIGHTS_MAX_BYTES}.get(Path(name).name, DICT_MAX_BYTES)
+
+
+def _bundle_files(fs: pafs.FileSystem, prefix: str) -> list[tuple[str, pafs.FileInfo]]:
+    """(name relative to the prefix, info) of the files a bundle at `prefix` holds: those directly under it and
+    those directly under its image tokenizer's directory, sorted by name."""
+    top = fs.get_file_info(pafs.FileSelector(prefix, recursive=False, allow_not_found=True))
+    out = [(i.base_name, i) for i in top if i.type == pafs.FileType.File]
+    if any(i.base_name == IMAGE_TOKENIZER_DIR and i.type == pafs.FileType.Directory for i in top):
+        sub = fs.get_file_info(pafs.FileSelector(f"{prefix.rstrip('/')}/{IMAGE_TOKENIZER_DIR}", recursive=False))
+        out += [(f"{IMAGE_TOKENIZER_DIR}/{i.base_name}", i) for i in sub if i.type == pafs.FileType.File]
+    return sorted(out, key=lambda f: f[0])
 
 
 def _resolve_s3(uri: str, cache_dir: Path, s3: S3Options | None) -> ResolvedModel:
@@ -126,17 +145,16 @@ def _resolve_s3(uri: str, cache_dir: Path, s3: S3Options | None) -> ResolvedMode
     shown = storage.redact(uri)
     try:
         fs, prefix = storage.resolve(uri, s3)
-        infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=False, allow_not_found=True))
+        files = _bundle_files(fs, prefix)
     except (OSError, ValueError) as exc:
         raise ModelSourceError(f"{shown}: cannot list the bundle ({storage.redact(str(exc))})") from exc
-    files = sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.base_name)
-    if not any(i.base_name == CONFIG_FILE for i in files):
+    if not any(name == CONFIG_FILE for name, _ in files):
         raise ModelSourceError(f"{shown}: not a bundle (no {CONFIG_FILE} directly under the prefix)")
-    for i in files:
-        if i.size > _file_cap(i.base_name):
-            raise ModelSourceError(f"{shown}: {i.base_name} is {i.size:,} bytes, over the "
-                                   f"{_file_cap(i.base_name):,}-byte cap for a bundle file")
-    listing = "\n".join(f"{i.base_name}\t{i.size}\t{i.mtime_ns}" for i in files)
+    for name, i in files:
+        if i.size > _file_cap(name):
+            raise ModelSourceError(f"{shown}: {name} is {i.size:,} bytes, over the "
+                                   f"{_file_cap(name):,}-byte cap for a bundle file")
+    listing = "\n".join(f"{name}\t{i.size}\t{i.mtime_ns}" for name, i in files)
     digest = hashlib.sha256(f"{uri.rstrip('/')}\n{listing}".encode()).hexdigest()[:16]
     tail = re.sub(r"[^\w.\-]", "_", prefix.rstrip("/").rsplit("/", 1)[-1])[:64]
     target = cache_dir / "s3" / f"{tail}-{digest}"
@@ -146,24 +164,26 @@ def _resolve_s3(uri: str, cache_dir: Path, s3: S3Options | None) -> ResolvedMode
     return ResolvedModel(path=target, uri=uri)
 
 
-def _download_s3(fs: pafs.FileSystem, files: list[pafs.FileInfo], tmp: Path, shown: str) -> Path:
-    """Copy the listed files into `tmp`; ModelSourceError if one is not the size it was listed at."""
-    for info in files:
-        got, cap = 0, min(info.size, _file_cap(info.base_name))
+def _download_s3(fs: pafs.FileSystem, files: list[tuple[str, pafs.FileInfo]], tmp: Path, shown: str) -> Path:
+    """Copy the listed files into `tmp` (by their names relative to the prefix); ModelSourceError if one is not
+    the size it was listed at."""
+    for name, info in files:
+        got, cap = 0, min(info.size, _file_cap(name))
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         try:
-            with fs.open_input_stream(info.path) as src, open(tmp / info.base_name, "wb") as dst:
+            with fs.open_input_stream(info.path) as src, open(tmp / name, "wb") as dst:
                 while chunk := src.read(min(COPY_CHUNK, cap + 1 - got)):
                     got += len(chunk)
                     if got > cap:
                         break
                     dst.write(chunk)
         except FileNotFoundError as exc:
-            raise ModelSourceError(f"{shown}: {info.base_name} disappeared while downloading; retry") from exc
+            raise ModelSourceError(f"{shown}: {name} disappeared while downloading; retry") from exc
         except OSError as exc:
-            raise ModelSourceError(f"{shown}: cannot download {info.base_name} "
+            raise ModelSourceError(f"{shown}: cannot download {name} "
                                    f"({storage.redact(str(exc))})") from exc
         if got != info.size:
-            raise ModelSourceError(f"{shown}: {info.base_name} changed while downloading (listed at "
+            raise ModelSourceError(f"{shown}: {name} changed while downloading (listed at "
                                    f"{info.size:,} bytes, read {got:,}); retry")
     return tmp
 

@@ -163,6 +163,7 @@ def save_training_bundle(cfg: TrainConfig, setup: Setup, raw: OFAModel, ema: Ema
                          epoch: int, step: int, metrics: dict, fingerprint: str) -> None:
     save_bundle(path, published_weights(raw, ema), setup.vocab, preprocess=cfg.data.preprocess,
                 custom_tasks=dict(cfg.custom_tasks), answer_sets=cfg.answer_sets(),
+                image_tokenizer=setup.image_tokenizer,
                 metadata={"task": cfg.task, "data_fingerprint": fingerprint, "data_uri": cfg.data.uri,
                           "epoch": epoch, "step": step, "init": setup.init,
                           "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)},

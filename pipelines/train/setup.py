@@ -29,12 +29,13 @@ import pyarrow.fs as pafs
 from ofa_model import OFAModel
 from ofa_model.answer_sets import MAX_FILE_BYTES, AnswerSetError, parse_answer_set
 from ofa_model.architecture import OFAConfig
-from ofa_model.bundle import load_bundle, load_bundle_vocab, read_bundle_config
+from ofa_model.bundle import check_image_tokenizer, load_bundle, load_bundle_vocab, read_bundle_config
 from ofa_model.config_files import build, to_dict
 from ofa_model.instructions import parse_instruction
 from ofa_model.preprocess import PreprocessConfig
 from ofa_model.tasks import TASKS, TaskSpec, for_code_image_size
 from ofa_model.vocab import Vocabulary
+from ofa_model.vqgan import Tokenizer, load_tokenizer
 from pipelines import storage
 from pipelines.storage import S3Options
 from pipelines.tracking.registry import resolve_model
@@ -51,6 +52,7 @@ class Setup:
     vocab: Vocabulary
     specs: dict[str, TaskSpec]
     init: str  # where the weights came from ("scratch:<arch>" or the bundle/URI)
+    image_tokenizer: Tokenizer | None = None  # what the run's bundles carry (model.image_tokenizer, else the init's)
 
 
 def task_specs(cfg: TrainConfig, code_image_size: int | None = None) -> dict[str, TaskSpec]:
@@ -163,17 +165,22 @@ def build_setup(cfg: TrainConfig) -> Setup:
     """The model to train (training-mode regularisation), from the init bundle or from scratch. `cfg` is the
     driver's, the init bundle's preprocessing and custom tasks already folded in (`with_init_bundle`)."""
     reg = cfg.model.regularization
+    tokenizer = None
     if cfg.model.init:
         bundle = load_bundle(_init_bundle(cfg))
         model = OFAModel(bundle.config, reg)
         model.load_state_dict(bundle.model.state_dict())
-        vocab, init = bundle.vocab, cfg.model.init
+        vocab, init, tokenizer = bundle.vocab, cfg.model.init, bundle.image_tokenizer
     else:
         vocab = Vocabulary.gpt2()
         arch = cfg.model.architecture(vocab_size=len(vocab), pad_id=vocab.pad_id)
         model = OFAModel(arch, reg)
         init = f"scratch:{arch.name}"
-    return Setup(model, vocab, task_specs(cfg, model.config.code_image_size), init)
+    if cfg.model.image_tokenizer:
+        path = resolve_model(cfg.model.image_tokenizer, tracking=cfg.tracking.tracking_uri, s3=cfg.data.s3).path
+        tokenizer = load_tokenizer(path)
+        check_image_tokenizer(tokenizer.config, vocab, model.config, f"model.image_tokenizer {path}")
+    return Setup(model, vocab, task_specs(cfg, model.config.code_image_size), init, tokenizer)
 
 
 def run_vocab(cfg: TrainConfig) -> Vocabulary:

@@ -36,11 +36,14 @@ class ModelSection:
     image-code grid) that replace the named size's (keys of Dim, e.g. {embed_dim: 128, ffn_dim: 512}); the architecture is then
     named `arch[key=value,...]` in the bundle. init: a bundle directory, an `s3://bucket/prefix` bundle (reached
     with `data.s3`) or a `models:/name@alias` URI to start from (its architecture, vocabulary and weights; `arch`
-    and `dims` must then be left at their defaults)."""
+    and `dims` must then be left at their defaults). image_tokenizer: an image tokenizer bundle (a directory,
+    `s3://bucket/prefix` or `models:/` URI; `ofa_model.vqgan.save_tokenizer`) that every bundle the run saves
+    carries, so a text_to_image model answers with images; None: the init bundle's tokenizer, if it has one."""
 
     arch: str = "ofa-micro"
     dims: dict[Dim, Annotated[int, Field(ge=1)]] = field(default_factory=dict)
     init: str | None = None
+    image_tokenizer: str | None = None
     regularization: Regularization = field(default_factory=Regularization)
 
     def __post_init__(self) -> None:
