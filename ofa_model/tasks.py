@@ -179,7 +179,7 @@ def _gen(**kw) -> GenerationConfig:
 
 _YES_NO = ("yes", "no")
 _LABEL_GEN = _gen(beam_size=1, max_len_b=8)  # unused by candidate scoring, kept for open generation
-# OFA's sampling of image codes; the length is never a setting: exactly the model's code grid (`code_grid_length`)
+# OFA's sampling of image codes; the length is never a setting: exactly the model's code grid (`codes_per_image`)
 _CODE_GEN = _gen(sampling=True, top_k=256, temperature=1.0, num_return_sequences=1)
 _GLUE = dict(image_field=None, slot_norm="text", target_kind="label", prompt_type="src", inference="last_token",
              generation=_LABEL_GEN, metric="classification")
