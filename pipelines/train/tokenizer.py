@@ -231,6 +231,7 @@ class _Window:
     sums: dict[str, float]
     codes: torch.Tensor  # (n_embed,) counts
     steps: int = 0
+    temperature: float = math.nan  # the last step's
 
     @classmethod
     def empty(cls, n_embed: int) -> _Window:
@@ -241,6 +242,7 @@ class _Window:
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.codes += torch.bincount(codes.flatten().cpu(), minlength=self.codes.numel())
         self.steps += 1
+        self.temperature = parts["temperature"]
 
 
 def code_usage(counts: torch.Tensor) -> dict[str, float]:
@@ -361,7 +363,7 @@ def _log_window(cfg: TokenizerTrainConfig, window: _Window, step: int, world: in
         counts = counts.cpu()
     if mlflow is None:
         return
-    mean = {k: v / max(1, window.steps) for k, v in window.sums.items()}
+    mean = {k: v / max(1, window.steps) for k, v in window.sums.items()} | {"temperature": window.temperature}
     usage = code_usage(counts)
     f = progress.update(step, force=True, extra={
         "loss": round(mean["loss"], 4), "psnr": round(mean["psnr"], 2), "perplexity": round(usage["perplexity"], 1),
