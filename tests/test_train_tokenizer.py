@@ -168,7 +168,7 @@ def test_the_shipped_config_needs_its_corpus_and_refuses_a_missing_one(tmp_path,
         job.main(["--config", str(CONFIG), f"data.uri={tmp_path}"])
     assert f"data.uri: no manifest.json in {tmp_path}" in capsys.readouterr().err
     cfg = load_config(TokenizerTrainConfig, CONFIG, ["data.uri=s3://test-bucket/easy-vqa", "steps=null", "epochs=2"])
-    assert plan_steps(cfg, 3837) == 2 * (3837 // 32) and cfg.model.architecture().num_codes == 64
+    assert plan_steps(cfg, 3837) == 2 * (3837 // 16) and cfg.model.architecture().num_codes == 64
 
 
 def test_codebook_usage_and_the_temperature_schedule():
