@@ -340,12 +340,21 @@ class VQGAN(nn.Module):
 
 def tokenizer_pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     """RGB images -> (B, 3, size, size) in [-1, 1]: Lanczos resize to size x size, then 2x - 1 (OFA's preprocessing)."""
+    return from_uint8(resized_uint8(images, size))
+
+
+def resized_uint8(images: Sequence[Image.Image], size: int) -> np.ndarray:
+    """RGB images -> (B, size, size, 3) uint8, Lanczos-resized: `tokenizer_pixels` before the scaling (what a
+    training pipeline stores, a quarter of float32's bytes)."""
     arrays = [np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)
               for img in images]
-    if not arrays:
-        return torch.empty(0, 3, size, size)
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-    return x / 127.5 - 1.0
+    return np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
+
+
+def from_uint8(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(B, S, S, 3) uint8 -> (B, 3, S, S) float in [-1, 1] (x / 127.5 - 1)."""
+    x = torch.as_tensor(images)
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def infill_pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:

@@ -213,6 +213,7 @@ def test_cross_field_rules_name_their_keys():
 def test_every_shipped_config_loads():
     """Every YAML under configs/ and serve_config.yaml's args load through the one loader."""
     from pipelines.data.data_config import DataConfig
+    from pipelines.train.tokenizer_config import TokenizerTrainConfig
     from pipelines.train.train_config import TrainConfig
     from serve_app.serve_config import config_from_args, serve_config
     from tune.search import load_sweep_config
@@ -221,6 +222,7 @@ def test_every_shipped_config_loads():
     loaded = [load_config(TrainConfig, p, supplied(p)) for p in sorted([*configs.glob("finetune/*.yaml"),
                                                                        *configs.glob("pretrain/*.yaml")])]
     loaded += [load_sweep_config(p, supplied(p)) for p in sorted(configs.glob("tune/*.yaml"))]
+    loaded += [load_config(TokenizerTrainConfig, p, supplied(p)) for p in sorted(configs.glob("tokenizer/*.yaml"))]
     loaded += [load_config(DataConfig, configs / "data.yaml", supplied(configs / "data.yaml")),
                serve_config(configs / "serve.yaml")]
     [app] = read_yaml((REPO / "serve_config.yaml").read_text())["applications"]
