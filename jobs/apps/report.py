@@ -49,6 +49,14 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class Picture:
+    caption: str
+    pngs: list[bytes]  # in rank order
+    itm_scores: list[float]
+    latency_ms: float | None = None
+
+
+@dataclass(frozen=True)
 class Report:
     results: list[TaskResult]
     samples: list[Sample]
@@ -58,6 +66,7 @@ class Report:
     links: dict[str, str] = field(default_factory=dict)
     note: str | None = None  # shown above everything, e.g. that a smoke run's models are not meant to work
     sections: dict[str, str] = field(default_factory=dict)  # task -> `pipelines.report.task_sections` HTML
+    pictures: list[Picture] = field(default_factory=list)  # text-to-image over HTTP: a caption and its images
 
 
 def metric_table(results: Sequence[TaskResult]) -> str:
@@ -149,6 +158,19 @@ def render_html(report: Report, title: str = "ofa-ray demo") -> str:
     for task, section in report.sections.items():
         parts.append(f"<div class='task-section' data-task='{esc(task)}'><h2>Evaluation of {esc(task)}</h2>"
                      f"{section.replace('<h2>', '<h3>').replace('</h2>', '</h3>')}</div>")
+    if report.pictures:
+        parts.append("<h2>Text-to-image over HTTP (POST /v1/text-to-image)</h2><p>Held-out captions; each "
+                     "caption's sampled pictures in the order the model's own image-text matching ranks them "
+                     "(its P(yes) under each).</p><table id='pictures'><tr><th>caption</th><th>pictures</th>"
+                     "<th>latency</th></tr>")
+        for pic in report.pictures:
+            cells = "".join(f"<figure style='display:inline-block;margin:2px'>{_img(png, pic.caption)}"
+                            f"<figcaption>{score:.2f}</figcaption></figure>"
+                            for png, score in zip(pic.pngs, pic.itm_scores, strict=True))
+            latency = f"{pic.latency_ms:.0f} ms" if pic.latency_ms is not None else ""
+            parts.append(f"<tr class='picture-row'><td>{esc(pic.caption)}</td><td class='sample'>{cells}</td>"
+                         f"<td>{latency}</td></tr>")
+        parts.append("</table>")
     curves = curves_png(report.curves)
     if curves:
         parts.append("<h2>Training curves</h2>" + _img(curves, "training curves"))

@@ -75,7 +75,8 @@ def run_code_image_size(cfg: TrainConfig) -> int:
     """The code_image_size of the model the run trains: the init bundle's (read without building its model), else
     the from-scratch architecture's."""
     if cfg.model.init:
-        return OFAConfig.from_dict(read_bundle_config(_init_bundle(cfg))["model"]).code_image_size
+        bundle_config = OFAConfig.from_dict(read_bundle_config(_init_bundle(cfg))["model"])
+        return cfg.model.init_architecture(bundle_config).code_image_size
     return cfg.model.architecture().code_image_size
 
 
@@ -168,7 +169,7 @@ def build_setup(cfg: TrainConfig) -> Setup:
     tokenizer = None
     if cfg.model.init:
         bundle = load_bundle(_init_bundle(cfg))
-        model = OFAModel(bundle.config, reg)
+        model = OFAModel(cfg.model.init_architecture(bundle.config), reg)
         model.load_state_dict(bundle.model.state_dict())
         vocab, init, tokenizer = bundle.vocab, cfg.model.init, bundle.image_tokenizer
     else:

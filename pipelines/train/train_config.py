@@ -36,7 +36,7 @@ class ModelSection:
     image-code grid) that replace the named size's (keys of Dim, e.g. {embed_dim: 128, ffn_dim: 512}); the architecture is then
     named `arch[key=value,...]` in the bundle. init: a bundle directory, an `s3://bucket/prefix` bundle (reached
     with `data.s3`) or a `models:/name@alias` URI to start from (its architecture, vocabulary and weights; `arch`
-    and `dims` must then be left at their defaults). image_tokenizer: an image tokenizer bundle (a directory,
+    and `dims` must then be left at their defaults, but for dims.code_image_size, which sizes no weight). image_tokenizer: an image tokenizer bundle (a directory,
     `s3://bucket/prefix` or `models:/` URI; `ofa_model.vqgan.save_tokenizer`) that every bundle the run saves
     carries, so a text_to_image model answers with images; None: the init bundle's tokenizer, if it has one."""
 
@@ -47,13 +47,21 @@ class ModelSection:
     regularization: Regularization = field(default_factory=Regularization)
 
     def __post_init__(self) -> None:
-        if self.dims and self.init:
+        if set(self.dims) - {"code_image_size"} and self.init:
             raise ValueError("model.dims / model.init: dims are the sizes of a model trained from scratch; a model "
-                             "started from model.init has its bundle's architecture")
+                             "started from model.init has its bundle's architecture (only code_image_size, which "
+                             "sizes no weight, may be set)")
         try:
             self.architecture()
         except ConfigError as exc:
             raise ValueError(f"model.arch / model.dims: {exc}") from None
+
+    def init_architecture(self, bundle_config: OFAConfig) -> OFAConfig:
+        """The init bundle's architecture, with `dims.code_image_size` if set: it sizes no weight, only the image-code
+        grid, so a fine-tune may change it (OFA pretrains at 128 and fine-tunes text-to-image at 256)."""
+        if "code_image_size" not in self.dims:
+            return bundle_config
+        return dataclasses.replace(bundle_config, code_image_size=self.dims["code_image_size"])
 
     def architecture(self, **fixed) -> OFAConfig:
         """The from-scratch architecture: the named size with `dims` (and the vocabulary's `fixed` fields)."""
