@@ -12,8 +12,10 @@ total, rows/s, ETA) on the console every --progress-every seconds; writes <outpu
 <output>/predictions.parquet and logs the run (metrics, progress, the files) to MLflow experiment
 --experiment. Without --workers: this process alone (`evaluate_corpus`), writing <output>/metrics.json and
 <output>/predictions.jsonl, nothing to MLflow. Both write <output>/report.html (unless --no-report): one
-self-contained page with the metrics against a trivial baseline, the task's breakdowns and its worst examples. Both print the metrics (the single process its predictions too);
-the metrics of both are equal on the same rows. Exit status 2 on a bad model, corpus or option.
+self-contained page with the metrics against a trivial baseline, the task's breakdowns and its worst examples.
+Both read and score the rows alike: rows of a shard that cannot be read are counted by reason (bad_rows) and left
+out of the metrics. Both print the metrics (the single process its predictions too); the metrics of both are
+equal on the same rows. Exit status 2 on a bad model, corpus or option.
 """
 
 from __future__ import annotations

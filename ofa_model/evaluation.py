@@ -18,11 +18,13 @@ prediction is an error counts as wrong (0) and is counted in `errors`. The metri
 `TaskSpec.primary`, else the kind's first: MCC for CoLA, F1 for MRPC and QQP, as OFA and GLUE report them.
 
 Each record also carries `example_score`, the row's own share of the metric: its VQA accuracy, CIDEr-D, IoU,
-1 / 0 for a right / wrong label, or ROUGE-L F (0 for an error).
+1 / 0 for a right / wrong label, or ROUGE-L F (0 for an error), and `latency_s`, the row's share of the wall time
+of the predictor call that answered it.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -75,15 +77,19 @@ def evaluate_rows(predictor, task: str | TaskSpec, rows: Iterable[Mapping[str, A
 def predict_records(predictor, spec: TaskSpec, rows: Iterable[Mapping[str, Any]], *, mode: str | None = None,
                     candidates: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """One unscored prediction record per row, in the rows' order (as many rows per predictor call as its limits
-    allow). Records predicted in parts (one per rank) and joined in row order score as `evaluate_rows` would."""
+    allow), with `latency_s`: its call's wall time over the rows in it. Records predicted in parts (one per rank,
+    or one per Ray Data batch) and joined in row order score as `evaluate_rows` would."""
     chunk = predictor.limits.max_items
     records: list[dict[str, Any]] = []
     batch: list[Mapping[str, Any]] = []
 
     def flush() -> None:
         items = [prediction_item(spec, r, mode=mode, candidates=candidates) for r in batch]
-        for row, out in zip(batch, predictor.predict(spec, items), strict=True):
-            records.append(prediction_record(spec, row, out))
+        start = time.perf_counter()
+        outs = predictor.predict(spec, items)
+        latency = (time.perf_counter() - start) / len(batch)
+        for row, out in zip(batch, outs, strict=True):
+            records.append({**prediction_record(spec, row, out), "latency_s": latency})
         batch.clear()
 
     for row in rows:

@@ -7,27 +7,26 @@
 
 The model is a bundle directory, an s3:// bundle prefix or a registry URI (`pipelines.tracking.registry`).
 
-`evaluate_corpus` reads the rows of the canonical corpus in manifest order (`iter_rows`) and runs them through
-`ofa_model.evaluation.evaluate_rows` (the predictor), so the metrics equal `score_predictions` applied to the
-written predictions file.
+The two differ only in where prediction runs. Both select the rows alike (`_selection`: the split's shards in
+manifest order, rows numbered by `seq`; `limit` skips the rows after the first `limit` before they are read) and
+read them as the ingest's source does (`pipelines.data.source`). `_predict_block` turns a block of those rows
+into records through `ofa_model.evaluation.predict_records` (the predictor, as training validation calls it);
+`evaluate_corpus` calls it here on each block, `evaluate_on_ray` in `map_batches` on an actor pool of
+`Pool.workers` actors (`_PredictBatch`), each of which resolves the model and loads the bundle once and predicts
+batches of `batch_size` rows. `_gather` puts the records back in `seq` order and scores them all together
+(`ofa_model.evaluation.evaluate_records`): the corpus-level metrics (CIDEr-D's idf, MCC, F1) are exact, the same
+either way, and equal `score_predictions` applied to the written predictions. A row the read stage marks bad
+(an unreadable shard, a column of the wrong type) is counted by reason in `bad_rows` and left out of the
+metrics; a row the predictor cannot answer is an error, counted as wrong. Progress (rows done of total, rows/s,
+ETA) is logged every `PROGRESS_EVERY_S` (`progress_every_s` on Ray).
 
-`evaluate_on_ray` is Ray's batch-inference pattern over the same inference path: the split is read by the
-ingest's `ShardSource` (manifest order, rows numbered by `seq`; `limit` skips the rows after the first `limit`
-before they are read), and `map_batches` runs `_PredictBatch` on an actor pool of `Pool.workers` actors, each
-of which resolves the model and loads the bundle once and predicts batches of `batch_size` rows. The driver
-gathers the records, puts them back in `seq` order and scores them all together with `score_predictions`: the
-corpus-level metrics (CIDEr-D's idf, MCC, F1) are exact, and equal `evaluate_corpus`'s on the same rows. A row
-the read stage marks bad (an unreadable shard, a column of the wrong type) is counted by reason in
-`bad_rows` and left out of the metrics; a row the predictor cannot answer is an error, counted as wrong, as in
-`evaluate_corpus`. It writes predictions.parquet (one row per example: id, prediction, reference, the model's
-score, example_score, latency_s, error) and metrics.json, logs progress (rows done of total, rows/s, ETA) every
-`progress_every_s`, and records the run in MLflow (experiment `experiment`): parameters, the metrics, the
+Outputs (`_files`, one writer for both): metrics.json, the predictions (one per row: id, prediction, reference,
+the model's score, example_score, latency_s, error) as predictions.jsonl (`evaluate_corpus`) or
+predictions.parquet (`evaluate_on_ray`), and report.html (`pipelines.report`: the metrics against a trivial
+baseline, the task's breakdowns, the worst examples with their images; it reads the evaluated rows a second
+time, texts and image sizes of all, the images of at most `pipelines.report.MAX_IMAGES`; `report=False` skips
+it). `evaluate_on_ray` also records the run in MLflow (experiment `experiment`): parameters, the metrics, the
 progress, the files as artifacts, and a tag on the evaluated model version naming the run.
-
-Both write report.html beside the predictions (`pipelines.report`: the metrics against a trivial baseline,
-the task's breakdowns, the worst examples with their images); `evaluate_on_ray` logs it to the run too. It
-reads the evaluated rows a second time (texts and image sizes of all, the images of at most
-`pipelines.report.MAX_IMAGES`); `report=False` skips it.
 """
 
 from __future__ import annotations
@@ -37,20 +36,25 @@ import json
 import logging
 import math
 import tempfile
-import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ofa_model.evaluation import evaluate_rows, prediction_item, prediction_record, scored
+import pyarrow as pa
+
+from ofa_model.bundle import read_bundle_config
+from ofa_model.evaluation import evaluate_records, predict_records
+from ofa_model.instructions import parse_instruction
 from ofa_model.predictor import OFAPredictor
-from ofa_model.tasks import TaskSpec
+from ofa_model.tasks import TASKS, TaskSpec
 from pipelines import storage
-from pipelines.data.shards import iter_rows
+from pipelines.data.shards import read_manifest
+from pipelines.data.source import EpochPlan, SeqSet, ShardSource, plan_shards, read_blocks
 from pipelines.progress import Progress
 from pipelines.storage import S3Options
-from pipelines.tracking.registry import resolve_model
+from pipelines.tracking.registry import ResolvedModel, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +63,7 @@ REPORT_FILE = "report.html"
 PARQUET_COLUMNS = ("id", "task", "prediction", "reference", "reference_weights", "score", "example_score",
                    "latency_s", "error")
 EXPERIMENT = "ofa-eval"
+PROGRESS_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -78,38 +83,141 @@ def evaluate_corpus(model: str, data: str, task: str, *, split: str = "test", ou
                     batch_size: int = 16, device: str = "cpu", tracking: str | None = None,
                     s3: S3Options | None = None, precision: str = "fp32",
                     memory_format: str = "auto", report: bool = True) -> EvaluationOutput:
-    """Predict `limit` rows (None: all) of `task` in `split` of the corpus at `data` and score them.
+    """Predict `limit` rows (None: all) of `task` in `split` of the corpus at `data` in this process and score
+    them; with `output`, write metrics.json, predictions.jsonl and (`report`) report.html there.
     `candidates`: None scores the answer set the bundle stores where `mode` (or the task) needs candidates.
-    `precision` / `memory_format`: `OFAPredictor`'s (its defaults keep fp32's answers).
-    report: with `output`, also <output>/report.html (`pipelines.report`; a second pass over the rows)."""
-    resolved = resolve_model(model, tracking=tracking, s3=s3)
+    `precision` / `memory_format`: `OFAPredictor`'s (its defaults keep fp32's answers)."""
+    resolved, spec = _model_and_task(model, task, tracking, s3)
     predictor = OFAPredictor.from_bundle(resolved.path, device=device, max_batch_size=batch_size,
                                          precision=precision, memory_format=memory_format)
-    if task not in predictor.tasks:
-        raise ValueError(f"unknown task {task!r}; the model knows {sorted(predictor.tasks)}")
+    plan, total, skip = _selection(data, split, task, limit, s3)
+    progress = Progress(f"evaluate {task}/{split}", total=total, every_s=PROGRESS_EVERY_S, logger=logger)
+    blocks = (_predict_block(predictor, task, block, mode, candidates) for block in read_blocks(plan, s3, skip))
+    records, bad_rows, metrics = _gather(spec, blocks, progress)
+    summary = _summary(model, resolved, data, task, split, metrics, bad_rows)
+    uris = _write(output, _files(spec, summary, records, PREDICTIONS_FILE, report, s3), s3) if output is not None else {}
+    logger.info("%s on %s/%s: %s", model, storage.redact(data), split, metrics)
+    return EvaluationOutput(metrics, uris.get(METRICS_FILE), uris.get(PREDICTIONS_FILE), summary["model"], records,
+                            bad_rows, report_uri=uris.get(REPORT_FILE))
 
-    def rows():
-        for n, row in enumerate(iter_rows(data, s3=s3, splits=[split], tasks=[task])):
-            if limit is not None and n >= limit:
-                return
-            yield row
 
-    result = evaluate_rows(predictor, task, rows(), mode=mode, candidates=candidates)
+# =============================================================================================================
+# The pieces both entry points share
+
+
+def _model_and_task(model: str, task: str, tracking: str | None,
+                    s3: S3Options | None) -> tuple[ResolvedModel, TaskSpec]:
+    """The model resolved to a local bundle and the task's spec (a built-in or one of the bundle's custom tasks),
+    without loading the weights; ValueError for a task the model does not know."""
+    resolved = resolve_model(model, tracking=tracking, s3=s3)
+    custom = read_bundle_config(resolved.path).get("custom_tasks") or {}
+    if task not in TASKS and task not in custom:
+        raise ValueError(f"unknown task {task!r}; the model knows {sorted([*TASKS, *custom])}")
+    return resolved, TASKS[task] if task in TASKS else parse_instruction(custom[task], task)
+
+
+def _selection(data: str, split: str, task: str, limit: int | None,
+               s3: S3Options | None) -> tuple[EpochPlan, int, SeqSet]:
+    """The rows evaluated: `task`'s shards of `split` in manifest order (the plan), how many of its rows are
+    evaluated (the first `limit`, None: all) and the rows after them, skipped before they are read."""
+    plan = plan_shards(read_manifest(data, s3=s3), data, [split], [task], seed=0, epoch=0, shuffle=False)
+    total = plan.total_rows if limit is None else min(limit, plan.total_rows)
+    return plan, total, SeqSet([(total, plan.total_rows)])
+
+
+def _predict_block(predictor: OFAPredictor, task: str, block: pa.Table, mode: str | None,
+                   candidates: list[str] | None) -> pa.Table:
+    """A block of source rows (pyarrow, `pipelines.data.source.SOURCE_SCHEMA`) -> columns seq, record (the
+    prediction record as JSON, `ofa_model.evaluation.predict_records`) and bad (the read stage's reason for a
+    marker row, whose record holds the reason, detail and rows it stands for as its error)."""
+    spec = predictor.tasks[task]
+    seqs, records, bad = [], [], []
+    good = []
+    for row in block.to_pylist():
+        if row["error"] is None:
+            good.append(row)
+            continue
+        seqs.append(row["seq"])
+        records.append({"id": row["id"], "task": spec.name, "prediction": None, "reference": None, "latency_s": 0.0,
+                        "error": {"reason": row["error"], "message": row["detail"], "rows": row["span"]}})
+        bad.append(row["error"])
+    for row, rec in zip(good, predict_records(predictor, spec, good, mode=mode, candidates=candidates), strict=True):
+        seqs.append(row["seq"])
+        records.append(rec)
+        bad.append(None)
+    return pa.table({"seq": pa.array(seqs, pa.int64()), "record": pa.array([json.dumps(r) for r in records], pa.string()),
+                     "bad": pa.array(bad, pa.string())})
+
+
+def _gather(spec: TaskSpec, blocks: Iterable[pa.Table],
+            progress: Progress) -> tuple[list[dict[str, Any]], dict[str, int], dict[str, float]]:
+    """`_predict_block`'s output -> (every record in row order, the unreadable rows by reason, the metrics of
+    the readable rows, scored together; each readable record given its `example_score`)."""
+    gathered: list[tuple[int, dict, str | None]] = []
+    errors = 0
+    for block in blocks:
+        for seq, text, bad in zip(*(block.column(c).to_pylist() for c in ("seq", "record", "bad")), strict=True):
+            rec = json.loads(text)
+            errors += rec["prediction"] is None
+            gathered.append((seq, rec, bad))
+        progress.update(len(gathered), extra={"errors": errors})
+    progress.update(len(gathered), extra={"errors": errors}, force=True)
+    gathered.sort(key=lambda g: g[0])  # manifest order
+    bad_rows = Counter()
+    for _, rec, bad in gathered:
+        if bad is not None:
+            bad_rows[bad] += rec["error"]["rows"]
+    if bad_rows:
+        logger.warning("%d row(s) could not be read, left out of the metrics: %s", sum(bad_rows.values()),
+                       dict(bad_rows))
+    metrics = evaluate_records(spec, [rec for _, rec, bad in gathered if bad is None]).metrics
+    return [rec for _, rec, _ in gathered], dict(bad_rows), metrics
+
+
+def _summary(model: str, resolved: ResolvedModel, data: str, task: str, split: str, metrics: dict[str, float],
+             bad_rows: dict[str, int], **extra: Any) -> dict[str, Any]:
+    """What metrics.json holds: the task, split, data, model, metrics, bad rows and `extra` (the MLflow run)."""
     info = {"uri": model, "name": resolved.name, "version": resolved.version, "path": str(resolved.path)}
-    summary = {"task": task, "split": split, "data": data, "model": info, "metrics": result.metrics}
-    metrics_uri = predictions_uri = report_uri = None
-    if output is not None:
-        metrics_uri, predictions_uri = storage.join(output, METRICS_FILE), storage.join(output, PREDICTIONS_FILE)
-        lines = "".join(json.dumps(p, sort_keys=True) + "\n" for p in result.predictions)
-        storage.write_bytes(predictions_uri, lines.encode(), s3)
-        storage.write_bytes(metrics_uri, json.dumps(summary, indent=2, sort_keys=True).encode(), s3)
-        if report:
-            report_uri = storage.join(output, REPORT_FILE)
-            page = _report_bytes(predictor.tasks[task], summary, result.predictions, s3)
-            storage.write_bytes(report_uri, page, s3)
-    logger.info("%s on %s/%s: %s", model, data, split, result.metrics)
-    return EvaluationOutput(result.metrics, metrics_uri, predictions_uri, info, result.predictions,
-                            report_uri=report_uri)
+    return {"task": task, "split": split, "data": data, "model": info, "metrics": metrics, "bad_rows": bad_rows,
+            **extra}
+
+
+def _files(spec: TaskSpec, summary: dict[str, Any], records: list[dict[str, Any]], predictions_file: str,
+           report: bool, s3: S3Options | None) -> dict[str, bytes]:
+    """The evaluation's files by name: metrics.json, the predictions (`predictions_file`: PREDICTIONS_FILE as
+    JSON lines or PARQUET_FILE as Parquet) and, with `report`, report.html."""
+    files = {predictions_file: _WRITERS[predictions_file](records),
+             METRICS_FILE: json.dumps(summary, indent=2, sort_keys=True).encode()}
+    if report:
+        files[REPORT_FILE] = _report_bytes(spec, summary, records, s3)
+    return files
+
+
+def _write(output: str, files: dict[str, bytes], s3: S3Options | None) -> dict[str, str]:
+    """`files` written under `output`: their URIs by name."""
+    uris = {name: storage.join(output, name) for name in files}
+    for name, data in files.items():
+        storage.write_bytes(uris[name], data, s3)
+    return uris
+
+
+def _jsonl_bytes(records: list[dict[str, Any]]) -> bytes:
+    """predictions.jsonl: one record per line, keys sorted."""
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
+
+
+def _parquet_bytes(records: list[dict[str, Any]]) -> bytes:
+    """predictions.parquet: one row per record, PARQUET_COLUMNS (the error as its JSON text)."""
+    import pyarrow.parquet as pq
+
+    rows = [{k: (json.dumps(r[k]) if k == "error" and r.get(k) is not None else r.get(k)) for k in PARQUET_COLUMNS}
+            for r in records]
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    return buf.getvalue()
+
+
+_WRITERS = {PREDICTIONS_FILE: _jsonl_bytes, PARQUET_FILE: _parquet_bytes}
 
 
 def _report_bytes(spec: TaskSpec, summary: dict[str, Any], records: list[dict[str, Any]],
@@ -150,8 +258,7 @@ class Pool:
 
 
 class _PredictBatch:
-    """`map_batches` callable: the bundle loaded once per actor; a batch of source rows (pyarrow, the
-    ingest's SOURCE_SCHEMA) -> seq, the record as JSON, latency_s, and the read stage's reason for a bad row."""
+    """`map_batches` callable: the bundle loaded once per actor; a batch of source rows -> `_predict_block`."""
 
     def __init__(self, model: str, task: str, *, tracking: str | None, s3: S3Options | None, mode: str | None,
                  candidates: list[str] | None, batch_size: int, device: str, precision: str,
@@ -162,41 +269,10 @@ class _PredictBatch:
         path = resolve_model(model, tracking=tracking, s3=s3).path
         self.predictor = OFAPredictor.from_bundle(path, device=device, max_batch_size=batch_size,
                                                   precision=precision, memory_format=memory_format)
-        self.spec = self.predictor.tasks[task]
-        self.mode, self.candidates = mode, candidates
+        self.task, self.mode, self.candidates = task, mode, candidates
 
-    def __call__(self, batch):
-        import pyarrow as pa
-
-        rows = batch.to_pylist()
-        out = {"seq": [], "record": [], "latency_s": [], "bad": []}
-        good = []
-        for row in rows:
-            if row["error"] is not None:  # a read-stage marker: no inputs, no reference
-                rec = {"id": row["id"], "task": self.spec.name, "prediction": None, "reference": None,
-                       "error": {"reason": row["error"], "message": row["detail"], "rows": row["span"]}}
-                self._add(out, row["seq"], rec, 0.0, row["error"])
-            else:
-                good.append(row)
-        chunk = self.predictor.limits.max_items
-        for lo in range(0, len(good), chunk):
-            part = good[lo:lo + chunk]
-            items = [prediction_item(self.spec, r, mode=self.mode, candidates=self.candidates) for r in part]
-            start = time.perf_counter()
-            answers = self.predictor.predict(self.spec, items)
-            latency = (time.perf_counter() - start) / len(part)
-            for row, answer in zip(part, answers, strict=True):
-                self._add(out, row["seq"], prediction_record(self.spec, row, answer), latency, None)
-        return pa.table({"seq": pa.array(out["seq"], pa.int64()), "record": pa.array(out["record"], pa.string()),
-                         "latency_s": pa.array(out["latency_s"], pa.float64()),
-                         "bad": pa.array(out["bad"], pa.string())})
-
-    @staticmethod
-    def _add(out: dict[str, list], seq: int, record: dict, latency: float, bad: str | None) -> None:
-        out["seq"].append(seq)
-        out["record"].append(json.dumps(record))
-        out["latency_s"].append(latency)
-        out["bad"].append(bad)
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return _predict_block(self.predictor, self.task, batch, self.mode, self.candidates)
 
 
 def evaluate_on_ray(model: str, data: str, task: str, *, split: str = "test", output: str | None = None,
@@ -204,34 +280,22 @@ def evaluate_on_ray(model: str, data: str, task: str, *, split: str = "test", ou
                     batch_size: int = 16, pool: Pool | None = None, device: str = "cpu",
                     tracking: str | None = None, s3: S3Options | None = None, precision: str = "fp32",
                     memory_format: str = "auto", experiment: str = EXPERIMENT,
-                    progress_every_s: float = 10.0, system_metrics_every_s: float = 10.0,
+                    progress_every_s: float = PROGRESS_EVERY_S, system_metrics_every_s: float = 10.0,
                     report: bool = True) -> EvaluationOutput:
-    """`evaluate_corpus` on the Ray cluster this process is connected to (`ray.init` first), as the module
-    docstring says. The model is resolved here (a bad one fails before any actor starts) and in every actor.
+    """`evaluate_corpus` on the Ray cluster this process is connected to (`ray.init` first), prediction on an
+    actor pool, the predictions as predictions.parquet, the run in MLflow (module docstring). The model is
+    resolved here (a bad one fails before any actor starts) and in every actor.
     system_metrics_every_s: the driver's CPU and memory sampled into the run this often (0: off).
-    report: report.html too (`pipelines.report`, rows read again on the driver), beside the predictions and in
-    the run's artifacts."""
+    report: report.html too, beside the predictions and in the run's artifacts."""
     import ray
 
-    from ofa_model.bundle import read_bundle_config
-    from ofa_model.instructions import parse_instruction
-    from ofa_model.tasks import TASKS
-    from pipelines.data.shards import read_manifest
-    from pipelines.data.source import SeqSet, ShardSource, plan_shards
     from pipelines.tracking.runs import MetricLogger, client_for, experiment_id, system_metrics
 
     pool = pool or Pool()
     if gpu := pool.gpus_per_worker > 0:
         device = "cuda"
-    resolved = resolve_model(model, tracking=tracking, s3=s3)
-    custom = read_bundle_config(resolved.path).get("custom_tasks") or {}
-    if task not in TASKS and task not in custom:
-        raise ValueError(f"unknown task {task!r}; the model knows {sorted([*TASKS, *custom])}")
-    spec: TaskSpec = TASKS[task] if task in TASKS else parse_instruction(custom[task], task)
-    plan = plan_shards(read_manifest(data, s3=s3), data, [split], [task], seed=0, epoch=0, shuffle=False)
-    total = plan.total_rows if limit is None else min(limit, plan.total_rows)
-    skip = SeqSet([(total, plan.total_rows)])
-    info = {"uri": model, "name": resolved.name, "version": resolved.version, "path": str(resolved.path)}
+    resolved, spec = _model_and_task(model, task, tracking, s3)
+    plan, total, skip = _selection(data, split, task, limit, s3)
 
     client, uri = client_for(tracking)
     run = client.create_run(experiment_id(client, uri, experiment), run_name=f"eval-{task}-{split}",
@@ -251,8 +315,8 @@ def evaluate_on_ray(model: str, data: str, task: str, *, split: str = "test", ou
     ok = False
     try:
         with system_metrics(uri, run_id, system_metrics_every_s):  # this driver's CPU and memory
-            source = ShardSource(plan, s3=s3, skip=skip)
-            ds = ray.data.read_datasource(source, override_num_blocks=max(1, math.ceil(total / batch_size)))
+            ds = ray.data.read_datasource(ShardSource(plan, s3=s3, skip=skip),
+                                          override_num_blocks=max(1, math.ceil(total / batch_size)))
             ds = ds.map_batches(
                 _PredictBatch, batch_size=batch_size, batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(size=pool.workers), num_cpus=pool.cpus_per_worker,
@@ -260,45 +324,11 @@ def evaluate_on_ray(model: str, data: str, task: str, *, split: str = "test", ou
                 fn_constructor_kwargs={"model": model, "task": task, "tracking": uri, "s3": s3, "mode": mode,
                                        "candidates": candidates, "batch_size": batch_size, "device": device,
                                        "precision": precision, "memory_format": memory_format})
-            gathered: list[tuple[int, dict, float, str | None]] = []
-            errors = 0
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for seq, text, latency, bad in zip(*(batch.column(c).to_pylist() for c in ("seq", "record",
-                                                                                           "latency_s", "bad")),
-                                                   strict=True):
-                    rec = json.loads(text)
-                    errors += rec["prediction"] is None
-                    gathered.append((seq, rec, latency, bad))
-                progress.update(len(gathered), extra={"errors": errors})
-            progress.update(len(gathered), extra={"errors": errors}, force=True)
-            gathered.sort(key=lambda g: g[0])  # manifest order, as evaluate_corpus reads the rows
-            bad_rows = Counter()
-            for _, rec, _, bad in gathered:
-                if bad is not None:
-                    bad_rows[bad] += rec["error"]["rows"]
-            records = [rec for _, rec, _, bad in gathered if bad is None]
-            metrics, per_row = scored(spec, records)
-            for rec, value in zip(records, per_row, strict=True):
-                rec["example_score"] = value
-            for _, rec, latency, _ in gathered:
-                rec["latency_s"] = latency
-            if bad_rows:
-                logger.warning("%d row(s) could not be read, left out of the metrics: %s", sum(bad_rows.values()),
-                               dict(bad_rows))
-            summary = {"task": task, "split": split, "data": data, "model": info, "metrics": metrics,
-                       "bad_rows": dict(bad_rows), "mlflow_run_id": run_id}
-            files = {PARQUET_FILE: _parquet_bytes([rec for _, rec, _, _ in gathered]),
-                     METRICS_FILE: json.dumps(summary, indent=2, sort_keys=True).encode()}
-            if report:
-                files[REPORT_FILE] = _report_bytes(spec, summary, [rec for _, rec, _, _ in gathered], s3)
-            metrics_uri = predictions_uri = report_uri = None
-            if output is not None:
-                metrics_uri, predictions_uri = storage.join(output, METRICS_FILE), storage.join(output, PARQUET_FILE)
-                storage.write_bytes(predictions_uri, files[PARQUET_FILE], s3)
-                storage.write_bytes(metrics_uri, files[METRICS_FILE], s3)
-                if report:
-                    report_uri = storage.join(output, REPORT_FILE)
-                    storage.write_bytes(report_uri, files[REPORT_FILE], s3)
+            records, bad_rows, metrics = _gather(spec, ds.iter_batches(batch_size=None, batch_format="pyarrow"),
+                                                 progress)
+            summary = _summary(model, resolved, data, task, split, metrics, bad_rows, mlflow_run_id=run_id)
+            files = _files(spec, summary, records, PARQUET_FILE, report, s3)
+            uris = _write(output, files, s3) if output is not None else {}
             mlflow_log.log(metrics, step=0)
             with tempfile.TemporaryDirectory() as tmp:
                 for name, data_bytes in files.items():
@@ -310,17 +340,5 @@ def evaluate_on_ray(model: str, data: str, task: str, *, split: str = "test", ou
     finally:
         client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
     logger.info("%s on %s/%s: %s (MLflow run %s)", model, storage.redact(data), split, metrics, run_id)
-    return EvaluationOutput(metrics, metrics_uri, predictions_uri, info, [g[1] for g in gathered],
-                            dict(bad_rows), run_id, report_uri)
-
-
-def _parquet_bytes(records: list[dict[str, Any]]) -> bytes:
-    """predictions.parquet: one row per record, PARQUET_COLUMNS (the error as its JSON text)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rows = [{k: (json.dumps(r[k]) if k == "error" and r.get(k) is not None else r.get(k)) for k in PARQUET_COLUMNS}
-            for r in records]
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buf)
-    return buf.getvalue()
+    return EvaluationOutput(metrics, uris.get(METRICS_FILE), uris.get(PARQUET_FILE), summary["model"], records,
+                            bad_rows, run_id, uris.get(REPORT_FILE))

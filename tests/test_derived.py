@@ -88,3 +88,68 @@ def test_a_mixture_reads_a_derived_task_from_its_source_tasks_rows():
         corpora(DataConfig(uri="u", derive=("qa_matching",)), {"vqa": 1})
     with pytest.raises(ValueError, match=r"data\.derive \(itm\) is for a mixture's tasks"):
         corpora(DataConfig(uri="u", derive=("itm",)))
+
+
+@pytest.mark.timeout(300)
+def test_a_run_reads_the_negative_pool_once_and_every_epochs_datasets_draw_from_it(ray_cluster, tmp_path,
+                                                                                   monkeypatch):
+    """`negative_pools` reads the corpus once; Datasets built with its pools (every epoch) read nothing more and
+    draw their negatives from exactly the pool handed to them."""
+    from pipelines.data import ingest
+    from pipelines.data.dataset import epoch_batches, negative_pools
+    from pipelines.data.shards import write_corpus
+    from tests.test_dataset import config
+
+    captions = ["a red square", "a blue circle", "two grey triangles", "a red square", "a teal box", "a blue circle"]
+    write_corpus([{"id": f"c/{i}", "task": "caption", "split": "train", "image": png((40 * i, 90, 20)),
+                   "target": text} for i, text in enumerate(captions)], str(tmp_path / "corpus"))
+    reads = []
+    real = ingest.iter_rows
+    monkeypatch.setattr(ingest, "iter_rows", lambda uri, **kw: reads.append(uri) or real(uri, **kw))
+    cfg, mixture = config(str(tmp_path / "corpus"), derive=("itm",), preprocess_on="tasks"), {"caption": 1, "itm": 1}
+
+    pools = negative_pools(cfg, mixture)
+    assert pools == {"itm": ("a red square", "a blue circle", "two grey triangles", "a teal box")}  # first seen
+    assert reads == [str(tmp_path / "corpus")]
+
+    handed = {"itm": ("a purple hexagon", "an orange star")}  # not the corpus's: only the handed pool can give them
+    vocab = Vocabulary.gpt2()
+    shown: dict[int, set[str]] = {0: set(), 1: set()}
+    for epoch in shown:
+        for batch in epoch_batches(cfg, vocab, train=True, epoch=epoch, mixture=mixture, pools=handed, with_meta=True):
+            for task, tokens, target in zip(batch["tasks"], batch["src_tokens"], batch["target"], strict=True):
+                if task == "itm" and vocab.decode(target.tolist()).strip() == "no":  # ' does the image describe " x "?'
+                    shown[epoch].add(vocab.decode(tokens.tolist()).split('"')[1].strip())
+    assert reads == [str(tmp_path / "corpus")]  # the two epochs' Datasets read no pool of their own
+    assert shown[0] | shown[1] and shown[0] | shown[1] <= set(handed["itm"])
+
+
+@pytest.mark.timeout(300)
+def test_the_training_driver_hands_its_one_pool_to_every_fit(ray_cluster, tmp_path, monkeypatch):
+    """Several workers: one fit per epoch, each with Datasets the driver builds. They are built with the pools the
+    driver read once (`train`), and the workers get the same pools for their own builds: no fit reads one."""
+    from ofa_model.config_files import build
+    from pipelines.data import ingest
+    from pipelines.data.dataset import negative_pools
+    from pipelines.data.shards import write_corpus
+    from pipelines.train.driver import Fit, _trainer
+    from pipelines.train.train_config import TrainConfig
+
+    captions = ["a red square", "a blue circle", "two grey triangles"]
+    write_corpus([{"id": f"c/{i}", "task": "caption", "split": "train", "image": png((60 * i, 90, 20)),
+                   "target": text} for i, text in enumerate(captions)], str(tmp_path / "corpus"))
+    cfg = build(TrainConfig, {"task": "caption", "mixture": {"caption": 1, "itm": 1}, "epochs": 2,
+                              "data": {"uri": str(tmp_path / "corpus"), "derive": ["itm"], "preprocess_on": "tasks"},
+                              "model": {"arch": "ofa-micro"}, "scaling": {"num_workers": 2, "cpus_per_worker": 0.25},
+                              "run": {"name": "pools", "storage_path": str(tmp_path / "runs")}})
+    reads = []
+    real = ingest.iter_rows
+    monkeypatch.setattr(ingest, "iter_rows", lambda uri, **kw: reads.append(uri) or real(uri, **kw))
+    pools = negative_pools(cfg.data, cfg.mixture)
+    assert pools == {"itm": tuple(captions)} and len(reads) == 1
+    vocab, specs = Vocabulary.gpt2(), {**TASKS}
+    run_info = {"mlflow_run_id": "r", "data_fingerprint": "f", "negative_pools": pools}
+    for epoch in range(cfg.epochs):
+        trainer = _trainer(cfg, Fit(epoch, epoch + 1, True), vocab, specs, "cider", "max", (), run_info)
+        assert trainer.train_loop_config["negative_pools"] is pools
+    assert len(reads) == 1  # the fits' Datasets read no pool of their own

@@ -84,3 +84,38 @@ def test_bad_options_and_models_fail_before_any_actor(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--model", str(tmp_path), "--data", str(tmp_path), "--task", "vqa", "--workers", "0"])
     assert exit_.value.code == 2 and "workers must be an int >= 1" in capsys.readouterr().err
+
+
+def test_both_paths_read_alike_count_an_unreadable_shard_and_give_the_same_records(ray_cluster, micro_bundle,  # noqa: F811
+                                                                                 tmp_path):
+    """One process and the actor pool share the row selection, the records and the scoring: a shard that cannot be
+    read is counted by reason and left out of the metrics by both (the single process used to fail on it), and
+    both files carry each row's latency."""
+    from pipelines.data.shards import write_corpus
+    from pipelines.evaluate import evaluate_corpus, evaluate_on_ray
+
+    corpus = tmp_path / "corpus"
+    manifest = write_corpus(easy_vqa_rows(14), str(corpus), shard_bytes=2000, row_group_rows=3)
+    broken = manifest.shards[1]
+    (corpus / broken["path"]).write_bytes(b"not parquet")
+    kept = 14 - broken["num_rows"]
+    common = {"mode": "allcand", "candidates": ["red", "blue", "green"], "batch_size": 4}
+    single = evaluate_corpus(str(micro_bundle), str(corpus), "vqa", output=str(tmp_path / "one"), **common)
+    pooled = evaluate_on_ray(str(micro_bundle), str(corpus), "vqa", output=str(tmp_path / "pool"), **common,
+                             tracking=f"sqlite:///{tmp_path / 'mlflow.db'}", progress_every_s=0, report=False)
+
+    assert single.bad_rows == pooled.bad_rows == {"unreadable_shard": broken["num_rows"]}
+    assert single.metrics == pooled.metrics and single.metrics["rows"] == kept  # exactly, not approximately
+    lines = [json.loads(t) for t in (tmp_path / "one" / "predictions.jsonl").read_text().splitlines()]
+    assert lines == single.predictions and len(lines) == kept + 1  # the unreadable shard: one marker record
+    marker = [r for r in lines if "rows" in (r.get("error") or {})]
+    assert len(marker) == 1 and marker[0]["error"]["rows"] == broken["num_rows"]
+    assert marker[0]["error"]["reason"] == "unreadable_shard" and broken["path"] in marker[0]["error"]["message"]
+    assert json.loads((tmp_path / "one" / "metrics.json").read_text())["bad_rows"] == single.bad_rows
+    for mine, theirs in zip(single.predictions, pooled.predictions, strict=True):
+        assert {k: v for k, v in mine.items() if k not in ("score", "latency_s")} == {
+            k: v for k, v in theirs.items() if k not in ("score", "latency_s")}
+        if mine["prediction"] is not None:
+            assert mine["latency_s"] > 0 and theirs["latency_s"] > 0
+            assert mine["score"] == pytest.approx(theirs["score"], rel=1e-5)
+    assert "mean latency per row" in (tmp_path / "one" / "report.html").read_text()

@@ -38,14 +38,14 @@ from ofa_model.tasks import TaskSpec
 from pipelines import storage
 from pipelines.data.batches import BatchIterator, ConsumerOptions, iter_mixture_batches, iter_train_batches
 from pipelines.data.data_config import DataConfig
-from pipelines.data.ingest import build_dataset, plan_epoch
+from pipelines.data.ingest import build_dataset, draws_negatives, negative_pool, plan_epoch
 from pipelines.data.rowstats import MixtureState, ResumeState
 from pipelines.data.shards import Manifest, read_manifest
 from pipelines.data.source import EpochPlan
 
 __all__ = [
     "BatchIterator", "ConsumerOptions", "DataConfig", "EpochPlan", "build_dataset", "corpora", "data_fingerprint",
-    "epoch_batches", "epoch_plans", "inspect", "read_manifests",
+    "epoch_batches", "epoch_plans", "inspect", "negative_pools", "read_manifests",
 ]  # fmt: skip
 
 SINGLE = "data"  # the name of a single corpus among `corpora` (and of its Ray Train dataset)
@@ -90,6 +90,13 @@ def read_manifests(cfg: DataConfig, mixture: Mapping[str, float] | None = None) 
     return {uri: read_manifest(uri, s3=cfg.s3) for uri in uris}
 
 
+def negative_pools(cfg: DataConfig, mixture: Mapping[str, float] | None = None) -> dict[str, tuple[str, ...]]:
+    """The negative pool of every corpus of `corpora` whose derived task draws negatives (itm, qa_matching), by
+    corpus name (`pipelines.data.ingest.negative_pool`: a pass over the source rows). A training run reads them
+    once, in its driver, and hands them to every Dataset it or its workers build (`epoch_batches(pools=...)`)."""
+    return {name: negative_pool(c) for name, c in corpora(cfg, mixture).items() if draws_negatives(c)}
+
+
 def data_fingerprint(manifests: Mapping[str, Manifest]) -> str:
     """What a run trained on: the corpus's fingerprint, or, over several corpora, a hash of theirs (in URI
     order), so a run's data is named by one value either way."""
@@ -113,14 +120,17 @@ def epoch_batches(cfg: DataConfig, vocab: Any, *, train: bool, epoch: int = 0,
                   split: str | Sequence[str] | None = None, mixture: Mapping[str, float] | None = None,
                   plans: Mapping[str, EpochPlan] | None = None, shards: Mapping[str, Any] | None = None,
                   resume: ResumeState | MixtureState | None = None, specs: Mapping[str, TaskSpec] | None = None,
-                  options: ConsumerOptions | None = None, **batching: Any) -> BatchIterator:
+                  options: ConsumerOptions | None = None, pools: Mapping[str, Sequence[str]] | None = None,
+                  **batching: Any) -> BatchIterator:
     """One epoch's batches of `cfg`'s corpus, or of a weighted `mixture` of its tasks (task -> weight).
 
     plans: each corpus's EpochPlan (default: `epoch_plans` of split/train/epoch). shards: each corpus's rows
     for this process, by the names of `corpora` (Ray Train's `get_dataset_shard(name)` of Datasets the driver
     built); None: the Datasets are built here, their sources skipping what `resume` consumed. resume: a
     ResumeState (one corpus) or a MixtureState (a mixture). options: the consumer's (default:
-    `ConsumerOptions.of(cfg)`). Batching keywords as in `iter_train_batches` (with_meta, drop_last, num_rows).
+    `ConsumerOptions.of(cfg)`). pools: the derived corpora's negative pools (`negative_pools`, read once for
+    every epoch; None: each Dataset built here reads its own). Batching keywords as in `iter_train_batches`
+    (with_meta, drop_last, num_rows).
     """
     configs = corpora(cfg, mixture)
     plans = dict(plans) if plans is not None else epoch_plans(cfg, mixture, train=train, epoch=epoch, split=split)
@@ -129,7 +139,8 @@ def epoch_batches(cfg: DataConfig, vocab: Any, *, train: bool, epoch: int = 0,
     options = options if options is not None else ConsumerOptions.of(cfg)
     if shards is None:
         starts = resume.sources if isinstance(resume, MixtureState) else {name: resume for name in configs}
-        shards = {name: build_dataset(c, vocab, train=train, specs=specs, plan=plans[name], resume=starts.get(name))
+        shards = {name: build_dataset(c, vocab, train=train, specs=specs, plan=plans[name], resume=starts.get(name),
+                                      pool=(pools or {}).get(name))
                   for name, c in configs.items()}
     if mixture:
         return iter_mixture_batches(shards, mixture, vocab, cfg.batch_size, resume=resume, options=options,

@@ -188,6 +188,11 @@ class _Preprocess:
                                       pixels=self.pixels))
 
 
+def draws_negatives(cfg: DataConfig) -> bool:
+    """Whether the corpus `cfg` is a derived task's whose negatives come from a pool (`negative_pool`)."""
+    return cfg.derived is not None and needs_pool(cfg.derived)
+
+
 def negative_pool(cfg: DataConfig) -> tuple[str, ...]:
     """The captions or answers a derived task draws its negatives from: the first POOL_SIZE distinct ones of the
     corpus's source-task rows in manifest order (`ofa_model.derived.pool_value`), the same in every process."""
@@ -253,7 +258,7 @@ class IdleLoopThrottle(ExecutionCallback):
 
 def build_dataset(cfg: DataConfig, vocab: Any, *, split: str | Sequence[str] | None = None, train: bool,
                   epoch: int = 0, resume: ResumeState | None = None, specs: Mapping[str, TaskSpec] | None = None,
-                  plan: EpochPlan | None = None) -> ray.data.Dataset:
+                  plan: EpochPlan | None = None, pool: Sequence[str] | None = None) -> ray.data.Dataset:
     """A lazy, streaming Dataset of one epoch's preprocessed rows (columns: `output_schema`), bad rows
     included as ok=False markers. Consume it with `pipelines.data.batches.iter_train_batches` (or, with other
     corpora, `iter_mixture_batches`), which counts and drops the markers.
@@ -261,6 +266,8 @@ def build_dataset(cfg: DataConfig, vocab: Any, *, split: str | Sequence[str] | N
     split: default cfg.splits. train: shuffle shards (cfg.shuffle_files) and apply training augmentation.
     resume: skip rows an earlier run consumed. specs: task specs by name (default ofa_model.tasks.TASKS).
     plan: a precomputed `plan_epoch(...)` (then split and epoch come from it).
+    pool: a derived task's negatives, `negative_pool(cfg)`, read once by a caller that builds many Datasets (a
+    training run: one per epoch and per fit); None: read here when cfg's derived task draws negatives.
     """
     specs = dict(TASKS if specs is None else specs)
     plan = plan or plan_epoch(cfg, split=split, train=train, epoch=epoch)
@@ -271,13 +278,13 @@ def build_dataset(cfg: DataConfig, vocab: Any, *, split: str | Sequence[str] | N
     if resume is not None:
         resume.check(plan.info)
     source = ShardSource(plan, s3=cfg.s3, skip=resume.seqs() if resume else None, retries=cfg.read_retries)
-    pool = None if cfg.read_concurrency is None else ray.data.TaskPoolStrategy(size=cfg.read_concurrency)
+    readers = None if cfg.read_concurrency is None else ray.data.TaskPoolStrategy(size=cfg.read_concurrency)
     # Ray merges a read task's row groups into blocks of up to target_max_block_size of *encoded* data, which
     # preprocessing then expands ~1000x; asking for one block per rows_per_read_block rows makes Ray split
     # read outputs (SplitBlocks) so that preprocessing work is spread evenly over the actors.
     to_read = plan.total_rows - (len(resume.seqs()) if resume is not None else 0)
     blocks = max(1, math.ceil(to_read / read_block_rows(cfg)))
-    ds = ray.data.read_datasource(source, num_cpus=cfg.read_num_cpus, compute=pool, override_num_blocks=blocks)
+    ds = ray.data.read_datasource(source, num_cpus=cfg.read_num_cpus, compute=readers, override_num_blocks=blocks)
     ctx = ds.context  # this dataset's own copy of the DataContext
     ctx.execution_options.preserve_order = cfg.preserve_order
     if IdleLoopThrottle not in ctx.custom_execution_callback_classes:
@@ -287,7 +294,7 @@ def build_dataset(cfg: DataConfig, vocab: Any, *, split: str | Sequence[str] | N
             object_store_memory=cfg.max_object_store_bytes)
     kwargs = {"vocab": vocab, "pcfg": cfg.preprocess, "specs": specs, "train": train, "seed": cfg.seed,
               "epoch": plan.epoch, "image_dtype": cfg.image_dtype, "derived": cfg.derived,
-              "pool": negative_pool(cfg) if cfg.derived is not None and needs_pool(cfg.derived) else ()}
+              "pool": pool if pool is not None else negative_pool(cfg) if draws_negatives(cfg) else ()}
     if cfg.preprocess_on == "tasks":  # fused into the read tasks: no actor to start (see DataConfig)
         return ds.map_batches(_preprocess_batch, fn_kwargs={"kwargs": kwargs}, batch_size=cfg.rows_per_map_batch,
                               batch_format="pyarrow", num_cpus=cfg.read_num_cpus)

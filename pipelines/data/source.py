@@ -239,6 +239,13 @@ class ShardSource(Datasource):
         return tasks
 
 
+def read_blocks(plan: EpochPlan, s3: S3Options | None = None, skip: SeqSet | None = None,
+                retries: int = 2) -> Iterator[pa.Table]:
+    """What `ShardSource` gives a Dataset, read in this process: one SOURCE_SCHEMA block per row group, in the
+    plan's order, bad data as marker rows (module docstring), rows in `skip` dropped."""
+    return _read_shards(plan.shards, s3, (skip or SeqSet()).intervals(), retries)
+
+
 def _with_retries(fn: Any, retries: int, what: str) -> Any:
     for attempt in range(retries + 1):
         try:

@@ -19,7 +19,9 @@ Epochs meet Ray Train like this (the decision, made once, in `fit_plan`):
 
 Before anything starts, the driver reads the answer and label files (`pipelines.train.setup.with_answer_sets`)
 and folds the init bundle's preprocessing and custom tasks into the config (`with_init_bundle`); the workers get
-that config. The worker loop is
+that config. It also reads, once, the negative pools of the derived tasks that draw negatives
+(`pipelines.data.dataset.negative_pools`, a pass over the source rows), which every fit's Datasets get, whether
+the driver or the worker builds them. The worker loop is
 `pipelines.train.worker`. At the end the driver logs the best bundle as an artifact and registers it; the
 `champion` alias moves only on improvement (`pipelines.tracking.registry`).
 """
@@ -47,7 +49,7 @@ from ofa_model.config_files import flatten, to_dict
 from ofa_model.evaluation import primary_metric
 from ofa_model.vocab import Vocabulary
 from pipelines import storage
-from pipelines.data.dataset import build_dataset, corpora, data_fingerprint, read_manifests
+from pipelines.data.dataset import build_dataset, corpora, data_fingerprint, negative_pools, read_manifests
 from pipelines.job_env import job_tracking_uri
 from pipelines.tracking.registry import promote_if_better, register_bundle
 from pipelines.tracking.runs import MetricLogger, end_run, patiently, run_key, start_or_resume_run
@@ -110,6 +112,7 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None,
     specs = task_specs(cfg, run_code_image_size(cfg))
     vocab = run_vocab(cfg)
     fingerprint = data_fingerprint(read_manifests(cfg.data, cfg.mixture))
+    pools = negative_pools(cfg.data, cfg.mixture)  # read once: every fit's Datasets, here or in the workers
     metric, mode = primary_metric(specs[cfg.task])
     run_id = patiently(lambda: start_or_resume_run(
         cfg.tracking.tracking_uri, cfg.tracking.experiment, name=cfg.run.name,
@@ -128,7 +131,7 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None,
             logger.info("run %s: epoch%s %s of %d", cfg.run.name, "s" if fit.end - fit.first > 1 else "",
                         f"{fit.first + 1}-{fit.end}" if fit.end - fit.first > 1 else fit.first + 1, cfg.epochs)
             trainer = _trainer(cfg, fit, vocab, specs, metric, mode, callbacks,
-                               {"mlflow_run_id": run_id, "data_fingerprint": fingerprint})
+                               {"mlflow_run_id": run_id, "data_fingerprint": fingerprint, "negative_pools": pools})
             result = trainer.fit()
             if result.error is not None:
                 raise result.error
@@ -146,10 +149,12 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None,
 
 def _trainer(cfg: TrainConfig, fit: Fit, vocab: Vocabulary, specs, metric: str, mode: str,
              callbacks: Sequence[Any], run_info: dict[str, str]) -> TorchTrainer:
-    """The TorchTrainer of one fit; `run_info`: the MLflow run id and the data fingerprint (read once, here)."""
+    """The TorchTrainer of one fit; `run_info`: the MLflow run id, the data fingerprint and the derived tasks'
+    negative pools (`negative_pools`), read once, in `train`."""
     datasets = None
     if fit.shared_data:
-        datasets = {name: build_dataset(c, vocab, train=True, epoch=fit.first, specs=specs)
+        pools = run_info["negative_pools"]
+        datasets = {name: build_dataset(c, vocab, train=True, epoch=fit.first, specs=specs, pool=pools.get(name))
                     for name, c in corpora(cfg.data, cfg.mixture).items()}
     return TorchTrainer(
         train_loop,

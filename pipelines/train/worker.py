@@ -97,6 +97,7 @@ class Run:
     per_epoch: int  # optimizer updates in an epoch (the schedule and the ETA)
     shared_data: bool  # the workers read the driver's Dataset (several workers), else build their own
     fingerprint: str  # the data's, recorded in every bundle
+    pools: dict[str, tuple[str, ...]]  # the derived tasks' negative pools by corpus (the driver's, read once)
     scst: tuple | None  # self-critical training's references and CIDEr-D (`scst_setup`), read once
 
 
@@ -131,7 +132,7 @@ def train_loop(loop_config: dict) -> None:
         per_epoch = steps_per_epoch(cfg, {n: p.info.total_rows for n, p in plans.items()}, worker.world)
         learner, frozen = _learner(cfg, setup, worker, state, per_epoch * cfg.epochs)
         run = Run(cfg, setup, worker, per_epoch, shared, loop_config["data_fingerprint"],
-                  scst_setup(cfg) if cfg.scst.enabled else None)
+                  loop_config["negative_pools"], scst_setup(cfg) if cfg.scst.enabled else None)
         if worker.rank == 0:
             logger.info("%d worker(s), %s: ~%d updates/epoch, %d in all; %s frozen; init %s; starting at step %d",
                         worker.world, worker.execution.describe(), per_epoch, per_epoch * cfg.epochs,
@@ -232,6 +233,7 @@ def _batches(run: Run, plans: Mapping[str, EpochPlan], resume) -> BatchIterator:
     shards = {n: ray.train.get_dataset_shard(n) for n in plans} if run.shared_data else None
     return epoch_batches(cfg.data, run.setup.vocab, train=True, mixture=cfg.mixture, plans=plans, shards=shards,
                          resume=resume, specs=run.setup.specs, options=ConsumerOptions.of(cfg.data).without_rule(),
+                         pools=run.pools,
                          # row ids: the rewards need each row's references; a mixture, each row's task
                          with_meta=bool(cfg.scst.enabled or cfg.mixture))
 
