@@ -128,3 +128,32 @@ def test_a_run_carries_its_image_tokenizer_into_every_bundle(tmp_path):
     big = save_tokenizer(tmp_path / "big", VQGAN(tokenizer_config("vqgan-micro", n_embed=9000)))
     with pytest.raises(BundleError, match="model.image_tokenizer .* 9000 codes"):
         build_setup(build(TrainConfig, {**raw, "model": {"image_tokenizer": str(big)}}))
+
+
+def test_a_fine_tune_may_set_the_code_grid_of_its_init_bundle_and_nothing_else(bundle, tmp_path):
+    """dims.code_image_size sizes no weight, so a fine-tune from model.init may set it (OFA pretrains at 128 and
+    fine-tunes text-to-image at 256): the model gets the bundle's weights and the new grid, and code rows are
+    checked against it; any other dim with model.init is refused, naming the rule."""
+    from ofa_model.config_files import ConfigError
+    from pipelines.train.setup import build_setup, run_code_image_size
+
+    assert get_config("ofa-micro").code_image_size == 128
+    raw = {"task": "text_to_image", "model": {"init": str(bundle), "dims": {"code_image_size": 64}},
+           "run": {"name": "t2i", "storage_path": str(tmp_path / "runs")},
+           "data": {"uri": str(tmp_path / "corpus")},
+           "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}
+    cfg = with_init_bundle(build(TrainConfig, raw))
+    assert run_code_image_size(cfg) == 64
+    setup = build_setup(cfg)
+    assert setup.model.config.code_image_size == 64
+    assert setup.specs["text_to_image"].code_count == 64  # (64 // 8) ** 2
+    want = OFAModel(get_config("ofa-micro")).state_dict()
+    got = setup.model.state_dict()
+    assert set(got) == set(want)
+    from ofa_model.bundle import load_bundle
+
+    init = load_bundle(bundle).model.state_dict()
+    assert all(torch.equal(got[k], init[k]) for k in init if "position_ids" not in k)
+    for dims in ({"embed_dim": 64}, {"code_image_size": 64, "ffn_dim": 256}):
+        with pytest.raises(ConfigError, match="only code_image_size"):
+            build(TrainConfig, {**raw, "model": {"init": str(bundle), "dims": dims}})
