@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="an override of the tokenizer's config (repeatable)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="an override of the generator's config (repeatable)")
-    args = p.parse_args(argv or [])
+    args = p.parse_args(argv)
 
     import ray
     import torch

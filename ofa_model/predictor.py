@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import logging
 import math
 import reprlib
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ofa_model.answer_sets import answer_sets_of
@@ -193,11 +195,11 @@ class OFAPredictor:
             try:
                 mode, gen = self._options(spec, item)
                 if spec.code_target:
-                    if images + gen.num_return_sequences > self.limits.max_images:
-                        raise TaskInputError(f"{gen.num_return_sequences} more images would make "
-                                             f"{images + gen.num_return_sequences} in this call, over the limit of "
-                                             f"{self.limits.max_images}", LIMIT_EXCEEDED)
-                    images += gen.num_return_sequences
+                    n = gen.num_return_sequences if gen.sampling else gen.beam_size  # images decoded at once
+                    if images + n > self.limits.max_images:
+                        raise TaskInputError(f"{n} more images would make {images + n} in this call, over the "
+                                             f"limit of {self.limits.max_images}", LIMIT_EXCEEDED)
+                    images += n
                 groups.setdefault((mode, gen), []).append(i)
             except InputError as e:
                 results[i] = error_dict(e)
@@ -206,8 +208,11 @@ class OFAPredictor:
                 chunk: list[tuple[int, InferenceRequest]] = []
                 for i in members[lo:lo + self.max_batch_size]:
                     try:
-                        chunk.append((i, inference_request(spec, inputs[i], self.vocab, self.preprocess, mode,
-                                                           self._answer_set(spec, mode))))
+                        req = inference_request(spec, inputs[i], self.vocab, self.preprocess, mode,
+                                                self._answer_set(spec, mode))
+                        if spec.code_target and spec.rerank_task is not None:  # its ranking question must be askable
+                            self._rerank_requests(spec, inputs[i], [_probe_png()])
+                        chunk.append((i, req))
                     except InputError as e:
                         results[i] = error_dict(e)
                 if not chunk:
@@ -367,39 +372,53 @@ class OFAPredictor:
             hyps = self._generate(spec, gen, reqs, *self._encode(reqs))
         out = []
         for item, hs in zip(items, hyps, strict=True):
-            codes = [[t - self.vocab.code_offset for t in h.tokens] for h in hs]
-            if not hs or any(len(c) != self.grid_length for c in codes):  # the constraint and lengths forbid it
-                raise RuntimeError(f"task {spec.name}: decoding gave {[len(c) for c in codes]} codes, not "
-                                   f"{self.grid_length} per image")
-            pixels = tokenizer.decode_codes(torch.tensor(codes))  # (N, S, S, 3) uint8, in fp32
-            pngs = [png_bytes(p) for p in pixels]
-            logprobs = [float(sum(h.token_scores[:self.grid_length])) for h in hs]
-            images = [{"png": base64.b64encode(png).decode(), "logprob": lp} for png, lp in zip(pngs, logprobs,
-                                                                                                 strict=True)]
-            if spec.rerank_task is not None:
-                for image, score in zip(images, self._rerank_scores(spec, item, pngs), strict=True):
-                    image["itm_score"] = score
-            if item.get("return_codes"):
-                for image, c in zip(images, codes, strict=True):
-                    image["codes"] = c
-            images.sort(key=lambda im: (-im.get("itm_score", 0.0), -im["logprob"]))
-            for rank, image in enumerate(images, 1):
-                image["rank"] = rank
-            out.append({"images": images, "width": int(pixels.shape[2]), "height": int(pixels.shape[1])})
+            try:
+                out.append(self._image_answer(spec, item, hs))
+            except InputError as e:  # this input's answer alone
+                out.append(error_dict(e))
         return out
+
+    def _image_answer(self, spec: TaskSpec, item: Mapping[str, Any], hs: list) -> dict:
+        """One input's images: decoded, encoded as PNG, scored and ranked."""
+        tokenizer = self.image_tokenizer
+        codes = [[t - self.vocab.code_offset for t in h.tokens] for h in hs]
+        if not hs or any(len(c) != self.grid_length for c in codes):  # the constraint and lengths forbid it
+            raise NoAnswerError(f"task {spec.name}: decoding gave {[len(c) for c in codes]} codes, not "
+                                f"{self.grid_length} per image")
+        pixels = tokenizer.decode_codes(torch.tensor(codes))  # (N, S, S, 3) uint8, in fp32
+        pngs = [png_bytes(p) for p in pixels]
+        logprobs = [float(sum(h.token_scores[:self.grid_length])) for h in hs]
+        images = [{"png": base64.b64encode(png).decode(), "logprob": lp} for png, lp in zip(pngs, logprobs,
+                                                                                             strict=True)]
+        if spec.rerank_task is not None:
+            for image, score in zip(images, self._rerank_scores(spec, item, pngs), strict=True):
+                image["itm_score"] = score
+        if item.get("return_codes"):
+            for image, c in zip(images, codes, strict=True):
+                image["codes"] = c
+        images.sort(key=lambda im: (-im.get("itm_score", 0.0), -im["logprob"]))
+        for rank, image in enumerate(images, 1):
+            image["rank"] = rank
+        return {"images": images, "width": int(pixels.shape[2]), "height": int(pixels.shape[1])}
 
     def _rerank_scores(self, spec: TaskSpec, item: Mapping[str, Any], pngs: list[bytes]) -> list[float]:
         """P(first label) of `spec.rerank_task` (itm: " yes" against " no") for each PNG with the input's slot
         fields (the caption), through the model's own preprocessing and candidate scoring."""
         task = self.tasks[spec.rerank_task]
-        fields = {col: item[col] for _, col in spec.slots}
-        reqs = [inference_request(task, {**fields, task.image_field: png}, self.vocab, self.preprocess, "allcand")
-                for png in pngs]
+        reqs = self._rerank_requests(spec, item, pngs)
         scores: list[float] = []
         for lo in range(0, len(reqs), self.max_batch_size):
             outs = self._run(task, "allcand", task.generation, reqs[lo:lo + self.max_batch_size])
             scores += [o["scores"][task.labels[0]] for o in outs]
         return scores
+
+    def _rerank_requests(self, spec: TaskSpec, item: Mapping[str, Any], pngs: list[bytes]) -> list[InferenceRequest]:
+        """The ranking task's requests for an input's images; an InputError when its text cannot be asked (a
+        caption that its normalisation empties, e.g. "!!!")."""
+        task = self.tasks[spec.rerank_task]
+        fields = {col: item[col] for _, col in spec.slots}
+        return [inference_request(task, {**fields, task.image_field: png}, self.vocab, self.preprocess, "allcand")
+                for png in pngs]
 
     def _candidates(self, spec: TaskSpec, reqs: list[InferenceRequest], enc) -> list[dict]:
         scores = score_candidates(self.model, enc, [r.candidate_tokens for r in reqs], ids=self.ids,
@@ -414,6 +433,12 @@ class OFAPredictor:
             ids = [t[0] for t in r.candidate_tokens]
             out.append(_ranked(spec.answer_key, r.candidates, logits[row, last[row], ids].float()))
         return out
+
+
+@functools.cache
+def _probe_png() -> bytes:
+    """A small white PNG: stands in for a generated image when checking an input's ranking question early."""
+    return png_bytes(np.full((16, 16, 3), 255, dtype=np.uint8))
 
 
 def _ranked(key: str, candidates: list[str], logp: torch.Tensor) -> dict:

@@ -40,7 +40,7 @@ from ofa_model.errors import ConfigError, check_keys, check_value
 TOKENIZER_FORMAT = "ofa-ray-image-tokenizer"
 TOKENIZER_VERSION = 1
 DOWNSAMPLE = 8  # f = 8: every code covers 8 x 8 pixels (OFA: code_image_size // 8 is the grid side)
-GROUPS = 32  # taming's GroupNorm groups: every channel count must be a multiple
+GROUPS = 32  # taming's GroupNorm groups (OFA's tokenizer); VQGANConfig.norm_groups may choose fewer
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,9 @@ class VQGANConfig:
     embed_dim: int = 256
     n_embed: int = 8192  # codebook entries; at most the vocabulary's code tokens
     kl_weight: float = 1e-8  # weight of the quantizer's KL to a uniform prior (taming's GumbelVQ)
+    # GroupNorm groups of every norm layer; taming's 32. A narrow tokenizer wants fewer: at 32 channels, 32 groups
+    # normalise each channel alone over the image, which erases how strongly it responds, i.e. the colour
+    norm_groups: int = GROUPS
 
     def __post_init__(self) -> None:
         owner = "VQGANConfig"
@@ -79,8 +82,8 @@ class VQGANConfig:
         if self.resolution % DOWNSAMPLE:
             raise ConfigError(f"{owner}.resolution {self.resolution} must be a multiple of {DOWNSAMPLE}")
         for what, c in (("ch", self.ch), ("z_channels", self.z_channels)):
-            if c % GROUPS:
-                raise ConfigError(f"{owner}.{what} {c} must be a multiple of {GROUPS} (GroupNorm groups)")
+            if c % self.norm_groups:
+                raise ConfigError(f"{owner}.{what} {c} must be a multiple of norm_groups {self.norm_groups}")
         if self.embed_dim != self.z_channels:
             # GumbelVQ's quant_conv maps z_channels -> embed_dim and its quantizer's projection reads z_channels
             raise ConfigError(f"{owner}.embed_dim {self.embed_dim} must equal z_channels {self.z_channels} "
@@ -111,11 +114,12 @@ class VQGANConfig:
 
 _INT_BOUNDS = {
     "resolution": (8, 2048),
-    "in_channels": (1, 4),
-    "out_ch": (1, 4),
-    "ch": (GROUPS, 4096),
+    "in_channels": (3, 3),  # RGB: the pixel path (tokenizer_pixels, png_bytes) and OFA's tokenizer
+    "out_ch": (3, 3),
+    "ch": (1, 4096),
     "num_res_blocks": (1, 16),
-    "z_channels": (GROUPS, 4096),
+    "z_channels": (1, 4096),
+    "norm_groups": (1, 4096),
     "embed_dim": (1, 4096),
     "n_embed": (2, 65536),
 }
@@ -140,15 +144,15 @@ def tokenizer_config(name: str, **overrides) -> VQGANConfig:
 # Modules (taming's names)
 
 
-def _norm(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(GROUPS, c, eps=1e-6, affine=True)
+def _norm(c: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, c, eps=1e-6, affine=True)
 
 
 class _ResBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, groups: int):
         super().__init__()
-        self.norm1, self.conv1 = _norm(c_in), nn.Conv2d(c_in, c_out, 3, 1, 1)
-        self.norm2, self.conv2 = _norm(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1)
+        self.norm1, self.conv1 = _norm(c_in, groups), nn.Conv2d(c_in, c_out, 3, 1, 1)
+        self.norm2, self.conv2 = _norm(c_out, groups), nn.Conv2d(c_out, c_out, 3, 1, 1)
         if c_in != c_out:
             self.nin_shortcut = nn.Conv2d(c_in, c_out, 1)
 
@@ -161,9 +165,9 @@ class _ResBlock(nn.Module):
 class _Attn(nn.Module):
     """Single-head self-attention over the feature map's positions."""
 
-    def __init__(self, c: int):
+    def __init__(self, c: int, groups: int):
         super().__init__()
-        self.norm = _norm(c)
+        self.norm = _norm(c, groups)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,9 +204,9 @@ class _Level(nn.Module):
 
 
 class _Mid(nn.Module):
-    def __init__(self, c: int):
+    def __init__(self, c: int, groups: int):
         super().__init__()
-        self.block_1, self.attn_1, self.block_2 = _ResBlock(c, c), _Attn(c), _ResBlock(c, c)
+        self.block_1, self.attn_1, self.block_2 = _ResBlock(c, c, groups), _Attn(c, groups), _ResBlock(c, c, groups)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))
@@ -211,12 +215,13 @@ class _Mid(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, cfg: VQGANConfig):
         super().__init__()
+        g = cfg.norm_groups
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, 1, 1)
         res, c_in, levels = cfg.resolution, cfg.ch, []
         for i, mult in enumerate(cfg.ch_mult):
             c_out = cfg.ch * mult
-            blocks = [_ResBlock(c_in if j == 0 else c_out, c_out) for j in range(cfg.num_res_blocks)]
-            attn = [_Attn(c_out) for _ in blocks] if res in cfg.attn_resolutions else []
+            blocks = [_ResBlock(c_in if j == 0 else c_out, c_out, g) for j in range(cfg.num_res_blocks)]
+            attn = [_Attn(c_out, g) for _ in blocks] if res in cfg.attn_resolutions else []
             level = _Level(blocks, attn)
             if i != len(cfg.ch_mult) - 1:
                 level.downsample = _Resample(c_out, down=True)
@@ -224,8 +229,8 @@ class Encoder(nn.Module):
             levels.append(level)
             c_in = c_out
         self.down = nn.ModuleList(levels)
-        self.mid = _Mid(c_in)
-        self.norm_out, self.conv_out = _norm(c_in), nn.Conv2d(c_in, cfg.z_channels, 3, 1, 1)
+        self.mid = _Mid(c_in, g)
+        self.norm_out, self.conv_out = _norm(c_in, g), nn.Conv2d(c_in, cfg.z_channels, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -239,15 +244,16 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: VQGANConfig):
         super().__init__()
+        g = cfg.norm_groups
         c_in = cfg.ch * cfg.ch_mult[-1]
         res = cfg.resolution // 2 ** (len(cfg.ch_mult) - 1)
         self.conv_in = nn.Conv2d(cfg.z_channels, c_in, 3, 1, 1)
-        self.mid = _Mid(c_in)
+        self.mid = _Mid(c_in, g)
         levels: list[_Level] = []
         for i in reversed(range(len(cfg.ch_mult))):
             c_out = cfg.ch * cfg.ch_mult[i]
-            blocks = [_ResBlock(c_in if j == 0 else c_out, c_out) for j in range(cfg.num_res_blocks + 1)]
-            attn = [_Attn(c_out) for _ in blocks] if res in cfg.attn_resolutions else []
+            blocks = [_ResBlock(c_in if j == 0 else c_out, c_out, g) for j in range(cfg.num_res_blocks + 1)]
+            attn = [_Attn(c_out, g) for _ in blocks] if res in cfg.attn_resolutions else []
             level = _Level(blocks, attn)
             if i != 0:
                 level.upsample = _Resample(c_out, down=False)
@@ -255,7 +261,7 @@ class Decoder(nn.Module):
             levels.insert(0, level)
             c_in = c_out
         self.up = nn.ModuleList(levels)  # up[0] is the last (full-resolution) level, as taming stores it
-        self.norm_out, self.conv_out = _norm(c_in), nn.Conv2d(c_in, cfg.out_ch, 3, 1, 1)
+        self.norm_out, self.conv_out = _norm(c_in, g), nn.Conv2d(c_in, cfg.out_ch, 3, 1, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
@@ -448,7 +454,7 @@ class Tokenizer:
     def encode_images(self, images: Sequence[Image.Image], size: int | None = None) -> torch.Tensor:
         """(B, (size / 8)^2) codes of RGB images resized to `size` (default the tokenizer's resolution), as OFA."""
         device = next(self.model.parameters()).device
-        return self.model.encode(tokenizer_pixels(images, size or self.config.resolution).to(device))
+        return self.model.encode(tokenizer_pixels(images, self.config.resolution if size is None else size).to(device))
 
     def encode_centres(self, images: Sequence[Image.Image], size: int) -> torch.Tensor:
         """(B, (size / 8)^2) codes of the images' centres (`infill_pixels`): image infilling's targets."""

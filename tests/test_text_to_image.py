@@ -175,6 +175,14 @@ def test_a_model_without_a_tokenizer_and_the_limits_refuse_before_any_work(plain
     assert [o["error"]["message"] for o in out[:2]] == ["num_samples=5 is over the limit of 4",
                                                         "4 samples x 64 codes is over the limit of 192 codes"]
     assert "3 more images would make 3 in this call, over the limit of 2" in out[2]["error"]["message"]
+    beams = limited.predict("text_to_image", [{"text": "a", "decoding": {"sampling": False, "beam_size": 3}}])
+    assert "3 more images would make 3 in this call" in beams[0]["error"]["message"]  # 3 beams decode 3 images
+    # a caption whose ranking question cannot be asked (ITM's normalisation empties "!!!") fails alone, before any
+    # decoding; its neighbours get their images
+    mixed = limited.predict("text_to_image", [{"text": "!!!", "num_samples": 1},
+                                              {"text": "a red circle", "num_samples": 1, "seed": 0}])
+    assert reasons(mixed) == ["empty_text", None]
+    assert len(mixed[1]["images"]) == 1 and mixed[1]["images"][0]["rank"] == 1
 
 
 # ---------------------------------------------------------------------------------------------- command line

@@ -3,6 +3,7 @@ computations, bundles written and refused, configs refused, and a few training s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -97,7 +98,7 @@ def test_forward_kl_against_an_independent_formula():
 
 def test_attention_block_against_explicit_bmm_softmax():
     torch.manual_seed(2)
-    attn = _Attn(32).eval()
+    attn = _Attn(32, 32).eval()
     for p in attn.parameters():  # non-trivial norm and projections
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(2, 32, 5, 3)
@@ -170,7 +171,7 @@ def test_a_bundle_with_bad_weights_is_refused_naming_the_key(model, tmp_path, ch
 @pytest.mark.parametrize("edit, message", [
     (lambda c: {**c, "format": "ofa-ray-bundle"}, r"format is 'ofa-ray-bundle', not an image tokenizer"),
     (lambda c: {**c, "format_version": 2}, r"format_version 2 is not 1"),
-    (lambda c: {**c, "model": {**c["model"], "ch": 40}}, r"VQGANConfig\.ch 40 must be a multiple of 32"),
+    (lambda c: {**c, "model": {**c["model"], "ch": 40}}, r"VQGANConfig\.ch 40 must be a multiple of norm_groups 32"),
     (lambda c: {**c, "model": {**c["model"], "codebook": 3}}, r"unknown .*model keys: \['codebook'\]"),
 ])
 def test_a_bundle_with_a_foreign_or_bad_config_is_refused(model, tmp_path, edit, message):
@@ -182,8 +183,8 @@ def test_a_bundle_with_a_foreign_or_bad_config_is_refused(model, tmp_path, edit,
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(ch=48), r"VQGANConfig\.ch 48 must be a multiple of 32"),
-    (dict(z_channels=40, embed_dim=40), r"VQGANConfig\.z_channels 40 must be a multiple of 32"),
+    (dict(ch=48), r"VQGANConfig\.ch 48 must be a multiple of norm_groups 32"),
+    (dict(z_channels=40, embed_dim=40), r"VQGANConfig\.z_channels 40 must be a multiple of norm_groups 32"),
     (dict(ch_mult=(1, 2, 2)), r"ch_mult \(1, 2, 2\) has 3 levels; a factor-8 tokenizer has 4"),
     (dict(ch_mult=[1, 1, 2, 2]), r"ch_mult must be a tuple"),
     (dict(num_res_blocks=True), r"VQGANConfig\.num_res_blocks must be an integer, got bool True"),
@@ -224,3 +225,16 @@ def test_reconstruction_improves_with_training_steps():
     finally:
         torch.set_num_threads(threads)
     assert after > before + 4.0, (before, after)  # measured: 6.5 dB -> 15.3 dB
+
+
+def test_norm_groups_default_to_taming_and_a_narrow_tokenizer_may_use_fewer():
+    """Every GroupNorm has norm_groups groups: 32 for OFA's tokenizer (and a taming checkpoint, which has no such
+    key); a config whose channel counts it does not divide is refused naming the field."""
+    from torch import nn
+
+    assert VQGAN_SIZES["vqgan_gumbel_f8"].norm_groups == 32
+    model = VQGAN(dataclasses.replace(VQGAN_SIZES["vqgan-micro"], norm_groups=4))
+    groups = {m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)}
+    assert groups == {4}
+    with pytest.raises(ConfigError, match=r"VQGANConfig\.ch 36 must be a multiple of norm_groups 8"):
+        dataclasses.replace(VQGAN_SIZES["vqgan-micro"], ch=36, norm_groups=8)

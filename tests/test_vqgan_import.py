@@ -204,7 +204,7 @@ BAD = {
                    r"model\.target is 'taming\.models\.vqgan\.VQModel'; only taming's GumbelVQ"),
     "ddconfig_lacks_ch": (None, _config_with(DD, {k: v for k, v in MICRO_YAML["model"]["params"]["ddconfig"].items()
                                                   if k != "ch"}), r"model\.params\.ddconfig lacks \['ch'\]"),
-    "bad_ch": (None, _config_with((*DD, "ch"), 48), r"model\.yaml: VQGANConfig\.ch 48 must be a multiple of 32"),
+    "bad_ch": (None, _config_with((*DD, "ch"), 48), r"model\.yaml: VQGANConfig\.ch 48 must be a multiple of norm_groups 32"),
     "config_not_yaml": (None, "model: [unclosed", r"model\.yaml: not valid YAML"),
 }
 
