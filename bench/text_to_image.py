@@ -70,18 +70,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="an override of the tokenizer's config (repeatable)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="an override of the generator's config (repeatable)")
+    p.add_argument("--judge-only", type=Path, default=None, metavar="TRAINED_JSON",
+                   help="judge the tokenizer and generator a run wrote to this trained-*.json, without training")
     args = p.parse_args(argv)
 
     import ray
-    import torch
-    from mlflow import MlflowClient
 
-    from bench.image_judge import accuracy, package_pairs, train_judge
     from bench.learning_curve import ensure_corpus
     from bench.train import start_local_ray
     from ofa_model.config_files import load_config
-    from ofa_model.predictor import OFAPredictor
-    from ofa_model.vqgan import load_tokenizer, to_uint8, tokenizer_pixels
     from pipelines.data.image_codes import encode_corpus
     from pipelines.train import train
     from pipelines.train.tokenizer import train_tokenizer
@@ -92,6 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     tracking = f"sqlite:///{out / 'mlflow.db'}"
+    if args.judge_only:
+        trained = json.loads(args.judge_only.read_text())
+        judge_pictures(args, out, stamp, **trained)
+        return
     corpus = ensure_corpus(out, args.limit)
     started = start_local_ray(4)
     try:
@@ -121,14 +122,32 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if started:
             ray.shutdown()
+    trained = {"tokenizer": tok.tokenizer, "tokenizer_metrics": tok.metrics, "tokenizer_steps": tok.steps,
+               "tokenizer_minutes": tok_min, "generator": gen.bundle, "generator_minutes": gen_min,
+               "run_id": gen.mlflow_run_id, "tracking": tracking}
+    (out / f"trained-{stamp}.json").write_text(json.dumps(trained, indent=2))
+    judge_pictures(args, out, stamp, **trained)
 
+
+def judge_pictures(args, out: Path, stamp: str, *, tokenizer: str, tokenizer_metrics: dict, tokenizer_steps: int,
+                   tokenizer_minutes: float, generator: str, generator_minutes: float, run_id: str,
+                   tracking: str) -> None:
+    """Pictures of test captions from the trained generator, judged beside the references (see the docstring)."""
+    import torch
+    from mlflow import MlflowClient
+
+    from bench.image_judge import accuracy, package_pairs, train_judge
+    from ofa_model.predictor import OFAPredictor
+    from ofa_model.vqgan import load_tokenizer, to_uint8, tokenizer_pixels
+
+    tok_min, gen_min, tok_uri = tokenizer_minutes, generator_minutes, tokenizer
     train_x, train_y = package_pairs("train")
     test_x, test_y = package_pairs("test")
     judge = train_judge(train_x, train_y)
     rng = random.Random(0)
     pick = sorted(rng.sample(range(len(test_y)), min(args.captions, len(test_y))))
     captions = [test_y[i] for i in pick]
-    tokenizer = load_tokenizer(tok.tokenizer)
+    tokenizer = load_tokenizer(tok_uri)
     real = [test_x[i] for i in pick]
     pixels = tokenizer_pixels([Image.open(io.BytesIO(b)) for b in real], tokenizer.config.resolution)
     with torch.no_grad():
@@ -137,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         noise = torch.randint(0, tokenizer.config.n_embed, (len(pick), tokenizer.config.num_codes), generator=g)
         random_codes = to_uint8(tokenizer.model.decode(noise))
 
-    predictor = OFAPredictor.from_bundle(gen.bundle)
+    predictor = OFAPredictor.from_bundle(generator)
     t = time.time()
     top, anyone, rows = [], [], []
     for i in range(0, len(captions), 8):
@@ -164,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ntext-to-image on easy-VQA from scratch: tokenizer {tok_min:.1f} min + generator {gen_min:.1f} min = "
           f"{total:.1f} min of training; {len(captions)} test captions x {args.samples} candidates generated in "
           f"{gen_s:.0f} s")
-    print("tokenizer on held-out images: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(tok.metrics.items())))
+    print(f"tokenizer ({tokenizer_steps} steps) on held-out images: "
+          + ", ".join(f"{k} {v:.4g}" for k, v in sorted(tokenizer_metrics.items())))
     print(f"{'pictures':<36s} {'colour':>7s} {'shape':>7s} {'both':>7s}")
     for name, acc in table.items():
         print(f"{name:<36s} {acc.colour:7.4f} {acc.shape:7.4f} {acc.both:7.4f}")
@@ -181,12 +201,12 @@ def main(argv: list[str] | None = None) -> None:
     grid(names, [distinct[n] for n in names], png)
     report = out / f"text-to-image-{stamp}.json"
     report.write_text(json.dumps({"tokenizer_minutes": tok_min, "generator_minutes": gen_min,
-                                  "tokenizer": tok.metrics, "captions": len(captions), "samples": args.samples,
+                                  "tokenizer": tokenizer_metrics, "captions": len(captions), "samples": args.samples,
                                   "judged": {k: vars(v) for k, v in table.items()}}, indent=2))
     client = MlflowClient(tracking_uri=tracking)
     for f in (png, report):
-        client.log_artifact(gen.mlflow_run_id, str(f), "text_to_image")
-    print(f"grid: {png} (logged to run {gen.mlflow_run_id} under text_to_image/)")
+        client.log_artifact(run_id, str(f), "text_to_image")
+    print(f"grid: {png} (logged to run {run_id} under text_to_image/)")
 
 
 if __name__ == "__main__":
