@@ -27,7 +27,7 @@ from pipelines.data.converters import prepare
 from pipelines.data.shards import iter_rows
 from pipelines.job_env import SETTINGS_VARS
 from pipelines.train.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
-from pipelines.train.tokenizer import _step, code_usage, plan_steps
+from pipelines.train.tokenizer import _step, code_usage, plan_steps, usage_loss
 from pipelines.train.tokenizer_config import TokenizerTrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,6 +180,21 @@ def test_codebook_usage_and_the_temperature_schedule():
     assert cfg.gumbel.temperature(0) == 1.0
     assert cfg.gumbel.temperature(50) == pytest.approx(math.exp(-0.5))
     assert cfg.gumbel.temperature(1000) == 0.25
+
+
+def test_the_usage_loss_is_the_kl_of_the_average_code_distribution_to_uniform():
+    """0 when the batch uses every code alike (whatever each position prefers), log n when all pick one code."""
+    n = 16
+    spread = torch.full((2, n, 4, 4), -30.0)  # 32 positions, each sure of its own code, two per code
+    for i in range(32):
+        spread[i // 16, i % n, (i % 16) // 4, i % 4] = 30.0
+    assert float(usage_loss(spread)) == pytest.approx(0.0, abs=1e-5)
+    collapsed = torch.full((2, n, 4, 4), -30.0)
+    collapsed[:, 3] = 30.0
+    assert float(usage_loss(collapsed)) == pytest.approx(math.log(n), abs=1e-4)
+    p = torch.softmax(torch.randn(n), 0)
+    logits = p.log()[None, :, None, None].expand(1, n, 2, 2)
+    assert float(usage_loss(logits)) == pytest.approx(float((p * (p * n).log()).sum()), abs=1e-5)
 
 
 def test_an_adversarial_step_trains_the_discriminator_with_hinge_losses():

@@ -325,14 +325,15 @@ def _step(cfg: TokenizerTrainConfig, model, raw: VQGAN, optimizer, scheduler, di
     tau = cfg.gumbel.temperature(step)
     out = model(x, temperature=tau, hard=cfg.gumbel.hard)
     l1, l2 = (out.pixels - x).abs().mean(), F.mse_loss(out.pixels, x)
-    loss = cfg.loss.l1 * l1 + cfg.loss.l2 * l2 + out.kl
+    usage = usage_loss(out.logits)
+    loss = cfg.loss.l1 * l1 + cfg.loss.l2 * l2 + out.kl + cfg.loss.usage * usage
     adv = disc is not None and step >= cfg.adversarial.start
     parts = {"l1": float(l1.detach()), "l2": float(l2.detach()), "kl": float(out.kl.detach()),
-             "psnr": float(psnr(out.pixels.detach(), x).mean()), "temperature": tau}
+             "usage": float(usage.detach()), "psnr": float(psnr(out.pixels.detach(), x).mean()), "temperature": tau}
     if adv:
         d_model, d_raw, _ = disc
-        d_raw.requires_grad_(False)
-        g_loss = hinge_g_loss(d_model(out.pixels))
+        d_raw.requires_grad_(False)  # the generator's term through the bare module: DDP's reducer waits for no grads
+        g_loss = hinge_g_loss(d_raw(out.pixels))
         d_raw.requires_grad_(True)
         loss = loss + cfg.adversarial.weight * g_loss
         parts["g_adv"] = float(g_loss.detach())
@@ -345,12 +346,21 @@ def _step(cfg: TokenizerTrainConfig, model, raw: VQGAN, optimizer, scheduler, di
     parts["loss"] = float(loss.detach())
     if adv:
         d_model, _, d_opt = disc
-        d_loss = hinge_d_loss(d_model(x), d_model(out.pixels.detach()))
+        real, fake = d_model(torch.cat([x, out.pixels.detach()])).chunk(2)  # one DDP forward per backward
+        d_loss = hinge_d_loss(real, fake)
         d_opt.zero_grad(set_to_none=True)
         d_loss.backward()
         d_opt.step()
         parts["d_loss"] = float(d_loss.detach())
     return parts, out.logits.detach().argmax(1)
+
+
+def usage_loss(logits: torch.Tensor) -> torch.Tensor:
+    """KL from the batch's average code distribution to the uniform one, sum_k p_k log(p_k n), p the softmax of
+    (B, n, h, w) logits averaged over images and positions: 0 when every code is used alike, log n when one is. It
+    keeps the codebook from collapsing onto a few codes (each position may still be sure of its own)."""
+    p = F.softmax(logits.float(), dim=1).mean((0, 2, 3))  # (n,)
+    return (p * torch.log(p * p.numel() + 1e-10)).sum()
 
 
 def _log_window(cfg: TokenizerTrainConfig, window: _Window, step: int, world: int, progress: Progress,

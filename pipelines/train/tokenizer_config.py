@@ -117,10 +117,13 @@ class GumbelSection:
 @config_dataclass
 class LossSection:
     """Reconstruction loss: l1 * |x - x'| + l2 * (x - x')^2, means over pixels in [-1, 1], plus the quantizer's KL
-    term (weighted by the architecture's kl_weight, `model.overrides.kl_weight`)."""
+    term (weighted by the architecture's kl_weight, `model.overrides.kl_weight`), plus usage * the KL from the
+    batch's average code distribution to the uniform one (`pipelines.train.tokenizer.usage_loss`: against
+    codebook collapse; 0 is taming's loss)."""
 
     l1: Weight = 1.0
     l2: Weight = 1.0
+    usage: Weight = 0.0
 
     def __post_init__(self) -> None:
         if self.l1 == 0 and self.l2 == 0:
