@@ -430,10 +430,8 @@ def save_bundle(path: str | Path, model: OFAModel, vocab, *, preprocess: Preproc
     except (TypeError, ValueError) as e:
         raise BundleError(f"cannot save a bundle to {path}: metadata must be plain JSON ({e})") from e
     check_bundle_target(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is read by other users (serving)
+
+    def write(tmp: Path) -> None:
         _write_weights(state, tmp / WEIGHTS_FILE)
         if image_tokenizer is not None:
             save_tokenizer(tmp / IMAGE_TOKENIZER_DIR, image_tokenizer.model, metadata=image_tokenizer.metadata)
@@ -443,6 +441,19 @@ def save_bundle(path: str | Path, model: OFAModel, vocab, *, preprocess: Preproc
             raise BundleError(f"cannot save a bundle to {path}: {CONFIG_FILE} would be {len(text.encode()):,} "
                               f"bytes, over the {CONFIG_MAX_BYTES:,}-byte cap (answer sets or metadata too large)")
         (tmp / CONFIG_FILE).write_text(text)
+
+    return write_directory(path, write)
+
+
+def write_directory(path: Path, write) -> Path:
+    """Run `write(tmp)` to fill a temporary directory beside `path`, flush it and rename it into place (an old
+    directory there is replaced only once the new one is complete); on any failure the temporary one is removed
+    and `path` is left as it was. The caller has checked that `path` may be written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is read by other users (serving)
+        write(tmp)
         _fsync_dir(tmp)
         _move_into_place(tmp, path)
     except BaseException:

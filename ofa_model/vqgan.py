@@ -20,9 +20,6 @@ import dataclasses
 import io
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -397,7 +394,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def save_tokenizer(path: str | Path, model: VQGAN, *, metadata: Mapping | None = None,
                    overwrite: bool = False) -> Path:
     """Write `model` as a tokenizer bundle (config.json + model.safetensors), atomically, like `save_bundle`."""
-    from ofa_model.bundle import BundleError, _fsync_dir, _move_into_place, _write_weights
+    from ofa_model.bundle import BundleError, _write_weights, write_directory
     from ofa_model.weights import non_finite
 
     path = Path(path)
@@ -412,18 +409,12 @@ def save_tokenizer(path: str | Path, model: VQGAN, *, metadata: Mapping | None =
     except (TypeError, ValueError) as e:
         raise BundleError(f"cannot save a tokenizer to {path}: metadata must be plain JSON ({e})") from e
     _check_target(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        os.chmod(tmp, 0o755)
+
+    def write(tmp: Path) -> None:
         _write_weights(state, tmp / "model.safetensors")
         (tmp / "config.json").write_text(text)
-        _fsync_dir(tmp)
-        _move_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+    return write_directory(path, write)
 
 
 def _check_target(path: Path, overwrite: bool) -> None:
