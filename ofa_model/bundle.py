@@ -445,6 +445,18 @@ def save_bundle(path: str | Path, model: OFAModel, vocab, *, preprocess: Preproc
     return write_directory(path, write)
 
 
+def read_weights(root: Path, expected: dict[str, tuple[tuple[int, ...], torch.dtype]]
+                 ) -> tuple[dict[str, torch.Tensor], Path]:
+    """The state dict in `root`'s model.safetensors and that file's path, once its header holds exactly the
+    `expected` names, shapes and kinds of dtype (checked before any tensor is read)."""
+    weights = _bundle_file(root, WEIGHTS_FILE, WEIGHTS_MAX_BYTES)
+    _check_header(_weights_header(weights), expected, str(weights))
+    try:
+        return load_file(str(weights)), weights
+    except (SafetensorError, OSError) as e:
+        raise BundleError(f"{weights} is not a valid safetensors file: {e}") from e
+
+
 def write_directory(path: Path, write) -> Path:
     """Run `write(tmp)` to fill a temporary directory beside `path`, flush it and rename it into place (an old
     directory there is replaced only once the new one is complete); on any failure the temporary one is removed
@@ -588,13 +600,8 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", *, limits:
     tokenizer = None
     if "image_tokenizer" in cfg:
         tokenizer = _load_image_tokenizer(root, cfg["image_tokenizer"], vocab, config, where, device)
-    weights = _bundle_file(root, WEIGHTS_FILE, WEIGHTS_MAX_BYTES)
-    _check_header(_weights_header(weights), expected, str(weights))
+    state, weights = read_weights(root, expected)
     model = OFAModel(config)
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise BundleError(f"{weights} is not a valid safetensors file: {e}") from e
     load_weights(model, state, source=str(weights))
     return Bundle(model.to(device).eval(), vocab, config, preprocess, cfg["metadata"], dict(custom_tasks),
                   answer_sets, tokenizer)

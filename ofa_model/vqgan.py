@@ -28,8 +28,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from ofa_model.errors import ConfigError, check_keys, check_value
@@ -480,17 +478,12 @@ def read_tokenizer_config(path: str | Path) -> tuple[Path, dict, VQGANConfig]:
 
 def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Tokenizer:
     """Rebuild a tokenizer (eval mode) from its bundle; the weights' header is checked before any is allocated."""
-    from ofa_model.bundle import WEIGHTS_MAX_BYTES, BundleError, _bundle_file, _check_header, _weights_header
+    from ofa_model.bundle import read_weights
 
     root, cfg, config = read_tokenizer_config(path)
-    weights = _bundle_file(root, "model.safetensors", WEIGHTS_MAX_BYTES)
     with torch.device("meta"):
         expected = {k: (tuple(v.shape), v.dtype) for k, v in VQGAN(config).state_dict().items()}
-    _check_header(_weights_header(weights), expected, str(weights))
+    state, _ = read_weights(root, expected)
     model = VQGAN(config)
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise BundleError(f"{weights} is not a valid safetensors file: {e}") from e
     model.load_state_dict(state, strict=True)
     return Tokenizer(model.to(device).eval(), config, dict(cfg.get("metadata", {})))
