@@ -37,6 +37,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", default=str(ROOT / "tmp" / "bench_tune"),
                    help="directory for the corpus cache, MLflow, checkpoints, table, plot and best config")
     p.add_argument("--limit", type=int, default=None, help="easy-VQA images per split (default: all)")
+    p.add_argument("--config", default=str(CONFIG), help="the sweep config (default: %(default)s)")
+    p.add_argument("--shard-mb", type=float, default=None,
+                   help="convert easy-VQA in shards of this size (configs/finetune/vqa_easyvqa_multitask.yaml "
+                        "wants 0.25: each mixture epoch then reads other VQA rows); default: the converter's")
+    p.add_argument("--no-default", action="store_true",
+                   help="skip the default config's run (when the sweep's points_to_evaluate holds it already)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a sweep config override (train.* reaches the fine-tune config; repeatable)")
     args = p.parse_args(argv or [])
@@ -50,12 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     limit = args.limit if args.limit is not None else (100 if args.quick else None)
-    corpus = ensure_corpus(out, limit)
+    corpus = ensure_corpus(out, limit, args.shard_mb)
     name = f"bench-tune-{time.strftime('%Y%m%d-%H%M%S')}"
     overrides = [f"name={name}", f"train.data.uri={corpus}", f"train.run.storage_path={out / 'ray-results'}",
                  f"train.tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}", "train.tracking.experiment=bench-tune",
                  *(QUICK if args.quick else ()), *args.overrides]
-    plan = plan_sweep(load_sweep_config(CONFIG, overrides), source=str(CONFIG))
+    plan = plan_sweep(load_sweep_config(args.config, overrides), source=str(args.config))
     started = start_local_ray(4)
     import ray
 
@@ -63,17 +69,19 @@ def main(argv: list[str] | None = None) -> None:
         t = time.monotonic()
         outcome = run_sweep(plan, output_dir=out / name)
         sweep_s = time.monotonic() - t
-        t = time.monotonic()
-        default_cfg = plan.trial_config({}, f"{name}-default", storage_path=plan.base.run.storage_path)
-        default = train(default_cfg, output_dir=out / name / "default")
-        default_s = time.monotonic() - t
+        default, default_s = None, 0.0
+        if not args.no_default:
+            t = time.monotonic()
+            default_cfg = plan.trial_config({}, f"{name}-default", storage_path=plan.base.run.storage_path)
+            default = train(default_cfg, output_dir=out / name / "default")
+            default_s = time.monotonic() - t
     finally:
         if started:
             ray.shutdown()
 
     metric = plan.metric
     best = outcome.best
-    default_value = default.metrics.get(metric, math.nan)
+    default_value = default.metrics.get(metric, math.nan) if default is not None else math.nan
     saved = outcome.trial_time_full_s - outcome.trial_time_s
     cfg = plan.cfg
     print(f"\nsweep {name}: {len(outcome.trials)} trials, {cfg.max_concurrent_trials} at once, {plan.max_t} epochs of "

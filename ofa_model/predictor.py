@@ -135,6 +135,11 @@ class PredictorLimits:
         return cls(**limits)
 
 
+def _images_decoded(gen: GenerationConfig) -> int:
+    """Images one image-generating input decodes at once: its samples, or its beams."""
+    return gen.num_return_sequences if gen.sampling else gen.beam_size
+
+
 class OFAPredictor:
     """Batched inference over any task of `TASKS` (or a custom TaskSpec), within `limits`.
 
@@ -195,7 +200,7 @@ class OFAPredictor:
             try:
                 mode, gen = self._options(spec, item)
                 if spec.code_target:
-                    n = gen.num_return_sequences if gen.sampling else gen.beam_size  # images decoded at once
+                    n = _images_decoded(gen)
                     if images + n > self.limits.max_images:
                         raise TaskInputError(f"{n} more images would make {images + n} in this call, over the "
                                              f"limit of {self.limits.max_images}", LIMIT_EXCEEDED)
@@ -223,6 +228,23 @@ class OFAPredictor:
                 for (i, _), out in zip(chunk, outs, strict=True):
                     results[i] = out
         return results  # type: ignore[return-value]
+
+    def images_asked(self, task: str, inputs: Sequence[Any]) -> int:
+        """Images that `predict(task, inputs)` would generate (0 for a task that makes none): what counts against
+        `limits.max_images`, for a caller packing several requests into one call. An input `predict` would refuse
+        counts 0."""
+        spec = self.tasks.get(task) if isinstance(task, str) else None
+        if spec is None or not spec.code_target:
+            return 0
+        n = 0
+        for item in inputs:
+            if not isinstance(item, Mapping):
+                continue
+            try:
+                n += _images_decoded(self._options(spec, item)[1])
+            except InputError:
+                pass
+        return n
 
     def _spec(self, task: str | TaskSpec) -> TaskSpec:
         if isinstance(task, TaskSpec):

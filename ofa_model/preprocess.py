@@ -36,6 +36,7 @@ __all__ = [
     "PreprocessConfig",
     "TruncatedImageError",
     "blank_centre",
+    "centre_square",
     "check_box",
     "collate",
     "decode_image",
@@ -348,10 +349,15 @@ def model_pixels(pixels: torch.Tensor, cfg: PreprocessConfig, *, blank: bool = F
 
 def blank_centre(images: torch.Tensor) -> torch.Tensor:
     """Zero the centre square [S/4, 3S/4) of ``(..., 3, S, S)`` images in place (image infilling); returns them."""
-    side = images.shape[-1]
-    lo, hi = side // 4, side * 3 // 4
+    lo, hi = centre_square(images.shape[-1])
     images[..., lo:hi, lo:hi] = 0
     return images
+
+
+def centre_square(side: int) -> tuple[int, int]:
+    """[lo, hi): the centre square of a side x side image that image infilling blanks in the input and predicts
+    as codes (OFA: the 128 px centre of a 256 px image)."""
+    return side // 4, side * 3 // 4
 
 
 def check_box(value: Any, where: str = "box") -> tuple[float, float, float, float]:

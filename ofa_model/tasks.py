@@ -30,6 +30,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 
+from ofa_model.architecture import OFAConfig
 from ofa_model.errors import (
     BAD_BOX,
     BAD_TYPE,
@@ -70,7 +71,6 @@ TARGET_KINDS: tuple[str, ...] = get_args(TargetKind)
 PROMPT_TYPES: tuple[str, ...] = get_args(PromptType)
 INFERENCE_KINDS: tuple[str, ...] = get_args(InferenceKind)
 _INFILL_TOKENS = 256  # text infilling keeps the last 256 tokens of its text, as OFA
-INFILL_CODES = 256  # OFA's image-infilling data: the 16 x 16 VQGAN codes of a 256 x 256 image's 128 x 128 centre
 _RESULT_KEYS = ("score", "scores", "alternatives", "error")  # keys predict adds beside the answer
 NORMALIZERS = {
     "caption": normalize_caption,
@@ -244,6 +244,11 @@ def codes_per_image(code_image_size: int) -> int:
     `code_image_size`: the (code_image_size // 8)^2 codes of text-to-image's whole image and of image infilling's
     centre alike (OFA: 1024 at text-to-image's 256 px, 256 for pretraining's 128 px centres)."""
     return (code_image_size // DOWNSAMPLE) ** 2
+
+
+# OFA's image-infilling data: the 16 x 16 VQGAN codes of a 256 x 256 image's 128 x 128 centre, made for the
+# code_image_size its models pretrain at (the architectures' default)
+INFILL_CODES = codes_per_image(OFAConfig.code_image_size)
 
 
 def for_code_image_size(specs: Mapping[str, TaskSpec], code_image_size: int) -> dict[str, TaskSpec]:

@@ -31,6 +31,7 @@ from PIL import Image
 from torch import nn
 
 from ofa_model.errors import ConfigError, check_keys, check_value
+from ofa_model.preprocess import centre_square
 
 TOKENIZER_FORMAT = "ofa-ray-image-tokenizer"
 TOKENIZER_VERSION = 1
@@ -64,6 +65,8 @@ class VQGANConfig:
             raise ConfigError(f"{owner}.name must be a non-empty string of at most 100 characters, got {self.name!r}")
         for key, (lo, hi) in _INT_BOUNDS.items():
             check_value(f"{owner}.{key}", getattr(self, key), int, lo, hi)
+        if isinstance(self.kl_weight, int) and not isinstance(self.kl_weight, bool):  # YAML/JSON write 0 for 0.0
+            object.__setattr__(self, "kl_weight", float(self.kl_weight))
         check_value(f"{owner}.kl_weight", self.kl_weight, float, 0.0, 1e3)
         for key in ("ch_mult", "attn_resolutions"):
             value = getattr(self, key)
@@ -101,10 +104,7 @@ class VQGANConfig:
     @classmethod
     def from_dict(cls, d: Mapping, owner: str = "tokenizer config") -> VQGANConfig:
         check_keys(cls, d, owner)
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        if isinstance(kw.get("kl_weight"), int) and not isinstance(kw.get("kl_weight"), bool):
-            kw["kl_weight"] = float(kw["kl_weight"])
-        return cls(**kw)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 _INT_BOUNDS = {
@@ -362,8 +362,8 @@ def infill_pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     """(B, 3, size, size) in [-1, 1]: the centre size x size pixels of the images resized to 2 x size, the region
     image infilling blanks and predicts (OFA: the 128 px centre of a 256 px image). `size` is the model's
     code_image_size, a multiple of 8."""
-    lo = size // 2
-    return tokenizer_pixels(images, 2 * size)[:, :, lo:lo + size, lo:lo + size]
+    lo, hi = centre_square(2 * size)
+    return tokenizer_pixels(images, 2 * size)[:, :, lo:hi, lo:hi]
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:

@@ -90,8 +90,6 @@ def read_gumbelvq_config(path: str | Path, name: str | None = None) -> VQGANConf
     if missing:
         raise ConfigError(f"{source}: model.params lacks {missing}")
     fields = {k: params[k] for k in PARAMS_FIELDS if k in params}
-    if isinstance(fields.get("kl_weight"), int) and not isinstance(fields["kl_weight"], bool):
-        fields["kl_weight"] = float(fields["kl_weight"])
     fields.update(_ddconfig(_mapping(params.get("ddconfig"), source, "model.params.ddconfig"), source))
     try:
         config = VQGANConfig(name=name or "taming-gumbelvq", **fields)

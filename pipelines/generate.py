@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +37,14 @@ def generate_images(model: str, text: str, output: str | Path, *, settings: Mapp
     """Generate images of `text` with `model` and write them into directory `output` as rank01.png, rank02.png,
     ... and images.json. `settings`: the predictor's text_to_image input fields (num_samples, top_k, top_p,
     temperature, seed). A caption or setting the predictor refuses, or a model without an image tokenizer, is an
-    InputError, raised before anything is written."""
+    InputError, raised before anything is written. An `output` that cannot be a writable directory is an OSError
+    before the model is loaded. Rank files of an earlier run there that this run does not write are removed, so
+    the directory holds exactly this run's images."""
+    out = _check_output(Path(output))
     predictor = OFAPredictor.from_bundle(resolve_model(model, tracking=tracking).path, device=device)
     [result] = predictor.predict("text_to_image", [{**(settings or {}), "text": text}])
     if "error" in result:
         raise InputError(result["error"]["message"], result["error"]["reason"])
-    out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     files, images = [], []
     for image in result["images"]:
@@ -49,7 +52,19 @@ def generate_images(model: str, text: str, output: str | Path, *, settings: Mapp
         path.write_bytes(base64.b64decode(image["png"]))
         files.append(str(path))
         images.append({"file": path.name, **{k: v for k, v in image.items() if k != "png"}})
+    for stale in sorted(set(out.glob("rank[0-9][0-9].png")) - {Path(f) for f in files}):
+        stale.unlink()
     (out / IMAGES_JSON).write_text(json.dumps({"model": model, "text": text, "width": result["width"],
                                                "height": result["height"], "images": images}, indent=2))
     logger.info("wrote %d images of %dx%d px to %s", len(files), result["width"], result["height"], out)
     return GeneratedImages(str(out), files, images)
+
+
+def _check_output(out: Path) -> Path:
+    """`out` when it is, or can be made as, a writable directory; OSError naming the path otherwise."""
+    if out.exists() and not out.is_dir():
+        raise OSError(f"{out} exists and is not a directory")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise OSError(f"{existing} is not a writable directory, so {out} cannot be written")
+    return out

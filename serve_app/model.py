@@ -157,14 +157,17 @@ def _prepare(predictor: OFAPredictor, call: Call) -> tuple[list[dict], dict[int,
     return inputs, errors
 
 
-def _pack(members: list[int], sizes: Sequence[int], max_items: int) -> list[list[int]]:
-    """Consecutive runs of `members` whose sizes add up to at most `max_items`; a larger one alone."""
+def _pack(members: list[int], sizes: Sequence[tuple[int, int]], limits: tuple[int, int]) -> list[list[int]]:
+    """Consecutive runs of `members` whose sizes (inputs, images to generate) add up to at most `limits`
+    (max_items, max_images) in each; a larger one alone. A request within the limits is never refused because
+    others arrived with it."""
     chunks: list[list[int]] = []
-    total = 0
+    total = (0, 0)
     for m in members:
-        if chunks and total + sizes[m] <= max_items:
+        grown = (total[0] + sizes[m][0], total[1] + sizes[m][1])
+        if chunks and grown[0] <= limits[0] and grown[1] <= limits[1]:
             chunks[-1].append(m)
-            total += sizes[m]
+            total = grown
         else:
             chunks.append([m])
             total = sizes[m]
@@ -183,9 +186,10 @@ def run_calls(predictor: OFAPredictor, calls: Sequence[Call]) -> tuple[list[dict
     groups: dict[tuple[str, str], list[int]] = {}
     for i, c in enumerate(calls):
         groups.setdefault(compat_key(c), []).append(i)
+    sizes = [(len(p[0]), predictor.images_asked(c.task, p[0])) for c, p in zip(calls, prepared, strict=True)]
     n_predict = 0
     for (task, _), members in groups.items():
-        for chunk in _pack(members, [len(p[0]) for p in prepared], predictor.limits.max_items):
+        for chunk in _pack(members, sizes, (predictor.limits.max_items, predictor.limits.max_images)):
             inputs = [x for i in chunk for x in prepared[i][0]]
             n_predict += 1
             try:

@@ -185,6 +185,25 @@ def test_a_model_without_a_tokenizer_and_the_limits_refuse_before_any_work(plain
     assert len(mixed[1]["images"]) == 1 and mixed[1]["images"][0]["rank"] == 1
 
 
+def test_serve_packs_requests_by_images_so_none_is_refused_for_its_neighbours(bundle):
+    """Requests that Serve batches together share one predictor call only while their images fit max_images:
+    three requests of 2 samples under a limit of 4 images are answered in two calls, none refused."""
+    from serve_app.model import Call, run_calls
+
+    b = load_bundle(bundle)
+    limited = OFAPredictor(b.model, b.vocab, b.preprocess, image_tokenizer=b.image_tokenizer,
+                           limits=PredictorLimits(max_images=4))
+    item = {"text": "a red circle", "num_samples": 2, "seed": 1}
+    assert limited.images_asked("text_to_image", [item, item, {"text": "a", "num_samples": 99}]) == 4
+    assert limited.images_asked("caption", [item]) == 0
+    answers, n_predict = run_calls(limited, [Call("text_to_image", [item])] * 3)
+    assert n_predict == 2
+    expected = limited.predict("text_to_image", [item])[0]
+    for answer in answers:
+        [result] = answer["results"]
+        assert [im["png"] for im in result["images"]] == [im["png"] for im in expected["images"]]
+
+
 # ---------------------------------------------------------------------------------------------- command line
 
 
@@ -205,6 +224,20 @@ def test_the_command_line_writes_ranked_pngs(bundle, plain, tmp_path, capsys):
             main([*argv, "--output", str(tmp_path / "bad")])
         assert exit_.value.code == 2 and words in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    # a second run with fewer images leaves no stale rank file; codes on request; beam search through --decoding
+    main(["--model", str(bundle), "--text", "a red circle", "--decoding", '{"beam_size": 1}', "--return-codes",
+          "--output", str(tmp_path / "out")])
+    listing = json.loads((tmp_path / "out" / "images.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "out").glob("rank*.png")) == ["rank01.png"]
+    assert len(listing["images"]) == 1 and len(listing["images"][0]["codes"]) == 64
+    capsys.readouterr()
+    (tmp_path / "file").write_text("x")
+    for argv, words in ((["--output", str(tmp_path / "file")], "is not a directory"),
+                        (["--output", str(tmp_path / "file" / "sub")], "not a writable directory"),
+                        (["--decoding", "{beam", "--output", str(tmp_path / "o2")], "--decoding is not JSON")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--model", str(bundle), "--text", "a cat", *argv])
+        assert exit_.value.code == 2 and words in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- HTTP

@@ -12,14 +12,16 @@ rather than the whole image (Isola et al.'s PatchGAN; taming trains its VQGANs w
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 class PatchDiscriminator(nn.Module):
-    """`layers` stride-2 4x4 convolutions (widths channels, 2 channels, ... capped at 8 channels), GroupNorm and
-    leaky ReLU after all but the first, then a 3x3 convolution to one logit per patch."""
+    """`layers` stride-2 4x4 convolutions (widths channels, 2 channels, ... capped at 8 channels), GroupNorm (the
+    most groups up to 32 that divide the width) and leaky ReLU after all but the first, then a 3x3 convolution to one logit per patch."""
 
     def __init__(self, layers: int = 2, channels: int = 32, in_channels: int = 3):
         super().__init__()
@@ -27,7 +29,7 @@ class PatchDiscriminator(nn.Module):
         c = channels
         for i in range(1, layers):
             c_out = channels * min(2**i, 8)
-            mods += [nn.Conv2d(c, c_out, 4, 2, 1), nn.GroupNorm(min(32, c_out // 4), c_out), nn.LeakyReLU(0.2)]
+            mods += [nn.Conv2d(c, c_out, 4, 2, 1), nn.GroupNorm(math.gcd(32, c_out), c_out), nn.LeakyReLU(0.2)]
             c = c_out
         mods.append(nn.Conv2d(c, 1, 3, 1, 1))
         self.net = nn.Sequential(*mods)

@@ -42,9 +42,8 @@ class TokenizerModelSection:
             raise ValueError(f"model.arch / model.overrides: {exc}") from None
 
     def architecture(self) -> VQGANConfig:
-        """The named size with `overrides` (kl_weight given as an int becomes a float)."""
-        over = {k: float(v) if k == "kl_weight" and isinstance(v, int) else v for k, v in self.overrides.items()}
-        return tokenizer_config(self.arch, **over)
+        """The named size with `overrides`."""
+        return tokenizer_config(self.arch, **self.overrides)
 
 
 @config_dataclass
