@@ -15,6 +15,7 @@ serve_app.app:build_app` and `python -m jobs.serve`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import field
@@ -82,10 +83,9 @@ class LimitsSection:
     max_image_pixels: Annotated[int, Field(ge=1, le=2**31)] = 25_000_000
 
     def predictor_limits(self) -> PredictorLimits:
-        return PredictorLimits(max_items=self.max_items, max_beam_tokens=self.max_beam_tokens,
-                               max_return_sequences=self.max_return_sequences, max_candidates=self.max_candidates,
-                               max_text_chars=self.max_text_chars, max_samples=self.max_samples,
-                               max_sample_codes=self.max_sample_codes, max_images=self.max_images)
+        """The predictor's limits: every PredictorLimits field, as this section sets it (Serve's defaults are
+        tighter than a batch job's)."""
+        return PredictorLimits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(PredictorLimits)})
 
 
 @config_dataclass

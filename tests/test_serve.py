@@ -796,3 +796,17 @@ def test_config_errors_name_the_key(tmp_path, monkeypatch):
     assert "short" not in str(info.value).replace("too short", "")  # never the key itself
     with pytest.raises(ConfigError, match="cannot read"):
         read_api_key(serve_config(model="x", overrides=[f"api_key_file={tmp_path / 'missing'}"]))
+
+
+def test_serve_limits_set_every_predictor_limit():
+    """Serve's limits section names every PredictorLimits field (a new predictor limit must get a Serve default)
+    and hands each one through unchanged."""
+    import dataclasses
+
+    from serve_app.serve_config import LimitsSection
+
+    section = LimitsSection(max_items=3, max_images=5, max_samples=2)
+    limits = section.predictor_limits()
+    for f in dataclasses.fields(PredictorLimits):
+        assert getattr(limits, f.name) == getattr(section, f.name), f.name
+    assert (limits.max_items, limits.max_images, limits.max_samples) == (3, 5, 2)

@@ -200,6 +200,9 @@ def test_the_usage_loss_is_the_kl_of_the_average_code_distribution_to_uniform():
 def test_an_adversarial_step_trains_the_discriminator_with_hinge_losses():
     d = PatchDiscriminator(layers=2, channels=8)
     assert d(torch.zeros(3, 3, 32, 32)).shape == (3, 1, 8, 8)
+    for layers, channels in ((3, 36), (4, 3), (3, 64)):  # widths 144, 24 or 512: groups divide every one
+        out = PatchDiscriminator(layers=layers, channels=channels)(torch.zeros(1, 3, 64, 64))
+        assert out.shape == (1, 1, 64 >> layers, 64 >> layers)
     real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0])
     assert float(hinge_d_loss(real, fake)) == pytest.approx(0.5 * (0.25 + 0.5))
     assert float(hinge_g_loss(fake)) == pytest.approx(1.0)
@@ -222,3 +225,28 @@ def test_an_adversarial_step_trains_the_discriminator_with_hinge_losses():
     assert {"d_loss", "g_adv"} <= set(parts) and parts["loss"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters(), strict=True))
     assert all(p.requires_grad for p in disc.parameters())
+
+
+def test_an_overwritten_s3_tokenizer_is_uploaded_before_the_old_files_go(s3_server, tmp_path):
+    """run.overwrite on S3: the new bundle replaces the old one file by file, a file only the old bundle had is
+    removed afterwards, and the result loads; the old bundle stays whole until the upload starts."""
+    from pipelines.train.tokenizer import _save
+
+    out = s3_server.uri("tokenizer-overwrite") + "/tok/tokenizer"
+    cfg = load_config(TokenizerTrainConfig, CONFIG, ["data.uri=x", f"model.overrides={{resolution: {SIZE}}}",
+                                                     "run.overwrite=true"])
+    fs, path = storage.resolve(out)
+    fs.create_dir(path)
+    with fs.open_output_stream(f"{path}/stale.bin") as f:
+        f.write(b"old")
+    torch.manual_seed(0)
+    raw = VQGAN(cfg.model.architecture())
+    _save(cfg, raw, {"output": out, "data_fingerprint": "f"}, 1, {})
+    names = sorted(i.path[len(path) + 1:] for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)))
+    assert names == ["config.json", "model.safetensors"]
+    local = tmp_path / "bundle"
+    local.mkdir()
+    pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    tok = load_tokenizer(local)
+    assert all(torch.equal(a, b) for a, b in zip(tok.model.state_dict().values(), raw.state_dict().values(),
+                                                  strict=True))

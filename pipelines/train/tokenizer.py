@@ -459,9 +459,15 @@ def _save(cfg: TokenizerTrainConfig, raw: VQGAN, loop_config: dict, steps: int, 
         return
     with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp:
         local = save_tokenizer(Path(tmp) / TOKENIZER_DIR, raw, metadata=meta)
-        with contextlib.suppress(FileNotFoundError):
-            fs.delete_dir_contents(path, missing_dir_ok=True)  # run.overwrite was checked by the driver
+        # run.overwrite was checked by the driver. Upload over the old files first and only then remove the old
+        # ones this bundle does not have: a failed upload leaves the old bundle in place (or a mix that the
+        # loader's header check refuses), never an empty prefix.
         pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        new = {f.relative_to(local).as_posix() for f in local.rglob("*") if f.is_file()}
+        with contextlib.suppress(FileNotFoundError):
+            for info in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
+                if info.type == pafs.FileType.File and info.path[len(path):].lstrip("/") not in new:
+                    fs.delete_file(info.path)
     logger.info("tokenizer saved to %s", storage.redact(out))
 
 
