@@ -31,7 +31,8 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
     "token_bucket_size": (2, 65536),
     "image_bucket_size": (1, 256),
     "code_image_size": (8, 2048),
-    "resnet_out_channels": (1024, 1024),  # the ResNet's stage 3 always gives 1024 channels
+    "resnet_width": (8, 256),
+    "resnet_out_channels": (128, 4096),  # the ResNet's stage 3 gives 16 * resnet_width channels
 }
 RESNET_MAX_BLOCKS = 256  # per stage; ResNet-152 has 36
 
@@ -56,7 +57,11 @@ class OFAConfig:
     attn_scale_factor: float = 2.0  # attention scaling 1/sqrt(2 * head_dim)
     code_image_size: int = 128  # decoder image-code window is code_image_size // 8 on a side
     layer_norm_eps: float = 1e-5
-    resnet_out_channels: int = 1024  # ResNet stage 3 output (stride 16)
+    resnet_out_channels: int = 1024  # ResNet stage 3 output (stride 16): 16 * resnet_width
+    # The ResNet's stem channels and stage-1 planes (stages 2 and 3 double them): OFA's 64 in every released size.
+    # A narrower one is for models trained from scratch on small images, where the full-width ResNet dominates a
+    # step (ofa-micro at 64 px on 2 CPU cores: bench/train.py)
+    resnet_width: int = 64
 
     def __post_init__(self) -> None:
         owner = "OFAConfig"
@@ -71,6 +76,9 @@ class OFAConfig:
             raise ConfigError(f"{owner}.resnet_layers must list 3 stages (a tuple; a list in JSON), got {layers!r}")
         for i, blocks in enumerate(layers):
             check_value(f"{owner}.resnet_layers[{i}]", blocks, int, 1, RESNET_MAX_BLOCKS)
+        if self.resnet_out_channels != 16 * self.resnet_width:
+            raise ConfigError(f"{owner}.resnet_out_channels {self.resnet_out_channels} must be 16 * resnet_width "
+                              f"({16 * self.resnet_width}): the ResNet's stage 3 gives that many channels")
         if self.embed_dim % self.attention_heads:
             raise ConfigError(f"{owner}.embed_dim {self.embed_dim} is not divisible by "
                               f"attention_heads {self.attention_heads}")
@@ -139,8 +147,13 @@ ARCHITECTURES = tuple(_SIZES)
 
 
 def get_config(name: str, **overrides) -> OFAConfig:
-    """The architecture config of a named size; `overrides` replace fields (e.g. code_image_size=256)."""
+    """The architecture config of a named size; `overrides` replace fields (e.g. code_image_size=256). A
+    resnet_width override sizes resnet_out_channels with it."""
     if name not in _SIZES:
         raise ConfigError(f"unknown architecture {name!r}; choose one of {', '.join(_SIZES)}")
     check_keys(OFAConfig, overrides, "OFAConfig override")
+    if "resnet_width" in overrides and "resnet_out_channels" not in overrides:
+        width = overrides["resnet_width"]
+        if isinstance(width, int) and not isinstance(width, bool):
+            overrides = {**overrides, "resnet_out_channels": 16 * width}
     return OFAConfig(**{"name": name, **_SIZES[name], **overrides})

@@ -258,7 +258,7 @@ class Encoder(nn.Module):
         self.embed_tokens = embed_tokens
         self.layernorm_embedding = nn.LayerNorm(d, eps=eps)
         self.type_embedding = nn.Embedding(2, d)
-        self.embed_images = ResNet(cfg.resnet_layers, reg.resnet_drop_path)
+        self.embed_images = ResNet(cfg.resnet_layers, reg.resnet_drop_path, cfg.resnet_width)
         self.image_proj = nn.Linear(cfg.resnet_out_channels, d)
         self.patch_layernorm_embedding = nn.LayerNorm(d, eps=eps)
         self.embed_positions = nn.Embedding(cfg.max_source_positions + 2, d)

@@ -75,16 +75,17 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """Stem + three bottleneck stages: (B, 3, H, W) -> (B, 1024, H/16, W/16)."""
+    """Stem + three bottleneck stages: (B, 3, H, W) -> (B, 16 * width, H/16, W/16); OFA's width 64 gives 1024
+    channels. `width` is the stem's channels and stage 1's planes (stages 2 and 3 double them)."""
 
-    def __init__(self, layers: tuple[int, ...], drop_path_rate: float = 0.0):
+    def __init__(self, layers: tuple[int, ...], drop_path_rate: float = 0.0, width: int = 64):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        inplanes = 64
-        for i, (planes, blocks) in enumerate(zip((64, 128, 256), layers, strict=True)):
+        inplanes = width
+        for i, (planes, blocks) in enumerate(zip((width, 2 * width, 4 * width), layers, strict=True)):
             stage, inplanes = self._stage(inplanes, planes, blocks, 1 if i == 0 else 2, drop_path_rate)
             self.add_module(f"layer{i + 1}", stage)
         for m in self.modules():
@@ -111,5 +112,5 @@ class ResNet(nn.Module):
         return nn.Sequential(*mods), out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(conv_bn(self.conv1, self.bn1, x, self.fold)))  # (B, 64, H/4, W/4)
-        return self.layer3(self.layer2(self.layer1(x)))
+        x = self.maxpool(self.relu(conv_bn(self.conv1, self.bn1, x, self.fold)))  # (B, width, H/4, W/4)
+        return self.layer3(self.layer2(self.layer1(x)))  # (B, 16 * width, H/16, W/16)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ofa_model.architecture import get_config
+from ofa_model.architecture import OFAConfig, get_config
 from ofa_model.model import (
     DecoderState,
     OFAModel,
@@ -172,3 +172,25 @@ def test_errors_are_clear(micro):
         micro.encode(src[:1], torch.zeros(1, 3, 688, 688))
     with pytest.raises(ValueError, match="prev_output_tokens is required"):
         micro(src)
+
+
+def test_a_narrow_resnet_is_an_architecture_field_and_the_default_is_ofas():
+    """resnet_width sizes the ResNet's stem and stages (channels width, 2w, 4w; 16w out) and the image projection;
+    every named size keeps OFA's 64 (1024 channels), so checkpoints and bundles without the field are unchanged."""
+    from ofa_model.architecture import get_config
+    from ofa_model.model import OFAModel
+
+    assert all(get_config(n).resnet_width == 64 and get_config(n).resnet_out_channels == 1024
+               for n in ("ofa-micro", "ofa-tiny", "ofa-base"))
+    cfg = get_config("ofa-micro", resnet_width=16)
+    assert cfg.resnet_out_channels == 256
+    model = OFAModel(cfg)
+    assert model.encoder.embed_images.conv1.weight.shape == (16, 3, 7, 7)
+    assert model.encoder.image_proj.weight.shape == (cfg.embed_dim, 256)
+    full = sum(p.numel() for p in OFAModel(get_config("ofa-micro")).encoder.embed_images.parameters())
+    narrow = sum(p.numel() for p in model.encoder.embed_images.parameters())
+    assert narrow * 14 < full  # convolution weights scale with width squared (BatchNorm's linearly)
+    images = torch.rand(2, 3, 64, 64)
+    assert model.encoder.embed_images(images).shape == (2, 256, 4, 4)
+    assert OFAConfig.from_dict({k: v for k, v in get_config("ofa-micro").to_dict().items()
+                                if k != "resnet_width"}).resnet_width == 64  # an older bundle's config

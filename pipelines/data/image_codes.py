@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ofa_model.errors import EMPTY_TEXT, MISSING_FIELD, InputError
 from ofa_model.preprocess import PreprocessConfig, decode_image
@@ -75,6 +76,12 @@ def _keys(batch: pa.Table) -> pa.Table:
     """Pass 1 (a Ray task per block): the image column replaced by its `image_key` (null without an image)."""
     keys = [None if b is None else image_key(b) for b in batch.column("image").to_pylist()]
     return batch.drop_columns(["image"]).append_column("key", pa.array(keys, pa.string()))
+
+
+def _wanted_rows(batch: pa.Table, ids: pa.Array) -> pa.Table:
+    """Pass 2's filter, fused with the read tasks: only the rows whose image is to be encoded go on to the
+    actors (easy-VQA shows each image in about a dozen rows)."""
+    return batch.filter(pc.is_in(batch.column("id"), value_set=ids))
 
 
 class _Encoder:
@@ -222,6 +229,8 @@ def encode_corpus(
         progress = Progress("image-codes", len(images), log_every_s, unit="images", extra_rates={"rows ok": "rows"},
                             logger=logger)
         encoded = ray.data.read_parquet(paths, filesystem=fs).select_columns(["id", "image"]).map_batches(
+            _wanted_rows, fn_kwargs={"ids": pa.array(sorted(wanted), pa.string())}, batch_format="pyarrow",
+        ).map_batches(
             _Encoder, batch_format="pyarrow", batch_size=batch_size, num_cpus=num_cpus, num_gpus=num_gpus,
             compute=ray.data.ActorPoolStrategy(size=workers),
             fn_constructor_kwargs={"tokenizer": tokenizer if tokenizer.startswith(_REMOTE) else str(local_tokenizer),

@@ -25,15 +25,17 @@ from pipelines.data.data_config import DataConfig
 
 # model.dims keys; code_image_size sets the image-code grid (code_image_size // 8 a side) of text-to-image and
 # image infilling targets, e.g. 64 for easy-VQA's 64 px images (64 codes)
-Dim = Literal["embed_dim", "ffn_dim", "encoder_layers", "decoder_layers", "attention_heads", "code_image_size"]
+Dim = Literal["embed_dim", "ffn_dim", "encoder_layers", "decoder_layers", "attention_heads", "resnet_width",
+              "code_image_size"]
 Rate = Annotated[float, Field(ge=0.0, le=0.99)]  # a probability or fraction that must leave something
 Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^/]+$")]  # no '/': it names directories
 
 
 @config_dataclass
 class ModelSection:
-    """arch: a named size (`ofa_model.get_config`) for training from scratch. dims: Transformer sizes (and the
-    image-code grid) that replace the named size's (keys of Dim, e.g. {embed_dim: 128, ffn_dim: 512}); the architecture is then
+    """arch: a named size (`ofa_model.get_config`) for training from scratch. dims: Transformer sizes, the ResNet's
+    width and the image-code grid that replace the named size's (keys of Dim, e.g. {embed_dim: 128, ffn_dim: 512,
+    resnet_width: 32}); the architecture is then
     named `arch[key=value,...]` in the bundle. init: a bundle directory, an `s3://bucket/prefix` bundle (reached
     with `data.s3`) or a `models:/name@alias` URI to start from (its architecture, vocabulary and weights; `arch`
     and `dims` must then be left at their defaults, but for dims.code_image_size, which sizes no weight). image_tokenizer: an image tokenizer bundle (a directory,
