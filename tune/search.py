@@ -333,10 +333,19 @@ def _apply_checked(base: TrainConfig, params: Mapping[str, Any], tie: Mapping[st
 
 
 def _leaf_type(cls: type, dotted: str, where: str) -> Any:
-    """The type of the value at `dotted` in the dataclass `cls`; ConfigError if it is not a value key."""
+    """The type of the value at `dotted` in the dataclass `cls` (its last part may name an entry of a mapping
+    field: `model.dims.resnet_width`, `mixture.vqa`); ConfigError if it is not a value key."""
     tp: Any = cls
     parts = dotted.split(".")
     for i, part in enumerate(parts):
+        if typing.get_origin(tp) is dict and i == len(parts) - 1:  # an entry of a mapping: model.dims.embed_dim
+            key_type, tp = typing.get_args(tp)
+            keys = typing.get_args(key_type) if typing.get_origin(key_type) is typing.Literal else None
+            if keys is not None and part not in keys:
+                raise ConfigError(f"{where}: {part!r} is not a key of {'.'.join(parts[:i])} (known: "
+                                  f"{', '.join(keys)})")
+            tp = typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Annotated else tp
+            break
         if not dataclasses.is_dataclass(tp):
             raise ConfigError(f"{where}: {'.'.join(parts[:i])} is a value, not a section")
         names = sorted(f.name for f in dataclasses.fields(tp) if f.init)
