@@ -187,6 +187,26 @@ def test_one_worker_runs_all_its_epochs_in_one_fit(corpus, tmp_path, ray_cluster
     assert state["epoch"] == 1 and state["epoch_done"] and state["scheduler"]["last_epoch"] == 6
 
 
+def test_a_time_budget_ends_the_run_after_the_epoch_that_leaves_no_room_and_validates_it_as_the_last(
+        corpus, tmp_path, ray_cluster):
+    """run.time_budget_s: a budget already spent when the first epoch ends (a fit's start alone takes seconds)
+    stops the run there, with the whole split validated (validation.full_at_end) as a last epoch would be; the
+    same run again without a budget continues to its epochs."""
+    cfg = config(corpus, tmp_path, "budget", epochs=4, validation={"max_rows": 4, "full_at_end": True},
+                 run={"time_budget_s": 1.0})
+    out = train(cfg, output_dir=tmp_path / "o")
+    assert (out.epochs_done, out.step) == (1, 3)
+    client = _mlflow(cfg)
+    test_rows = read_manifest(corpus).counts["test"]["vqa"]
+    assert sorted((m.step, m.value) for m in client.get_metric_history(out.mlflow_run_id, "val/rows")) == [
+        (3, float(test_rows))]
+    assert [(m.step, m.value) for m in client.get_metric_history(out.mlflow_run_id, "train/stopped_by_budget")] \
+        == [(3, 1.0)]
+    again = train(config(corpus, tmp_path, "budget", epochs=2, validation={"max_rows": 4, "full_at_end": True}),
+                  output_dir=tmp_path / "o2")
+    assert (again.epochs_done, again.step) == (2, 6)
+
+
 def test_a_mixture_epoch_lasts_until_its_first_source_runs_out(tmp_path):
     rows = {"vqa": 38575, "image_classification": 3837}
     mixed = config("s3://b/c", tmp_path, "m", max_steps_per_epoch=None, mixture={"vqa": 3, "image_classification": 1})

@@ -34,6 +34,7 @@ import logging
 import math
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,7 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None,
           callbacks: Sequence[Any] = ()) -> TrainOutcome:
     """Run (or continue) the training run `cfg.run.name` to `cfg.epochs` epochs; see the module docstring.
     `callbacks`: Ray Train `UserCallback`s for every fit (Tune's report channel: `tune.trial`)."""
+    deadline = None if cfg.run.time_budget_s is None else time.time() + cfg.run.time_budget_s
     task_specs(cfg)  # fails on bad task names before anything starts
     cfg = with_answer_sets(cfg)  # answer and label files, read once: the workers get the answers
     # one tracking URI for the driver and every worker, whichever node and environment they run in
@@ -131,10 +133,15 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None,
             logger.info("run %s: epoch%s %s of %d", cfg.run.name, "s" if fit.end - fit.first > 1 else "",
                         f"{fit.first + 1}-{fit.end}" if fit.end - fit.first > 1 else fit.first + 1, cfg.epochs)
             trainer = _trainer(cfg, fit, vocab, specs, metric, mode, callbacks,
-                               {"mlflow_run_id": run_id, "data_fingerprint": fingerprint, "negative_pools": pools})
+                               {"mlflow_run_id": run_id, "data_fingerprint": fingerprint, "negative_pools": pools,
+                                "deadline": deadline})
             result = trainer.fit()
             if result.error is not None:
                 raise result.error
+            if (result.metrics or {}).get("train/stopped_by_budget"):
+                logger.info("run %s: stopped by run.time_budget_s=%g after epoch %d of %d", cfg.run.name,
+                            cfg.run.time_budget_s, int(result.metrics.get("epoch", 0)) + 1, cfg.epochs)
+                break
         outcome = _finish(cfg, run_id, result, metric, mode, output_dir)
         ok = True
         return outcome

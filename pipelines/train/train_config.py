@@ -136,7 +136,12 @@ class RunSection:
     checkpoint_every_steps: also checkpoint mid-epoch (0: at epoch ends only). precision (training and the
     validation through the predictor alike; `ofa_model.precision`): "auto" is bf16 autocast where the hardware runs
     bf16 natively (CPUs with AVX-512 BF16/AMX, Ampere+ GPUs), fp32 elsewhere; "fp16" (CUDA only) adds a grad
-    scaler. memory_format: "auto" is channels_last for the ResNet. log_every_s: seconds between progress lines."""
+    scaler. memory_format: "auto" is channels_last for the ResNet. log_every_s: seconds between progress lines.
+    time_budget_s: a wall-clock budget from the `train()` call (None: none): after each epoch, the run stops when
+    one more would end past it, judged from the epoch just trained, its validation, and the whole validation
+    split's extra time when validation.full_at_end (every estimate measured, plus a 5% margin on the training);
+    the epoch it stops after validates as the last. The rate schedule is planned over `epochs` and is cut where
+    the run stops (set optim.end_lr = optim.lr for a constant rate). Rerunning the run continues it."""
 
     name: Name = "ofa-run"
     storage_path: str = "./ray_results"
@@ -146,6 +151,7 @@ class RunSection:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
     log_every_s: Annotated[float, Field(ge=0.0, le=86400.0)] = 30.0
+    time_budget_s: Annotated[float, Field(gt=0.0, le=1e7)] | None = None
 
 
 @config_dataclass

@@ -31,7 +31,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -99,6 +99,9 @@ class Run:
     fingerprint: str  # the data's, recorded in every bundle
     pools: dict[str, tuple[str, ...]]  # the derived tasks' negative pools by corpus (the driver's, read once)
     scst: tuple | None  # self-critical training's references and CIDEr-D (`scst_setup`), read once
+    deadline: float | None = None  # time.time() by which the run should end (`run.time_budget_s`)
+    validation_rows: int = 0  # rows of the validated task in the validation split (the budget's estimate)
+    last_validation: dict = field(default_factory=dict)  # the latest validation's seconds and rows (rank 0)
 
 
 def train_loop(loop_config: dict) -> None:
@@ -132,13 +135,15 @@ def train_loop(loop_config: dict) -> None:
         per_epoch = steps_per_epoch(cfg, {n: p.info.total_rows for n, p in plans.items()}, worker.world)
         learner, frozen = _learner(cfg, setup, worker, state, per_epoch * cfg.epochs)
         run = Run(cfg, setup, worker, per_epoch, shared, loop_config["data_fingerprint"],
-                  loop_config["negative_pools"], scst_setup(cfg) if cfg.scst.enabled else None)
+                  loop_config["negative_pools"], scst_setup(cfg) if cfg.scst.enabled else None,
+                  loop_config.get("deadline"), _validation_split_rows(cfg, manifests))
         if worker.rank == 0:
             logger.info("%d worker(s), %s: ~%d updates/epoch, %d in all; %s frozen; init %s; starting at step %d",
                         worker.world, worker.execution.describe(), per_epoch, per_epoch * cfg.epochs,
                         frozen or "nothing", setup.init, learner.step)
         for epoch in range(start, end):
-            _train_epoch(run, learner, epoch, plans if epoch == start else _plans(cfg, epoch, manifests), state)
+            if _train_epoch(run, learner, epoch, plans if epoch == start else _plans(cfg, epoch, manifests), state):
+                break
 
 
 def _join(cfg: TrainConfig, mlflow_run_id: str) -> Worker:
@@ -203,9 +208,11 @@ def _learner(cfg: TrainConfig, setup: Setup, worker: Worker, state: dict | None,
     return learner, frozen
 
 
-def _train_epoch(run: Run, learner: Learner, epoch: int, plans: Mapping[str, EpochPlan], state: dict | None) -> None:
-    """One epoch (from `state`'s data position when it stopped inside this epoch), then `_end_epoch`."""
+def _train_epoch(run: Run, learner: Learner, epoch: int, plans: Mapping[str, EpochPlan], state: dict | None) -> bool:
+    """One epoch (from `state`'s data position when it stopped inside this epoch), then `_end_epoch`; whether it
+    was the run's last (its last epoch, or the time budget left no room for another)."""
     cfg, worker = run.cfg, run.worker
+    started = time.time()
     resuming = state is not None and state["epoch"] == epoch and not state["epoch_done"]
     first_step = state["step_at_epoch_start"] if resuming else learner.step
     if worker.rank == 0:
@@ -224,7 +231,35 @@ def _train_epoch(run: Run, learner: Learner, epoch: int, plans: Mapping[str, Epo
         if sync:
             grad_norm = optimizer_step(learner, cfg.optim.clip_norm)
             _after_update(run, learner, batches, epoch, first_step, meter, grad_norm)
-    _end_epoch(run, learner, batches, epoch, first_step)
+    last = epoch + 1 == cfg.epochs or _out_of_time(run, time.time() - started)
+    _end_epoch(run, learner, batches, epoch, first_step, last=last)
+    return last
+
+
+def _out_of_time(run: Run, train_s: float) -> bool:
+    """Whether another epoch would end past the run's deadline (rank 0 decides for all): this epoch's validation,
+    then one more epoch of `train_s` (+5%) and its validation, the whole split's when validation.full_at_end. The
+    validation times are the latest measured (none before the first validation)."""
+    if run.deadline is None:
+        return False
+    stop = False
+    if run.worker.rank == 0:
+        val_s, val_rows = run.last_validation.get("seconds", 0.0), run.last_validation.get("rows", 0.0)
+        full_s = val_s * run.validation_rows / val_rows if run.cfg.validation.full_at_end and val_rows else val_s
+        ends = time.time() + val_s + 1.05 * train_s + full_s
+        stop = ends > run.deadline
+        if stop:
+            logger.info("time budget: one more epoch would end %.0f s past the deadline (training %.0f s, "
+                        "validation %.0f s, the last one %.0f s): this epoch is the last", ends - run.deadline,
+                        train_s, val_s, full_s)
+    return bool(_all_gather(stop, run.worker.world)[0])
+
+
+def _validation_split_rows(cfg: TrainConfig, manifests: Mapping[str, Manifest]) -> int:
+    """Rows of the validated task in the validation split, from its corpus's manifest (0 when not read)."""
+    uri = cfg.data.sources[cfg.task].uri if cfg.task in cfg.data.sources else cfg.data.uri
+    manifest = manifests.get(uri)
+    return manifest.counts.get(cfg.validation.split, {}).get(cfg.task, 0) if manifest is not None else 0
 
 
 def _batches(run: Run, plans: Mapping[str, EpochPlan], resume) -> BatchIterator:
@@ -274,15 +309,20 @@ def _after_update(run: Run, learner: Learner, batches: BatchIterator, epoch: int
                     metrics={**learner.metrics, "epoch_done": False})
 
 
-def _end_epoch(run: Run, learner: Learner, batches: BatchIterator, epoch: int, first_step: int) -> None:
-    """The global end-of-epoch bad-row check, validation and metrics (rank 0), the epoch's checkpoint."""
+def _end_epoch(run: Run, learner: Learner, batches: BatchIterator, epoch: int, first_step: int, *,
+               last: bool) -> None:
+    """The global end-of-epoch bad-row check, validation (the last epoch's on the whole split when
+    validation.full_at_end) and metrics (rank 0), the epoch's checkpoint."""
     cfg, worker, step = run.cfg, run.worker, learner.step
     stats = _merged_stats(batches.stats, worker.world)
     _bad_row_rule(cfg).check(stats, None, finished=True)
     metrics = {"epoch": epoch, "step": step, "data/rows_ok": stats.ok, "data/rows_bad": stats.bad}
-    validated = _validate(run, learner, last_epoch=epoch + 1 == cfg.epochs)  # every rank: its share of the rows
+    validated = _validate(run, learner, last_epoch=last)  # every rank: its share of the rows
     if worker.rank == 0:
         metrics.update(validated)
+        run.last_validation.update(seconds=validated.get("val/seconds", 0.0), rows=validated.get("val/rows", 0.0))
+        if last and epoch + 1 < cfg.epochs:
+            metrics["train/stopped_by_budget"] = 1.0
         logger.info("epoch %d done at step %d: %s", epoch + 1, step,
                     ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
         worker.mlflow.log({k: v for k, v in metrics.items() if k != "epoch"}, step)
