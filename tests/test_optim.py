@@ -32,6 +32,21 @@ def test_scheduler_drives_the_optimizer():
     assert seen == pytest.approx([0.05, 0.1, 0.1, 0.1 * 5 / 6, 0.1 * 4 / 6, 0.1 * 3 / 6, 0.1 * 2 / 6, 0.1 / 6])
 
 
+def test_warmup_updates_replace_the_ratio_whatever_the_run_length():
+    """A warm-up in updates is the same for any planned length (a time-budgeted run plans many epochs)."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    for total in (8, 10_000):
+        cfg = OptimSection(lr=0.1, warmup_ratio=0.25, warmup_updates=4, end_lr=0.1)
+        opt = torch.optim.AdamW([p], lr=cfg.lr)
+        sched = build_scheduler(opt, cfg, total_updates=total)
+        seen = []
+        for _ in range(6):
+            seen.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert seen == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
+
+
 def test_ema_follows_its_recurrence_and_round_trips():
     m = torch.nn.Linear(3, 2)
     w0 = m.weight.detach().clone()

@@ -50,9 +50,10 @@ def polynomial_lr(step: int, *, total: int, warmup: int, lr: float, end_lr: floa
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimSection, total_updates: int
                     ) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR of `polynomial_lr` (as a factor of cfg.lr) over `total_updates` updates."""
+    """LambdaLR of `polynomial_lr` (as a factor of cfg.lr) over `total_updates` updates; the warm-up is
+    cfg.warmup_updates when set, else cfg.warmup_ratio of them."""
     total = max(1, total_updates)
-    warmup = math.ceil(cfg.warmup_ratio * total)
+    warmup = cfg.warmup_updates if cfg.warmup_updates is not None else math.ceil(cfg.warmup_ratio * total)
 
     def factor(step: int) -> float:
         return polynomial_lr(step, total=total, warmup=warmup, lr=cfg.lr, end_lr=cfg.end_lr,

@@ -76,7 +76,8 @@ class ModelSection:
 class OptimSection:
     """AdamW with polynomial decay after a linear warmup (OFA's recipe), and what is updated how.
 
-    warmup_ratio: fraction of all updates spent warming up. end_lr: the rate decayed to; power: 1 is linear.
+    warmup_ratio: fraction of all updates spent warming up; warmup_updates: the warm-up in updates instead (for a
+    run whose length run.time_budget_s decides). end_lr: the rate decayed to; power: 1 is linear.
     clip_norm: max gradient norm (0: off). grad_accum: micro-batches per update. ema_decay: exponential moving
     average of the weights, used for validation and the saved bundle (0: off; OFA's VQA uses 0.9999).
     label_smoothing, drop_worst_ratio / drop_worst_after: see `ofa_model.losses`. freeze_embeddings: the shared
@@ -89,6 +90,7 @@ class OptimSection:
     eps: Annotated[float, Field(ge=1e-16, le=1.0)] = 1e-8
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
     warmup_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.06
+    warmup_updates: Annotated[int, Field(ge=0, le=10**9)] | None = None
     end_lr: Annotated[float, Field(ge=0.0)] = 0.0
     power: Annotated[float, Field(ge=0.1, le=10.0)] = 1.0
     clip_norm: Annotated[float, Field(ge=0.0, le=1e6)] = 1.0
