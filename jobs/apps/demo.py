@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = ("vqa", "caption", "grounding")
+T2I_RECIPE = "configs/finetune/text_to_image_easyvqa.yaml"  # its model.dims.code_image_size sizes the codes too
 STATE_FILE = "services.json"
 RAY_CPUS = 6  # logical CPUs of the demo's Ray head (2 physical cores here): room for three fine-tunes at once
 
@@ -571,9 +572,10 @@ def _text_to_image(demo: _Demo):
     _say(f"    image tokenizer: {tok.steps} steps, held-out PSNR {tok.metrics.get('val/psnr', float('nan')):.1f} dB "
          f"-> {tok.tokenizer}")
     codes = f"s3://{svc.bucket}/corpora/easy-vqa-t2i"
-    summary = encode_corpus(demo.corpus, codes, tok.tokenizer, task="text_to_image", code_image_size=64)
+    summary = encode_corpus(demo.corpus, codes, tok.tokenizer, task="text_to_image",
+                            code_image_size=_recipe(T2I_RECIPE)["model"]["dims"]["code_image_size"])
     _say(f"    codes: {summary['rows_ok']} text_to_image rows -> {codes}")
-    return _train("configs/finetune/text_to_image_easyvqa.yaml",
+    return _train(T2I_RECIPE,
                   _common(svc, demo.corpus, size, "demo-text-to-image", 1, size.t2i_steps)
                   + [f"model.init={demo.pretrained}", f"model.image_tokenizer={tok.tokenizer}",
                      f"data.sources.text_to_image.uri={codes}"], demo.workdir / "bundles" / "text_to_image")
@@ -702,6 +704,13 @@ def _answers() -> tuple[str, ...]:
     from pipelines.data.converters.easyvqa import answer_set
 
     return answer_set()
+
+
+def _recipe(path: str) -> dict:
+    """A recipe's YAML as written (for a value the demo must agree with before the recipe runs)."""
+    import yaml
+
+    return yaml.safe_load((REPO / path).read_text())
 
 
 def _records(corpus: str, task: str, rows: int) -> list[dict]:
