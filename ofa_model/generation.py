@@ -418,43 +418,71 @@ def score_candidates(model, encoder_out: EncoderOut, candidates: Sequence[Sequen
                      chunk_size: int = 64) -> list[list[float]]:
     """Log-probability of every candidate target (EOS appended) per example, teacher-forced.
 
-    candidates[i] lists token sequences for example i of `encoder_out`. With
-    `restrict_to_candidates`, each step's softmax runs only over the tokens that continue some
-    candidate of that example (OFA's trie-normalised all-candidate evaluation).
+    candidates[i] lists token sequences for example i of `encoder_out`, each scored after `<s>` and
+    prefix_tokens[i]. With `restrict_to_candidates`, each step's softmax runs only over the tokens that continue
+    some candidate of that example (OFA's trie-normalised all-candidate evaluation).
+
+    The decoder runs each example's shared `<s> + prefix` once and then only each candidate's own tokens, from the
+    prefix's KV cache (`DecoderState.select`): VQA's prompt puts the question in the prefix and its answers are
+    one or two tokens, so this is a fraction of teacher-forcing every candidate whole, with the same numbers
+    (tests/test_generation.py). Examples are grouped by prefix length (a cache holds no padding); `chunk_size`
+    bounds the examples of one prefix pass and the candidates of one continuation pass.
     """
-    pairs = [(i, list(c)) for i, cands in enumerate(candidates) for c in cands]
     prefixes = [list(p) for p in prefix_tokens] if prefix_tokens is not None else [[] for _ in candidates]
     tries = [PrefixTrie(c, ids.eos) for c in candidates] if restrict_to_candidates else None
     dev = encoder_out.hidden.device
     decoder = model.decoder
-    scores: list[float] = []
-    for lo in range(0, len(pairs), chunk_size):
-        chunk = pairs[lo:lo + chunk_size]
-        seqs = [[ids.bos] + prefixes[i] + c + [ids.eos] for i, c in chunk]
-        width = max(len(s) for s in seqs)
-        prev = torch.full((len(seqs), width - 1), ids.pad, dtype=torch.long, device=dev)
-        for r, s in enumerate(seqs):
-            prev[r, : len(s) - 1] = torch.tensor(s[:-1])
-        idx = torch.tensor([i for i, _ in chunk], device=dev)
-        cm = code_masks.index_select(0, idx) if code_masks is not None else None
-        hidden = model.decode(prev, encoder_out.index_select(idx), code_masks=cm, features_only=True)  # (C, T, D)
-        # Only the positions that predict candidate tokens are projected onto the vocabulary.
-        rows = torch.tensor([r for r, (i, c) in enumerate(chunk) for _ in range(len(c) + 1)], device=dev)
-        cols = torch.tensor([len(prefixes[i]) + t for i, c in chunk for t in range(len(c) + 1)], device=dev)
-        targets = [tok for _, c in chunk for tok in [*c, ids.eos]]
-        h = hidden[rows, cols]  # (N, D)
-        if tries is None:
-            logp = decoder.project(h).float().log_softmax(-1)
-            tok_logp = logp.gather(1, torch.tensor(targets, device=dev)[:, None]).squeeze(1)
-        else:
-            tok_logp = _restricted_logp(decoder.output_projection.weight, h, chunk, tries, targets)
-        lengths = [len(c) + 1 for _, c in chunk]
-        scores.extend(float(v.sum()) for v in torch.split(tok_logp, lengths))
-    out, pos = [], 0
-    for cands in candidates:
-        out.append(scores[pos: pos + len(cands)])
-        pos += len(cands)
+    out: list[list[float]] = [[0.0] * len(c) for c in candidates]
+    by_length: dict[int, list[int]] = {}
+    for i, cands in enumerate(candidates):
+        if len(cands):
+            by_length.setdefault(len(prefixes[i]), []).append(i)
+    for examples in by_length.values():
+        for lo in range(0, len(examples), chunk_size):
+            group = examples[lo:lo + chunk_size]
+            idx = torch.tensor(group, device=dev)
+            enc = encoder_out.index_select(idx)
+            cm = code_masks.index_select(0, idx) if code_masks is not None else None
+            prefix = torch.tensor([[ids.bos] + prefixes[i] for i in group], dtype=torch.long, device=dev)  # (G, P+1)
+            state = DecoderState()
+            last = model.decode(prefix, enc, state, cm, features_only=True)[:, -1]  # (G, D): predicts token 1
+            pairs = [(g, i, k, list(c)) for g, i in enumerate(group) for k, c in enumerate(candidates[i])]
+            for plo in range(0, len(pairs), chunk_size):
+                chunk = pairs[plo:plo + chunk_size]
+                for (_, i, k, _), score in zip(chunk, _continuations(model, decoder, enc, cm, state, prefix, last,
+                                                                     chunk, tries, ids), strict=True):
+                    out[i][k] = score
     return out
+
+
+def _continuations(model, decoder, enc: EncoderOut, cm: torch.Tensor | None, state: DecoderState,
+                   prefix: torch.Tensor, last: torch.Tensor, chunk: list[tuple[int, int, int, list[int]]],
+                   tries: list[PrefixTrie] | None, ids: SpecialIds) -> list[float]:
+    """Scores of `chunk`'s candidates (group row g, example i, candidate k, tokens) after their group's prefix:
+    the prefix's last hidden state predicts each candidate's first token, one pass from the cache the rest and
+    EOS."""
+    dev = prefix.device
+    rows = torch.tensor([g for g, *_ in chunk], device=dev)
+    width = max(len(c) for *_, c in chunk)
+    first = last.index_select(0, rows)  # (C, D)
+    if width:
+        tokens = torch.full((len(chunk), prefix.shape[1] + width), ids.pad, dtype=torch.long, device=dev)
+        tokens[:, : prefix.shape[1]] = prefix.index_select(0, rows)
+        for r, (*_, c) in enumerate(chunk):
+            tokens[r, prefix.shape[1]: prefix.shape[1] + len(c)] = torch.tensor(c, dtype=torch.long)
+        rest = model.decode(tokens, enc.index_select(rows), state.select(rows),
+                            cm.index_select(0, rows) if cm is not None else None, features_only=True)  # (C, W, D)
+        h = torch.cat([torch.cat([first[r:r + 1], rest[r, : len(c)]]) for r, (*_, c) in enumerate(chunk)])
+    else:
+        h = first
+    targets = [tok for *_, c in chunk for tok in [*c, ids.eos]]
+    if tries is None:
+        logp = decoder.project(h).float().log_softmax(-1)
+        tok_logp = logp.gather(1, torch.tensor(targets, device=dev)[:, None]).squeeze(1)
+    else:
+        tok_logp = _restricted_logp(decoder.output_projection.weight, h, [(i, c) for _, i, _, c in chunk], tries,
+                                    targets)
+    return [float(v.sum()) for v in torch.split(tok_logp, [len(c) + 1 for *_, c in chunk])]
 
 
 def _restricted_logp(weight: torch.Tensor, h: torch.Tensor, chunk: list[tuple[int, list[int]]],

@@ -374,6 +374,14 @@ class DecoderState:
         if self.cross_pos_k is not None:
             self.cross_pos_k = self.cross_pos_k.index_select(0, index)
 
+    def select(self, index: torch.Tensor) -> DecoderState:
+        """A new state of batch rows `index` (repeats allowed: one shared prefix's cache for several
+        continuations); this one is left as it is."""
+        out = DecoderState([LayerCache(c.self_k, c.self_v, c.cross_k, c.cross_v) for c in self.layers], self.length,
+                           self.cross_pos_k)
+        out.reorder(index)
+        return out
+
 
 class Decoder(nn.Module):
     """Target tokens + EncoderOut -> vocabulary logits, incrementally with a DecoderState."""

@@ -232,6 +232,38 @@ def test_score_candidates_against_teacher_forcing(model, batch):
     assert sum(torch.tensor(restricted[0]).exp().tolist()) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_score_candidates_after_prefixes_of_different_lengths_equal_teacher_forcing(model, batch):
+    """Examples with prefixes of several lengths (VQA's questions), candidates of 0 to 3 tokens: each score equals
+    the teacher-forced sum over `<s> + prefix + candidate + </s>` computed whole, restricted or not, whatever the
+    chunking (the prefix runs once per example, the candidates from its cache)."""
+    src, img = batch
+    n = min(4, src.shape[0])
+    enc = model.encode(src[:n], img[:n])
+    prefixes = [[30, 31, 32], [40], [50, 51, 52], []][:n]
+    cands = [[[100, 101], [200], [300, 301, 302]], [[7], [8, 9]], [[]], [[100], [101]]][:n]
+
+    def teacher_forced(i: int, c: list[int], restrict: bool) -> float:
+        seq = [IDS.bos] + prefixes[i] + c + [IDS.eos]
+        logits = model(src[i:i + 1], img[i:i + 1], prev_output_tokens=torch.tensor([seq[:-1]]))[0]
+        total = 0.0
+        for t, tok in enumerate(c + [IDS.eos]):
+            row = logits[len(prefixes[i]) + t]
+            if restrict:
+                allowed = sorted({(o + [IDS.eos])[t] for o in cands[i] if o[:t] == c[:t]})
+                total += row[allowed].log_softmax(-1)[allowed.index(tok)].item()
+            else:
+                total += row.log_softmax(-1)[tok].item()
+        return total
+
+    for restrict in (False, True):
+        want = [[teacher_forced(i, c, restrict) for c in cands[i]] for i in range(n)]
+        for chunk in (1, 2, 64):
+            got = score_candidates(model, enc, cands, ids=IDS, prefix_tokens=prefixes, chunk_size=chunk,
+                                   restrict_to_candidates=restrict)
+            for g, w in zip(got, want, strict=True):
+                assert g == pytest.approx(w, abs=1e-4), (restrict, chunk)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="num_return_sequences=3 > beam_size=2"):
         GenerationConfig(beam_size=2, num_return_sequences=3)
