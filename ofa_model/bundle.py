@@ -302,9 +302,8 @@ def _load_vocab(root: Path, ref, config: OFAConfig, where: Path) -> Vocabulary:
     return vocab
 
 
-def _load_image_tokenizer(root: Path, name, vocab, config: OFAConfig, where: Path,
-                          device: str | torch.device) -> Tokenizer:
-    """The tokenizer bundle in directory `name` of bundle `root`, checked against the vocabulary and model."""
+def _image_tokenizer_dir(root: Path, name, where: Path) -> Path:
+    """The tokenizer bundle's directory `name` (config.json's image_tokenizer) inside bundle `root`, resolved."""
     if name != IMAGE_TOKENIZER_DIR:
         raise BundleError(f"{where}: image_tokenizer must be {IMAGE_TOKENIZER_DIR!r} (the directory inside the "
                           f"bundle), got {name!r}")
@@ -317,8 +316,25 @@ def _load_image_tokenizer(root: Path, name, vocab, config: OFAConfig, where: Pat
         raise BundleError(f"{directory} cannot be resolved: {e}") from None
     if not target.is_relative_to(root) or not target.is_dir():
         raise BundleError(f"{directory} must be a directory inside the bundle {root}")
-    tokenizer = load_tokenizer(target, device)
-    check_image_tokenizer(tokenizer.config, vocab, config, str(directory))
+    return target
+
+
+def bundle_tokenizer_dir(path: str | Path) -> Path | None:
+    """The directory of the image tokenizer that the model bundle at `path` carries (None: it carries none), from
+    its config.json alone: for reading the tokenizer's config (`ofa_model.vqgan.tokenizer_digest`) without
+    loading any weights."""
+    root = _bundle_root(path)
+    cfg = read_bundle_config(root)
+    if "image_tokenizer" not in cfg:
+        return None
+    return _image_tokenizer_dir(root, cfg["image_tokenizer"], root / CONFIG_FILE)
+
+
+def _load_image_tokenizer(root: Path, name, vocab, config: OFAConfig, where: Path,
+                          device: str | torch.device) -> Tokenizer:
+    """The tokenizer bundle in directory `name` of bundle `root`, checked against the vocabulary and model."""
+    tokenizer = load_tokenizer(_image_tokenizer_dir(root, name, where), device)
+    check_image_tokenizer(tokenizer.config, vocab, config, str(root / IMAGE_TOKENIZER_DIR))
     return tokenizer
 
 

@@ -12,14 +12,21 @@ Preprocessing has one owner, the tokenizer: `tokenizer_pixels` resizes to `resol
 `generate_code.py`) and maps [0, 255] to [-1, 1]; `to_uint8` / `png_bytes` go back. Encoding takes the argmax of the
 quantizer's logits (deterministic; training samples Gumbel noise). A tokenizer is saved as its own bundle directory
 (`save_tokenizer` / `load_tokenizer`: config.json + model.safetensors), read as untrusted input like a model bundle.
+
+A tokenizer's identity is `weights_digest`, the sha256 of its tensors, which `save_tokenizer` writes into config.json
+(`weights_sha256`): codes are only meaningful to the tokenizer that made them, so an image-codes corpus records the
+digest of its tokenizer (`pipelines.data.image_codes`) and training compares it with the run's
+(`pipelines.train.setup.check_code_corpora`), reading config.json alone (`tokenizer_digest`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -389,9 +396,36 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # Tokenizer bundles
 
 
+DIGEST_KEY = "weights_sha256"  # config.json's record of `weights_digest`; absent from bundles saved before it
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def is_digest(value: object) -> bool:
+    """Whether `value` is written as `weights_digest` writes one: 64 lowercase hex digits."""
+    return isinstance(value, str) and _DIGEST.fullmatch(value) is not None
+
+
+def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """A tokenizer's identity: sha256 (hex) over its tensors in name order, each as the line
+    "<name>\t<dtype>\t<shape>\n" and then its values' bytes (C order, the host's byte order: little-endian on every
+    machine this runs on). The tensors, not model.safetensors' bytes: the file's header depends on the safetensors
+    version and on the metadata written beside the tensors, so the same weights re-saved (a tokenizer copied into a
+    model bundle by `save_bundle`, a tokenizer saved by another version) keep their digest, and a loaded state dict
+    is checked against it without re-reading the file. Measured: OFA's vqgan_gumbel_f8 holds 276 MB, hashed in 0.75 s
+    at best (1.3 to 4 s while the shared 2-core development machine was busy), as fast as hashlib over the same bytes;
+    `load_tokenizer` pays it once per load."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}\t{str(t.dtype).removeprefix('torch.')}\t{list(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
 def save_tokenizer(path: str | Path, model: VQGAN, *, metadata: Mapping | None = None,
                    overwrite: bool = False) -> Path:
-    """Write `model` as a tokenizer bundle (config.json + model.safetensors), atomically, like `save_bundle`."""
+    """Write `model` as a tokenizer bundle (config.json + model.safetensors), atomically, like `save_bundle`;
+    config.json records the weights' `weights_digest` (`DIGEST_KEY`)."""
     from ofa_model.bundle import BundleError, _write_weights, write_directory
     from ofa_model.weights import non_finite
 
@@ -401,7 +435,7 @@ def save_tokenizer(path: str | Path, model: VQGAN, *, metadata: Mapping | None =
     if bad:
         raise BundleError(f"cannot save a tokenizer to {path}: {len(bad)} weights hold NaN or Inf: {', '.join(bad)}")
     body = {"format": TOKENIZER_FORMAT, "format_version": TOKENIZER_VERSION, "model": model.config.to_dict(),
-            "metadata": dict(metadata or {})}
+            "metadata": dict(metadata or {}), DIGEST_KEY: weights_digest(state)}
     try:
         text = json.dumps(body, indent=2, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -439,6 +473,7 @@ class Tokenizer:
     model: VQGAN
     config: VQGANConfig
     metadata: dict
+    digest: str | None = None  # config.json's weights_digest, checked against the weights (None: an older bundle)
 
     def encode_images(self, images: Sequence[Image.Image], size: int | None = None) -> torch.Tensor:
         """(B, (size / 8)^2) codes of RGB images resized to `size` (default the tokenizer's resolution), as OFA."""
@@ -458,7 +493,8 @@ class Tokenizer:
 
 
 def read_tokenizer_config(path: str | Path) -> tuple[Path, dict, VQGANConfig]:
-    """A tokenizer bundle's root, its checked config.json and architecture, without building the model."""
+    """A tokenizer bundle's root, its checked config.json and architecture, without building the model (or reading
+    its weights). config.json's `DIGEST_KEY`, when there, is 64 lowercase hex digits."""
     from ofa_model.bundle import CONFIG_MAX_BYTES, BundleError, _bundle_root, _parse_json, _read_bundle_file
 
     root = _bundle_root(path)
@@ -470,20 +506,35 @@ def read_tokenizer_config(path: str | Path) -> tuple[Path, dict, VQGANConfig]:
         raise BundleError(f"{where}: format_version {cfg.get('format_version')!r} is not {TOKENIZER_VERSION}")
     if not isinstance(cfg.get("metadata", {}), dict):
         raise BundleError(f"{where}: metadata must be an object")
+    digest = cfg.get(DIGEST_KEY)
+    if DIGEST_KEY in cfg and not is_digest(digest):
+        raise BundleError(f"{where}: {DIGEST_KEY} must be a sha256 in lowercase hex (64 digits), got {digest!r:.80}")
     try:
         return root, cfg, VQGANConfig.from_dict(cfg.get("model"), f"{where}: model")
     except ConfigError as e:
         raise BundleError(str(e)) from e
 
 
+def tokenizer_digest(path: str | Path) -> str | None:
+    """The identity (`weights_digest`) that the tokenizer bundle at `path` records, from its config.json alone; None
+    for a bundle saved before tokenizers recorded it."""
+    return read_tokenizer_config(path)[1].get(DIGEST_KEY)
+
+
 def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Tokenizer:
-    """Rebuild a tokenizer (eval mode) from its bundle; the weights' header is checked before any is allocated."""
-    from ofa_model.bundle import read_weights
+    """Rebuild a tokenizer (eval mode) from its bundle; the weights' header is checked before any is allocated, and
+    the weights against config.json's digest when it records one (BundleError: they were changed after saving)."""
+    from ofa_model.bundle import BundleError, read_weights
 
     root, cfg, config = read_tokenizer_config(path)
     with torch.device("meta"):
         expected = {k: (tuple(v.shape), v.dtype) for k, v in VQGAN(config).state_dict().items()}
-    state, _ = read_weights(root, expected)
+    state, weights = read_weights(root, expected)
+    digest = weights_digest(state) if DIGEST_KEY in cfg else None
+    if digest != cfg.get(DIGEST_KEY):
+        raise BundleError(f"{weights}: the weights' sha256 {digest} is not the {DIGEST_KEY} "
+                          f"{cfg[DIGEST_KEY]} of {root / 'config.json'}: the weights were replaced after the tokenizer "
+                          "was saved; save it again (ofa_model.vqgan.save_tokenizer) so that its identity is its own")
     model = VQGAN(config)
     model.load_state_dict(state, strict=True)
-    return Tokenizer(model.to(device).eval(), config, dict(cfg.get("metadata", {})))
+    return Tokenizer(model.to(device).eval(), config, dict(cfg.get("metadata", {})), digest)

@@ -19,12 +19,19 @@ import requests
 import torch
 from PIL import Image
 
-from ofa_model.bundle import BundleError, load_bundle, read_bundle_config, save_bundle
+from ofa_model.bundle import BundleError, bundle_tokenizer_dir, load_bundle, read_bundle_config, save_bundle
 from ofa_model.generation import GenerationConfig, SpecialIds, generate, score_candidates
 from ofa_model.predictor import OFAPredictor, PredictorLimits
 from ofa_model.preprocess import pad_sequences
 from ofa_model.tasks import TASKS, code_constraint, inference_request
-from ofa_model.vqgan import VQGAN, load_tokenizer, save_tokenizer, tokenizer_config
+from ofa_model.vqgan import (
+    VQGAN,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_config,
+    tokenizer_digest,
+    weights_digest,
+)
 from tests.serving import micro_image_bundle
 
 pytestmark = pytest.mark.timeout(600)
@@ -96,6 +103,20 @@ def test_a_bundle_carries_its_tokenizer_and_refuses_one_too_large(bundle, plain,
     shutil.rmtree(copy / "image_tokenizer")
     with pytest.raises(BundleError, match="image_tokenizer is missing"):
         load_bundle(copy)
+
+
+def test_the_tokenizer_inside_a_bundle_keeps_the_digest_of_the_one_saved_alone(bundle, plain, tmp_path):
+    """The identity that image-codes corpora record: the standalone tokenizer's, its copy in a model bundle's and a
+    bundle re-saved from a loaded one's are all the digest of the same tensors, read from config.json alone."""
+    standalone = bundle.with_name(bundle.name + "-tokenizer")
+    digest = weights_digest(load_tokenizer(standalone).model.state_dict())
+    assert bundle_tokenizer_dir(bundle) == (bundle / "image_tokenizer").resolve()
+    assert tokenizer_digest(standalone) == tokenizer_digest(bundle_tokenizer_dir(bundle)) == digest
+    b = load_bundle(bundle)
+    assert b.image_tokenizer.digest == digest
+    save_bundle(tmp_path / "again", b.model, b.vocab, preprocess=b.preprocess, image_tokenizer=b.image_tokenizer)
+    assert tokenizer_digest(bundle_tokenizer_dir(tmp_path / "again")) == digest
+    assert bundle_tokenizer_dir(plain) is None
 
 
 # ---------------------------------------------------------------------------------------------- decoding

@@ -4,6 +4,7 @@ computations, bundles written and refused, configs refused, and a few training s
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from ofa_model.bundle import BundleError
 from ofa_model.errors import ConfigError
 from ofa_model.vqgan import (
+    DIGEST_KEY,
     VQGAN,
     VQGAN_SIZES,
     _Attn,
@@ -26,7 +28,9 @@ from ofa_model.vqgan import (
     psnr,
     save_tokenizer,
     tokenizer_config,
+    tokenizer_digest,
     tokenizer_pixels,
+    weights_digest,
 )
 from ofa_model.weights import CheckpointMismatchError
 
@@ -146,6 +150,51 @@ def test_save_load_round_trip_decodes_bitwise_equal(model, tmp_path):
     image = Image.open(EASY_VQA_IMAGES / "0.png")
     assert torch.equal(tok.encode_images([image]), model.encode(tokenizer_pixels([image], 64)))
     assert tok.decode_codes(codes).shape == (2, 64, 64, 3)
+
+
+def test_the_weights_digest_is_sha256_of_the_tensors_in_name_order():
+    """Against the format written out by hand: per tensor in name order, "<name>\t<dtype>\t<shape>\n" and its
+    little-endian bytes; it ignores the dict's order and changes with any value, dtype or name."""
+    state = {"b.weight": torch.tensor([[1.5, -2.0]]), "a.bias": torch.tensor([3, 258], dtype=torch.int64)}
+    expected = hashlib.sha256(b"a.bias\tint64\t[2]\n" + (3).to_bytes(8, "little") + (258).to_bytes(8, "little")
+                              + b"b.weight\tfloat32\t[1, 2]\n" + bytes.fromhex("0000c03f") + bytes.fromhex("000000c0"))
+    assert weights_digest(state) == expected.hexdigest()
+    assert weights_digest(dict(reversed(state.items()))) == expected.hexdigest()
+    assert weights_digest({"b.weight": state["b.weight"].t(), "a.bias": state["a.bias"]}) != expected.hexdigest()
+    for changed in ({**state, "a.bias": torch.tensor([3, 259])}, {**state, "a.bias": torch.tensor([3, 258.0])},
+                    {"a.bias": state["a.bias"], "c.weight": state["b.weight"]}):
+        assert weights_digest(changed) != expected.hexdigest()
+
+
+def test_a_saved_tokenizer_records_its_digest_readable_without_its_weights(model, tmp_path):
+    save_tokenizer(tmp_path / "tok", model)
+    digest = weights_digest(model.state_dict())
+    assert json.loads((tmp_path / "tok" / "config.json").read_text())[DIGEST_KEY] == digest
+    assert load_tokenizer(tmp_path / "tok").digest == digest
+    save_tokenizer(tmp_path / "again", load_tokenizer(tmp_path / "tok").model)  # re-saved: the same identity
+    assert tokenizer_digest(tmp_path / "again") == digest
+    (tmp_path / "tok" / "model.safetensors").unlink()
+    assert tokenizer_digest(tmp_path / "tok") == digest  # config.json alone
+    torch.manual_seed(1)
+    assert weights_digest(VQGAN(MICRO).state_dict()) != digest  # another tokenizer of the same architecture
+
+
+def test_an_older_tokenizer_without_a_digest_loads_and_a_bad_or_false_digest_is_refused(model, tmp_path):
+    save_tokenizer(tmp_path / "tok", model)
+    config = tmp_path / "tok" / "config.json"
+    saved = json.loads(config.read_text())
+    config.write_text(json.dumps({k: v for k, v in saved.items() if k != DIGEST_KEY}))
+    assert tokenizer_digest(tmp_path / "tok") is None and load_tokenizer(tmp_path / "tok").digest is None
+    for bad in ("ABC", saved[DIGEST_KEY].upper(), 5, None):
+        config.write_text(json.dumps({**saved, DIGEST_KEY: bad}))
+        with pytest.raises(BundleError, match=f"config.json: {DIGEST_KEY} must be a sha256 in lowercase hex"):
+            tokenizer_digest(tmp_path / "tok")
+    torch.manual_seed(1)
+    other = weights_digest(VQGAN(MICRO).state_dict())
+    config.write_text(json.dumps({**saved, DIGEST_KEY: other}))  # weights swapped after saving
+    with pytest.raises(BundleError, match=f"model.safetensors: the weights' sha256 {saved[DIGEST_KEY]} is not the "
+                                          f"{DIGEST_KEY} {other}"):
+        load_tokenizer(tmp_path / "tok")
 
 
 def _rewrite_weights(bundle: Path, change) -> None:

@@ -21,6 +21,11 @@ its limits) and encoded in batches; the driver writes the rows as the batches ar
 An image that cannot be decoded is a bad row of every row it would have given (its infilling row, one
 text-to-image row per caption), counted by the `ofa_model.errors` reason of its `ImageError`; its neighbours are
 written. A caption row without an image or caption is a bad text-to-image row (missing_field, empty_text).
+
+Codes mean something only to the tokenizer that made them, so the output's manifest records it (`Manifest.conversion`,
+read back by `codes_record`): the tokenizer's URI (redacted), its digest (`ofa_model.vqgan.weights_digest`) and the
+code_image_size; training refuses a corpus made by another tokenizer than its own (`pipelines.train.setup`). Every
+actor checks that the tokenizer it loaded is the one the driver read (a models:/ alias may move meanwhile).
 """
 
 from __future__ import annotations
@@ -35,14 +40,15 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ofa_model.bundle import BundleError
 from ofa_model.errors import EMPTY_TEXT, MISSING_FIELD, InputError
 from ofa_model.preprocess import PreprocessConfig, decode_image
 from ofa_model.tasks import codes_per_image
-from ofa_model.vqgan import DOWNSAMPLE, load_tokenizer, read_tokenizer_config
+from ofa_model.vqgan import DIGEST_KEY, DOWNSAMPLE, is_digest, load_tokenizer, read_tokenizer_config
 from pipelines import storage
 from pipelines.data.converters import OutputError
 from pipelines.data.rowstats import RowStats
-from pipelines.data.shards import ShardWriter, read_manifest
+from pipelines.data.shards import Manifest, ShardWriter, read_manifest
 from pipelines.progress import Progress
 from pipelines.storage import S3Options
 
@@ -53,6 +59,37 @@ CODE_TASKS: tuple[str, ...] = ("text_to_image", "image_infilling", "both")
 _REMOTE = ("s3://", "models:")  # tokenizer URIs each actor resolves on its own node (a local path: as resolved here)
 _ENCODED = pa.schema([("id", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
                       ("whole", pa.list_(pa.int32())), ("centre", pa.list_(pa.int32())), ("image", pa.binary())])
+
+
+CODES_SOURCE = "image-codes"  # Manifest.conversion["source"] of a corpus this module wrote
+
+
+@dataclass(frozen=True)
+class CodesRecord:
+    """What made an image-codes corpus's codes, as its manifest records them."""
+
+    tokenizer: str  # the tokenizer's URI or path as the job was given it, redacted
+    tokenizer_sha256: str | None  # its `weights_digest` (None: a tokenizer saved before tokenizers recorded one)
+    code_image_size: int
+
+
+def codes_record(manifest: Manifest, where: str) -> CodesRecord | None:
+    """The `CodesRecord` in `manifest` (of the corpus at `where`, for errors); None for a corpus that keeps none
+    (written by this module before it kept one, or by another conversion, e.g. OFA's image_examples.tsv). A
+    record that is there but malformed is a ValueError naming the field."""
+    conv = manifest.conversion
+    if not isinstance(conv, dict) or conv.get("source") != CODES_SOURCE or "tokenizer_sha256" not in conv:
+        return None
+    tokenizer, digest, size = conv.get("tokenizer"), conv["tokenizer_sha256"], conv.get("code_image_size")
+    if not isinstance(tokenizer, str):
+        raise ValueError(f"bad manifest of {where}: conversion.tokenizer must be a string, got {tokenizer!r:.80}")
+    if digest is not None and not is_digest(digest):
+        raise ValueError(f"bad manifest of {where}: conversion.tokenizer_sha256 must be 64 lowercase hex digits or "
+                         f"null, got {digest!r:.80}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"bad manifest of {where}: conversion.code_image_size must be a positive integer, got "
+                         f"{size!r:.80}")
+    return CodesRecord(tokenizer, digest, size)
 
 
 @dataclass
@@ -86,13 +123,17 @@ def _wanted_rows(batch: pa.Table, ids: pa.Array) -> pa.Table:
 
 class _Encoder:
     """Pass 2's map_batches UDF, one per actor: the tokenizer loaded once; (id, image) rows in, the `_ENCODED`
-    rows of the images it is asked for out (`wanted`: row id -> (whole image codes?, centre codes?))."""
+    rows of the images it is asked for out (`wanted`: row id -> (whole image codes?, centre codes?)). `digest`: the
+    tokenizer's as the driver read it and the manifest records it; a BundleError if the one loaded here differs."""
 
     def __init__(self, tokenizer: str, s3: S3Options | None, size: int, wanted: Mapping[str, tuple[bool, bool]],
-                 device: str, limits: PreprocessConfig) -> None:
+                 device: str, limits: PreprocessConfig, digest: str | None) -> None:
         from pipelines.tracking.registry import resolve_model
 
         self.tokenizer = load_tokenizer(resolve_model(tokenizer, s3=s3).path, device)
+        if self.tokenizer.digest != digest:
+            raise BundleError(f"the image tokenizer {storage.redact(tokenizer)} changed while the job ran: this actor "
+                              f"loaded {self.tokenizer.digest}, the job started with {digest}; run it again")
         self.size, self.wanted, self.limits = size, wanted, limits
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -187,8 +228,12 @@ def encode_corpus(
     that trains on the rows. splits: the input's splits to read (None: all). workers: encoding actors, each with
     `num_cpus` CPUs and `num_gpus` GPUs (then it encodes on CUDA); batch_size: rows per call of an actor.
     limits: the image limits of decoding (`PreprocessConfig.max_image_bytes` / `max_image_pixels`).
-    Summary: {input, output, tokenizer, task, code_image_size, codes_per_image, images, rows_ok, rows_by_task,
-    rows_bad: {reason: n}, bad_by_task, bad_examples, counts, num_shards, fingerprint, seconds, images_per_s}.
+    The output's manifest records the tokenizer (`codes_record`; its conversion entry: source, input,
+    input_fingerprint, task, splits, tokenizer, tokenizer_sha256, code_image_size, images, rows_ok, rows_bad,
+    bad_examples).
+    Summary: {input, output, tokenizer, tokenizer_sha256, task, code_image_size, codes_per_image, images, rows_ok,
+    rows_by_task, rows_bad: {reason: n}, bad_by_task, bad_examples, counts, num_shards, fingerprint, seconds,
+    images_per_s}.
     Raises ValueError / FileNotFoundError for bad options or input (a tokenizer that is not one: BundleError),
     OutputError when the output cannot be written (nothing is left behind).
     """
@@ -200,7 +245,14 @@ def encode_corpus(
         raise ValueError(f"task must be one of {list(CODE_TASKS)}, got {task!r}")
     t0 = time.monotonic()
     local_tokenizer = resolve_model(tokenizer, s3=s3).path  # here, to fail before any work; each actor resolves it
-    _, _, tok_config = read_tokenizer_config(local_tokenizer)
+    _, tok_raw, tok_config = read_tokenizer_config(local_tokenizer)
+    digest = tok_raw.get(DIGEST_KEY)
+    source = tokenizer if tokenizer.startswith(_REMOTE) else str(local_tokenizer)
+    if digest is None:
+        logger.warning("image-codes: the tokenizer %s records no %s (saved before tokenizers did): training cannot "
+                       "check that it uses the tokenizer these codes belong to; save it again "
+                       "(ofa_model.vqgan.save_tokenizer) and encode with that copy", storage.redact(source),
+                       DIGEST_KEY)
     size = tok_config.resolution if code_image_size is None else code_image_size
     _check(size, workers, batch_size, num_gpus, shard_mb)
     t2i, infill = task in ("text_to_image", "both"), task in ("image_infilling", "both")
@@ -233,9 +285,8 @@ def encode_corpus(
         ).map_batches(
             _Encoder, batch_format="pyarrow", batch_size=batch_size, num_cpus=num_cpus, num_gpus=num_gpus,
             compute=ray.data.ActorPoolStrategy(size=workers),
-            fn_constructor_kwargs={"tokenizer": tokenizer if tokenizer.startswith(_REMOTE) else str(local_tokenizer),
-                                   "s3": s3, "size": size, "wanted": wanted, "limits": limits or PreprocessConfig(),
-                                   "device": "cuda" if num_gpus > 0 else "cpu"})
+            fn_constructor_kwargs={"tokenizer": source, "s3": s3, "size": size, "wanted": wanted, "digest": digest,
+                                   "limits": limits or PreprocessConfig(), "device": "cuda" if num_gpus > 0 else "cpu"})
         done = 0
         for batch in encoded.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
@@ -243,8 +294,14 @@ def encode_corpus(
                 done += 1
             progress.update(done, extra={"rows ok": stats.ok, "bad": stats.bad})
         progress.update(done, extra={"rows ok": stats.ok, "bad": stats.bad}, force=True)
+        conversion = {"source": CODES_SOURCE, "input": storage.redact(input_uri),
+                      "input_fingerprint": manifest.fingerprint, "task": task,
+                      "splits": None if splits is None else list(splits), "tokenizer": storage.redact(source),
+                      "tokenizer_sha256": digest, "code_image_size": size, "images": len(images),
+                      "rows_ok": stats.ok, "rows_bad": dict(sorted(stats.bad_by_reason.items())),
+                      "bad_examples": dict(sorted(stats.examples.items()))}
         try:
-            written = writer.close()
+            written = writer.close(conversion)
         except OSError as exc:
             raise OutputError(f"cannot write output {storage.redact(output)}: {storage.redact(str(exc))}") from exc
     seconds = time.monotonic() - t0
@@ -252,7 +309,8 @@ def encode_corpus(
                 seconds)
     return {
         "input": storage.redact(input_uri), "output": storage.redact(output), "tokenizer": storage.redact(tokenizer),
-        "task": task, "code_image_size": size, "codes_per_image": codes_per_image(size), "images": len(images),
+        "tokenizer_sha256": digest, "task": task, "code_image_size": size, "codes_per_image": codes_per_image(size),
+        "images": len(images),
         "rows_ok": stats.ok, "rows_by_task": dict(sorted(stats.ok_by_task.items())),
         "rows_bad": dict(sorted(stats.bad_by_reason.items())), "bad_by_task": dict(sorted(stats.bad_by_task.items())),
         "bad_examples": dict(sorted(stats.examples.items())), "counts": written.counts,

@@ -48,7 +48,8 @@ _NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.]*$")  # split / task names us
 class Manifest:
     """What a corpus holds. `shards` entries: {"path" (relative to the corpus dir), "split", "task",
     "num_rows", "num_bytes", "num_row_groups"}; `counts[split][task]` = rows. `conversion`: optional, what
-    the conversion that wrote the corpus read and rejected (`pipelines.data.raw_convert`); absent from the JSON
+    made the corpus: its source, what the conversion read and rejected (`pipelines.data.raw_convert`), and for
+    image codes the tokenizer that made them (`pipelines.data.image_codes.codes_record`); absent from the JSON
     when None."""
 
     schema_version: int
@@ -241,8 +242,9 @@ class ShardWriter:
         if shard.raw_bytes >= self.shard_bytes:
             self._finish(key)
 
-    def close(self) -> Manifest:
-        """Flush and close every shard, write manifest.json, return the manifest (idempotent)."""
+    def close(self, conversion: dict[str, Any] | None = None) -> Manifest:
+        """Flush and close every shard, write manifest.json (with `conversion`, plain JSON: what made the corpus,
+        `Manifest.conversion`), return the manifest (idempotent: a second call returns the first's)."""
         if self._manifest is not None:
             return self._manifest
         if self._aborted:
@@ -262,6 +264,7 @@ class ShardWriter:
             fingerprint=_fingerprint_text(self._fingerprint),
             created_by=self.created_by,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            conversion=conversion,
         )
         storage.write_bytes(storage.join(self.uri, MANIFEST_NAME), manifest.to_json().encode(), s3=self.s3)
         logger.info(

@@ -19,7 +19,9 @@ Epochs meet Ray Train like this (the decision, made once, in `fit_plan`):
 
 Before anything starts, the driver reads the answer and label files (`pipelines.train.setup.with_answer_sets`)
 and folds the init bundle's preprocessing and custom tasks into the config (`with_init_bundle`); the workers get
-that config. It also reads, once, the negative pools of the derived tasks that draw negatives
+that config. It refuses corpora of image codes made by another image tokenizer or at another code_image_size than
+the run's (`check_code_corpora`, from the corpora's manifests and the tokenizers' config.json, no weights loaded).
+It also reads, once, the negative pools of the derived tasks that draw negatives
 (`pipelines.data.dataset.negative_pools`, a pass over the source rows), which every fit's Datasets get, whether
 the driver or the worker builds them. The worker loop is
 `pipelines.train.worker`. At the end the driver logs the best bundle as an artifact and registers it; the
@@ -56,6 +58,7 @@ from pipelines.tracking.registry import promote_if_better, register_bundle
 from pipelines.tracking.runs import MetricLogger, end_run, patiently, run_key, start_or_resume_run
 from pipelines.train.checkpointing import BUNDLE_DIR, epoch_started, latest_state_summary
 from pipelines.train.setup import (
+    check_code_corpora,
     run_code_image_size,
     run_vocab,
     task_specs,
@@ -111,9 +114,12 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None,
     if not ray.is_initialized():
         ray.init()
     cfg = with_init_bundle(cfg)
-    specs = task_specs(cfg, run_code_image_size(cfg))
+    code_image_size = run_code_image_size(cfg)
+    specs = task_specs(cfg, code_image_size)
     vocab = run_vocab(cfg)
-    fingerprint = data_fingerprint(read_manifests(cfg.data, cfg.mixture))
+    manifests = read_manifests(cfg.data, cfg.mixture)
+    check_code_corpora(cfg, manifests, specs, code_image_size)
+    fingerprint = data_fingerprint(manifests)
     pools = negative_pools(cfg.data, cfg.mixture)  # read once: every fit's Datasets, here or in the workers
     metric, mode = primary_metric(specs[cfg.task])
     run_id = patiently(lambda: start_or_resume_run(

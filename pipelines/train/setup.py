@@ -12,6 +12,12 @@ trained with. The rule (`with_init_bundle`, applied by the driver before anythin
 
 Where the result differs from the YAML, it is logged at INFO, field by field.
 
+Image codes belong to the image tokenizer that made them. Before anything starts, the driver compares what every
+corpus of a code task (text_to_image, image_infilling) records of its tokenizer (`pipelines.data.image_codes.
+codes_record`) with the run's tokenizer, model.image_tokenizer else the init bundle's (`run_image_tokenizer`, from
+config files alone), and with the run's code_image_size (`check_code_corpora`): another tokenizer's codes train a
+model whose pictures are noise, so that is a ConfigError; a corpus or tokenizer without the record is a warning.
+
 Answer and label files (`answers`, `labels.<task>`: a local path or s3:// URI) are read once, on the driver
 (`with_answer_sets`), and replaced by their answers: the workers get the lists (their config is the driver's),
 so no worker needs the file, and every bundle the run saves stores them.
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,14 +36,24 @@ import pyarrow.fs as pafs
 from ofa_model import OFAModel
 from ofa_model.answer_sets import MAX_FILE_BYTES, AnswerSetError, parse_answer_set
 from ofa_model.architecture import OFAConfig
-from ofa_model.bundle import check_image_tokenizer, load_bundle, load_bundle_vocab, read_bundle_config
+from ofa_model.bundle import (
+    bundle_tokenizer_dir,
+    check_image_tokenizer,
+    load_bundle,
+    load_bundle_vocab,
+    read_bundle_config,
+)
 from ofa_model.config_files import build, to_dict
+from ofa_model.errors import ConfigError
 from ofa_model.instructions import parse_instruction
 from ofa_model.preprocess import PreprocessConfig
-from ofa_model.tasks import TASKS, TaskSpec, for_code_image_size
+from ofa_model.tasks import TASKS, TaskSpec, codes_per_image, for_code_image_size
 from ofa_model.vocab import Vocabulary
-from ofa_model.vqgan import Tokenizer, load_tokenizer
+from ofa_model.vqgan import DIGEST_KEY, Tokenizer, load_tokenizer, tokenizer_digest
 from pipelines import storage
+from pipelines.data.dataset import corpora
+from pipelines.data.image_codes import codes_record
+from pipelines.data.shards import Manifest
 from pipelines.storage import S3Options
 from pipelines.tracking.registry import resolve_model
 from pipelines.train.train_config import TrainConfig
@@ -78,6 +95,85 @@ def run_code_image_size(cfg: TrainConfig) -> int:
         bundle_config = OFAConfig.from_dict(read_bundle_config(_init_bundle(cfg))["model"])
         return cfg.model.init_architecture(bundle_config).code_image_size
     return cfg.model.architecture().code_image_size
+
+
+@dataclass(frozen=True)
+class RunTokenizer:
+    """The image tokenizer a run's bundles carry, as the driver checks corpora against it."""
+
+    where: str  # for messages: "model.image_tokenizer <uri>" or "the init bundle <uri>'s image_tokenizer/"
+    uri: str  # what `jobs.prepare_data image-codes --tokenizer` takes to encode with it (redacted)
+    digest: str | None  # its `ofa_model.vqgan.weights_digest` (None: saved before tokenizers recorded one)
+
+
+def run_image_tokenizer(cfg: TrainConfig) -> RunTokenizer | None:
+    """The run's image tokenizer (`Setup.image_tokenizer`'s): model.image_tokenizer, else the init bundle's; None
+    when neither names one. Reads config.json files only, never weights (the tokenizer and the init bundle are
+    fetched to this node's cache when remote, as the workers fetch them)."""
+    if cfg.model.image_tokenizer:
+        uri = storage.redact(cfg.model.image_tokenizer)
+        path = resolve_model(cfg.model.image_tokenizer, tracking=cfg.tracking.tracking_uri, s3=cfg.data.s3).path
+        return RunTokenizer(f"model.image_tokenizer {uri}", uri, tokenizer_digest(path))
+    if cfg.model.init:
+        directory = bundle_tokenizer_dir(_init_bundle(cfg))
+        if directory is not None:
+            init = storage.redact(cfg.model.init)
+            return RunTokenizer(f"the image tokenizer of model.init {init}", str(directory),
+                                tokenizer_digest(directory))
+    return None
+
+
+def check_code_corpora(cfg: TrainConfig, manifests: Mapping[str, Manifest], specs: Mapping[str, TaskSpec],
+                       code_image_size: int) -> None:
+    """ConfigError, naming the corpus's key (`data.uri` or `data.sources.<task>.uri`), when a corpus that a code
+    task of the run reads (`specs`' target_kind "codes") records image codes made by another tokenizer than the
+    run's (`run_image_tokenizer`; both digests named) or at another code_image_size than the run's
+    (`run_code_image_size`). A logged warning, not a failure, where it cannot be told: a corpus without the record
+    (older, or converted from OFA's image_examples.tsv), a tokenizer without a digest, a run without a tokenizer.
+    `manifests`: every corpus's, by URI (`pipelines.data.dataset.read_manifests`)."""
+    readers: dict[tuple[str, str], list[str]] = {}  # (key, uri) -> the code tasks reading it
+    for name, corpus in corpora(cfg.data, cfg.mixture).items():
+        task = name if cfg.mixture else cfg.task  # one corpus alone is named SINGLE
+        if specs[task].target_kind != "codes":
+            continue
+        key = f"data.sources.{task}.uri" if cfg.mixture and task in cfg.data.sources else "data.uri"
+        readers.setdefault((key, corpus.uri), []).append(task)
+    if not readers:
+        return
+    run = run_image_tokenizer(cfg)
+    for (key, uri), tasks in sorted(readers.items()):
+        where = f"{key}: the corpus {storage.redact(uri)} ({', '.join(tasks)})"
+        try:
+            record = codes_record(manifests[uri], storage.redact(uri))
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        if record is None:
+            logger.warning("%s keeps no record of the image tokenizer that made its codes (written before "
+                           "`jobs.prepare_data image-codes` kept one, or by another conversion): not checked against "
+                           "the run's tokenizer", where)
+            continue
+        if record.code_image_size != code_image_size:
+            raise ConfigError(
+                f"{where} holds codes made at code_image_size {record.code_image_size} "
+                f"({codes_per_image(record.code_image_size)} a target); this run's model trains at {code_image_size} "
+                f"({codes_per_image(code_image_size)}), so every row would be a bad row (wrong_code_count). Encode "
+                f"the corpus again with `python -m jobs.prepare_data image-codes --code-image-size {code_image_size}`, "
+                f"or train at model.dims.code_image_size={record.code_image_size}")
+        if run is None:
+            logger.warning("%s holds codes of the image tokenizer %s, and the run carries no image tokenizer "
+                           "(model.image_tokenizer, or the init bundle's): not checked", where, record.tokenizer)
+        elif run.digest is None or record.tokenizer_sha256 is None:
+            older = "the run's tokenizer" if run.digest is None else f"the corpus's tokenizer {record.tokenizer}"
+            logger.warning("%s: %s records no %s (saved before tokenizers did), so the corpus cannot be checked "
+                           "against %s; save the tokenizer again (ofa_model.vqgan.save_tokenizer)", where, older,
+                           DIGEST_KEY, run.where)
+        elif run.digest != record.tokenizer_sha256:
+            raise ConfigError(
+                f"{where} holds codes of the image tokenizer {record.tokenizer} ({DIGEST_KEY} "
+                f"{record.tokenizer_sha256}), not of this run's, {run.where} ({DIGEST_KEY} {run.digest}); a model "
+                f"trained on another tokenizer's codes draws noise. Encode the corpus again with the run's tokenizer "
+                f"(`python -m jobs.prepare_data image-codes --tokenizer {run.uri} ...`), or train with the one that "
+                f"made it (model.image_tokenizer={record.tokenizer})")
 
 
 def merged_preprocess(config: PreprocessConfig, bundle: PreprocessConfig) -> PreprocessConfig:
