@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG, doc: str = __doc__,
     args = config_parser(prog, doc).parse_args(argv)
     setup_logging()
     from ofa_model.config_files import load_config
-    from ofa_model.errors import InputError
+    from ofa_model.errors import ConfigError, InputError
     from pipelines.job_env import job_env
     from pipelines.train import train
     from pipelines.train.setup import with_answer_sets
@@ -42,7 +42,11 @@ def main(argv: list[str] | None = None, *, prog: str = PROG, doc: str = __doc__,
     if mixture and not cfg.mixture:
         fail(prog, f"{args.config}: pretraining needs a mixture (task -> weight); use jobs.finetune for one task")
     init_ray(env)
-    print_json(dataclasses.asdict(train(cfg)))
+    try:  # what the driver refuses before any worker starts (e.g. a code corpus of another image tokenizer)
+        outcome = train(cfg)
+    except ConfigError as exc:
+        fail(prog, exc)
+    print_json(dataclasses.asdict(outcome))
 
 
 if __name__ == "__main__":
