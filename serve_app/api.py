@@ -13,7 +13,9 @@ else the one the config routes the task to), and passes the items to it. Answers
 
 * 200 with one result per item when at least one item was answered; a bad item has `{"error": ...}` in place.
 * 4xx with `{"error": {"type", "reason", "message"}}` when nothing could be answered (`schemas.status_of`).
-* 503 + Retry-After when the model's queue is full, 504 past request_timeout_s, 500 only for our bugs.
+* 503 + Retry-After when the model's queue is full, or it is not loaded yet (`model_not_loaded`: its registry
+  is down; /healthz says why), 408 (and the connection closed) for a body that has not arrived body_timeout_s
+  after the headers, 504 past request_timeout_s, 500 only for our bugs.
 
 Inference is idempotent, so a request whose model replica dies under it (a killed process, a lost node) is sent
 once more, to another replica; only when that one dies too is it answered 503 `replica_lost` with Retry-After.
@@ -50,6 +52,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ofa_model.errors import BAD_TYPE, UNKNOWN_TASK
 from serve_app.schemas import (
+    BODY_TIMEOUT,
     BODY_TOO_LARGE,
     INTERNAL,
     MALFORMED_BODY,
@@ -123,18 +126,28 @@ class Metrics:
 
 
 class Guard:
-    """ASGI middleware: the API key on every path but OPEN_PATHS (401), and the body size (413, never buffered
-    past the limit); starts the latency clock. The request is handed on with its body already read.
+    """ASGI middleware: the API key on every path but OPEN_PATHS (401), the body size (413, never buffered past
+    the limit) and the body's time (408 when it has not all arrived `body_timeout_s` after the headers, with
+    `Connection: close`, so Serve's proxy closes the connection); starts the latency clock. The request is handed
+    on with its body already read, so no model replica waits for a slow client.
 
     A refused request's body is read and dropped (`_drain`) before the answer, up to DRAIN_BYTES and DRAIN_S:
     Python's urllib and requests send the whole body before they read, and a proxy that closes the connection
     with the body half sent (urllib always asks it to: `Connection: close`) leaves them a reset connection
     instead of the answer. A body declared over DRAIN_BYTES is answered at once, and a client that asked for the
     connection to close may see a reset (measured: urllib at 20 MB); requests, keeping the connection, reads it.
+    The drain also ends at the body's deadline; a refusal whose body did not arrive in time closes the connection.
+
+    What this cannot bound (Serve's proxy, uvicorn, has no header or write timeout, and this middleware only
+    runs once the headers are in): a client that never finishes its headers, the rest of a body declared over
+    DRAIN_BYTES (uvicorn reads and drops it while the connection lives), and a client that never reads a
+    response larger than the socket buffers. Each holds one proxy connection until the client leaves, and no
+    replica (bench/chaos.py --part slow measures them).
     """
 
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, on_refusal) -> None:
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, body_timeout_s: float, on_refusal) -> None:
         self.app, self.max_body_bytes, self.on_refusal = app, max_body_bytes, on_refusal
+        self.body_timeout_s = body_timeout_s
         self._key = api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send) -> None:
@@ -142,19 +155,28 @@ class Guard:
             await self.app(scope, receive, send)
             return
         scope.setdefault("state", {})["started"] = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout_s  # for the whole body, used or dropped
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
         if self._key is not None and not _open(_path(scope)) and not self._authorised(headers):
             await self._refuse(scope, receive, send, ApiError(
                 UNAUTHORIZED, "missing or wrong API key: send it in the X-API-Key header", type_="AuthError",
-                headers={"WWW-Authenticate": 'ApiKey header="X-API-Key"'}))
+                headers={"WWW-Authenticate": 'ApiKey header="X-API-Key"'}), deadline=deadline)
             return
         declared = headers.get("content-length")
         if declared is not None and (not declared.strip().isdigit() or int(declared) > self.max_body_bytes):
-            await self._refuse(scope, receive, send, self._too_large(declared.decode("latin-1")))
+            await self._refuse(scope, receive, send, self._too_large(declared.decode("latin-1")), deadline=deadline)
             return
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except TimeoutError:
+                await self._refuse(scope, receive, send, ApiError(
+                    BODY_TIMEOUT, f"the body did not arrive within body_timeout_s={self.body_timeout_s:g} s "
+                                  f"({size} bytes of {declared.decode('latin-1') if declared else 'an unknown length'}"
+                                  " came)", headers={"Connection": "close"}), deadline=deadline, done=True)
+                return
             if message["type"] != "http.request":  # the client went away
                 return
             chunk = message.get("body", b"")
@@ -162,7 +184,7 @@ class Guard:
             if size > self.max_body_bytes:
                 more = message.get("more_body", False)
                 await self._refuse(scope, receive, send, self._too_large(f"more than {size}"), read=size,
-                                   done=not more)
+                                   done=not more, deadline=deadline)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -190,35 +212,39 @@ class Guard:
         return ApiError(BODY_TOO_LARGE, f"the body ({size} bytes) is over the limit of {self.max_body_bytes} "
                                         "bytes (max_body_bytes)")
 
-    async def _refuse(self, scope, receive, send, err: ApiError, *, read: int = 0, done: bool = False) -> None:
-        """Answer `err`, after the rest of the body (`read` bytes of it already read; `done` if all of it)."""
+    async def _refuse(self, scope, receive, send, err: ApiError, *, deadline: float, read: int = 0,
+                      done: bool = False) -> None:
+        """Answer `err`, after the rest of the body (`read` bytes of it already read; `done` if all of it, or if
+        no more is wanted) until `deadline` (the loop's clock); a body still coming then closes the connection."""
         rid = request_id()
-        if not done:
-            await _drain(scope, receive, read)
+        headers = dict(err.headers)
+        if not done and await _drain(scope, receive, read, deadline) == "slow":
+            headers["Connection"] = "close"
         self.on_refusal(_path(scope), err, time.perf_counter() - scope["state"]["started"])
-        response = JSONResponse({"error": err.error(), "request_id": rid}, err.status, headers=err.headers)
+        response = JSONResponse({"error": err.error(), "request_id": rid}, err.status, headers=headers)
         await response(scope, receive, send)
 
 
-async def _drain(scope: dict, receive, read: int) -> bool:
+async def _drain(scope: dict, receive, read: int, deadline: float) -> str:
     """Read and drop the rest of a refused request's body, `read` bytes of it already read, up to DRAIN_BYTES in
-    all and for DRAIN_S at most (a body declared longer is not read); whether it was read to its end."""
+    all, for DRAIN_S at most and until `deadline`: "read" (to its end), "skipped" (declared or found longer than
+    DRAIN_BYTES), "slow" (not all there in time) or "gone" (the client went away)."""
     declared = dict(scope.get("headers", [])).get(b"content-length", b"").strip()
     if declared.isdigit() and int(declared) > DRAIN_BYTES:
-        return False
+        return "skipped"
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + DRAIN_S
+    deadline = min(deadline, loop.time() + DRAIN_S)
     while read <= DRAIN_BYTES:
         try:
             message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
         except TimeoutError:
-            return False
+            return "slow"
         if message["type"] != "http.request":  # the client went away
-            return False
+            return "gone"
         read += len(message.get("body", b""))
         if not message.get("more_body", False):
-            return True
-    return False
+            return "read"
+    return "skipped"
 
 
 class Ingress:
@@ -247,9 +273,10 @@ class Ingress:
             record["items"] = len(items)
             answer = await self._call(name, task, items)
             record["version"] = answer.get("version")
-            if "error" in answer:  # the predictor refused the whole call
+            if "error" in answer:  # the predictor refused the whole call, or the model is not loaded yet
                 e = answer["error"]
-                raise ApiError(e["reason"], e["message"], type_=e["type"])
+                retry = {"Retry-After": self.retry_after} if status_of(e["reason"]) == 503 else None
+                raise ApiError(e["reason"], e["message"], type_=e["type"], headers=retry)
             results = answer["results"]
             failed = [r["error"] for r in results if r.keys() == {"error"}]
             record["item_errors"] = dict(Counter(e["reason"] for e in failed))
@@ -369,7 +396,8 @@ class Ingress:
             tasks = self.cfg.models[name].tasks
             routed = list(tasks) if tasks else sorted(set(info["known_tasks"]) - set(self.route))
             note = f" ({info['device_note']})" if info["device_note"] else ""
-            out.append({"name": name, "source": info["source"], "registered_name": info["registered_name"],
+            out.append({"name": name, "source": info["source"], "pending_source": info["pending_source"],
+                        "registered_name": info["registered_name"],
                         "version": info["version"], "task": info["task"], "tasks": routed,
                         "metrics": info["metrics"], "device": info["device"] + note,
                         "reconfigure_error": info["reconfigure_error"],
@@ -379,14 +407,27 @@ class Ingress:
         return out
 
     async def health(self) -> tuple[int, dict]:
-        async def one(handle: DeploymentHandle) -> str | None:
+        """(200 when every model serves, else 503; HealthResponse): each model's version and state, and why a
+        model does not serve its configured source (not loaded yet, a switch that failed, a replica that is
+        down; the model replicas log each failed load)."""
+        async def one(handle: DeploymentHandle) -> dict:
             return await asyncio.wait_for(_awaited(handle.ping.remote()), INFO_TIMEOUT_S)
 
         got = await asyncio.gather(*(one(h) for h in self.models.values()), return_exceptions=True)
-        models = {name: (f"down: {type(g).__name__}" if isinstance(g, BaseException) else g)
-                  for name, g in zip(self.models, got, strict=True)}
-        ok = not any(isinstance(g, BaseException) for g in got)
-        return (200 if ok else 503), {"status": "ok" if ok else "unavailable", "models": models}
+        models, states, reasons = {}, {}, {}
+        for name, g in zip(self.models, got, strict=True):
+            if isinstance(g, BaseException):
+                models[name], states[name] = f"down: {type(g).__name__}", "down"
+                reasons[name] = (f"its replica did not answer within {INFO_TIMEOUT_S:g} s" if isinstance(g, TimeoutError)
+                                 else f"its replica failed to answer: {type(g).__name__}: {str(g)[:300]}")
+                continue
+            models[name] = g["version"] if g["loaded"] else "not loaded"
+            states[name] = g["state"]
+            if g["reason"]:
+                reasons[name] = g["reason"]
+        ok = all(state == "serving" for state in states.values())
+        return (200 if ok else 503), {"status": "ok" if ok else "unavailable", "models": models, "states": states,
+                                      "reasons": reasons}
 
     # ------------------------------------------------------------------------------------------ answers
 
@@ -466,6 +507,7 @@ def create_api(ingress: Ingress) -> FastAPI:
 
     api.openapi = lambda: _openapi(api)  # type: ignore[method-assign]
     api.add_middleware(Guard, api_key=ingress.api_key, max_body_bytes=ingress.cfg.max_body_bytes,
+                       body_timeout_s=ingress.cfg.body_timeout_s,
                        on_refusal=ingress.refusal)
     return api
 

@@ -10,6 +10,9 @@
 * Model switch: `reconfigure({"source": ...})` (Serve calls it at start and whenever the deployment's
   `user_config` changes) loads the new model in a thread and swaps one reference; a batch already running
   keeps the model it started with, so no request is dropped or answered by a half-loaded model.
+* A source that cannot be reached (the registry or the store is down) does not stop the replica: it starts
+  without a model (or keeps the one it serves) and tries again in the background with backoff; see
+  `OFAModelServer.reconfigure` for which failures are tried again and which fail the replica.
 * The only work here besides the predictor is transport: base64 image fields become bytes (a bad one fails its
   item alone). Prompts, preprocessing, boxes and limits are the predictor's.
 """
@@ -33,12 +36,13 @@ from ray import serve
 
 from ofa_model.errors import BAD_IMAGE, InputError, error_dict
 from ofa_model.predictor import OFAPredictor
-from serve_app.schemas import INTERNAL
+from serve_app.schemas import INTERNAL, NOT_LOADED
 from serve_app.serve_config import ServeConfig
 
 log = logging.getLogger(f"ray.serve.{__name__}")  # under Serve's logger: replica log files and stderr
 
 _DATA_URL = re.compile(r"^data:[\w.+\-/]*;base64,", re.IGNORECASE)
+PEER_WAIT_S = 5.0  # how long a replica that cannot reach its source asks whether another one serves
 USER_CONFIG_KEYS = frozenset({"source", "revision"})  # revision: bump it to reload the same source (a moved alias)
 
 
@@ -106,6 +110,17 @@ def load_model(name: str, source: str, cfg: ServeConfig, device: str) -> LoadedM
         raise ValueError(f"models.{name}.tasks: {unknown} are not tasks of {source} (it has: "
                          f"{', '.join(sorted(predictor.tasks))})")
     return LoadedModel(predictor, source, resolved.name, resolved.version, dict(resolved.tags), time.time())
+
+
+async def _awaited(response):
+    return await response
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether a load failed because its source did not answer (`SourceUnreachable`), not because it is wrong."""
+    from pipelines.tracking.registry import SourceUnreachable  # imports mlflow: only where a model is loaded
+
+    return isinstance(exc, SourceUnreachable)
 
 
 # ---------------------------------------------------------------------------------------------- batching
@@ -275,7 +290,10 @@ class OFAModelServer:
             log.warning("model %s replica %s: %s (assigned GPU ids %s)", name, self.replica, note, self.gpu_ids)
         log.info("model %s replica %s on %s, resources %s", name, self.replica, self.device, self.resources)
         self._model: LoadedModel | None = None
-        self.reconfigure_error: str | None = None  # why the last switch failed (the old model still serves)
+        self._wanted: str | None = None  # the configured source while it is not the one serving
+        self.reconfigure_error: str | None = None  # why _wanted is not serving (the old model, if any, still is)
+        self._retry: asyncio.Task | None = None  # trying _wanted again while its source is unreachable
+        self._next_try: float | None = None  # when (time.monotonic) that task tries next
         self._pending = 0
         self.stats = BatchStats()
         self.predict_batch.set_max_batch_size(cfg.max_batch_size)
@@ -296,7 +314,27 @@ class OFAModelServer:
 
     async def reconfigure(self, user_config: dict) -> None:
         """Load the model of `user_config["source"]` and switch to it; running batches finish on the old one.
-        A source that fails to load leaves a serving replica on its model (logged, and shown by /v1/models)."""
+
+        Which failures are tried again, and which are not:
+        * The source cannot be reached (`SourceUnreachable`: the tracking server or the S3 endpoint refused,
+          timed out or answered 5xx). The replica starts anyway, without a model (its requests are answered 503
+          `model_not_loaded` with Retry-After, /healthz 503 with the reason), or keeps serving its model, and
+          tries the source again in the background: after 1 s, the wait doubling up to `load_retry_max_s`, for
+          as long as the source stays unreachable. Each try is logged; the first that reaches the source loads
+          it, with no redeploy. A try takes at most about `registry_timeout_s` per registry call (MLflow's own
+          retries are off in the replicas, `serve_app.app.build`), so the model serves within
+          load_retry_max_s + one load of the registry's return. One exception: a starting replica (a
+          replacement, or one the autoscaler adds) whose peers already serve fails to start instead, as before,
+          and Serve starts it again later: started empty, it would still be routed its share of the requests,
+          only to answer them 503.
+        * Anything else is about the source itself (no such model, alias or version; not a bundle; a bundle that
+          does not load; tasks it lacks), and the same try would fail the same way. At the first load it fails
+          the replica: the deploy fails with the reason in `serve status` (and `serve_app.app.start` raises), so a
+          wrong config is never mistaken for an outage. On a serving replica the old model keeps serving and
+          the reason is shown (/healthz, /v1/models, the log); it is not tried again until the config changes
+          (bump `revision` to retry the same source). The same holds when a source that was unreachable answers
+          at last with such an error: tries stop, the reason stays in /healthz.
+        """
         if not isinstance(user_config, Mapping) or not isinstance(user_config.get("source"), str):
             raise ValueError(f"model {self.name}: user_config must be {{source: <bundle dir or models:/ URI>}}, "
                              f"got {user_config!r}")
@@ -304,25 +342,108 @@ class OFAModelServer:
         if unknown:
             raise ValueError(f"model {self.name}: unknown user_config keys {unknown}; known: "
                              f"{sorted(USER_CONFIG_KEYS)}")
-        started = time.perf_counter()
+        if self._retry is not None:  # a new config replaces the source that was being tried
+            self._retry.cancel()
+            self._retry = self._next_try = None
+        source = user_config["source"]
+        self._wanted = source
         try:
-            loaded = await asyncio.to_thread(load_model, self.name, user_config["source"], self.cfg, self.device)
+            await self._load(source)
         except Exception as exc:
-            if self._model is None:
-                raise  # nothing to serve: the replica fails to start, and `serve status` says why
-            # A bad new source must not take down a serving replica: keep the model, say so loudly.
-            self.reconfigure_error = f"{user_config['source']}: {type(exc).__name__}: {exc}"
-            log.error("model %s replica %s: cannot switch to %s; still serving %s", self.name, self.replica,
-                      self.reconfigure_error, self._model.describe())
-            return
-        old, self._model, self.reconfigure_error = self._model, loaded, None
+            if unreachable(exc) and self._model is None and await self._peers_serve():
+                # the others serve: started empty, it would only answer its share of requests 503
+                log.warning("model %s replica %s: cannot reach %s while other replicas serve: not starting empty "
+                            "(Serve starts this replica again): %s", self.name, self.replica, source, exc)
+                raise
+            if unreachable(exc):
+                self._failed(source, exc, tries=1)
+                self._retry = asyncio.get_running_loop().create_task(self._keep_trying(source))
+            elif self._model is None:
+                raise  # a wrong source: the replica fails to start, and `serve status` says why
+            else:
+                self._failed(source, exc)
+
+    async def _peers_serve(self) -> bool:
+        """Whether another replica of this deployment serves a model, asked through the deployment's own handle
+        (this replica, still starting, is not routed to); False when none runs, none answers within
+        PEER_WAIT_S, or Serve cannot be asked (logged)."""
+        ctx = serve.get_replica_context()
+        response = None
+        try:
+            status = (await asyncio.to_thread(serve.status)).applications.get(ctx.app_name)
+            deployment = status.deployments.get(ctx.deployment) if status else None
+            if deployment is None or not deployment.replica_states.get("RUNNING", 0):
+                return False
+            response = serve.get_deployment_handle(ctx.deployment, ctx.app_name).ping.remote()
+            return bool((await asyncio.wait_for(_awaited(response), PEER_WAIT_S))["loaded"])
+        except Exception as exc:  # none answered in time, or Serve could not be asked: start as the only one
+            if response is not None:
+                response.cancel()
+            log.warning("model %s replica %s: no peer said whether it serves (%s: %s)", self.name, self.replica,
+                        type(exc).__name__, exc)
+            return False
+
+    async def _load(self, source: str) -> None:
+        """Load `source` (in a thread) and serve it."""
+        started = time.perf_counter()
+        loaded = await asyncio.to_thread(load_model, self.name, source, self.cfg, self.device)
+        old, self._model = self._model, loaded
+        self._wanted = self.reconfigure_error = None
         seconds = time.perf_counter() - started
         self._m_load_s.set(seconds)
         log.info("model %s replica %s: serving %s after %.1f s; was %s", self.name, self.replica, loaded.describe(),
                  seconds, old.describe() if old else "nothing")
 
+    async def _keep_trying(self, source: str) -> None:
+        """Try `source` again while it is unreachable: 1 s after the first try, doubling to load_retry_max_s."""
+        wait, tries = 1.0, 1
+        while True:
+            self._next_try = time.monotonic() + wait
+            await asyncio.sleep(wait)
+            tries += 1
+            try:
+                await self._load(source)
+            except Exception as exc:
+                if not unreachable(exc):
+                    self._failed(source, exc)
+                    break
+                wait = min(2 * wait, self.cfg.load_retry_max_s)
+                self._failed(source, exc, tries=tries, next_s=wait)
+                continue
+            log.info("model %s replica %s: %s loaded at try %d", self.name, self.replica, source, tries)
+            break
+        self._retry = self._next_try = None
+
+    def _failed(self, source: str, exc: Exception, *, tries: int | None = None, next_s: float = 1.0) -> None:
+        """Keep why `source` is not serving, and log it (`tries`: it is being tried again)."""
+        self.reconfigure_error = f"{source}: {type(exc).__name__}: {exc}"
+        serving = f"still serving {self._model.describe()}" if self._model else "serving nothing yet"
+        if tries is None:
+            log.error("model %s replica %s: cannot load %s; %s; not tried again until the config changes",
+                      self.name, self.replica, self.reconfigure_error, serving)
+        else:
+            log.warning("model %s replica %s: try %d: cannot reach %s; %s; trying again in %.0f s", self.name,
+                        self.replica, tries, self.reconfigure_error, serving, next_s)
+
+    def state(self) -> tuple[str, str | None]:
+        """("serving" | "waiting" | "failed", why the configured source is not serving, or None when it is)."""
+        if self.reconfigure_error is None:
+            return ("serving", None) if self._model else ("waiting", "not loaded yet")
+        if self._retry is not None and self._next_try is not None:
+            why = (f"{self.reconfigure_error}; trying again in {max(self._next_try - time.monotonic(), 0):.0f} s "
+                   f"(load_retry_max_s={self.cfg.load_retry_max_s:g})")
+        else:
+            why = f"{self.reconfigure_error}; not tried again until the config changes"
+        if self._model is None:
+            return ("waiting" if self._retry is not None else "failed"), f"not loaded: {why}"
+        return "serving", f"serving {self._model.describe()}; the switch failed: {why}"
+
     async def predict(self, task: str, items: list[dict]) -> dict:
         """`{"results": [...]} | {"error": ...}` plus the model name and version that answered."""
+        if self._model is None:
+            _, why = self.state()
+            return {"error": {"type": "ModelNotLoaded", "reason": NOT_LOADED,
+                              "message": f"model {self.name} is {why}"}, "model": self.name, "version": None}
         self._pending += 1
         self._m_queue.set(self._pending)
         try:
@@ -345,16 +466,17 @@ class OFAModelServer:
         log.debug("model %s: batch of %d requests, %d predictor calls", self.name, len(calls), n_predict)
         return [{**a, "model": self.name, "version": model.version} for a in answers]
 
-    async def ping(self) -> str | None:
-        """The version served (for /healthz); raises while no model is loaded."""
-        if self._model is None:
-            raise RuntimeError(f"model {self.name}: not loaded")
-        return self._model.version
+    async def ping(self) -> dict[str, Any]:
+        """What /healthz shows of this replica: the version served (None for a bundle directory), the state
+        (`state()`) and why the configured source is not serving, if it is not."""
+        state, why = self.state()
+        return {"version": self._model.version if self._model else None, "loaded": self._model is not None,
+                "state": state, "reason": why}
 
     async def info(self) -> dict[str, Any]:
         """What GET /v1/models shows of this replica."""
         m = self._model
-        return {"name": self.name, "source": m.source if m else None,
+        return {"name": self.name, "source": m.source if m else self._wanted, "pending_source": self._wanted,
                 "registered_name": m.registered_name if m else None, "version": m.version if m else None,
                 "task": m.tags.get("task") if m else None, "known_tasks": sorted(m.predictor.tasks) if m else [],
                 "metrics": m.metrics if m else {}, "device": self.device, "device_note": self.device_note,
@@ -363,5 +485,8 @@ class OFAModelServer:
                 "stats": self.stats.as_dict()}
 
     def check_health(self) -> None:
-        if self._model is None:
-            raise RuntimeError(f"model {self.name}: no model loaded")
+        """A replica without a model is healthy while it waits for its source (Serve would only restart it into
+        the same wait); it fails only if the retry task died of a bug."""
+        task = self._retry
+        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+            raise RuntimeError(f"model {self.name}: retrying {self._wanted} failed: {task.exception()!r}")

@@ -20,17 +20,19 @@ from ofa_model.generation import GenerationConfig
 MALFORMED_BODY = "malformed_body"  # not JSON, or not a multipart form
 UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # neither application/json nor multipart/form-data
 BODY_TOO_LARGE = "body_too_large"  # a body over max_body_bytes
+BODY_TIMEOUT = "body_timeout"  # the body did not arrive within body_timeout_s: answered, then the connection closed
 UNAUTHORIZED = "unauthorized"  # no or a wrong API key
 UNKNOWN_MODEL = "unknown_model"  # a model name that is not configured
 NOT_FOUND = "not_found"  # no such route (or method)
 OVERLOADED = "overloaded"  # the model's queue is full: retry after Retry-After seconds
 TIMEOUT = "timeout"  # the request ran over request_timeout_s
 REPLICA_LOST = "replica_lost"  # the model replica died with the request, and again on the retry: retry later
+NOT_LOADED = "model_not_loaded"  # the model's source could not be loaded yet (e.g. the registry is down): retry later
 INTERNAL = "internal"  # a bug of ours: the log has the request id and the traceback
 
-STATUS = {MALFORMED_BODY: 400, UNAUTHORIZED: 401, NOT_FOUND: 404, BODY_TOO_LARGE: 413, IMAGE_TOO_LARGE: 413,
-          UNSUPPORTED_MEDIA_TYPE: 415, INTERNAL: 500, OVERLOADED: 503, REPLICA_LOST: 503,
-          TIMEOUT: 504}
+STATUS = {MALFORMED_BODY: 400, UNAUTHORIZED: 401, NOT_FOUND: 404, BODY_TIMEOUT: 408, BODY_TOO_LARGE: 413,
+          IMAGE_TOO_LARGE: 413, UNSUPPORTED_MEDIA_TYPE: 415, INTERNAL: 500, OVERLOADED: 503, REPLICA_LOST: 503,
+          NOT_LOADED: 503, TIMEOUT: 504}
 
 
 def status_of(reason: str) -> int:
@@ -230,15 +232,17 @@ class ErrorResponse(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
-    source: str
+    source: str = Field(description="the source served, or the one configured while nothing is served yet")
+    pending_source: str | None = Field(description="the configured source while it is not the one served (it could "
+                                                   "not be loaded yet: see reconfigure_error)")
     registered_name: str | None
     version: str | None
     task: str | None = Field(description="the task the registered version was trained for (its 'task' tag)")
     tasks: list[str] = Field(description="the tasks routed to this model")
     metrics: dict[str, float] = Field(description="validation metrics of the registered version")
     device: str
-    reconfigure_error: str | None = Field(description="why the last model switch failed on the replica that "
-                                                      "answered (it still serves the model above)")
+    reconfigure_error: str | None = Field(description="why pending_source could not be loaded on the replica that "
+                                                      "answered (a model it had still serves)")
     stats: dict[str, Any] = Field(description="counters of the replica that answered")
 
 
@@ -248,8 +252,14 @@ class ModelsResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: str
-    models: dict[str, str | None] = Field(description="model name -> version, or the error of a model that is down")
+    status: str = Field(description="ok (200): every model serves; unavailable (503): one does not")
+    models: dict[str, str | None] = Field(description="model name -> the version served (null for a bundle "
+                                                      "directory), 'not loaded', or 'down: <error>'")
+    states: dict[str, str] = Field(description="model name -> serving, waiting (not loaded yet: its source is "
+                                               "tried again), failed (not loaded, not tried again) or down (its "
+                                               "replica did not answer)")
+    reasons: dict[str, str] = Field(description="model name -> why it does not serve its configured source (also "
+                                                "a switch that has not happened yet)")
 
 
 # ---------------------------------------------------------------------------------------------- routes

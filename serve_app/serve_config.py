@@ -109,7 +109,16 @@ class ServeConfig:
     model replica; max_queued_requests: requests waiting for a replica, the excess answered 503 with
     Retry-After: retry_after_s. request_timeout_s: a request's time in the model deployment before it is
     answered 504. max_body_bytes: request bodies over it are answered 413, never buffered (read and dropped up
-    to 64 MiB first, so that clients read the answer). device: "auto" is CUDA where the replica sees a CUDA
+    to 64 MiB first, so that clients read the answer). body_timeout_s: a request's whole body must arrive
+    within this many seconds of its headers, else it is answered 408 and its connection closed (a client
+    trickling its body holds no model replica, and the connection only this long; 30 s asks 16 MiB bodies for
+    0.55 MB/s). keep_alive_timeout_s: Serve's proxy closes a connection idle this long after a response
+    (Serve's default, 90, outlasts the 60 s idle timeout of common load balancers in front of it); with
+    body_timeout_s and request_timeout_s it is applied by `serve_app.app.start` where that starts Serve
+    (`serve deploy` takes it from the file's http_options). load_retry_max_s: a model source that cannot be
+    reached (registry or store down) is tried again after 1 s, the wait doubling up to this.
+    registry_timeout_s: one MLflow HTTP call's timeout in the model replicas, where MLflow's own retries are off
+    (with its defaults a call to a server that is down takes ~4 minutes). device: "auto" is CUDA where the replica sees a CUDA
     device, else CPU (logged). precision / memory_format: passed to `OFAPredictor`; the
     defaults (fp32, channels-last, BatchNorms folded) keep plain fp32's answers, bf16 is faster on AMX/AVX-512
     BF16 CPUs and Ampere+ GPUs but changes some beam outputs (bench/inference.py fidelity).
@@ -134,6 +143,10 @@ class ServeConfig:
     retry_after_s: Annotated[float, Field(ge=0.0, le=3600.0)] = 1.0
     request_timeout_s: Annotated[float, Field(ge=0.01, le=86400.0)] = 30.0
     max_body_bytes: Annotated[int, Field(ge=1024, le=2**31)] = 16 * 2**20
+    body_timeout_s: Annotated[float, Field(ge=0.1, le=3600.0)] = 30.0
+    keep_alive_timeout_s: Annotated[int, Field(ge=1, le=3600)] = 90
+    load_retry_max_s: Annotated[float, Field(ge=1.0, le=3600.0)] = 30.0
+    registry_timeout_s: Annotated[int, Field(ge=1, le=600)] = 10
     limits: LimitsSection = field(default_factory=LimitsSection)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"

@@ -146,7 +146,7 @@ def test_rayservice_serves_the_cluster_serve_config():
     whose args load as a ServeConfig: proxies on every node, all interfaces only behind an API key."""
     from ray.serve.schema import ServeDeploySchema
 
-    from serve_app.app import deployment_name
+    from serve_app.app import deployment_name, proxy_options
     from serve_app.serve_config import config_from_args
 
     [service] = of_kind("RayService")
@@ -159,6 +159,8 @@ def test_rayservice_serves_the_cluster_serve_config():
     [app] = deploy.applications
     cfg = config_from_args(app.args)
     assert app.import_path == "serve_app.app:build_app"
+    assert deploy.http_options.model_dump(include={"request_timeout_s", "keep_alive_timeout_s"}) == {
+        k: proxy_options(cfg)[k] for k in ("request_timeout_s", "keep_alive_timeout_s")}
     assert cfg.api_key_env in SECRET_KEYS, "binding every interface needs an API key from the Secret"
     assert cfg.tracking_uri is None, "the tracking URI comes from MLFLOW_TRACKING_URI (the ConfigMap)"
     assert all(m.source.startswith("models:/") for m in cfg.models.values()), "cluster sources: the registry"

@@ -7,6 +7,9 @@ Three applications share one Serve instance (one HTTP port), deployed together b
   max_queued_requests=1), for 401 and 503;
 * "swap" at /swap: deployed from a config (as `serve deploy` does) so that changing only the model's
   user_config switches the version in place through `reconfigure`.
+The fault tests add applications of their own beside them: a real MLflow server (`mlflow_server`) stopped and
+started again under a model (the registry down at start, during a switch, during a replica's replacement), raw
+sockets as slow clients, a killed replica, a wrong source.
 `jobs.serve` runs in a subprocess with its own Ray (2 logical GPUs, no CUDA) for GPU placement and shutdown.
 Answers are compared with `OFAPredictor` on the same bundle: strings exactly, floats to 1e-4 (a batch's
 composition may change their last bits).
@@ -44,6 +47,8 @@ pytestmark = pytest.mark.timeout(180)
 REPO = Path(__file__).resolve().parents[1]
 REGISTERED = "ofa-micro-serve"
 API_KEY = "k3y-" + "0123456789abcdef" * 2
+KEEP_ALIVE_S = 5  # the proxy's keep_alive_timeout_s ("main" starts Serve, so its config sets it)
+BODY_S = 3.0  # body_timeout_s of the "slow" application
 CUSTOM = {"describe": "[IMAGE:img] describe the picture -> [TEXT:caption]"}
 
 
@@ -164,7 +169,7 @@ def apps(ray_cluster, bundles, registry, tmp_path_factory):
     key_file.write_text(API_KEY + "\n")
     [port] = free_ports(1)
     main = serve_config(data=base_args(
-        bundles, registry, tmp, batch_wait_timeout_s=0.2, app_name="main", port=port,
+        bundles, registry, tmp, batch_wait_timeout_s=0.2, app_name="main", port=port, keep_alive_timeout_s=KEEP_ALIVE_S,
         models={"default": {"source": str(bundles["a"])},
                 "vqa": {"source": f"models:/{REGISTERED}@champion", "tasks": ["vqa"]}}))
     guarded = serve_config(data=base_args(
@@ -262,7 +267,9 @@ def test_models_docs_and_registry_source(apps):
     assert vqa["metrics"] == {"vqa_score": 0.5}
     assert default["version"] is None and default["metrics"] == {} and default["device"] == "cpu"
     assert "caption" in default["tasks"] and "describe" in default["tasks"] and "vqa" not in default["tasks"]
-    assert main.get("/healthz").json() == {"status": "ok", "models": {"default": None, "vqa": "1"}}
+    assert main.get("/healthz").json() == {"status": "ok", "models": {"default": None, "vqa": "1"},
+                                           "states": {"default": "serving", "vqa": "serving"}, "reasons": {}}
+    assert not default["pending_source"] and not vqa["pending_source"]
     assert main.get("/docs").status_code == 200
     spec = main.get("/openapi.json").json()
     body = spec["paths"]["/v1/caption"]["post"]["requestBody"]["content"]
@@ -476,21 +483,96 @@ def test_a_replica_killed_under_load_costs_no_request(apps, bundles, registry, t
         serve.delete("chaos")
 
 
+@pytest.fixture(scope="module")
+def mlflow_server(bundles, tmp_path_factory):
+    """A real MLflow server whose registry holds REGISTERED: bundle a as version 1 (the champion), b as version 2;
+    artifacts travel through the server (mlflow-artifacts:/), so a replica downloads them over HTTP."""
+    from bench.chaos import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("serve-mlflow-server"))
+    server.start()
+    try:
+        server.register(REGISTERED, [bundles["a"], bundles["b"]])
+        yield server
+    finally:
+        server.stop()
+
+
+def _wait(what: str, check, limit_s: float, every_s: float = 0.3):
+    """`check()`'s first truthy value within `limit_s` seconds, and the seconds it took."""
+    began = time.monotonic()
+    while not (got := check()):
+        assert time.monotonic() - began < limit_s, f"{what}: not within {limit_s} s"
+        time.sleep(every_s)
+    return got, time.monotonic() - began
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_reconfigure_with_the_registry_down_keeps_the_old_version_serving(apps, bundles, registry, tmp_path):
-    """The tracking server is down (nothing listens at tracking_uri) when the model is switched to a models:/
-    version: the replica keeps answering with the model it has, and /v1/models says why the switch failed.
-    MLflow's HTTP retries are cut short in the replicas (2 retries, 5 s timeout) to bound the test; with its
-    defaults one registry call to a server that is down fails after 248 s (measured here), and the old version
-    serves all the while."""
+def test_a_model_whose_registry_is_down_at_start_is_served_once_it_is_back(apps, bundles, predictors, mlflow_server,
+                                                                          tmp_path):
+    """The tracking server is stopped (its port closed) when the application starts: it starts anyway, /healthz
+    answers 503 naming the model and the cause, a request is answered 503 model_not_loaded with Retry-After
+    (never 500); started again, the registry is found by the replica's backoff, with no redeploy, and the same
+    replica serves the champion within load_retry_max_s + a load."""
+    import ray
+    from ray import serve
+
+    from bench.chaos import registry_down_at_start
+    from serve_app.serve_config import serve_config
+
+    source = f"models:/{REGISTERED}@champion"
+    cfg = serve_config(data=base_args(bundles, mlflow_server.url, tmp_path, app_name="regstart", port=apps["port"],
+                                      route_prefix="/regstart", models={"default": {"source": source}},
+                                      load_retry_max_s=2, registry_timeout_s=2, retry_after_s=3))
+    body = {"items": [{"image": b64(IMG), "decoding": SHORT}]}
+    try:
+        got = registry_down_at_start(cfg, mlflow_server, body)
+        print("registry down at start:", {k: v for k, v in got.items() if not isinstance(v, dict)})
+        health = got["health"]
+        assert got["healthz"] == 503 and health["states"] == {"default": "waiting"}, health
+        assert health["models"] == {"default": "not loaded"}, health
+        reason = health["reasons"]["default"]
+        assert source in reason and f"the registry at {mlflow_server.url} did not answer" in reason, reason
+        assert "trying again in" in reason, reason
+        assert got["request"] == 503 and got["retry_after"] == "3", got["answer"]
+        err = got["answer"]["error"]
+        assert err["reason"] == "model_not_loaded" and "model default is not loaded" in err["message"], err
+        assert source in err["message"] and "did not answer" in err["message"], err
+        waiting = got["waiting_info"]
+        assert waiting["pending_source"] == source and waiting["version"] is None, waiting
+        assert "did not answer" in waiting["reconfigure_error"], waiting
+        # served once the registry is back, by the replica that was waiting (no restart, no redeploy)
+        assert got["served_s"] is not None and got["served_s"] <= 30, got["served_s"]
+        assert got["after"] == 200 and got["after_answer"]["version"] == "1", got["after_answer"]
+        same(got["after_answer"]["results"], predictors["a"].predict("caption", [{"image": IMG, "decoding": SHORT}]))
+        served = got["served_info"]
+        assert served["stats"]["replica"] == waiting["stats"]["replica"], (served, waiting)
+        assert served["source"] == source and not served["pending_source"] and not served["reconfigure_error"]
+        assert requests.get(f"{got['base']}/healthz", timeout=30).json() == {
+            "status": "ok", "models": {"default": "1"}, "states": {"default": "serving"}, "reasons": {}}
+        # each try is in the replica's log, and the one that loaded
+        logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+        text = "\n".join(p.read_text(errors="replace") for p in logs.rglob("replica_regstart_*") if p.is_file())
+        assert f"try 1: cannot reach {source}: SourceUnreachable" in text, text[-3000:]
+        assert f"{source} loaded at try" in text, text[-3000:]
+    finally:
+        serve.delete("regstart")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_reconfigure_with_the_registry_down_keeps_the_old_version_then_switches(apps, bundles, predictors,
+                                                                                mlflow_server, tmp_path):
+    """Version 1 serves from the real MLflow server; the server is stopped and the model switched to version 2
+    (user_config only, as `serve deploy` does): version 1 keeps answering, /healthz stays 200 and says why the
+    switch has not happened, /v1/models too. Started again, the server is found by the replica's backoff and
+    version 2 serves, on the same replica, with no redeploy."""
     from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
-    [down] = free_ports(1)
-    args = base_args(bundles, registry, tmp_path, tracking_uri=f"http://127.0.0.1:{down}", batch_wait_timeout_s=0.0)
-    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
-           "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    args = base_args(bundles, mlflow_server.url, tmp_path, batch_wait_timeout_s=0.0, load_retry_max_s=2,
+                     registry_timeout_s=2)
 
     def deploy(source: str) -> None:
         details = apps["client"].get_serve_details()["applications"]
@@ -498,33 +580,158 @@ def test_a_reconfigure_with_the_registry_down_keeps_the_old_version_serving(apps
                   if name != "regdown" and a.get("deployed_app_config")]  # app: keep the others as they are
         apps["client"].deploy_apps(ServeDeploySchema.model_validate({"applications": [*others, {
             "name": "regdown", "route_prefix": "/regdown", "import_path": "serve_app.app:build_app", "args": args,
-            "runtime_env": {"env_vars": env},
             "deployments": [{"name": "model-default", "user_config": {"source": source}}]}]}))
 
     app = Http(f"{apps['main'].base.rstrip('/')}/regdown")
     body = {"items": [{"image": b64(IMG), "decoding": SHORT}]}
+    new = f"models:/{REGISTERED}/2"
     try:
-        deploy(str(bundles["a"]))
-        deadline = time.monotonic() + 120
-        while serve.status().applications["regdown"].status != "RUNNING":
-            assert time.monotonic() < deadline, serve.status().applications["regdown"]
-            time.sleep(0.3)
+        deploy(f"models:/{REGISTERED}/1")
+        _wait("regdown running", lambda: serve.status().applications["regdown"].status == "RUNNING", 120)
         before = app.models()["default"]
-        assert before["source"] == str(bundles["a"]) and not before["reconfigure_error"]
-        deploy(f"models:/{REGISTERED}/2")
+        assert before["version"] == "1" and not before["reconfigure_error"], before
+        mlflow_server.stop()
+        deploy(new)
         codes = []
-        deadline = time.monotonic() + 120
-        while not (info := app.models()["default"])["reconfigure_error"]:
-            assert time.monotonic() < deadline, info
+
+        def failed_switch():
             r = app.post("/v1/caption", body)
             codes.append(r.status_code)
-            assert r.status_code == 200 and r.json()["version"] == before["version"], r.text
-        assert codes, "the switch failed before any request was sent while it was tried"
-        assert f"models:/{REGISTERED}/2" in info["reconfigure_error"] and info["source"] == before["source"], info
+            assert r.status_code == 200 and r.json()["version"] == "1", r.text
+            return app.models()["default"]["reconfigure_error"]
+
+        _wait("the failed switch shown in /v1/models", failed_switch, 60, every_s=0.0)
+        info = app.models()["default"]
+        assert new in info["reconfigure_error"] and "did not answer" in info["reconfigure_error"], info
+        assert info["pending_source"] == new and info["version"] == "1", info
         assert info["stats"]["replica"] == before["stats"]["replica"]  # the same replica, never restarted
-        assert app.post("/v1/caption", body).status_code == 200 and app.get("/healthz").status_code == 200
+        health = app.get("/healthz")
+        assert health.status_code == 200 and health.json()["states"] == {"default": "serving"}, health.text
+        reason = health.json()["reasons"]["default"]
+        assert "the switch failed" in reason and new in reason and "trying again in" in reason, reason
+
+        mlflow_server.start()
+        _, switched_s = _wait("version 2 once the registry was back",
+                              lambda: app.post("/v1/caption", body).json().get("version") == "2", 60)
+        print(f"switched {switched_s:.1f} s after the registry came back; {len(codes)} requests while it was down")
+        info = app.models()["default"]
+        assert info["stats"]["replica"] == before["stats"]["replica"] and not info["reconfigure_error"], info
+        r = app.post("/v1/caption", body)
+        same(r.json()["results"], predictors["b"].predict("caption", [{"image": IMG, "decoding": SHORT}]))
+        assert app.get("/healthz").json()["reasons"] == {}
     finally:
+        mlflow_server.start()
         serve.delete("regdown")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_replica_replaced_while_the_registry_is_down_costs_no_request(apps, bundles, mlflow_server, tmp_path):
+    """Two replicas serve the champion from the MLflow server; the server is stopped and one replica SIGKILLed
+    under load. Its replacement cannot reach the registry while its peer serves, so it does not start empty (it
+    would answer its share of the requests 503): it fails to start, and Serve starts it again. No client sees an
+    error; once the server is back the deployment is at two replicas again."""
+    import ray
+    from ray import serve
+
+    from bench.chaos import Clients, replica_pids, running_replicas
+    from serve_app.app import start
+    from serve_app.serve_config import serve_config
+
+    source = f"models:/{REGISTERED}@champion"
+    cfg = serve_config(data=base_args(bundles, mlflow_server.url, tmp_path, app_name="regpeer", port=apps["port"],
+                                      route_prefix="/regpeer", models={"default": {"source": source}},
+                                      load_retry_max_s=2, registry_timeout_s=2, batch_wait_timeout_s=0.0,
+                                      autoscaling={"min_replicas": 2, "max_replicas": 2}))
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+
+    def refused_to_start_empty() -> bool:
+        return any("while other replicas serve: not starting empty" in p.read_text(errors="replace")
+                   for p in logs.rglob("replica_regpeer_*") if p.is_file())
+
+    try:
+        base = start(cfg)
+        victim = replica_pids("regpeer")[0]
+        mlflow_server.stop()
+        load = Clients(f"{base}/v1/caption", {"items": [{"image": b64(IMG), "decoding": SHORT}]}, 3, 60.0)
+        load.start()
+        os.kill(victim, signal.SIGKILL)
+        _, refused_s = _wait("the replacement refusing to start empty", refused_to_start_empty, 90, every_s=1.0)
+        time.sleep(3)
+        hung, rows = load.stop(65), load.rows()
+        failures = [(status, reason) for _, _, status, reason in rows if status != 200]
+        print(f"replacement refused {refused_s:.1f} s after the kill; {len(rows)} requests, failures {failures}")
+        assert hung == 0 and not failures and len(rows) >= 10, (hung, failures, len(rows))
+        assert requests.get(f"{base}/healthz", timeout=30).status_code == 200  # the peer serves
+        mlflow_server.start()
+        _, back_s = _wait("two replicas again", lambda: running_replicas("regpeer") == 2, 120, every_s=1.0)
+        print(f"two replicas {back_s:.1f} s after the registry came back")
+        assert len(replica_pids("regpeer")) == 2 and victim not in replica_pids("regpeer")
+        assert requests.get(f"{base}/healthz", timeout=30).status_code == 200
+    finally:
+        mlflow_server.start()
+        serve.delete("regpeer")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_wrong_source_fails_the_deploy_with_the_reason(apps, bundles, registry, tmp_path):
+    """A bundle directory that does not exist is about the source, not an outage: the replica fails to start,
+    and `start` (through `serve.run`) raises with the reason; it is never served as "waiting"."""
+    from ray import serve
+
+    from serve_app.app import start
+    from serve_app.serve_config import serve_config
+
+    missing = tmp_path / "no-such-bundle"
+    cfg = serve_config(data=base_args(bundles, registry, tmp_path, app_name="wrong", port=apps["port"],
+                                      route_prefix="/wrong", models={"default": {"source": str(missing)}}))
+    began = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match=r"no-such-bundle: not a bundle directory"):
+            start(cfg, timeout_s=120)
+        print(f"the deploy failed after {time.monotonic() - began:.1f} s")
+    finally:
+        serve.delete("wrong")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_slow_clients_hold_no_replica_and_are_dropped_after_the_timeouts(apps, bundles, registry, tmp_path):
+    """Four slow clients on raw sockets (a body trickled a byte a second, the same with Serve's per-request
+    timeout turned off by the client, headers and no body, an answer never read) while an ordinary client goes
+    on: the body-less ones are answered 408 body_timeout and their connections closed at body_timeout_s, the
+    unread answer's connection keep_alive_timeout_s after it; the ordinary client's latency stays as it was, and
+    the model replica sees only complete requests."""
+    from ray import serve
+
+    from bench.chaos import SLOW_KINDS, slow_clients
+    from serve_app.app import start
+    from serve_app.serve_config import serve_config
+
+    cfg = serve_config(data=base_args(bundles, registry, tmp_path, app_name="slow", port=apps["port"],
+                                      route_prefix="/slow", body_timeout_s=BODY_S, batch_wait_timeout_s=0.0))
+    body = {"items": [{"image": b64(IMG), "decoding": SHORT}]}
+    try:
+        app = Http(start(cfg))
+        seen_before = app.models()["default"]["stats"]["requests"]
+        got = slow_clients(f"{app.base}/v1/caption", body, SLOW_KINDS, limit_s=30, baseline_s=4)
+        print("slow clients:", got)
+        clients = {c["kind"]: c for c in got["clients"]}
+        for kind in ("trickle", "trickle, no proxy timeout", "headers only"):
+            c = clients[kind]
+            assert c["status"] == 408 and c["reason"] == "body_timeout", c
+            assert c["closed_s"] is not None and BODY_S - 0.5 <= c["closed_s"] <= BODY_S + 3, c
+        never = clients["never reads"]
+        assert never["status"] == 200 and never["closed_s"] is not None, never
+        assert KEEP_ALIVE_S - 0.5 <= never["closed_s"] <= KEEP_ALIVE_S + 4, never
+        before, during = got["before"], got["during"]
+        assert before["failed"] == during["failed"] == 0 and during["requests"] >= 3, got
+        assert during["p50_ms"] <= 2 * before["p50_ms"] + 250, (before, during)
+        # the model answered the ordinary client and the never-reading one, and saw nothing of the slow bodies
+        assert app.models()["default"]["stats"]["requests"] - seen_before == got["fast_requests"] + 1
+    finally:
+        serve.delete("slow")
 
 
 class _DyingModel:
@@ -729,7 +936,7 @@ def test_serve_config_yaml_and_device_choice():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from serve_app.app import deployment_name
+    from serve_app.app import deployment_name, proxy_options
     from serve_app.model import pick_device
     from serve_app.serve_config import config_from_args
 
@@ -737,6 +944,8 @@ def test_serve_config_yaml_and_device_choice():
     [app] = deploy.applications
     cfg = config_from_args(app.args)
     assert app.import_path == "serve_app.app:build_app" and deploy.http_options.host == "127.0.0.1"
+    assert deploy.http_options.model_dump(include={"request_timeout_s", "keep_alive_timeout_s"}) == {
+        k: proxy_options(cfg)[k] for k in ("request_timeout_s", "keep_alive_timeout_s")}
     assert [d.name for d in app.deployments] == [deployment_name(m) for m in cfg.models]
     assert app.deployments[0].user_config == {"source": cfg.models["default"].source}
     assert pick_device("auto", 0.5, cuda_available=True) == ("cuda", None)

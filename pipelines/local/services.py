@@ -159,11 +159,13 @@ class Service:
 
 
 def start_mlflow_server(workdir: Path, artifacts_destination: str, env: dict[str, str],
-                        timeout_s: float = 120.0) -> Service:
-    """`mlflow server` on 127.0.0.1 (free port): sqlite in `workdir`, artifacts proxied to `artifacts_destination`
-    (e.g. s3://bucket/mlflow; `env` must reach that store: MLFLOW_S3_ENDPOINT_URL and AWS_* for S3)."""
+                        timeout_s: float = 120.0, port: int | None = None) -> Service:
+    """`mlflow server` on 127.0.0.1 (`port`, else a free one): sqlite in `workdir`, artifacts proxied to
+    `artifacts_destination` (e.g. s3://bucket/mlflow; `env` must reach that store: MLFLOW_S3_ENDPOINT_URL and
+    AWS_* for S3). Started again with the same workdir and port after a stop, it is the same registry."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port, = free_ports(1)
+    if port is None:
+        port, = free_ports(1)
     log = workdir / "mlflow-server.log"
     # MLflow 3's server runs a job executor by default (seven huey consumer processes, ~27 CPU-seconds to start
     # here) for features ofa-ray does not use (GenAI jobs, trace rollups): off

@@ -28,6 +28,10 @@ the same way: the same metric on the same split of the same data (fingerprint). 
 split and the data fingerprint are tags on every version (`register_bundle`), so the rule needs no run lookup
 (`promote_if_better`).
 
+A source that cannot be reached (the tracking server or the S3 endpoint refused, timed out or answered 5xx) is
+a `SourceUnreachable`, the one kind of `ModelSourceError` worth trying again unchanged (Serve's replicas do, with
+backoff); every other one is about the source itself (no such model, alias or bundle).
+
 This is the one module of `pipelines` that `serve_app` may import.
 """
 
@@ -70,9 +74,38 @@ COPY_CHUNK = 8 * 2**20
 DEFAULT_CACHE = Path(os.environ.get("OFA_MODEL_CACHE", Path.home() / ".cache" / "ofa-ray" / "models"))
 
 
+TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
+S3_UNREACHABLE = "NETWORK_CONNECTION"  # in pyarrow's OSError when the S3 endpoint refused or timed out
+
+
 class ModelSourceError(ValueError):
     """A model URI that is malformed, names nothing, points at something that is not a bundle, or cannot be
     fetched."""
+
+
+class SourceUnreachable(ModelSourceError):
+    """The registry, or the store holding the bundle, did not answer (refused, timed out, a 5xx): the source may
+    well be fine, and the same call may succeed later. Every other ModelSourceError is about the source itself."""
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether `exc` says the tracking server is away (refused, timed out, 5xx, a locked database) rather than
+    that the request itself is wrong. MLflow wraps a failed HTTP call in an `MlflowException` with code
+    INTERNAL_ERROR."""
+    if isinstance(exc, MlflowException):
+        return exc.error_code in TRANSIENT_CODES
+    return isinstance(exc, OSError)  # requests' errors are OSErrors
+
+
+def _s3_error(exc: BaseException) -> type[ModelSourceError]:
+    """SourceUnreachable for pyarrow's "the endpoint did not answer", else ModelSourceError (a missing bucket or
+    a refused credential is about the source)."""
+    return SourceUnreachable if S3_UNREACHABLE in str(exc) else ModelSourceError
+
+
+def _brief(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(getattr(exc, "message", None) or exc).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -117,6 +150,9 @@ def resolve_model(uri: str, *, tracking: str | None = None, cache_dir: str | Pat
         else:
             mv = client.get_model_version(m["name"], m["version"])
     except MlflowException as exc:
+        if transient(exc):
+            raise SourceUnreachable(f"{uri}: the registry at {tracking_uri(tracking)} did not answer "
+                                    f"({_brief(exc)})") from exc
         raise ModelSourceError(f"{uri}: not in the registry at {tracking_uri(tracking)} ({exc.message})") from exc
     target = Path(cache_dir or DEFAULT_CACHE) / mv.name / _cache_entry(mv)
     if not (target / "config.json").is_file():
@@ -147,7 +183,7 @@ def _resolve_s3(uri: str, cache_dir: Path, s3: S3Options | None) -> ResolvedMode
         fs, prefix = storage.resolve(uri, s3)
         files = _bundle_files(fs, prefix)
     except (OSError, ValueError) as exc:
-        raise ModelSourceError(f"{shown}: cannot list the bundle ({storage.redact(str(exc))})") from exc
+        raise _s3_error(exc)(f"{shown}: cannot list the bundle ({storage.redact(str(exc))})") from exc
     if not any(name == CONFIG_FILE for name, _ in files):
         raise ModelSourceError(f"{shown}: not a bundle (no {CONFIG_FILE} directly under the prefix)")
     for name, i in files:
@@ -180,7 +216,7 @@ def _download_s3(fs: pafs.FileSystem, files: list[tuple[str, pafs.FileInfo]], tm
         except FileNotFoundError as exc:
             raise ModelSourceError(f"{shown}: {name} disappeared while downloading; retry") from exc
         except OSError as exc:
-            raise ModelSourceError(f"{shown}: cannot download {name} "
+            raise _s3_error(exc)(f"{shown}: cannot download {name} "
                                    f"({storage.redact(str(exc))})") from exc
         if got != info.size:
             raise ModelSourceError(f"{shown}: {name} changed while downloading (listed at "
@@ -196,8 +232,14 @@ def _cache_entry(mv) -> str:
 
 def _download(source: str, target: Path, tracking: str | None) -> None:
     def fetch(tmp: Path) -> Path:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp),
-                                                        tracking_uri=tracking_uri(tracking)))
+        try:
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp),
+                                                            tracking_uri=tracking_uri(tracking)))
+        except MlflowException as exc:
+            if transient(exc):
+                raise SourceUnreachable(f"registered source {source}: the artifact store (through "
+                                        f"{tracking_uri(tracking)}) did not answer ({_brief(exc)})") from exc
+            raise
 
     _atomic_fill(target, fetch, what=f"registered source {source}")
 

@@ -28,7 +28,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
-from pipelines.tracking.registry import tracking_uri
+from pipelines.tracking.registry import tracking_uri, transient
 
 logger = logging.getLogger(__name__)
 
@@ -94,18 +94,6 @@ def start_or_resume_run(uri: str | None, experiment: str, *, name: str, key: str
 def _param_text(value: Any) -> str:
     text = "null" if value is None else str(value)
     return text if len(text) <= MAX_PARAM_CHARS else text[: MAX_PARAM_CHARS - 3] + "..."
-
-
-TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
-
-
-def transient(exc: BaseException) -> bool:
-    """Whether `exc` says the tracking server is away (refused, timed out, 5xx, a locked database) rather than
-    that the request itself is wrong. MLflow wraps a failed HTTP call in an `MlflowException` with code
-    INTERNAL_ERROR."""
-    if isinstance(exc, MlflowException):
-        return exc.error_code in TRANSIENT_CODES
-    return isinstance(exc, OSError)  # requests' errors are OSErrors
 
 
 def patiently(call: Callable[[], T], *, what: str, uri: str | None, deadline_s: float) -> T:
