@@ -583,12 +583,6 @@ def _read_architecture(path: str | Path) -> tuple[Path, dict, Path, OFAConfig]:
         raise BundleError(f"{where}: model: {e}") from e
 
 
-def load_bundle_vocab(path: str | Path) -> Vocabulary:
-    """Only the vocabulary of a bundle (checked against its model config), without building the model."""
-    root, cfg, where, config = _read_architecture(path)
-    return _load_vocab(root, cfg["vocab"], config, where)
-
-
 def load_bundle(path: str | Path, device: str | torch.device = "cpu", *, limits: BundleLimits | None = None) -> Bundle:
     """Rebuild model (eval mode, on `device`), vocabulary, preprocessing, custom tasks, answer sets and the image
     tokenizer (None for a bundle without one) from a bundle.

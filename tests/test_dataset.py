@@ -52,7 +52,7 @@ from pipelines.data.ingest import _image_array, _Preprocess, output_schema, plan
 from pipelines.data.rowstats import BadDataError, BadRowRule, MixtureState, ResumeState, RowStats
 from pipelines.data.schema import normalize_row
 from pipelines.data.shards import write_corpus
-from pipelines.data.source import SOURCE_SCHEMA, EpochInfo, SeqSet
+from pipelines.data.source import SOURCE_SCHEMA, EpochInfo, SeqSet, plan_part
 
 PCFG = PreprocessConfig(patch_image_size=32, max_image_pixels=1000)  # 16x16 images pass, 40x40 is too large
 RAY_TIMEOUT = 120
@@ -242,6 +242,27 @@ def test_seqset_intervals_mask_and_gaps():
     assert s.gaps(0, 22) == [(3, 5), (12, 20), (21, 22)]
     s.add(3, 20)
     assert s.intervals() == [(0, 21)]
+
+
+def test_plan_part_shares_the_rows_left_in_equal_runs_whatever_the_world():
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        total = int(rng.integers(0, 60))
+        consumed = SeqSet()
+        for a in rng.integers(0, max(1, total), size=int(rng.integers(0, 5))):
+            consumed.add(int(a), int(a + rng.integers(1, 8)))
+        left = [i for i in range(total) if i not in consumed]
+        for world in (1, 2, 3, 7):
+            parts = [plan_part(total, consumed, rank, world) for rank in range(world)]
+            # numpy's array_split: the reference for "consecutive runs, the first len % world one longer"
+            want = [list(p) for p in np.array_split(np.array(left, dtype=int), world)]
+            assert [[i for i in range(total) if i in p] for p in parts] == want
+    assert plan_part(10, SeqSet([(0, 4)]), 1, 2).intervals() == [(7, 10)]
+    assert plan_part(10, SeqSet([(2, 4), (6, 8)]), 0, 2).intervals() == [(0, 2), (4, 5)]
+    with pytest.raises(ValueError, match="rank 2 is not a worker of a world of 2"):
+        plan_part(10, SeqSet(), 2, 2)
+    with pytest.raises(ValueError, match="world must be an int >= 1"):
+        plan_part(10, SeqSet(), 0, 0)
 
 
 def test_weighted_schedule_proportions_and_seed():
@@ -442,18 +463,18 @@ def test_resume_in_the_consumer(run, vocab):
 
 
 @pytest.mark.timeout(RAY_TIMEOUT)
-def test_epoch_batches_of_one_corpus_build_its_dataset_or_take_the_shard_given_and_resume(run, corpus, vocab):
-    output, plan = run
+def test_epoch_batches_of_one_corpus_build_its_dataset_and_resume(corpus, vocab, ray_cluster):
     cfg = config(corpus, seed=SEED)
+    plan = plan_epoch(cfg, train=True, epoch=EPOCH)
     assert epoch_plans(cfg, train=True, epoch=EPOCH) == {"data": plan}
     it = epoch_batches(cfg, vocab, train=True, epoch=EPOCH, with_meta=True)  # the Dataset built inside
     ids, _ = consume(it)
     assert ids == expected_order(plan)
     assert_expected_stats(it.stats)  # the config's rule (threshold 0.6) let the epoch through
     with pytest.raises(BadDataError, match="bad_row_threshold=1.00%"):  # the options given replace the config's
-        list(epoch_batches(cfg, vocab, train=True, plans={"data": plan}, shards={"data": output},
+        list(epoch_batches(cfg, vocab, train=True, plans={"data": plan},
                            options=ConsumerOptions.of(cfg.replace(bad_row_threshold=0.01))))
-    given = epoch_batches(cfg, vocab, train=True, plans={"data": plan}, shards={"data": output}, with_meta=True)
+    given = epoch_batches(cfg, vocab, train=True, plans={"data": plan}, with_meta=True)
     first = next(iter(given))["ids"]
     state = ResumeState.from_dict(json.loads(json.dumps(given.resume_state().to_dict())))
     rest = epoch_batches(cfg, vocab, train=True, epoch=EPOCH, resume=state, with_meta=True)  # the source skips
@@ -462,8 +483,7 @@ def test_epoch_batches_of_one_corpus_build_its_dataset_or_take_the_shard_given_a
 
 
 @pytest.mark.timeout(RAY_TIMEOUT)
-def test_epoch_batches_of_a_mixture_read_one_corpus_per_task(run, corpus, vocab):
-    output, _ = run
+def test_epoch_batches_of_a_mixture_read_one_corpus_per_task(corpus, vocab, ray_cluster):
     cfg = config(corpus, seed=SEED)
     weights = {"vqa": 3, "caption": 1}
     assert {n: c.tasks for n, c in corpora(cfg, weights).items()} == {"caption": ("caption",), "vqa": ("vqa",)}
@@ -478,11 +498,13 @@ def test_epoch_batches_of_a_mixture_read_one_corpus_per_task(run, corpus, vocab)
     assert names.count("caption") == EXPECTED_OK["caption"] and names.count("vqa") <= EXPECTED_OK["vqa"]
     assert {n: set(s.ok_by_task) for n, s in built.stats_by_source.items()} == {"caption": {"caption"},
                                                                                 "vqa": {"vqa"}}
-    shards = {task: output.filter(lambda r, t=task: r["task"] == t).materialize() for task in weights}
-    given = epoch_batches(cfg, vocab, train=True, mixture=weights, plans=plans, shards=shards, with_meta=True)
-    pairs = [(n, i) for b in given for n, i in zip(b["sources"], b["ids"], strict=True)]
-    assert sorted(i for n, i in pairs if n == "caption") == sorted(i for n, i in zip(names, ids, strict=True) if n == "caption")
-    assert all(i.startswith(n + "/") for n, i in pairs)
+    # a worker's part of a mixture: its part of every corpus (`plan_part`), the other worker's rows never read
+    for rank in range(2):
+        # options without the rule: a part alone may be over it (training workers apply it to all parts together)
+        mine = epoch_batches(cfg, vocab, train=True, mixture=weights, plans=plans, part=(rank, 2), with_meta=True,
+                             options=_opts(None))
+        seqs = [(n, q) for b in mine for n, q in zip(b["sources"], b["seqs"], strict=True)]
+        assert seqs and all(q in plan_part(plans[n].total_rows, SeqSet(), rank, 2) for n, q in seqs)
 
 
 @pytest.mark.timeout(RAY_TIMEOUT)
@@ -567,41 +589,47 @@ def test_a_two_corpus_mixture_resumes_each_source_where_it_stopped(two_corpora, 
     assert list(zip(head["sources"], head["ids"], strict=True)) + tail == whole
 
 
-@pytest.mark.timeout(RAY_TIMEOUT)
-def test_resume_from_the_source_on_two_streaming_split_workers(run, corpus, vocab):
-    """A run stops after two batches; a new pipeline resumes on two workers (Ray Train's streaming_split)."""
-    output, plan = run
-    cfg = config(corpus, seed=SEED)
-    assert plan == plan_epoch(cfg, train=True, epoch=EPOCH) and plan.shards != plan_epoch(cfg, train=True, epoch=2).shards
+@pytest.mark.timeout(300)
+def test_two_workers_read_disjoint_parts_and_resume_from_their_merged_position(corpus, vocab, ray_cluster):
+    """Two training workers each read their part of the epoch (`part=(rank, 2)`): disjoint, together the epoch.
+    Stopped after a batch each, their positions merged as a checkpoint merges them, the epoch resumes on two
+    workers or on three: every good row is delivered once over both runs and every bad row counted once."""
+    from pipelines.train.checkpointing import merge_positions, worker_resume
+
+    cfg = config(corpus, seed=SEED, preprocess_on="tasks")
+    plan = plan_epoch(cfg, train=True, epoch=EPOCH)
     want = expected_order(plan)
-    it = iter_train_batches(output, vocab, 4, info=plan.info, with_meta=True, options=_opts(None))
-    first = []
-    for batch in it:
-        first += batch["ids"]
-        if len(first) == 8:
-            break  # "crash"
-    state = ResumeState.from_dict(json.loads(json.dumps(it.resume_state().to_dict())))
 
-    splits = build_dataset(cfg, vocab, train=True, epoch=EPOCH, resume=state).streaming_split(2, equal=False)
-    results: dict[int, tuple] = {}
+    def read(rank: int, world: int, resume=None, stop_after: int | None = None):
+        it = epoch_batches(cfg, vocab, train=True, plans={"data": plan}, part=(rank, world), resume=resume,
+                           with_meta=True, options=_opts(None))
+        ids = []
+        for batch in it:
+            ids += batch["ids"]
+            if stop_after is not None and len(ids) >= stop_after:
+                break  # "crash"
+        return ids, it.resume_state()
 
-    def worker(rank: int) -> None:  # no resume state here: whatever a worker sees, the source emitted
-        it = iter_train_batches(splits[rank], vocab, 2, info=plan.info, with_meta=True, options=_opts(None))
-        results[rank] = (consume(it)[0], it.resume_state())
+    whole = [read(rank, 2) for rank in range(2)]
+    assert whole[0][0] + whole[1][0] == want  # rank 0 the first half of the plan's rows, rank 1 the second
+    assert whole[0][0] and whole[1][0]
+    merged = ResumeState.merge([state for _, state in whole])
+    assert merged.consumed == ((0, plan.total_rows),)
+    assert_expected_stats(merged.row_stats())
 
-    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(RAY_TIMEOUT - 10)
-    assert sorted(results) == [0, 1]
-    ids0, ids1 = results[0][0], results[1][0]
-    assert not set(ids0) & set(ids1) and sorted(ids0 + ids1) == sorted(want[8:])  # disjoint and complete
-    merged = ResumeState.merge([state, results[0][1], results[1][1]])
-    assert merged.consumed == ((0, 35),) and merged.plan_key == plan.key
-    assert_expected_stats(merged.row_stats())  # every bad row counted exactly once over both runs
-    with pytest.raises(ValueError, match="resume state is for epoch 1"):
-        build_dataset(cfg, vocab, train=True, epoch=2, resume=state)
+    stopped = [read(rank, 2, stop_after=4) for rank in range(2)]
+    first = stopped[0][0] + stopped[1][0]
+    assert len(first) == 8 and not set(stopped[0][0]) & set(stopped[1][0])
+    state = json.loads(json.dumps({"epoch": EPOCH, "epoch_done": False,  # what a checkpoint keeps of it
+                                   "data": merge_positions([s for _, s in stopped], mixture=False)}))
+    for world in (2, 3):
+        rest = [read(rank, world, resume=worker_resume(state, EPOCH, rank)) for rank in range(world)]
+        ids = [i for part, _ in rest for i in part]
+        assert sorted(first + ids) == sorted(want) and len(first + ids) == len(want)  # once each
+        assert all(part for part, _ in rest)
+        final = ResumeState.merge([s for _, s in rest])
+        assert final.consumed == ((0, plan.total_rows),)
+        assert_expected_stats(final.row_stats())  # the bad rows read before the stop are counted once
 
 
 @pytest.mark.timeout(RAY_TIMEOUT)

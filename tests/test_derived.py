@@ -125,14 +125,14 @@ def test_a_run_reads_the_negative_pool_once_and_every_epochs_datasets_draw_from_
 
 
 @pytest.mark.timeout(300)
-def test_the_training_driver_hands_its_one_pool_to_every_fit(ray_cluster, tmp_path, monkeypatch):
-    """Several workers: one fit per epoch, each with Datasets the driver builds. They are built with the pools the
-    driver read once (`train`), and the workers get the same pools for their own builds: no fit reads one."""
+def test_the_training_driver_hands_its_one_pool_to_the_workers(tmp_path, monkeypatch):
+    """Several workers, two epochs: the one fit's workers build every Dataset themselves, with the pools the driver
+    read once (`train`); the trainer carries those pools and no Dataset, and reads no pool of its own."""
     from ofa_model.config_files import build
     from pipelines.data import ingest
     from pipelines.data.dataset import negative_pools
     from pipelines.data.shards import write_corpus
-    from pipelines.train.driver import Fit, _trainer
+    from pipelines.train.driver import _trainer
     from pipelines.train.train_config import TrainConfig
 
     captions = ["a red square", "a blue circle", "two grey triangles"]
@@ -147,9 +147,8 @@ def test_the_training_driver_hands_its_one_pool_to_every_fit(ray_cluster, tmp_pa
     monkeypatch.setattr(ingest, "iter_rows", lambda uri, **kw: reads.append(uri) or real(uri, **kw))
     pools = negative_pools(cfg.data, cfg.mixture)
     assert pools == {"itm": tuple(captions)} and len(reads) == 1
-    vocab, specs = Vocabulary.gpt2(), {**TASKS}
     run_info = {"mlflow_run_id": "r", "data_fingerprint": "f", "negative_pools": pools}
-    for epoch in range(cfg.epochs):
-        trainer = _trainer(cfg, Fit(epoch, epoch + 1, True), vocab, specs, "cider", "max", (), run_info)
-        assert trainer.train_loop_config["negative_pools"] is pools
-    assert len(reads) == 1  # the fits' Datasets read no pool of their own
+    trainer = _trainer(cfg, "cider", "max", (), run_info)
+    assert trainer.train_loop_config["negative_pools"] is pools and trainer.datasets == {}
+    assert build(TrainConfig, trainer.train_loop_config["cfg"]).epochs == 2  # every epoch in this one fit
+    assert len(reads) == 1  # the trainer read no pool of its own

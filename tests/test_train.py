@@ -8,6 +8,7 @@ registry, evaluation), not learning; the learning curve is a benchmark (bench/).
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -207,6 +208,30 @@ def test_a_time_budget_ends_the_run_after_the_epoch_that_leaves_no_room_and_vali
     assert (again.epochs_done, again.step) == (2, 6)
 
 
+def test_two_workers_train_every_epoch_in_one_fit_each_reading_its_part(corpus, tmp_path, ray_cluster):
+    """Two workers, two whole epochs, one fit: no worker group starts again from a checkpoint between the epochs,
+    and each rank reads its part of every epoch (`plan_part`: the longer half first), so together they train on
+    every row once an epoch, stopping together when the shorter part runs out."""
+    cfg = config(corpus, tmp_path, "twofit", epochs=2, max_steps_per_epoch=None, scaling={"num_workers": 2},
+                 data={"batch_size": 16}, validation={"max_rows": 4})
+    rows = read_manifest(corpus).counts["train"]["vqa"]
+    parts = ((rows + 1) // 2, rows // 2)
+    steps = min(math.ceil(n / 16) for n in parts)  # every rank runs as many steps as the first to run out
+    trained = sum(min(n, 16 * steps) for n in parts)
+    out = train(cfg, output_dir=tmp_path / "o")
+    assert (out.epochs_done, out.step) == (2, 2 * steps)
+    client = _mlflow(cfg)
+    losses = client.get_metric_history(out.mlflow_run_id, "train/loss")
+    assert [m.step for m in losses] == list(range(1, 2 * steps + 1))
+    assert client.get_metric_history(out.mlflow_run_id, "train/resumed_from_step") == []  # one fit
+    for key, want in (("data/rows_ok", trained), ("data/rows_bad", 0)):
+        got = sorted((m.step, m.value) for m in client.get_metric_history(out.mlflow_run_id, key))
+        assert got == [(steps, want), (2 * steps, want)], key  # both ranks' rows, none twice: rows_ok <= rows
+    assert rows - 1 <= trained <= rows
+    state = read_state(latest_state_summary(cfg.run.storage_path, "twofit")["path"])
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["scheduler"]["last_epoch"] == 2 * steps
+
+
 def test_a_mixture_epoch_lasts_until_its_first_source_runs_out(tmp_path):
     rows = {"vqa": 38575, "image_classification": 3837}
     mixed = config("s3://b/c", tmp_path, "m", max_steps_per_epoch=None, mixture={"vqa": 3, "image_classification": 1})
@@ -248,16 +273,24 @@ def _train_and_kill_a_worker(cfg: TrainConfig, out_dir: Path, when) -> tuple[Tra
 
 
 def test_a_killed_worker_restarts_from_the_last_checkpoint(corpus, tmp_path, ray_cluster):
-    cfg = config(corpus, tmp_path, "fault", max_steps_per_epoch=60, run={"checkpoint_every_steps": 4,
-                                                                       "max_failures": 2},
-                 scaling={"num_workers": 2}, data={"batch_size": 4})
-    # the second mid-epoch checkpoint: Ray has registered the first by then (a checkpoint uploaded but not yet
-    # registered when its worker dies is dropped, and the restart takes the one before)
-    out, killed = _train_and_kill_a_worker(cfg, tmp_path / "o", lambda s: not s["epoch_done"] and s["step"] >= 8)
-    assert killed is not None, "no mid-epoch checkpoint appeared while the run was going"
-    assert (out.epochs_done, out.step) == (1, 60)
-    resumed = _mlflow(cfg).get_metric_history(out.mlflow_run_id, "train/resumed_from_step")
-    assert resumed and 4 <= resumed[0].value <= killed and resumed[0].value % 4 == 0
+    """Two workers, both epochs in one fit; killed inside the second epoch, the group restarts there, each rank
+    reading its part of the rows the checkpoint left: the epoch trains exactly its steps' rows, none twice."""
+    cfg = config(corpus, tmp_path, "fault", epochs=2, max_steps_per_epoch=30,
+                 run={"checkpoint_every_steps": 4, "max_failures": 2}, scaling={"num_workers": 2},
+                 data={"batch_size": 4})
+    # the second mid-epoch checkpoint of the epoch: Ray has registered the first by then (a checkpoint uploaded
+    # but not yet registered when its worker dies is dropped, and the restart takes the one before)
+    out, killed = _train_and_kill_a_worker(
+        cfg, tmp_path / "o", lambda s: s["epoch"] == 1 and not s["epoch_done"] and s["step"] >= 40)
+    assert killed is not None, "no mid-epoch checkpoint of the second epoch appeared while the run was going"
+    assert (out.epochs_done, out.step) == (2, 60)
+    client = _mlflow(cfg)
+    resumed = client.get_metric_history(out.mlflow_run_id, "train/resumed_from_step")
+    assert len(resumed) == 1 and 36 <= resumed[0].value <= killed and resumed[0].value % 4 == 0
+    assert sorted(m.step for m in client.get_metric_history(out.mlflow_run_id, "val/vqa_score")) == [30, 60]
+    # 30 steps of 4 rows on each of 2 ranks, the rows before the restart counted once (rank 0 carries them)
+    ok = sorted((m.step, m.value) for m in client.get_metric_history(out.mlflow_run_id, "data/rows_ok"))
+    assert ok == [(30, 240), (60, 240)]
 
 
 def test_a_killed_one_worker_run_restarts_inside_its_later_epoch(corpus, tmp_path, ray_cluster):

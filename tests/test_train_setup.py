@@ -79,7 +79,7 @@ def test_an_init_bundle_on_s3_is_fetched_where_it_is_used_with_the_configs_s3_se
     from ofa_model.bundle import load_bundle
     from pipelines import storage
     from pipelines.tracking import registry
-    from pipelines.train.setup import build_setup, run_vocab
+    from pipelines.train.setup import build_setup
 
     prefix = s3_server.uri("init/ofa-micro")
     for f in bundle.iterdir():
@@ -94,7 +94,7 @@ def test_an_init_bundle_on_s3_is_fetched_where_it_is_used_with_the_configs_s3_se
     cfg = with_init_bundle(build(TrainConfig, raw))
     assert cfg.data.preprocess == local.data.preprocess and cfg.custom_tasks == local.custom_tasks
     setup = build_setup(cfg)
-    assert setup.init == prefix and len(run_vocab(cfg)) == len(setup.vocab)
+    assert setup.init == prefix and len(setup.vocab) == len(load_bundle(bundle).vocab)
     want = load_bundle(bundle).model.state_dict()
     got = setup.model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in want.items())

@@ -29,9 +29,9 @@ Resume within an epoch: every consumed row's `seq` (good rows delivered in a bat
 per corpus in a `SeqSet` of intervals. Pass a single corpus's `ResumeState` back to
 `build_dataset(resume=...)` (the source skips those rows) and/or to `iter_train_batches` (it skips them too,
 so a dataset built before the state was known also works). The row numbering does not depend on execution
-order, so this is exact with parallel reads, `preserve_order=False`, local shuffling and `streaming_split`
-workers alike; states of several workers combine with `ResumeState.merge`. A mixture's `MixtureState` holds
-the slots used and each source's ResumeState.
+order, so this is exact with parallel reads, `preserve_order=False`, local shuffling and several workers each
+reading its part of the epoch alike; states of several workers combine with `ResumeState.merge`. A mixture's
+`MixtureState` holds the slots used and each source's ResumeState.
 """
 
 from __future__ import annotations

@@ -58,7 +58,8 @@ class DataConfig:
     for corpora that take minutes or more) or "tasks" (preprocessing fused into the read tasks, which run in
     Ray's pooled worker processes, reused across epochs and runs: no actor start per dataset, ~0.2 s to
     rebuild the vocabulary per task; for short runs on small corpora: tests, the quick demo).
-    num_actors: (min, max) preprocessing actors; actor_num_cpus: CPUs each; rows_per_map_batch: rows per
+    num_actors: (min, max) preprocessing actors of a Dataset (in training: of each worker's, per corpus);
+    actor_num_cpus: CPUs each; rows_per_map_batch: rows per
     preprocessing call; rows_per_read_block: rows per block handed from reading to preprocessing (the unit
     of work of an actor); null sizes blocks by their preprocessed bytes (`read_block_rows`: ~24 MB of
     images, a multiple of rows_per_map_batch, at most 256 rows), so large images do not hold one actor's

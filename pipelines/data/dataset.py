@@ -2,18 +2,19 @@
 
     cfg = DataConfig.from_dict(yaml.safe_load(open("configs/data.yaml")))
     it = epoch_batches(cfg, vocab, train=True, epoch=e)                    # one corpus, Datasets built here
+    it = epoch_batches(cfg, vocab, train=True, epoch=e, part=(rank, world))    # one worker's part of it
     it = epoch_batches(cfg, vocab, train=True, epoch=e, mixture={"caption": 3, "vqa": 1})   # a mixture
     for batch in it:                                                       # what preprocess.collate returns
         ...
     state = it.resume_state()                                              # save with the checkpoint
 
-`epoch_batches` is the one way to get an epoch's batches: for the trainer (one worker builds its Datasets here;
-several pass the shards Ray Train split from the driver's Datasets, built with `build_dataset` under the names
-of `corpora`), the dataset doctor (`inspect`) and the benchmarks. Consumer settings travel as one
-`ConsumerOptions` (default: the DataConfig's). The modules behind it, in pipeline order:
+`epoch_batches` is the one way to get an epoch's batches: for the trainer (every worker builds its own Datasets
+here, of its `part` of the epoch), the dataset doctor (`inspect`) and the benchmarks. Consumer settings travel as
+one `ConsumerOptions` (default: the DataConfig's). The modules behind it, in pipeline order:
 
 * `pipelines.data.data_config`: `DataConfig`, validated, from YAML.
-* `pipelines.data.source`: stage 1, reading shards into numbered rows (`plan_shards`, `ShardSource`, `SeqSet`).
+* `pipelines.data.source`: stage 1, reading shards into numbered rows (`plan_shards`, `plan_part`, `ShardSource`,
+  `SeqSet`).
 * `pipelines.data.ingest`: stages 1-2 as a Ray Dataset: `plan_epoch`, `build_dataset` (preprocessing on an actor
   pool; only `ofa_model.errors.InputError`s become bad rows, by their reason).
 * `pipelines.data.batches`: stage 3, the consumer (`iter_train_batches`, `iter_mixture_batches`, which
@@ -21,9 +22,13 @@ of `corpora`), the dataset doctor (`inspect`) and the benchmarks. Consumer setti
 * `pipelines.data.rowstats`: `RowStats`, the one bad-row rule (`BadRowRule` -> `BadDataError`), `ResumeState`.
 
 One Dataset is one epoch: `epoch` seeds the shard order (and per-row augmentation). A Dataset iterated again
-(e.g. by Ray Train in a later epoch) repeats that shard order; the consumer's local shuffle seed
-(`seed + epoch`) still changes the row order within the shuffle buffer. With `preserve_order=True` and a
-seeded local shuffle, the same config and epoch give the same id order.
+repeats that shard order; the consumer's local shuffle seed (`seed + epoch`) still changes the row order within
+the shuffle buffer. With `preserve_order=True` and a seeded local shuffle, the same config and epoch give the same
+id order.
+
+Several workers: each plans the same epoch (the plan is a pure function of the manifest, seed and epoch) and
+reads its `part=(rank, world)`: a run of consecutive rows of the plan (`plan_part`), the parts disjoint and
+together every row the resume state left, so across the workers the epoch covers each row once.
 """
 
 from __future__ import annotations
@@ -93,7 +98,7 @@ def read_manifests(cfg: DataConfig, mixture: Mapping[str, float] | None = None) 
 def negative_pools(cfg: DataConfig, mixture: Mapping[str, float] | None = None) -> dict[str, tuple[str, ...]]:
     """The negative pool of every corpus of `corpora` whose derived task draws negatives (itm, qa_matching), by
     corpus name (`pipelines.data.ingest.negative_pool`: a pass over the source rows). A training run reads them
-    once, in its driver, and hands them to every Dataset it or its workers build (`epoch_batches(pools=...)`)."""
+    once, in its driver, and hands them to every Dataset its workers build (`epoch_batches(pools=...)`)."""
     return {name: negative_pool(c) for name, c in corpora(cfg, mixture).items() if draws_negatives(c)}
 
 
@@ -118,18 +123,17 @@ def epoch_plans(cfg: DataConfig, mixture: Mapping[str, float] | None = None, *, 
 
 def epoch_batches(cfg: DataConfig, vocab: Any, *, train: bool, epoch: int = 0,
                   split: str | Sequence[str] | None = None, mixture: Mapping[str, float] | None = None,
-                  plans: Mapping[str, EpochPlan] | None = None, shards: Mapping[str, Any] | None = None,
+                  plans: Mapping[str, EpochPlan] | None = None, part: tuple[int, int] | None = None,
                   resume: ResumeState | MixtureState | None = None, specs: Mapping[str, TaskSpec] | None = None,
                   options: ConsumerOptions | None = None, pools: Mapping[str, Sequence[str]] | None = None,
                   **batching: Any) -> BatchIterator:
     """One epoch's batches of `cfg`'s corpus, or of a weighted `mixture` of its tasks (task -> weight).
 
-    plans: each corpus's EpochPlan (default: `epoch_plans` of split/train/epoch). shards: each corpus's rows
-    for this process, by the names of `corpora` (Ray Train's `get_dataset_shard(name)` of Datasets the driver
-    built); None: the Datasets are built here, their sources skipping what `resume` consumed. resume: a
-    ResumeState (one corpus) or a MixtureState (a mixture). options: the consumer's (default:
-    `ConsumerOptions.of(cfg)`). pools: the derived corpora's negative pools (`negative_pools`, read once for
-    every epoch; None: each Dataset built here reads its own). Batching keywords as in `iter_train_batches`
+    plans: each corpus's EpochPlan (default: `epoch_plans` of split/train/epoch). part: (rank, world): only this
+    worker's part of each corpus's rows (`build_dataset(part=...)`); None: all of them. resume: a ResumeState
+    (one corpus) or a MixtureState (a mixture); the sources skip what it consumed. options: the consumer's
+    (default: `ConsumerOptions.of(cfg)`). pools: the derived corpora's negative pools (`negative_pools`, read
+    once for every epoch; None: each Dataset reads its own). Batching keywords as in `iter_train_batches`
     (with_meta, drop_last, num_rows).
     """
     configs = corpora(cfg, mixture)
@@ -137,11 +141,10 @@ def epoch_batches(cfg: DataConfig, vocab: Any, *, train: bool, epoch: int = 0,
     if set(plans) != set(configs):
         raise ValueError(f"plans name {sorted(plans)}, the corpora are {sorted(configs)}")
     options = options if options is not None else ConsumerOptions.of(cfg)
-    if shards is None:
-        starts = resume.sources if isinstance(resume, MixtureState) else {name: resume for name in configs}
-        shards = {name: build_dataset(c, vocab, train=train, specs=specs, plan=plans[name], resume=starts.get(name),
-                                      pool=(pools or {}).get(name))
-                  for name, c in configs.items()}
+    starts = resume.sources if isinstance(resume, MixtureState) else {name: resume for name in configs}
+    shards = {name: build_dataset(c, vocab, train=train, specs=specs, plan=plans[name], resume=starts.get(name),
+                                  pool=(pools or {}).get(name), part=part)
+              for name, c in configs.items()}
     if mixture:
         return iter_mixture_batches(shards, mixture, vocab, cfg.batch_size, resume=resume, options=options,
                                     infos={name: p.info for name, p in plans.items()}, **batching)

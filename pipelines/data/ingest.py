@@ -3,7 +3,8 @@
 1. `plan_epoch`: the shards of the selection in the epoch's order and the row numbering (`seq`), from the
    manifest alone. `pipelines.data.source.ShardSource` (a `ray.data.Datasource`) reads them in that order;
    unreadable shards and wrongly typed columns become marker rows ("unreadable_shard" with the shard URI,
-   "bad_type" with the ids); rows consumed before a resume are dropped there, before any image is decoded.
+   "bad_type" with the ids); rows consumed before a resume, and a training worker's rows outside its part of
+   the epoch (`build_dataset(part=...)`), are dropped there, before any image is decoded.
 2. `map_batches(_Preprocess)` on an actor pool: each actor builds the vocabulary once and runs the shared
    `ofa_model.tasks.build_example` per row (or, with `DataConfig.preprocess_on` "tasks", the same code fused
    into the read tasks). Output columns (`output_schema()`): id, task, seq, span, ok,
@@ -57,7 +58,7 @@ from pipelines import storage
 from pipelines.data.data_config import IMAGE_DTYPES, DataConfig, read_block_rows
 from pipelines.data.rowstats import ResumeState
 from pipelines.data.shards import Manifest, iter_rows, read_manifest
-from pipelines.data.source import EpochPlan, ShardSource, plan_shards
+from pipelines.data.source import EpochPlan, SeqSet, ShardSource, plan_part, plan_shards
 
 __all__ = ["REASONS", "build_dataset", "classify", "output_schema", "plan_epoch", "preprocess_row"]
 
@@ -258,7 +259,8 @@ class IdleLoopThrottle(ExecutionCallback):
 
 def build_dataset(cfg: DataConfig, vocab: Any, *, split: str | Sequence[str] | None = None, train: bool,
                   epoch: int = 0, resume: ResumeState | None = None, specs: Mapping[str, TaskSpec] | None = None,
-                  plan: EpochPlan | None = None, pool: Sequence[str] | None = None) -> ray.data.Dataset:
+                  plan: EpochPlan | None = None, pool: Sequence[str] | None = None,
+                  part: tuple[int, int] | None = None) -> ray.data.Dataset:
     """A lazy, streaming Dataset of one epoch's preprocessed rows (columns: `output_schema`), bad rows
     included as ok=False markers. Consume it with `pipelines.data.batches.iter_train_batches` (or, with other
     corpora, `iter_mixture_batches`), which counts and drops the markers.
@@ -267,7 +269,9 @@ def build_dataset(cfg: DataConfig, vocab: Any, *, split: str | Sequence[str] | N
     resume: skip rows an earlier run consumed. specs: task specs by name (default ofa_model.tasks.TASKS).
     plan: a precomputed `plan_epoch(...)` (then split and epoch come from it).
     pool: a derived task's negatives, `negative_pool(cfg)`, read once by a caller that builds many Datasets (a
-    training run: one per epoch and per fit); None: read here when cfg's derived task draws negatives.
+    training run: one per epoch and per worker); None: read here when cfg's derived task draws negatives.
+    part: (rank, world): only worker `rank`'s part of the rows `resume` left (`pipelines.data.source.plan_part`:
+    a run of consecutive rows, the parts of all ranks disjoint and together every row left); None: all of them.
     """
     specs = dict(TASKS if specs is None else specs)
     plan = plan or plan_epoch(cfg, split=split, train=train, epoch=epoch)
@@ -277,12 +281,15 @@ def build_dataset(cfg: DataConfig, vocab: Any, *, split: str | Sequence[str] | N
                        storage.redact(cfg.uri), unknown, UNKNOWN_TASK)
     if resume is not None:
         resume.check(plan.info)
-    source = ShardSource(plan, s3=cfg.s3, skip=resume.seqs() if resume else None, retries=cfg.read_retries)
+    skip = resume.seqs() if resume is not None else SeqSet()
+    if part is not None:  # the rows outside this worker's part are skipped as if consumed
+        skip = SeqSet(plan_part(plan.total_rows, skip, *part).gaps(0, plan.total_rows))
+    source = ShardSource(plan, s3=cfg.s3, skip=skip, retries=cfg.read_retries)
     readers = None if cfg.read_concurrency is None else ray.data.TaskPoolStrategy(size=cfg.read_concurrency)
     # Ray merges a read task's row groups into blocks of up to target_max_block_size of *encoded* data, which
     # preprocessing then expands ~1000x; asking for one block per rows_per_read_block rows makes Ray split
     # read outputs (SplitBlocks) so that preprocessing work is spread evenly over the actors.
-    to_read = plan.total_rows - (len(resume.seqs()) if resume is not None else 0)
+    to_read = plan.total_rows - len(skip)
     blocks = max(1, math.ceil(to_read / read_block_rows(cfg)))
     ds = ray.data.read_datasource(source, num_cpus=cfg.read_num_cpus, compute=readers, override_num_blocks=blocks)
     ctx = ds.context  # this dataset's own copy of the DataContext

@@ -63,7 +63,7 @@ class RowStats:
             examples.append(example)
 
     def merge(self, other: RowStats) -> None:
-        """Add `other`'s counts (rows of disjoint shares of one epoch, e.g. two streaming_split workers)."""
+        """Add `other`'s counts (rows of disjoint shares of one epoch, e.g. two training workers' parts)."""
         self.ok += other.ok
         for mine, theirs in ((self.ok_by_task, other.ok_by_task), (self.bad_by_reason, other.bad_by_reason),
                              (self.bad_by_task, other.bad_by_task)):

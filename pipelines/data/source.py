@@ -194,6 +194,28 @@ def plan_shards(manifest: Manifest, uri: str, splits: Sequence[str], tasks: Sequ
     return EpochPlan(uri, epoch, tuple(shards), seq, h.hexdigest()[:16])
 
 
+def plan_part(total_rows: int, consumed: SeqSet, rank: int, world: int) -> SeqSet:
+    """The rows of an epoch of `total_rows` rows that worker `rank` of `world` reads: the rows not `consumed`, in
+    plan order, cut into `world` runs of consecutive rows whose sizes differ by at most one (the first
+    remaining % world runs are one row longer). Every row not consumed is in exactly one part, so a resumed epoch
+    shares out what is left evenly, whatever the world size was when the rows were consumed. Consecutive rows
+    keep each worker on its own shards, but for the shards at the runs' edges."""
+    for name, value, low in (("world", world, 1), ("rank", rank, 0), ("total_rows", total_rows, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"plan_part: {name} must be an int >= {low}, got {value!r}")
+    if rank >= world:
+        raise ValueError(f"plan_part: rank {rank} is not a worker of a world of {world}")
+    left = consumed.gaps(0, total_rows)
+    base, longer = divmod(sum(b - a for a, b in left), world)
+    first = rank * base + min(rank, longer)  # this part's place among the rows left
+    last = first + base + (1 if rank < longer else 0)
+    part, pos = SeqSet(), 0  # pos: rows left before the interval (a, b)
+    for a, b in left:
+        part.add(a + max(0, first - pos), a + min(b - a, last - pos))
+        pos += b - a
+    return part
+
+
 # =============================================================================================================
 # Reading
 

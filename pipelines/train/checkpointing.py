@@ -2,9 +2,10 @@
 
 A checkpoint (rank 0 writes it) holds the model, optimizer, scheduler, EMA, grad scaler, step, epoch, every
 rank's RNG state, and the data position: the `ResumeState`s of all workers merged (rows any worker consumed).
-Every restart (a worker failure inside a fit, or the job rerun with the same name) continues from it: the
-dataset's source skips the consumed rows, and the workers skip them too (the rows of a Dataset built before the
-state was known). So a resumed run continues mid-epoch where it stopped, and its loss curve continues.
+Every restart (a worker failure inside a fit, or the job rerun with the same name) continues from it: every
+worker's Dataset source skips the consumed rows and reads its part of the rest (`pipelines.data.source.plan_part`,
+the rows left shared out anew, whatever the world size was), and the consumer skips them too. So a resumed run
+continues mid-epoch where it stopped, and its loss curve continues.
 
 Beside the state (`train_state.pt`) each checkpoint has a summary (`train_state.json`: epoch, step, whether the
 epoch was done, its metrics; our file, not Ray's internal snapshot) and the bundle of the weights published at

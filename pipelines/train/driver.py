@@ -2,28 +2,29 @@
 
     outcome = train(load_config(TrainConfig, "configs/finetune/vqa.yaml", overrides))
 
-Epochs meet Ray Train like this (the decision, made once, in `fit_plan`):
+All the epochs a call has left train in one `TorchTrainer.fit()` (under `run.name` + `run.storage_path`),
+with one worker or several. Each worker builds each epoch's Datasets itself, from the same seeded plan and the
+checkpoint's data position, and reads its own part of the epoch (`pipelines.train.worker`; the parts:
+`pipelines.data.source.plan_part`), so no Dataset comes from the driver and nothing ties a fit to an epoch.
+Before, several workers ran one fit per epoch: Ray Train takes a fit's datasets once, and the driver's Dataset
+(one epoch's seeded shard order) was split across the workers (`streaming_split`). Each such fit started a
+worker group, rebuilt the model and read the checkpoint again in every worker (for ofa-base, 3-4 GB a worker
+at every epoch boundary). Measured on the 2-core machine, a 2-worker x 1-CPU easy-VQA fine-tune (ofa-micro,
+4 steps an epoch, 16 validation rows, about 1 s of validation), timed from MLflow's per-step timestamps on a
+busy machine: 28-46 s from one epoch's last step to the next one's first with a fit per epoch (six epoch
+boundaries, two runs), 6.7-8.2 s in one fit; the 16 steps took 161-224 s of `train()` against 68 s.
 
-* Several workers: one `TorchTrainer.fit()` per epoch, all under the same run (`run.name` +
-  `run.storage_path`). Ray Train takes its datasets once per fit, and one `build_dataset(..., epoch=e)` is one
-  epoch with its own seeded shard order, so each fit gets the epoch's Datasets, split across the workers
-  (`streaming_split`). Each fit finds the run's snapshot in storage, so `ray.train.get_checkpoint()` is the
-  latest checkpoint of the run and the best-N bookkeeping (`CheckpointConfig`) spans epochs. A fit costs a
-  worker-group start, small against real epochs.
-* One worker: one fit for all the remaining epochs. The worker builds and runs each epoch's Datasets itself
-  (the same `build_dataset`, from the checkpoint's data position), which spares the run a SplitCoordinator per
-  dataset and Ray Train's dataset manager per epoch, and a worker-group start and model build per epoch
-  (process starts of seconds of CPU each: ~20 s an epoch on 2 cores).
-* The driver finds where a run stands from the newest `train_state.json` among the run's checkpoint
-  directories (`pipelines.train.checkpointing`), and starts at that epoch.
+The driver finds where a run stands from the newest `train_state.json` among the run's checkpoint directories
+(`pipelines.train.checkpointing`); a run whose epochs are all done is not fitted again, only finished. Inside the
+fit, a restarted worker group finds the latest checkpoint itself, mid-epoch included.
 
 Before anything starts, the driver reads the answer and label files (`pipelines.train.setup.with_answer_sets`)
 and folds the init bundle's preprocessing and custom tasks into the config (`with_init_bundle`); the workers get
 that config. It refuses corpora of image codes made by another image tokenizer or at another code_image_size than
 the run's (`check_code_corpora`, from the corpora's manifests and the tokenizers' config.json, no weights loaded).
 It also reads, once, the negative pools of the derived tasks that draw negatives
-(`pipelines.data.dataset.negative_pools`, a pass over the source rows), which every fit's Datasets get, whether
-the driver or the worker builds them. The worker loop is
+(`pipelines.data.dataset.negative_pools`, a pass over the source rows), which every Dataset the workers build
+gets. The worker loop is
 `pipelines.train.worker`. At the end the driver logs the best bundle as an artifact and registers it; the
 `champion` alias moves only on improvement (`pipelines.tracking.registry`).
 """
@@ -44,15 +45,13 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import ray
-import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from ofa_model.config_files import flatten, to_dict
 from ofa_model.evaluation import primary_metric
-from ofa_model.vocab import Vocabulary
 from pipelines import storage
-from pipelines.data.dataset import build_dataset, corpora, data_fingerprint, negative_pools, read_manifests
+from pipelines.data.dataset import data_fingerprint, negative_pools, read_manifests
 from pipelines.job_env import job_tracking_uri
 from pipelines.tracking.registry import promote_if_better, register_bundle
 from pipelines.tracking.runs import MetricLogger, end_run, patiently, run_key, start_or_resume_run
@@ -60,7 +59,6 @@ from pipelines.train.checkpointing import BUNDLE_DIR, epoch_started, latest_stat
 from pipelines.train.setup import (
     check_code_corpora,
     run_code_image_size,
-    run_vocab,
     task_specs,
     with_answer_sets,
     with_init_bundle,
@@ -84,27 +82,10 @@ class TrainOutcome:
     champion: bool = False
 
 
-@dataclass(frozen=True)
-class Fit:
-    """One `TorchTrainer.fit()`: epochs `first` up to `end` (exclusive); `shared_data`: the driver builds the
-    epoch's Datasets and Ray Train splits them across the workers, else the one worker builds its own."""
-
-    first: int
-    end: int
-    shared_data: bool
-
-
-def fit_plan(cfg: TrainConfig, start: int) -> list[Fit]:
-    """The fits that train epochs `start` to `cfg.epochs` (see the module docstring)."""
-    if cfg.scaling.num_workers == 1:
-        return [Fit(start, cfg.epochs, False)] if start < cfg.epochs else []
-    return [Fit(epoch, epoch + 1, True) for epoch in range(start, cfg.epochs)]
-
-
 def train(cfg: TrainConfig, *, output_dir: str | Path | None = None,
           callbacks: Sequence[Any] = ()) -> TrainOutcome:
     """Run (or continue) the training run `cfg.run.name` to `cfg.epochs` epochs; see the module docstring.
-    `callbacks`: Ray Train `UserCallback`s for every fit (Tune's report channel: `tune.trial`)."""
+    `callbacks`: Ray Train `UserCallback`s of the fit (Tune's report channel: `tune.trial`)."""
     deadline = None if cfg.run.time_budget_s is None else time.time() + cfg.run.time_budget_s
     task_specs(cfg)  # fails on bad task names before anything starts
     cfg = with_answer_sets(cfg)  # answer and label files, read once: the workers get the answers
@@ -116,11 +97,10 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None,
     cfg = with_init_bundle(cfg)
     code_image_size = run_code_image_size(cfg)
     specs = task_specs(cfg, code_image_size)
-    vocab = run_vocab(cfg)
     manifests = read_manifests(cfg.data, cfg.mixture)
     check_code_corpora(cfg, manifests, specs, code_image_size)
     fingerprint = data_fingerprint(manifests)
-    pools = negative_pools(cfg.data, cfg.mixture)  # read once: every fit's Datasets, here or in the workers
+    pools = negative_pools(cfg.data, cfg.mixture)  # read once: every Dataset the workers build
     metric, mode = primary_metric(specs[cfg.task])
     run_id = patiently(lambda: start_or_resume_run(
         cfg.tracking.tracking_uri, cfg.tracking.experiment, name=cfg.run.name,
@@ -134,11 +114,10 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None,
             logger.info("run %s: continuing from its checkpoint at epoch %d, step %d (%s)", cfg.run.name,
                         summary["epoch"] + 1, summary["step"], "epoch done" if summary["epoch_done"] else
                         "mid-epoch")
-        result = None
-        for fit in fit_plan(cfg, epoch_started(summary)):
-            logger.info("run %s: epoch%s %s of %d", cfg.run.name, "s" if fit.end - fit.first > 1 else "",
-                        f"{fit.first + 1}-{fit.end}" if fit.end - fit.first > 1 else fit.first + 1, cfg.epochs)
-            trainer = _trainer(cfg, fit, vocab, specs, metric, mode, callbacks,
+        result, start = None, epoch_started(summary)
+        if start < cfg.epochs:
+            logger.info("run %s: epochs %d-%d of %d in one fit", cfg.run.name, start + 1, cfg.epochs, cfg.epochs)
+            trainer = _trainer(cfg, metric, mode, callbacks,
                                {"mlflow_run_id": run_id, "data_fingerprint": fingerprint, "negative_pools": pools,
                                 "deadline": deadline})
             result = trainer.fit()
@@ -147,7 +126,6 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None,
             if (result.metrics or {}).get("train/stopped_by_budget"):
                 logger.info("run %s: stopped by run.time_budget_s=%g after epoch %d of %d", cfg.run.name,
                             cfg.run.time_budget_s, int(result.metrics.get("epoch", 0)) + 1, cfg.epochs)
-                break
         outcome = _finish(cfg, run_id, result, metric, mode, output_dir)
         ok = True
         return outcome
@@ -160,19 +138,13 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None,
             logger.exception("run %s: its MLflow status could not be set to FAILED", cfg.run.name)
 
 
-def _trainer(cfg: TrainConfig, fit: Fit, vocab: Vocabulary, specs, metric: str, mode: str,
-             callbacks: Sequence[Any], run_info: dict[str, str]) -> TorchTrainer:
-    """The TorchTrainer of one fit; `run_info`: the MLflow run id, the data fingerprint and the derived tasks'
-    negative pools (`negative_pools`), read once, in `train`."""
-    datasets = None
-    if fit.shared_data:
-        pools = run_info["negative_pools"]
-        datasets = {name: build_dataset(c, vocab, train=True, epoch=fit.first, specs=specs, pool=pools.get(name))
-                    for name, c in corpora(cfg.data, cfg.mixture).items()}
+def _trainer(cfg: TrainConfig, metric: str, mode: str, callbacks: Sequence[Any],
+             run_info: dict[str, Any]) -> TorchTrainer:
+    """The run's TorchTrainer (no datasets: the workers build theirs); `run_info`: the MLflow run id, the data
+    fingerprint and the derived tasks' negative pools (`negative_pools`), read once, in `train`."""
     return TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": to_dict(cfg), "epoch": fit.first, "end_epoch": fit.end,
-                           "shared_data": fit.shared_data, **run_info},
+        train_loop_config={"cfg": to_dict(cfg), **run_info},
         scaling_config=_scaling(cfg),
         run_config=RunConfig(
             name=cfg.run.name, storage_path=cfg.run.storage_path, callbacks=list(callbacks),
@@ -180,8 +152,6 @@ def _trainer(cfg: TrainConfig, fit: Fit, vocab: Vocabulary, specs, metric: str, 
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
                                                checkpoint_score_attribute=f"val/{metric}",
                                                checkpoint_score_order=mode)),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
     )
 
 

@@ -36,13 +36,7 @@ import pyarrow.fs as pafs
 from ofa_model import OFAModel
 from ofa_model.answer_sets import MAX_FILE_BYTES, AnswerSetError, parse_answer_set
 from ofa_model.architecture import OFAConfig
-from ofa_model.bundle import (
-    bundle_tokenizer_dir,
-    check_image_tokenizer,
-    load_bundle,
-    load_bundle_vocab,
-    read_bundle_config,
-)
+from ofa_model.bundle import bundle_tokenizer_dir, check_image_tokenizer, load_bundle, read_bundle_config
 from ofa_model.config_files import build, to_dict
 from ofa_model.errors import ConfigError
 from ofa_model.instructions import parse_instruction
@@ -278,10 +272,3 @@ def build_setup(cfg: TrainConfig) -> Setup:
         tokenizer = load_tokenizer(path)
         check_image_tokenizer(tokenizer.config, vocab, model.config, f"model.image_tokenizer {path}")
     return Setup(model, vocab, task_specs(cfg, model.config.code_image_size), init, tokenizer)
-
-
-def run_vocab(cfg: TrainConfig) -> Vocabulary:
-    """The vocabulary the run trains with (the init bundle's, read without building its model)."""
-    if cfg.model.init:
-        return load_bundle_vocab(_init_bundle(cfg))
-    return Vocabulary.gpt2()

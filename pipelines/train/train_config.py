@@ -133,7 +133,7 @@ class ScalingSection:
 class RunSection:
     """name: identifies the run: rerunning with the same name (and storage_path) continues it from its latest
     checkpoint. storage_path: local directory or s3:// prefix for checkpoints. max_failures: worker-group
-    restarts after a failure, per fit (per epoch with several workers, per run with one; pipelines.train.driver).
+    restarts after a failure, per fit (one fit trains all the epochs a call has left; pipelines.train.driver).
     keep_checkpoints: the best N by the validation metric (the latest is kept too).
     checkpoint_every_steps: also checkpoint mid-epoch (0: at epoch ends only). precision (training and the
     validation through the predictor alike; `ofa_model.precision`): "auto" is bf16 autocast where the hardware runs

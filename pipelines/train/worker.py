@@ -5,13 +5,19 @@
 A step is `forward_loss` on each of `optim.grad_accum` micro-batches, then `optimizer_step`
 (`pipelines.train.step`); `_train_epoch` shows a whole epoch on one screen.
 
-* Data: a one-worker run builds each epoch's Datasets itself, from the checkpoint's data position; workers of a
-  several-worker run read the shards Ray Train split from the Dataset the driver built for the fit
-  (`loop_config["shared_data"]`, decided by the driver). Both through `pipelines.data.dataset.epoch_batches`.
-* Workers end an epoch together: each step all-reduces "I have a batch"; when one worker's share runs out the
-  others stop too (at most one batch per worker of rows dropped at the end, as drop_last would). Bad-row
-  statistics of all workers are gathered at the end of an epoch (and every 100 steps for the early check), so
-  the bad-row rule is global: no worker fails alone and leaves the others waiting.
+* Data: every worker builds each epoch's Datasets itself (`pipelines.data.dataset.epoch_batches`), from the
+  same seeded plan and the checkpoint's data position, and reads its part of it: rank r of `world` reads the r-th
+  of `world` equal runs of the rows not yet consumed (`pipelines.data.source.plan_part`), so the ranks' rows
+  are disjoint and together the epoch's. No Dataset crosses the fit's boundary, so one fit trains every epoch
+  (`pipelines.train.driver`).
+* Workers run the same number of steps: the parts differ by at most a row per corpus, so they hold the same
+  number of batches up to one, and a mixture's parts run out of the same source at about the same slot; the
+  count itself is not fixed from the plan, since bad rows are found only when read. Each micro-batch all-reduces
+  "I have a batch", and when one worker's part runs out the others stop too (at most one batch per worker of
+  rows dropped at the end, as drop_last would). Bad-row statistics of all workers are gathered at the end of an
+  epoch (and every 100 steps for the early check), so the bad-row rule is global: no worker fails alone and
+  leaves the others waiting. A checkpoint's data position is the rows any worker consumed
+  (`checkpointing.merge_positions`); a restart shares out the rest anew, whatever the world size was.
 * Validation after every epoch is sharded: every rank predicts every `world`-th row of the validation rows
   through `OFAPredictor` (EMA weights when enabled), in the training's precision and memory format; rank 0
   gathers the prediction records, puts them back in row order and scores them all together, so the corpus
@@ -95,7 +101,6 @@ class Run:
     setup: Setup
     worker: Worker
     per_epoch: int  # optimizer updates in an epoch (the schedule and the ETA)
-    shared_data: bool  # the workers read the driver's Dataset (several workers), else build their own
     fingerprint: str  # the data's, recorded in every bundle
     pools: dict[str, tuple[str, ...]]  # the derived tasks' negative pools by corpus (the driver's, read once)
     scst: tuple | None  # self-critical training's references and CIDEr-D (`scst_setup`), read once
@@ -105,22 +110,18 @@ class Run:
 
 
 def train_loop(loop_config: dict) -> None:
-    """The Ray Train worker function: trains epochs `loop_config["epoch"]` up to `loop_config["end_epoch"]`
-    (exclusive) from the run's latest checkpoint, which a restart finds further on."""
+    """The Ray Train worker function: trains the run's epochs up to `cfg.epochs` from its latest checkpoint,
+    which a restart finds further on."""
     cfg = build(TrainConfig, loop_config["cfg"], "train_loop_config")
-    first, end = int(loop_config["epoch"]), int(loop_config["end_epoch"])
-    shared = bool(loop_config["shared_data"])
-    if shared and end - first > 1:
-        raise ValueError(f"epochs {first + 1}-{end} in one fit: workers sharing the driver's Dataset run one fit "
-                         "per epoch")
+    end = cfg.epochs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_flush_denormal(True)  # denormal activations slow CPU matmuls after some updates (bench/model.py)
     torch.set_num_threads(cfg.scaling.threads)  # the CPUs this worker reserved, not every core of the node
     state = resume_state(cfg)
-    start = max(first, epoch_started(state))
+    start = epoch_started(state)
     if start >= end:
-        logger.info("epochs %d-%d are already done (checkpoint at epoch %d, step %d)", first + 1, end,
-                    state["epoch"] + 1, state["step"])
+        logger.info("all %d epochs are done (checkpoint at epoch %d, step %d)", end, state["epoch"] + 1,
+                    state["step"])
         ray.train.report({"epoch": end - 1, "step": state["step"], **state["metrics"], "epoch_done": False})
         return
     worker = _join(cfg, loop_config["mlflow_run_id"])
@@ -134,7 +135,7 @@ def train_loop(loop_config: dict) -> None:
         plans = _plans(cfg, start, manifests)
         per_epoch = steps_per_epoch(cfg, {n: p.info.total_rows for n, p in plans.items()}, worker.world)
         learner, frozen = _learner(cfg, setup, worker, state, per_epoch * cfg.epochs)
-        run = Run(cfg, setup, worker, per_epoch, shared, loop_config["data_fingerprint"],
+        run = Run(cfg, setup, worker, per_epoch, loop_config["data_fingerprint"],
                   loop_config["negative_pools"], scst_setup(cfg) if cfg.scst.enabled else None,
                   loop_config.get("deadline"), _validation_split_rows(cfg, manifests))
         if worker.rank == 0:
@@ -263,11 +264,11 @@ def _validation_split_rows(cfg: TrainConfig, manifests: Mapping[str, Manifest]) 
 
 
 def _batches(run: Run, plans: Mapping[str, EpochPlan], resume) -> BatchIterator:
-    """This worker's batches of the epoch; the bad-row rule is applied across workers (`_bad_row_rule`)."""
+    """This worker's part of the epoch's batches; the bad-row rule is applied across workers (`_bad_row_rule`)."""
     cfg = run.cfg
-    shards = {n: ray.train.get_dataset_shard(n) for n in plans} if run.shared_data else None
-    return epoch_batches(cfg.data, run.setup.vocab, train=True, mixture=cfg.mixture, plans=plans, shards=shards,
-                         resume=resume, specs=run.setup.specs, options=ConsumerOptions.of(cfg.data).without_rule(),
+    return epoch_batches(cfg.data, run.setup.vocab, train=True, mixture=cfg.mixture, plans=plans,
+                         part=(run.worker.rank, run.worker.world), resume=resume, specs=run.setup.specs,
+                         options=ConsumerOptions.of(cfg.data).without_rule(),
                          pools=run.pools,
                          # row ids: the rewards need each row's references; a mixture, each row's task
                          with_meta=bool(cfg.scst.enabled or cfg.mixture))
