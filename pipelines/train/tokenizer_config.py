@@ -77,14 +77,15 @@ class TokenizerDataSection:
 @config_dataclass
 class TokenizerOptimSection:
     """Adam(W) on every weight (the discriminator's has its own, with the same settings); the rate warms up
-    linearly over `warmup_ratio` of the steps, then decays polynomially (`power` 1: linearly) to `end_lr`.
-    clip_norm: max gradient norm (0: off)."""
+    linearly over `warmup_ratio` of the steps (or `warmup_updates` steps when set), then decays polynomially
+    (`power` 1: linearly) to `end_lr`. clip_norm: max gradient norm (0: off)."""
 
     lr: Annotated[float, Field(ge=1e-12, le=10.0)] = 1e-3
     betas: tuple[Beta, Beta] = (0.5, 0.9)
     eps: Annotated[float, Field(ge=1e-16, le=1.0)] = 1e-8
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     warmup_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.02
+    warmup_updates: Annotated[int, Field(ge=0, le=10**9)] | None = None
     end_lr: Annotated[float, Field(ge=0.0)] = 0.0
     power: Annotated[float, Field(ge=0.1, le=10.0)] = 1.0
     clip_norm: Annotated[float, Field(ge=0.0, le=1e6)] = 1.0
