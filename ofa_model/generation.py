@@ -431,7 +431,6 @@ def score_candidates(model, encoder_out: EncoderOut, candidates: Sequence[Sequen
     prefixes = [list(p) for p in prefix_tokens] if prefix_tokens is not None else [[] for _ in candidates]
     tries = [PrefixTrie(c, ids.eos) for c in candidates] if restrict_to_candidates else None
     dev = encoder_out.hidden.device
-    decoder = model.decoder
     out: list[list[float]] = [[0.0] * len(c) for c in candidates]
     by_length: dict[int, list[int]] = {}
     for i, cands in enumerate(candidates):
@@ -449,13 +448,13 @@ def score_candidates(model, encoder_out: EncoderOut, candidates: Sequence[Sequen
             pairs = [(g, i, k, list(c)) for g, i in enumerate(group) for k, c in enumerate(candidates[i])]
             for plo in range(0, len(pairs), chunk_size):
                 chunk = pairs[plo:plo + chunk_size]
-                for (_, i, k, _), score in zip(chunk, _continuations(model, decoder, enc, cm, state, prefix, last,
-                                                                     chunk, tries, ids), strict=True):
+                for (_, i, k, _), score in zip(chunk, _continuations(model, enc, cm, state, prefix, last, chunk,
+                                                                     tries, ids), strict=True):
                     out[i][k] = score
     return out
 
 
-def _continuations(model, decoder, enc: EncoderOut, cm: torch.Tensor | None, state: DecoderState,
+def _continuations(model, enc: EncoderOut, cm: torch.Tensor | None, state: DecoderState,
                    prefix: torch.Tensor, last: torch.Tensor, chunk: list[tuple[int, int, int, list[int]]],
                    tries: list[PrefixTrie] | None, ids: SpecialIds) -> list[float]:
     """Scores of `chunk`'s candidates (group row g, example i, candidate k, tokens) after their group's prefix:
@@ -477,10 +476,10 @@ def _continuations(model, decoder, enc: EncoderOut, cm: torch.Tensor | None, sta
         h = first
     targets = [tok for *_, c in chunk for tok in [*c, ids.eos]]
     if tries is None:
-        logp = decoder.project(h).float().log_softmax(-1)
+        logp = model.decoder.project(h).float().log_softmax(-1)
         tok_logp = logp.gather(1, torch.tensor(targets, device=dev)[:, None]).squeeze(1)
     else:
-        tok_logp = _restricted_logp(decoder.output_projection.weight, h, [(i, c) for _, i, _, c in chunk], tries,
+        tok_logp = _restricted_logp(model.decoder.output_projection.weight, h, [(i, c) for _, i, _, c in chunk], tries,
                                     targets)
     return [float(v.sum()) for v in torch.split(tok_logp, [len(c) + 1 for *_, c in chunk])]
 
