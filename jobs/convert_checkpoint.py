@@ -52,7 +52,7 @@ ceil(size / 16) on a side and must fit the model's image_bucket_size (42, i.e. a
 """
 
 
-def _one_line(e: Exception) -> str:
+def one_line(e: Exception) -> str:
     if isinstance(e, CheckpointMismatchError):
         parts = [f"{title}: {', '.join(keys)}" for title, keys in e.problems()]
         return f"checkpoint {e.source} does not match the architecture: " + "; ".join(parts)
@@ -118,7 +118,7 @@ def _register(args: argparse.Namespace) -> dict:
                                  alias=args.alias, tracking=args.tracking_uri)
     except (MlflowException, OSError) as e:
         fail(PROG, f"the bundle is written at {args.output}, but registering it as {args.register} failed: "
-                   f"{_one_line(e)}")
+                   f"{one_line(e)}")
     return {"model_uri": reg.uri, "registered": {"name": reg.name, "version": reg.version, "alias": reg.alias,
                                                  "run_id": reg.run_id, "reused": reg.reused}}
 
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                                      dict_path=args.dict_path, gpt2_vocab=args.gpt2_vocab, use_ema=args.ema,
                                      fmt=args.format, overwrite=args.overwrite, answer_sets=_answers(args.answers))
     except (InputError, OSError) as e:
-        fail(PROG, _one_line(e))
+        fail(PROG, one_line(e))
     if args.register:
         summary.update(_register(args))
     print_json(summary)

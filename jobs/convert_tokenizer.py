@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from jobs._cli import Parser, fail, print_json, setup_logging
-from jobs.convert_checkpoint import _one_line
+from jobs.convert_checkpoint import one_line
 from ofa_model.errors import InputError
 from ofa_model.vqgan_weights import import_tokenizer
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = import_tokenizer(args.checkpoint, args.config, args.output, overwrite=args.overwrite)
     except (InputError, OSError) as e:
-        fail(PROG, _one_line(e))
+        fail(PROG, one_line(e))
     print_json(summary)
     return 0
 

@@ -42,7 +42,7 @@ from ofa_model.preprocess import PreprocessConfig
 from ofa_model.safe_load import file_kind
 from ofa_model.tasks import TASKS, TaskSpec
 from ofa_model.vocab import Vocabulary
-from ofa_model.vqgan import DOWNSAMPLE, Tokenizer, VQGANConfig, load_tokenizer, save_tokenizer
+from ofa_model.vqgan import Tokenizer, VQGANConfig, load_tokenizer, save_tokenizer
 from ofa_model.weights import TIED_KEYS, CheckpointMismatchError, dtype_mismatch, load_weights, non_finite
 
 BUNDLE_FORMAT = "ofa-ray-bundle"
@@ -170,28 +170,22 @@ def _check_answer_sets(sets, custom_tasks: Mapping[str, str], where: str) -> dic
     return out
 
 
-def check_image_tokenizer(tokenizer: VQGANConfig, vocab, config: OFAConfig, where: str) -> None:
-    """BundleError naming `where` unless the tokenizer can turn the model's codes into RGB pixels: its codebook
-    (n_embed) fits the vocabulary's code tokens, it writes 3 channels, and the model's code_image_size is a side
-    it decodes (a multiple of 8; the tokenizer is convolutional, so any such side works whatever its training
-    resolution: OFA's pretraining decodes 128 px centres with its 256 px tokenizer)."""
+def check_image_tokenizer(tokenizer: VQGANConfig, vocab, where: str) -> None:
+    """BundleError naming `where` unless the tokenizer's codebook (n_embed) fits the vocabulary's code tokens. The
+    rest is checked where each config is built: a tokenizer writes RGB (`VQGANConfig`: out_ch is 3), and the
+    model's code_image_size is a multiple of 8 (`OFAConfig`), a side any tokenizer decodes (it is convolutional:
+    OFA's pretraining decodes 128 px centres with its 256 px tokenizer)."""
     if tokenizer.n_embed > vocab.num_codes:
         raise BundleError(f"{where}: the image tokenizer {tokenizer.name!r} has {tokenizer.n_embed} codes (n_embed), "
                           f"more than the vocabulary's {vocab.num_codes} code tokens; use a tokenizer with at most "
                           f"{vocab.num_codes} codes")
-    if tokenizer.out_ch != 3:
-        raise BundleError(f"{where}: the image tokenizer {tokenizer.name!r} writes {tokenizer.out_ch} channels "
-                          "(out_ch); generated images are RGB: it must write 3")
-    if config.code_image_size % DOWNSAMPLE:
-        raise BundleError(f"{where}: the model's code_image_size {config.code_image_size} is not a multiple of "
-                          f"{DOWNSAMPLE}, so no tokenizer decodes its code grid")
 
 
 # ----------------------------------------------------------------------------------------------
 # Reading only what belongs to a bundle
 
 
-def _bundle_root(path: str | Path) -> Path:
+def bundle_root(path: str | Path) -> Path:
     p = Path(path)
     try:
         root = p.resolve(strict=True)
@@ -228,7 +222,7 @@ def _bundle_file(root: Path, name, max_bytes: int) -> Path:
     return target
 
 
-def _read_bundle_file(root: Path, name: str, max_bytes: int) -> bytes:
+def read_bundle_file(root: Path, name: str, max_bytes: int) -> bytes:
     """The bytes of a checked bundle file; re-checked on the open descriptor, read no further than the cap."""
     target = _bundle_file(root, name, max_bytes)
     fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)  # never blocks on a FIFO swapped in
@@ -241,7 +235,7 @@ def _read_bundle_file(root: Path, name: str, max_bytes: int) -> bytes:
     return data
 
 
-def _parse_json(data: bytes, where: Path) -> dict:
+def parse_json(data: bytes, where: Path) -> dict:
     def reject(constant: str):
         raise BundleError(f"{where}: {constant} is not a valid JSON number")
 
@@ -260,11 +254,11 @@ def _parse_json(data: bytes, where: Path) -> dict:
 
 def read_bundle_config(path: str | Path) -> dict:
     """A bundle's config.json, its format and top-level keys checked (the sections are checked by load_bundle)."""
-    root = _bundle_root(path)
+    root = bundle_root(path)
     where = root / CONFIG_FILE
     if not os.path.lexists(where):
         raise BundleError(f"{root} is not a model bundle: {CONFIG_FILE} missing")
-    cfg = _parse_json(_read_bundle_file(root, CONFIG_FILE, CONFIG_MAX_BYTES), where)
+    cfg = parse_json(read_bundle_file(root, CONFIG_FILE, CONFIG_MAX_BYTES), where)
     if cfg.get("format") != BUNDLE_FORMAT or cfg.get("format_version") != BUNDLE_VERSION:
         raise BundleError(f"{where}: format {cfg.get('format')!r} v{cfg.get('format_version')} is not "
                           f"{BUNDLE_FORMAT} v{BUNDLE_VERSION}")
@@ -323,7 +317,7 @@ def bundle_tokenizer_dir(path: str | Path) -> Path | None:
     """The directory of the image tokenizer that the model bundle at `path` carries (None: it carries none), from
     its config.json alone: for reading the tokenizer's config (`ofa_model.vqgan.tokenizer_digest`) without
     loading any weights."""
-    root = _bundle_root(path)
+    root = bundle_root(path)
     cfg = read_bundle_config(root)
     if "image_tokenizer" not in cfg:
         return None
@@ -334,7 +328,7 @@ def _load_image_tokenizer(root: Path, name, vocab, config: OFAConfig, where: Pat
                           device: str | torch.device) -> Tokenizer:
     """The tokenizer bundle in directory `name` of bundle `root`, checked against the vocabulary and model."""
     tokenizer = load_tokenizer(_image_tokenizer_dir(root, name, where), device)
-    check_image_tokenizer(tokenizer.config, vocab, config, str(root / IMAGE_TOKENIZER_DIR))
+    check_image_tokenizer(tokenizer.config, vocab, str(root / IMAGE_TOKENIZER_DIR))
     return tokenizer
 
 
@@ -423,7 +417,7 @@ def save_bundle(path: str | Path, model: OFAModel, vocab, *, preprocess: Preproc
     if image_tokenizer is not None and not isinstance(image_tokenizer, Tokenizer):
         image_tokenizer = load_tokenizer(image_tokenizer)
     if image_tokenizer is not None:
-        check_image_tokenizer(image_tokenizer.config, vocab, config, f"cannot save a bundle to {path}")
+        check_image_tokenizer(image_tokenizer.config, vocab, f"cannot save a bundle to {path}")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in TIED_KEYS}
     bad = non_finite(state)
     if bad:
@@ -448,7 +442,7 @@ def save_bundle(path: str | Path, model: OFAModel, vocab, *, preprocess: Preproc
     check_bundle_target(path, overwrite)
 
     def write(tmp: Path) -> None:
-        _write_weights(state, tmp / WEIGHTS_FILE)
+        write_weights(state, tmp / WEIGHTS_FILE)
         if image_tokenizer is not None:
             save_tokenizer(tmp / IMAGE_TOKENIZER_DIR, image_tokenizer.model, metadata=image_tokenizer.metadata)
         body["vocab"] = vocab.to_reference(tmp)
@@ -490,7 +484,7 @@ def write_directory(path: Path, write) -> Path:
     return path
 
 
-def _write_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+def write_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     """safetensors' save_file, with its write errors (a full disk) as the OSError they are."""
     try:
         save_file(state, str(path), metadata={"format": BUNDLE_FORMAT})
@@ -574,7 +568,7 @@ def _move_into_place(tmp: Path, path: Path) -> None:
 
 def _read_architecture(path: str | Path) -> tuple[Path, dict, Path, OFAConfig]:
     """A bundle's root, its config.json, that file's path (for errors) and its checked architecture."""
-    root = _bundle_root(path)
+    root = bundle_root(path)
     cfg = read_bundle_config(root)
     where = root / CONFIG_FILE
     try:

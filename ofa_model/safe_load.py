@@ -120,7 +120,7 @@ def _refused_global(e: Exception) -> str | None:
     return m.group(1) if "." in m.group(1) else f"builtins.{m.group(1)}"
 
 
-def _tensor_dict(obj, source: str | Path, what: str) -> dict[str, torch.Tensor]:
+def tensor_dict(obj, source: str | Path, what: str) -> dict[str, torch.Tensor]:
     """`obj` as a dict of named tensors, else CheckpointError naming the offending keys."""
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{source}: {what} is a {type(obj).__name__}, expected a dict of named tensors")
@@ -141,12 +141,12 @@ def read_fairseq_state(path: str | Path, use_ema: bool = False) -> dict[str, tor
         keys = list(ckpt)[:10] if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise CheckpointError(f"{path}: not a fairseq checkpoint (no 'model' entry; top level: {keys})")
     if not use_ema:
-        return _tensor_dict(ckpt["model"], path, "'model'")
+        return tensor_dict(ckpt["model"], path, "'model'")
     extra = ckpt.get("extra_state")
     if not isinstance(extra, Mapping):
         found = "none" if extra is None else f"a {type(extra).__name__}"
         raise CheckpointError(f"{path}: --ema requested but extra_state is {found}, not a dict holding 'ema' weights")
-    ema = _tensor_dict(extra.get("ema"), path, "extra_state['ema']")
+    ema = tensor_dict(extra.get("ema"), path, "extra_state['ema']")
     if not ema:
         raise CheckpointError(f"{path}: --ema requested but extra_state['ema'] holds no weights")
     return ema
@@ -168,6 +168,6 @@ def read_state_file(path: str | Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from e
     obj = safe_torch_load(path)
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
-        return _tensor_dict(obj["model"], path, "'model'")
-    return _tensor_dict(obj, path, "the state dict")
+        return tensor_dict(obj["model"], path, "'model'")
+    return tensor_dict(obj, path, "the state dict")
 

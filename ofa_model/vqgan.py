@@ -426,7 +426,7 @@ def save_tokenizer(path: str | Path, model: VQGAN, *, metadata: Mapping | None =
                    overwrite: bool = False) -> Path:
     """Write `model` as a tokenizer bundle (config.json + model.safetensors), atomically, like `save_bundle`;
     config.json records the weights' `weights_digest` (`DIGEST_KEY`)."""
-    from ofa_model.bundle import BundleError, _write_weights, write_directory
+    from ofa_model.bundle import CONFIG_FILE, WEIGHTS_FILE, BundleError, write_directory, write_weights
     from ofa_model.weights import non_finite
 
     path = Path(path)
@@ -443,15 +443,15 @@ def save_tokenizer(path: str | Path, model: VQGAN, *, metadata: Mapping | None =
     _check_target(path, overwrite)
 
     def write(tmp: Path) -> None:
-        _write_weights(state, tmp / "model.safetensors")
-        (tmp / "config.json").write_text(text)
+        write_weights(state, tmp / WEIGHTS_FILE)
+        (tmp / CONFIG_FILE).write_text(text)
 
     return write_directory(path, write)
 
 
 def _check_target(path: Path, overwrite: bool) -> None:
     """BundleError unless `path` is absent, empty, or (with `overwrite`) a tokenizer bundle holding only its files."""
-    from ofa_model.bundle import BundleError
+    from ofa_model.bundle import CONFIG_FILE, WEIGHTS_FILE, BundleError
 
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise BundleError(f"{path} is a symbolic link or not a directory; write the tokenizer to a directory path")
@@ -460,12 +460,9 @@ def _check_target(path: Path, overwrite: bool) -> None:
     if not overwrite:
         raise BundleError(f"{path} is not empty; pass overwrite=True (--overwrite) to replace the tokenizer there")
     read_tokenizer_config(path)  # a BundleError unless it is a tokenizer
-    foreign = sorted(p.name for p in path.iterdir() if p.name not in _FILES)
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in (CONFIG_FILE, WEIGHTS_FILE))
     if foreign:
         raise BundleError(f"{path} holds files that are not part of its tokenizer bundle: {foreign}; refusing")
-
-
-_FILES = ("config.json", "model.safetensors")
 
 
 @dataclass(frozen=True)
@@ -495,11 +492,18 @@ class Tokenizer:
 def read_tokenizer_config(path: str | Path) -> tuple[Path, dict, VQGANConfig]:
     """A tokenizer bundle's root, its checked config.json and architecture, without building the model (or reading
     its weights). config.json's `DIGEST_KEY`, when there, is 64 lowercase hex digits."""
-    from ofa_model.bundle import CONFIG_MAX_BYTES, BundleError, _bundle_root, _parse_json, _read_bundle_file
+    from ofa_model.bundle import (
+        CONFIG_FILE,
+        CONFIG_MAX_BYTES,
+        BundleError,
+        bundle_root,
+        parse_json,
+        read_bundle_file,
+    )
 
-    root = _bundle_root(path)
-    where = root / "config.json"
-    cfg = _parse_json(_read_bundle_file(root, "config.json", CONFIG_MAX_BYTES), where)
+    root = bundle_root(path)
+    where = root / CONFIG_FILE
+    cfg = parse_json(read_bundle_file(root, CONFIG_FILE, CONFIG_MAX_BYTES), where)
     if cfg.get("format") != TOKENIZER_FORMAT:
         raise BundleError(f"{where}: format is {cfg.get('format')!r}, not an image tokenizer ({TOKENIZER_FORMAT!r})")
     if cfg.get("format_version") != TOKENIZER_VERSION:

@@ -25,7 +25,7 @@ import torch
 
 from ofa_model.config_files import read_yaml
 from ofa_model.errors import ConfigError
-from ofa_model.safe_load import _tensor_dict, regular_input, safe_torch_load
+from ofa_model.safe_load import regular_input, safe_torch_load, tensor_dict
 from ofa_model.vqgan import VQGAN, VQGAN_SIZES, VQGANConfig, save_tokenizer
 from ofa_model.weights import CheckpointError, CheckpointMismatchError, dtype_mismatch, non_finite
 
@@ -145,7 +145,7 @@ def read_lightning_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
         top = sorted(map(str, ckpt))[:10] if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise CheckpointError(f"{path}: not a PyTorch Lightning checkpoint (no 'state_dict' entry; top level: {top})")
     info = {k: ckpt[k] for k in ("epoch", "global_step") if type(ckpt.get(k)) is int}
-    return _tensor_dict(ckpt["state_dict"], path, "'state_dict'"), info
+    return tensor_dict(ckpt["state_dict"], path, "'state_dict'"), info
 
 
 def map_gumbelvq_state(sd: Mapping[str, torch.Tensor], model: VQGAN,

@@ -270,5 +270,5 @@ def build_setup(cfg: TrainConfig) -> Setup:
     if cfg.model.image_tokenizer:
         path = resolve_model(cfg.model.image_tokenizer, tracking=cfg.tracking.tracking_uri, s3=cfg.data.s3).path
         tokenizer = load_tokenizer(path)
-        check_image_tokenizer(tokenizer.config, vocab, model.config, f"model.image_tokenizer {path}")
+        check_image_tokenizer(tokenizer.config, vocab, f"model.image_tokenizer {path}")
     return Setup(model, vocab, task_specs(cfg, model.config.code_image_size), init, tokenizer)

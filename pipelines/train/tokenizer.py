@@ -70,7 +70,7 @@ from pipelines.train.discriminator import PatchDiscriminator, hinge_d_loss, hing
 from pipelines.train.driver import _scaling
 from pipelines.train.optim import build_optimizer, build_scheduler
 from pipelines.train.tokenizer_config import TokenizerTrainConfig
-from pipelines.train.worker import _delivered
+from pipelines.train.worker import metrics_delivered
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ def tokenizer_loop(loop_config: dict) -> None:
     mlflow = MetricLogger(cfg.tracking.tracking_uri, run_id, background=True,
                           deadline_s=cfg.tracking.server_wait_s) if rank == 0 else None
     every_s = cfg.tracking.system_metrics_every_s if rank == 0 else 0
-    with _delivered(mlflow), system_metrics(cfg.tracking.tracking_uri, run_id, every_s):
+    with metrics_delivered(mlflow), system_metrics(cfg.tracking.tracking_uri, run_id, every_s):
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
         raw = VQGAN(cfg.model.architecture()).to(device)
         model = ray.train.torch.prepare_model(raw)

@@ -127,7 +127,7 @@ def train_loop(loop_config: dict) -> None:
     worker = _join(cfg, loop_config["mlflow_run_id"])
     # rank 0 samples its machine for MLflow (system/...), from the model's setup to the fit's end; its metrics
     # go in the background, and the fit's end waits for them (up to tracking.server_wait_s, then warns)
-    with _delivered(worker.mlflow), system_metrics(cfg.tracking.tracking_uri, loop_config["mlflow_run_id"],
+    with metrics_delivered(worker.mlflow), system_metrics(cfg.tracking.tracking_uri, loop_config["mlflow_run_id"],
                                                    cfg.tracking.system_metrics_every_s if worker.rank == 0 else 0):
         torch.manual_seed(cfg.seed)
         setup = build_setup(cfg)
@@ -171,7 +171,7 @@ def _join(cfg: TrainConfig, mlflow_run_id: str) -> Worker:
 
 
 @contextlib.contextmanager
-def _delivered(mlflow: MetricLogger | None) -> Iterator[None]:
+def metrics_delivered(mlflow: MetricLogger | None) -> Iterator[None]:
     """Rank 0's buffered metrics sent as the block ends: waiting for the server when it ends well, at once
     (what is left counted as dropped) when it raises."""
     try:
