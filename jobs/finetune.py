@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG, doc: str = __doc__,
     from ofa_model.config_files import load_config
     from ofa_model.errors import ConfigError, InputError
     from pipelines.job_env import job_env
-    from pipelines.train import train
+    from pipelines.train import CheckpointStorageError, train
     from pipelines.train.setup import with_answer_sets
     from pipelines.train.train_config import TrainConfig
 
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None, *, prog: str = PROG, doc: str = __doc__,
         outcome = train(cfg)
     except ConfigError as exc:
         fail(prog, exc)
+    except CheckpointStorageError as exc:  # the store failed: the message names the run, what and where
+        fail(prog, exc, status=1)
     print_json(dataclasses.asdict(outcome))
 
 

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
@@ -149,12 +150,9 @@ def delete_file(uri: str, s3: S3Options | None = None) -> None:
         raise OSError(f"cannot delete {redact(uri)}: {redact(str(exc))}") from exc
 
 
-def list_files(uri: str, suffix: str | None = None, s3: S3Options | None = None) -> list[str]:
-    """Full URIs of the files under `uri` (recursive), sorted, optionally only names ending in `suffix`.
-
-    A `uri` that names a file gives that file alone. A missing directory or an empty S3 prefix raises
-    FileNotFoundError.
-    """
+def file_sizes(uri: str, s3: S3Options | None = None) -> dict[str, int]:
+    """Full URI -> size in bytes of every file under `uri` (recursive; a `uri` that names a file gives that file
+    alone). A missing directory or an empty S3 prefix raises FileNotFoundError."""
     fs, path = resolve(uri, s3)
     try:
         info = fs.get_file_info(path)
@@ -168,10 +166,40 @@ def list_files(uri: str, suffix: str | None = None, s3: S3Options | None = None)
         raise
     except OSError as exc:
         raise OSError(f"cannot list {redact(uri)}: {redact(str(exc))}") from exc
-    paths = [i.path for i in infos if i.type == pafs.FileType.File]
-    if suffix is not None:
-        paths = [p for p in paths if p.endswith(suffix)]
-    return sorted(_to_uri(uri, p) for p in paths)
+    return {_to_uri(uri, i.path): i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def list_files(uri: str, suffix: str | None = None, s3: S3Options | None = None) -> list[str]:
+    """Full URIs of the files under `uri` (recursive), sorted, optionally only names ending in `suffix`.
+
+    A `uri` that names a file gives that file alone. A missing directory or an empty S3 prefix raises
+    FileNotFoundError.
+    """
+    return sorted(f for f in file_sizes(uri, s3) if suffix is None or f.endswith(suffix))
+
+
+def check_copied(local_dir: str | os.PathLike, fs: pafs.FileSystem, path: str) -> None:
+    """Check that every file under the local directory `local_dir` is under `path` in `fs`, whole (at its size),
+    as after `pyarrow.fs.copy_files(local_dir, path, destination_filesystem=fs)`; OSError naming `path` and the
+    files missing or cut short, or the store's error.
+
+    Not redundant: `copy_files` to S3 can return without an error while the server is gone (pyarrow 25.0.1; the S3
+    stream's failed part uploads are only logged, "Error ignored when destroying file"). Of 10 tries that killed
+    SeaweedFS 0.05-1.2 s into a 100 MB copy of 4 files, 6 returned normally with files missing in the store; Ray
+    Train, whose checkpoint upload is that call, then recorded a checkpoint whose state and weights were not there
+    (tests/test_store_outage.py)."""
+    local = Path(local_dir)
+    want = {f.relative_to(local).as_posix(): f.stat().st_size for f in local.rglob("*") if f.is_file()}
+    base = path.rstrip("/")
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    except OSError as exc:
+        raise OSError(f"cannot list {redact(base)} to check a copy: {redact(str(exc))}") from exc
+    got = {i.path[len(base) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
+    bad = sorted(rel for rel, size in want.items() if got.get(rel) != size)
+    if bad:
+        raise OSError(f"copy of {local} to {redact(base)} incomplete: {', '.join(bad)} missing or cut short (the "
+                      f"store failed during the copy)")
 
 
 _REDACTED = "***"

@@ -54,6 +54,25 @@ def test_storage_round_trip(base_uri):
     assert storage.list_files(base_uri) == [a]
 
 
+def test_file_sizes_and_a_checked_copy_find_what_did_not_arrive_whole(base_uri, tmp_path):
+    local = tmp_path / "ckpt"
+    (local / "bundle").mkdir(parents=True)
+    (local / "state.pt").write_bytes(b"s" * 1000)
+    (local / "bundle" / "model.safetensors").write_bytes(b"w" * 300)
+    (local / "summary.json").write_text("{}")
+    dest = storage.join(base_uri, "ckpt")
+    fs, path = storage.resolve(dest)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    assert storage.file_sizes(dest) == {storage.join(dest, "state.pt"): 1000,
+                                        storage.join(dest, "bundle", "model.safetensors"): 300,
+                                        storage.join(dest, "summary.json"): 2}
+    storage.check_copied(local, fs, path)  # whole: no error
+    storage.delete_file(storage.join(dest, "bundle", "model.safetensors"))  # an upload cut short...
+    storage.write_bytes(storage.join(dest, "state.pt"), b"s" * 999)  # ...or a file written in part
+    with pytest.raises(OSError, match=r"ckpt incomplete: bundle/model.safetensors, state.pt missing or cut short"):
+        storage.check_copied(local, fs, path)
+
+
 def test_storage_errors_name_the_uri(base_uri):
     missing = storage.join(base_uri, "nope", "x.bin")
     with pytest.raises(FileNotFoundError, match="nope/x.bin"):

@@ -406,6 +406,19 @@ def test_storage_paths_are_listed_for_resume(tmp_path):
     (cut / "train_state.json").write_text(json.dumps({"epoch": 1, "step": 12, "epoch_done": True, "metrics": {}}))
     got = latest_state_summary(str(tmp_path), "r")
     assert got["step"] == 8 and got["epoch_done"] and got["path"] == storage.join(str(tmp_path), "r", "checkpoint_2")
+    # summaries that list their checkpoint's files count only when every file is there at its size
+    listed = [("checkpoint_5", 16, b"w" * 10), ("checkpoint_6", 20, b"w" * 9), ("checkpoint_7", 24, None)]
+    for name, step, weights in listed:
+        d = tmp_path / "r" / name
+        (d / "bundle").mkdir(parents=True)
+        (d / "train_state.pt").write_bytes(b"state")
+        if weights is not None:
+            (d / "bundle" / "model.safetensors").write_bytes(weights)
+        (d / "train_state.json").write_text(json.dumps({
+            "epoch": 1, "step": step, "epoch_done": False, "metrics": {},
+            "files": {"train_state.pt": 5, "bundle/model.safetensors": 10}}))
+    got = latest_state_summary(str(tmp_path), "r")  # 6: its weights cut short; 7: without weights
+    assert got["step"] == 16 and got["path"] == storage.join(str(tmp_path), "r", "checkpoint_5")
 
 
 def test_self_critical_caption_training_runs_with_cider_rewards(corpus, tmp_path, ray_cluster):

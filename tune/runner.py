@@ -333,7 +333,7 @@ def _best_bundle(plan: SweepPlan, best: TrialSummary, client) -> tuple[str, Mapp
     import pyarrow.fs as pafs
 
     from pipelines import storage
-    from pipelines.train import BUNDLE_DIR, STATE_JSON
+    from pipelines.train import BUNDLE_DIR, state_summaries
 
     run_id = best.mlflow_run_id
     with tempfile.TemporaryDirectory(prefix="sweep-bundle-") as tmp:
@@ -342,11 +342,10 @@ def _best_bundle(plan: SweepPlan, best: TrialSummary, client) -> tuple[str, Mapp
             return f"{client.get_run(run_id).info.artifact_uri}/{BUNDLE_DIR}", meta.get("metadata", {})
         run_dir = storage.join(plan.runs_path, best.run_name)
         candidates = []
-        for uri in storage.list_files(run_dir, suffix=STATE_JSON, s3=plan.base.data.s3):
-            summary = json.loads(storage.read_bytes(uri, plan.base.data.s3))
+        for summary in state_summaries(plan.runs_path, best.run_name, plan.base.data.s3):  # whole ones only
             value = summary.get("metrics", {}).get(plan.metric)
             if summary.get("epoch_done") and value is not None:
-                candidates.append((value, uri.rsplit("/", 1)[0]))
+                candidates.append((value, summary["path"]))
         if not candidates:
             raise SweepError(f"sweep {plan.cfg.name}: no finished-epoch checkpoint with {plan.metric} under {run_dir}")
         _, ckpt = (max if plan.mode == "max" else min)(candidates)

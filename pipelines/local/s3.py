@@ -111,15 +111,21 @@ def _bucket_ready(endpoint: str) -> bool:
         return False
 
 
-def start_weed(workdir: Path, detach: bool = False) -> tuple[subprocess.Popen, S3Server]:
+def start_weed(workdir: Path, detach: bool = False,
+               data_dir: Path | None = None) -> tuple[subprocess.Popen, S3Server]:
     """Start `weed mini` with its data and log under `workdir` and wait until the bucket is listed.
     detach: in a session of its own, so it outlives this process and a Ctrl-C in its terminal (`make demo --keep`).
+    data_dir: the data of a server stopped before (a restart: it serves what that one stored, on new ports);
+    default a new `workdir/data`.
 
     RuntimeError (with the log's tail) if it exits or is not ready within START_TIMEOUT_S.
     """
     ports = dict(zip(_WEED_PORT_FLAGS, free_ports(len(_WEED_PORT_FLAGS)), strict=True))
-    data_dir = workdir / "data"
-    data_dir.mkdir(parents=True)
+    if data_dir is None:
+        data_dir = workdir / "data"
+        data_dir.mkdir(parents=True)
+    else:
+        workdir.mkdir(parents=True)
     log_path = workdir / "weed.log"
     args = [
         weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -146,12 +152,13 @@ def start_weed(workdir: Path, detach: bool = False) -> tuple[subprocess.Popen, S
     raise RuntimeError(f"weed mini {state} after start (log {log_path}):\n{_log_tail(log_path)}")
 
 
-def start_weed_retrying(workdir: Path, attempts: int = 3, detach: bool = False) -> tuple[subprocess.Popen, S3Server]:
+def start_weed_retrying(workdir: Path, attempts: int = 3, detach: bool = False,
+                        data_dir: Path | None = None) -> tuple[subprocess.Popen, S3Server]:
     """`start_weed` in workdir/try<i>, retried: a free port can be taken by someone else before weed binds it."""
     errors = []
     for attempt in range(attempts):
         try:
-            return start_weed(workdir / f"try{attempt}", detach)
+            return start_weed(workdir / f"try{attempt}", detach, data_dir)
         except RuntimeError as exc:
             errors.append(str(exc))
     raise RuntimeError("SeaweedFS did not start:\n" + "\n---\n".join(errors))

@@ -20,7 +20,7 @@ from typing import Any
 _EXPORTS = {
     "train": "driver", "TrainOutcome": "driver", "task_specs": "setup", "steps_per_epoch": "worker",
     "latest_state_summary": "checkpointing", "read_state": "checkpointing", "BUNDLE_DIR": "checkpointing",
-    "STATE_JSON": "checkpointing",
+    "STATE_JSON": "checkpointing", "CheckpointStorageError": "checkpointing", "state_summaries": "checkpointing",
 }  # fmt: skip
 __all__ = sorted(_EXPORTS)
 

@@ -8,10 +8,18 @@ the rows left shared out anew, whatever the world size was), and the consumer sk
 continues mid-epoch where it stopped, and its loss curve continues.
 
 Beside the state (`train_state.pt`) each checkpoint has a summary (`train_state.json`: epoch, step, whether the
-epoch was done, its metrics; our file, not Ray's internal snapshot) and the bundle of the weights published at
-that point (`bundle/`: EMA weights when enabled, with the preprocessing it trained with, its task and custom
-tasks, its answer and label sets, the data fingerprint). The driver finds where a run stands from the newest summary among the run's
-checkpoint directories, and the sweep copies a stopped trial's best bundle from them.
+epoch was done, its metrics, and every other file of the checkpoint with its size; our file, not Ray's internal
+snapshot) and the bundle of the weights published at that point (`bundle/`: EMA weights when enabled, with the
+preprocessing it trained with, its task and custom tasks, its answer and label sets, the data fingerprint). The
+driver finds where a run stands from the newest summary among the run's checkpoint directories, and the sweep
+copies a stopped trial's best bundle from them.
+
+A checkpoint counts only when it is whole in storage. After Ray Train's upload, rank 0 checks that every file
+arrived (`storage.check_copied`: the upload can return without an error while the store is gone) before Ray
+registers the checkpoint, and `state_summaries` passes over a directory that lacks a file its summary lists (an
+upload cut short leaves one). When the store fails, the run fails with a `CheckpointStorageError` naming the run,
+the checkpoint and the cause; what the run had stored before stays, and rerunning it with the same name continues
+from there.
 """
 
 from __future__ import annotations
@@ -41,6 +49,13 @@ from pipelines.train.train_config import TrainConfig
 logger = logging.getLogger(__name__)
 
 STATE_FILE, STATE_JSON, BUNDLE_DIR = "train_state.pt", "train_state.json", "bundle"
+RERUN = ("rerun with the same run.name and run.storage_path once the store is back: the run continues from its "
+         "last whole checkpoint")
+
+
+class CheckpointStorageError(OSError):
+    """A run's checkpoints could not be written to or read from its storage (`run.storage_path`); the message
+    names the run, the checkpoint or directory, and the store's error."""
 
 
 def rng_state() -> dict:
@@ -73,8 +88,12 @@ def resume_state(cfg: TrainConfig) -> dict | None:
     state = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = read_state(d)
+        try:
+            with ckpt.as_directory() as d:
+                state = read_state(d)
+        except OSError as exc:
+            raise CheckpointStorageError(f"run {cfg.run.name}: its latest checkpoint ({ckpt.path}) could not be "
+                                         f"read to resume from: {exc}; {RERUN}") from exc
     summary = latest_state_summary(cfg.run.storage_path, cfg.run.name)
     if summary is not None and (state is None or (summary["step"], summary["epoch_done"]) >
                                 (state["step"], state["epoch_done"])):
@@ -85,27 +104,41 @@ def resume_state(cfg: TrainConfig) -> dict | None:
     return state
 
 
-def latest_state_summary(storage_path: str, name: str) -> dict | None:
-    """The newest `train_state.json` (by step) among the run's checkpoint directories that also hold their
-    `train_state.pt` (an upload cut short leaves the summary without the state), with its "path"."""
+def state_summaries(storage_path: str, name: str, s3=None) -> list[dict]:
+    """The summaries (`train_state.json`, each with its checkpoint directory as "path") of the run's checkpoints
+    that are whole in storage: every file a summary lists is there at its size (a summary written before the list
+    was kept needs its `train_state.pt`). [] for a run with nothing stored; CheckpointStorageError when the
+    storage cannot be listed or read."""
     run_dir = storage.join(storage_path, name)
     try:
-        files = storage.list_files(run_dir, suffix=STATE_JSON)
-        complete = {uri.rsplit("/", 1)[0] for uri in storage.list_files(run_dir, suffix=STATE_FILE)}
-    except (FileNotFoundError, OSError):
-        return None
-    best = None
-    for uri in files:
-        if uri.rsplit("/", 1)[0] not in complete:
-            continue
+        sizes = storage.file_sizes(run_dir, s3)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise CheckpointStorageError(f"run {name}: its checkpoints in {run_dir} could not be listed: "
+                                     f"{exc}") from exc
+    out = []
+    for uri in sorted(u for u in sizes if u.endswith("/" + STATE_JSON)):
+        path = uri.rsplit("/", 1)[0]
         try:
-            summary = json.loads(storage.read_bytes(uri))
-        except (OSError, ValueError):
-            continue  # a checkpoint being written or half deleted
-        summary["path"] = uri.rsplit("/", 1)[0]
-        if best is None or (summary["step"], summary["epoch_done"]) > (best["step"], best["epoch_done"]):
-            best = summary
-    return best
+            summary = json.loads(storage.read_bytes(uri, s3))
+        except FileNotFoundError:
+            continue  # deleted since the listing (Ray keeps `run.keep_checkpoints`)
+        except ValueError:
+            continue  # a local summary being written
+        except OSError as exc:
+            raise CheckpointStorageError(f"run {name}: the checkpoint summary {uri} could not be read: "
+                                         f"{exc}") from exc
+        files = summary.get("files", {STATE_FILE: None})
+        if all(sizes.get(f"{path}/{rel}", -1) == size if size is not None else f"{path}/{rel}" in sizes
+               for rel, size in files.items()):
+            out.append({**summary, "path": path})
+    return out
+
+
+def latest_state_summary(storage_path: str, name: str) -> dict | None:
+    """The newest (by step) of `state_summaries`, or None."""
+    return max(state_summaries(storage_path, name), key=lambda s: (s["step"], s["epoch_done"]), default=None)
 
 
 def epoch_started(state: dict | None) -> int:
@@ -138,16 +171,33 @@ def merge_positions(positions: list, mixture: bool) -> dict:
             "sources": {n: ResumeState.merge([p.sources[n] for p in positions]).to_dict() for n in names}}
 
 
-def report_checkpoint(state: dict[str, Any], metrics: dict, bundle: Any) -> None:
-    """Rank 0: write `state` (`STATE_FILE`), its summary (`STATE_JSON`) and the bundle (`bundle(path)` writes it)
-    into a checkpoint and report it with `metrics`; returns once uploaded (Ray's SYNC upload mode)."""
+def report_checkpoint(state: dict[str, Any], metrics: dict, bundle: Any, *, storage_path: str, name: str) -> None:
+    """Rank 0: write `state` (`STATE_FILE`), the bundle (`bundle(path)` writes it) and, last, the summary
+    (`STATE_JSON`, listing the other files with their sizes) into a checkpoint and report it with `metrics`.
+    Returns once the checkpoint is uploaded into the run's directory (`storage_path`/`name`) and found whole
+    there, before Ray Train registers it; CheckpointStorageError when it is not (after Ray's upload retries)."""
     with tempfile.TemporaryDirectory() as d:
         torch.save(state, Path(d) / STATE_FILE)
-        summary = {"epoch": state["epoch"], "step": state["step"], "epoch_done": state["epoch_done"],
-                   "metrics": state["metrics"]}
-        (Path(d) / STATE_JSON).write_text(json.dumps(summary, sort_keys=True))
         bundle(Path(d) / BUNDLE_DIR)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        files = {f.relative_to(d).as_posix(): f.stat().st_size for f in sorted(Path(d).rglob("*")) if f.is_file()}
+        summary = {"epoch": state["epoch"], "step": state["step"], "epoch_done": state["epoch_done"],
+                   "metrics": state["metrics"], "files": files}
+        (Path(d) / STATE_JSON).write_text(json.dumps(summary, sort_keys=True))
+        try:
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_upload_fn=_upload_checked)
+        except OSError as exc:
+            raise CheckpointStorageError(
+                f"run {name}: the checkpoint of step {state['step']} could not be stored in "
+                f"{storage.join(storage_path, name)}: {exc}. Ray Train did not record it; {RERUN}") from exc
+
+
+def _upload_checked(checkpoint: Checkpoint, dir_name: str) -> Checkpoint:
+    """Ray Train's `checkpoint_upload_fn`: its own upload (what `report` does without one), then the check that
+    every file arrived whole (`storage.check_copied`), so Ray registers only a checkpoint that is in storage. Both
+    run inside Ray's upload retries (3 attempts, 1 and 2 s apart, on the store's network errors)."""
+    persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
+    storage.check_copied(checkpoint.path, persisted.filesystem, persisted.path)
+    return persisted
 
 
 def published_weights(raw: OFAModel, ema: Ema | None) -> OFAModel:

@@ -16,7 +16,9 @@ boundaries, two runs), 6.7-8.2 s in one fit; the 16 steps took 161-224 s of `tra
 
 The driver finds where a run stands from the newest `train_state.json` among the run's checkpoint directories
 (`pipelines.train.checkpointing`); a run whose epochs are all done is not fitted again, only finished. Inside the
-fit, a restarted worker group finds the latest checkpoint itself, mid-epoch included.
+fit, a restarted worker group finds the latest checkpoint itself, mid-epoch included. A fit the object store ends
+(after Ray's upload retries and `run.max_failures` restarts) raises `CheckpointStorageError`, not Ray's
+`TrainingFailedError` with the cause in a truncated worker traceback (`_storage_failure`).
 
 Before anything starts, the driver reads the answer and label files (`pipelines.train.setup.with_answer_sets`)
 and folds the init bundle's preprocessing and custom tasks into the config (`with_init_bundle`); the workers get
@@ -45,7 +47,15 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    CheckpointConfig,
+    ControllerError,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+    TrainingFailedError,
+    WorkerGroupError,
+)
 from ray.train.torch import TorchTrainer
 
 from ofa_model.config_files import flatten, to_dict
@@ -55,7 +65,13 @@ from pipelines.data.dataset import data_fingerprint, negative_pools, read_manife
 from pipelines.job_env import job_tracking_uri
 from pipelines.tracking.registry import promote_if_better, register_bundle
 from pipelines.tracking.runs import MetricLogger, end_run, patiently, run_key, start_or_resume_run
-from pipelines.train.checkpointing import BUNDLE_DIR, epoch_started, latest_state_summary
+from pipelines.train.checkpointing import (
+    BUNDLE_DIR,
+    RERUN,
+    CheckpointStorageError,
+    epoch_started,
+    latest_state_summary,
+)
 from pipelines.train.setup import (
     check_code_corpora,
     run_code_image_size,
@@ -120,7 +136,13 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None,
             trainer = _trainer(cfg, metric, mode, callbacks,
                                {"mlflow_run_id": run_id, "data_fingerprint": fingerprint, "negative_pools": pools,
                                 "deadline": deadline})
-            result = trainer.fit()
+            try:
+                result = trainer.fit()
+            except TrainingFailedError as exc:
+                failure = _storage_failure(cfg, exc)
+                if failure is None:
+                    raise
+                raise failure from exc
             if result.error is not None:
                 raise result.error
             if (result.metrics or {}).get("train/stopped_by_budget"):
@@ -136,6 +158,19 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None,
             if ok:
                 raise
             logger.exception("run %s: its MLflow status could not be set to FAILED", cfg.run.name)
+
+
+def _storage_failure(cfg: TrainConfig, exc: TrainingFailedError) -> CheckpointStorageError | None:
+    """The storage failure that ended a fit, if that is what did: a worker's CheckpointStorageError (an upload,
+    or a restart reading the latest checkpoint), or the controller's OSError (its only I/O is the run's directory:
+    the record of the checkpoints it keeps there, the old checkpoints it deletes)."""
+    if isinstance(exc, WorkerGroupError):
+        return next((e for e in exc.worker_failures.values() if isinstance(e, CheckpointStorageError)), None)
+    if isinstance(exc, ControllerError) and isinstance(exc.controller_failure, OSError):
+        return CheckpointStorageError(
+            f"run {cfg.run.name}: Ray Train could not keep its record of the run's checkpoints in "
+            f"{storage.join(cfg.run.storage_path, cfg.run.name)}: {exc.controller_failure}; {RERUN}")
+    return None
 
 
 def _trainer(cfg: TrainConfig, metric: str, mode: str, callbacks: Sequence[Any],

@@ -347,7 +347,7 @@ def _checkpoint(run: Run, learner: Learner, batches: BatchIterator, epoch: int, 
              "data": None if done else merge_positions(positions, bool(cfg.mixture))}
     report_checkpoint(state, metrics, lambda path: save_training_bundle(
         cfg, run.setup, learner.raw, learner.ema, path, epoch=epoch, step=step, metrics=numbers,
-        fingerprint=run.fingerprint))
+        fingerprint=run.fingerprint), storage_path=cfg.run.storage_path, name=cfg.run.name)
 
 
 def _validate(run: Run, learner: Learner, *, last_epoch: bool) -> dict[str, float]:
