@@ -133,6 +133,9 @@ def test_the_data_config_loads_through_the_same_loader():
     ("optim.warmup_ratio=-0.1", "optim.warmup_ratio: Input should be greater than or equal to 0"),
     ("optim.betas=[0.9, 1.5]", "optim.betas.1: Input should be less than or equal to 0.999999"),
     ("scaling.num_workers=0", "scaling.num_workers: Input should be greater than or equal to 1"),
+    ("scaling.min_workers=0", "scaling.min_workers: Input should be greater than or equal to 1"),
+    ("scaling.resources_per_worker={slot: 0}", "scaling.resources_per_worker.slot: Input should be greater than 0"),
+    ("run.max_start_failures=-2", "run.max_start_failures: Input should be greater than or equal to -1"),
     ("scst.samples=1", "scst.samples: Input should be greater than or equal to 2"),
     ("run.name=a/b", "run.name: String should match pattern"),
     ("epochs=true", "epochs: Input should be a valid integer"),
@@ -202,6 +205,11 @@ def test_cross_field_rules_name_their_keys():
 
     with pytest.raises(ConfigError, match=r"optim.end_lr \(0.01\) must not exceed optim.lr \(5e-05\)"):
         load_config(TrainConfig, REPO / "configs/finetune/vqa.yaml", supplied(REPO / "configs/finetune/vqa.yaml", ["optim.end_lr=0.01"]))
+    vqa = REPO / "configs/finetune/vqa.yaml"
+    with pytest.raises(ConfigError, match=r"scaling.min_workers \(3\) must not exceed scaling.num_workers \(2\)"):
+        load_config(TrainConfig, vqa, supplied(vqa, ["scaling.num_workers=2", "scaling.min_workers=3"]))
+    with pytest.raises(ConfigError, match=r"scaling.resources_per_worker.CPU: CPUs and GPUs are cpus_per_worker"):
+        load_config(TrainConfig, vqa, supplied(vqa, ["scaling.resources_per_worker={CPU: 1}"]))
     with pytest.raises(ConfigError, match=r"num_actors: \(min, max\) with min <= max, got \[3, 1\]"):
         load_config(DataConfig, REPO / "configs/data.yaml", ["uri=s3://b/c", "num_actors=[3, 1]"])
     with pytest.raises(ConfigError, match=r"autoscaling.min_replicas \(4\) must not exceed autoscaling.max_replicas"):

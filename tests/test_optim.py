@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ofa_model import OFAModel, get_config
-from pipelines.train.optim import Ema, build_optimizer, build_scheduler, freeze, polynomial_lr
+from pipelines.train.optim import Ema, build_optimizer, build_scheduler, freeze, move_schedule, polynomial_lr
 from pipelines.train.train_config import OptimSection
 
 
@@ -45,6 +45,35 @@ def test_warmup_updates_replace_the_ratio_whatever_the_run_length():
             opt.step()
             sched.step()
         assert seen == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
+
+
+def test_a_schedule_moved_to_another_position_drives_the_optimizer_from_there():
+    """A run resumed with another world size: the schedule rebuilt over the new plan's updates, loaded from the
+    checkpoint and moved to the same share of the run; the rates from there are the new plan's."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    cfg = OptimSection(lr=0.1, warmup_ratio=0.1, end_lr=0.0)
+    opt = torch.optim.AdamW([p], lr=cfg.lr)
+    old = build_scheduler(opt, cfg, total_updates=10)  # 2 workers: 10 updates planned, 4 done
+    for _ in range(4):
+        opt.step()
+        old.step()
+    saved = {"optimizer": opt.state_dict(), "scheduler": old.state_dict()}
+    opt2 = torch.optim.AdamW([p], lr=cfg.lr)
+    opt2.load_state_dict(saved["optimizer"])
+    new = build_scheduler(opt2, cfg, total_updates=20)  # 1 worker: twice the updates
+    new.load_state_dict(saved["scheduler"])
+    move_schedule(new, round(new.last_epoch * 20 / 10))
+    assert new.last_epoch == 8 and new.get_last_lr() == pytest.approx([0.1 * (1 - 6 / 18)])
+    seen = []
+    for _ in range(12):
+        seen.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        new.step()
+    want = [polynomial_lr(s, total=20, warmup=2, lr=0.1, end_lr=0.0, power=1.0) for s in range(8, 20)]
+    assert seen == pytest.approx(want, abs=1e-12)
+    # the same share of the run, the same rate: where the old plan left it (warm-up 1 of 10: 0.1 * (1 - 3/9)
+    # at 4) is where the new one goes on (warm-up 2 of 20: 0.1 * (1 - 6/18) at 8)
+    assert old.get_last_lr()[0] == pytest.approx(0.1 * 6 / 9) == seen[0]
 
 
 def test_ema_follows_its_recurrence_and_round_trips():

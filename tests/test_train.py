@@ -232,6 +232,39 @@ def test_two_workers_train_every_epoch_in_one_fit_each_reading_its_part(corpus, 
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["scheduler"]["last_epoch"] == 2 * steps
 
 
+def test_a_checkpoint_of_two_workers_resumes_with_one(corpus, tmp_path, ray_cluster):
+    """Two workers train the first epoch; the run continued with one worker (as after a lost node, elastic or
+    rerun) goes on from that checkpoint: the optimizer's own step count goes on, the schedule goes on at the same
+    share of the run (one worker's epoch has twice the updates), and the one worker reads every row of the next
+    epoch. The world size is in MLflow at the fit's start and at every epoch's end."""
+    two = config(corpus, tmp_path, "shrink", max_steps_per_epoch=None, scaling={"num_workers": 2},
+                 data={"batch_size": 16}, validation={"max_rows": 4})
+    rows = read_manifest(corpus).counts["train"]["vqa"]
+    s1 = min(math.ceil(n / 16) for n in ((rows + 1) // 2, rows // 2))  # as the two-worker test above
+    first = train(two, output_dir=tmp_path / "a")
+    assert (first.epochs_done, first.step) == (1, s1)
+    saved = read_state(latest_state_summary(two.run.storage_path, "shrink")["path"])
+    assert saved["world_size"] == 2 and len(saved["rng"]) == 2 and saved["scheduler"]["last_epoch"] == s1
+
+    one = config(corpus, tmp_path, "shrink", max_steps_per_epoch=None, epochs=2, scaling={"num_workers": 1},
+                 data={"batch_size": 16}, validation={"max_rows": 4})
+    again = train(one, output_dir=tmp_path / "b")
+    s2 = math.ceil(rows / 16)  # one worker, every row, the last batch short
+    assert (again.epochs_done, again.step) == (2, s1 + s2) and again.mlflow_run_id == first.mlflow_run_id
+    state = read_state(latest_state_summary(one.run.storage_path, "shrink")["path"])
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {s1 + s2}
+    # the schedule, planned over 2 epochs: rows // 32 updates an epoch for two workers, rows // 16 for one
+    planned_two, planned_one = 2 * (rows // 32), 2 * (rows // 16)
+    assert state["scheduler"]["last_epoch"] == round(s1 * planned_one / planned_two) + s2
+    assert state["world_size"] == 1 and len(state["rng"]) == 1
+    client = _mlflow(one)
+    sizes = [(m.step, m.value) for m in sorted(client.get_metric_history(again.mlflow_run_id, "train/world_size"),
+                                                key=lambda m: (m.timestamp, m.step))]
+    assert sizes == [(0, 2.0), (s1, 2.0), (s1, 1.0), (s1 + s2, 1.0)]
+    ok = sorted((m.step, m.value) for m in client.get_metric_history(again.mlflow_run_id, "data/rows_ok"))
+    assert ok == [(s1, sum(min(n, 16 * s1) for n in ((rows + 1) // 2, rows // 2))), (s1 + s2, rows)]
+
+
 def test_a_mixture_epoch_lasts_until_its_first_source_runs_out(tmp_path):
     rows = {"vqa": 38575, "image_classification": 3837}
     mixed = config("s3://b/c", tmp_path, "m", max_steps_per_epoch=None, mixture={"vqa": 3, "image_classification": 1})

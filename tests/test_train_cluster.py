@@ -8,16 +8,20 @@ Ray on the machine, the session's `ray_cluster` and other people's included.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import os
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
 import uuid
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -38,7 +42,7 @@ from pipelines.local.services import (
 )
 from pipelines.local.services import log_tail as _tail
 from pipelines.tracking.registry import resolve_model
-from pipelines.train import train
+from pipelines.train import latest_state_summary, train
 from tests.test_train import config
 
 pytestmark = [pytest.mark.slow]
@@ -87,6 +91,8 @@ class Cluster:
     token: str
     env: dict[str, str]  # what the nodes run with: Ray's settings and the S3 credentials, nothing else
     client_env: dict[str, str]  # a submitting shell's: Ray's settings and token only, no MLflow or S3 variable
+    worker_node: subprocess.Popen | None = field(default=None, compare=False)  # `ray start --address` (a session)
+    worker_temp: Path | None = None  # the worker node's temp dir (a marker in its processes' arguments)
 
     def ray(self, *args: str, timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess:
         """The venv's `ray` CLI run from the repository root, against this cluster, with its token, from a shell
@@ -108,29 +114,53 @@ class Cluster:
         assert status == 200, f"GET {path}: {status} {body[:500]!r}"
         return json.loads(body)
 
-    def alive_nodes(self) -> set[str]:
+    def nodes(self) -> list[dict]:
         status, body = http_status(f"{self.dashboard}/api/v0/nodes?limit=100&detail=false", self.token)
-        if status != 200:
-            return set()
-        rows = json.loads(body)["data"]["result"]["result"]
-        return {r["node_id"] for r in rows if r["state"] == "ALIVE"}
+        return json.loads(body)["data"]["result"]["result"] if status == 200 else []
+
+    def alive_nodes(self) -> set[str]:
+        return {r["node_id"] for r in self.nodes() if r["state"] == "ALIVE"}
+
+    def lose_worker_node(self) -> tuple[str, float]:
+        """SIGKILL every process of the worker node (its `ray start` session: the raylet, its agents and its Ray
+        workers, which sit in process groups of their own), as a machine that is switched off; (its node id,
+        the time of the kill). Nothing outside that session is touched."""
+        assert self.worker_node is not None
+        [node] = [r["node_id"] for r in self.nodes() if r["state"] == "ALIVE" and not r["is_head_node"]]
+        at = time.time()
+        for _ in range(20):  # until nothing of the session is left (a process forking meanwhile is caught)
+            found = processes({self.worker_node.pid}, (str(self.worker_temp),))
+            if not found:
+                break
+            for pid, _ in found:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+        self.worker_node.wait(timeout=10)
+        assert not processes({self.worker_node.pid}, (str(self.worker_temp),))
+        return node, at
 
 
-def _node_args(ports: list[int], temp_dir: Path) -> list[str]:
+def _node_args(ports: list[int], temp_dir: Path, resources: dict[str, float] | None = None) -> list[str]:
     """Per-node settings: every port it opens chosen free (a second Ray on this machine, the session's or
-    someone else's, holds the defaults), workers on OS-chosen ports, a small object store, its own temp dir."""
+    someone else's, holds the defaults), workers on OS-chosen ports, a small object store, its own temp dir;
+    custom `resources` (`--resources`)."""
     node_manager, object_manager, agent_http, agent_grpc, runtime_env_agent, metrics = ports
     return ["--block", "--num-cpus=2", "--num-gpus=0",
             f"--object-store-memory={200 * 2**20}", f"--node-manager-port={node_manager}",
             f"--object-manager-port={object_manager}", f"--dashboard-agent-listen-port={agent_http}",
             f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env_agent}",
             f"--metrics-export-port={metrics}", "--min-worker-port=0", "--max-worker-port=0",
-            f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+            f"--temp-dir={temp_dir}", "--disable-usage-stats",
+            *([f"--resources={json.dumps(resources)}"] if resources else [])]
 
 
-@pytest.fixture(scope="module")
-def two_node_cluster(s3_server, tmp_path_factory) -> Iterator[Cluster]:
-    tmp_path = tmp_path_factory.mktemp("two-node")
+@contextlib.contextmanager
+def _two_nodes(s3_server, tmp_path: Path, resources: dict[str, float] | None = None,
+               **ray_env: str) -> Iterator[Cluster]:
+    """A head and a worker node (`ray start`), each with 2 CPUs and the custom `resources`, token auth on;
+    `ray_env`: more Ray settings for every node and client. Stopped by process group at the end; asserts that
+    nothing of theirs is left."""
     # The temp dir holds Ray's unix sockets (<temp>/session_<date>_<pid>/sockets/plasma_store): a pytest
     # tmp_path makes them longer than AF_UNIX allows (107 bytes), so it is a short directory under /tmp.
     temp_root = Path(tempfile.mkdtemp(prefix="ray2n-", dir="/tmp"))
@@ -143,14 +173,14 @@ def two_node_cluster(s3_server, tmp_path_factory) -> Iterator[Cluster]:
     client_env = _without_settings(venv_env(
         RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
         RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
-        RAY_DATA_DISABLE_PROGRESS_BARS="1", PYTHONUNBUFFERED="1"))
+        RAY_DATA_DISABLE_PROGRESS_BARS="1", PYTHONUNBUFFERED="1", **ray_env))
     env = {**client_env, **{k: s3_server.env()[k] for k in NODE_SECRETS}}
     cluster = Cluster(gcs=f"127.0.0.1:{gcs_port}", dashboard=f"http://127.0.0.1:{dash_port}", token=token,
                       env=env, client_env=client_env)
     ray_cli = str(VENV_BIN / "ray")
     head = spawn([ray_cli, "start", "--head", f"--port={gcs_port}", "--include-dashboard=true",
                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-                   f"--ray-client-server-port={client_port}", *_node_args(rest[:6], temp_root / "head")],
+                   f"--ray-client-server-port={client_port}", *_node_args(rest[:6], temp_root / "head", resources)],
                   env, tmp_path / "head.log")
     procs = [head]
     markers = (str(temp_root), cluster.gcs)
@@ -160,9 +190,10 @@ def two_node_cluster(s3_server, tmp_path_factory) -> Iterator[Cluster]:
             assert head.poll() is None, f"ray start --head exited:\n{_tail(tmp_path / 'head.log')}"
             assert time.monotonic() < deadline, f"head not up in 120 s:\n{_tail(tmp_path / 'head.log')}"
             time.sleep(0.5)
-        worker = spawn([ray_cli, "start", f"--address={cluster.gcs}", *_node_args(rest[6:12], temp_root / "w")],
-                        env, tmp_path / "worker.log")
+        worker = spawn([ray_cli, "start", f"--address={cluster.gcs}",
+                        *_node_args(rest[6:12], temp_root / "w", resources)], env, tmp_path / "worker.log")
         procs.append(worker)
+        cluster = dataclasses.replace(cluster, worker_node=worker, worker_temp=temp_root / "w")
         while len(cluster.alive_nodes()) < 2:
             assert worker.poll() is None, f"ray start (worker) exited:\n{_tail(tmp_path / 'worker.log')}"
             assert time.monotonic() < deadline, f"2 nodes not up in 120 s:\n{_tail(tmp_path / 'worker.log')}"
@@ -179,6 +210,12 @@ def two_node_cluster(s3_server, tmp_path_factory) -> Iterator[Cluster]:
     # the address file went into the cluster's own temp dir: none left in /tmp/ray for a later ray.init()
     default_address_file = Path("/tmp/ray/ray_current_cluster")
     assert not default_address_file.exists() or cluster.gcs not in default_address_file.read_text()
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(s3_server, tmp_path_factory) -> Iterator[Cluster]:
+    with _two_nodes(s3_server, tmp_path_factory.mktemp("two-node")) as cluster:
+        yield cluster
 
 
 def _printed_json(logs: str, key: str) -> dict:
@@ -289,6 +326,149 @@ def test_a_submitted_job_without_a_tracking_server_fails_at_once_naming_the_key(
     assert job["status"] == "FAILED", job
     assert "error: tracking.tracking_uri is required in a job submitted to a cluster" in logs, logs[-3000:]
     assert "Started a local Ray instance" not in logs and "TorchTrainer" not in logs
+
+
+# =============================================================================================================
+# A node lost during a two-node run: elastic (scaling.min_workers=1) goes on with one worker, fixed fails
+
+
+@pytest.fixture
+def slotted_cluster(s3_server, tmp_path) -> Iterator[Cluster]:
+    """Two nodes of one `train_slot` each: a worker reserving a slot (scaling.resources_per_worker) runs one a
+    node, and Ray counts one worker a node when it sizes an elastic group. A cluster per test: the test kills
+    its worker node."""
+    with _two_nodes(s3_server, tmp_path, {"train_slot": 1}) as cluster:
+        yield cluster
+
+
+@dataclass(frozen=True)
+class LostNodeRun:
+    status: str  # the job's final status
+    logs: str
+    killed_at_step: int  # the newest checkpoint's step when the node was killed
+    lost_node: str
+    head_node: str
+    killed_at: float  # time.time() of the kill
+    ended_at: float  # when the job's status was final
+
+
+def _run_and_lose_the_worker_node(cluster: Cluster, s3_server, mlflow_server, corpus: str, name: str,
+                                  logs_dir: Path, *extra: str) -> LostNodeRun:
+    """A 2-worker fine-tune (one worker a node, 2 epochs of 4 steps, a checkpoint every 2 steps) submitted as a
+    job; the worker node killed once a mid-run checkpoint is in storage; waits for the job to end (its logs are
+    kept in `logs_dir`)."""
+    storage = s3_server.uri(f"lost-{name}")
+    overrides = [
+        f"data.uri={corpus}", "data.batch_size=4", "data.actor_num_cpus=0.25", "data.read_num_cpus=0.25",
+        f"data.s3={{endpoint_url: '{s3_server.endpoint}', region: {s3_server.region}}}",
+        "data.progress_every_s=600", "data.preprocess={patch_image_size: 32, max_src_length: 24, max_tgt_length: 6}",
+        "scaling.num_workers=2", "scaling.cpus_per_worker=0.25", "scaling.resources_per_worker={train_slot: 1}",
+        f"run.name={name}", f"run.storage_path={storage}", "run.log_every_s=0", "run.checkpoint_every_steps=2",
+        f"tracking.tracking_uri={mlflow_server.url}", "tracking.experiment=test-lost-node",
+        "tracking.registered_model=null", "epochs=2", "max_steps_per_epoch=4", "validation.max_rows=8",
+        "validation.batch_size=8", *extra,
+    ]  # fmt: skip
+    submission = f"lost-{name}-{uuid.uuid4().hex[:6]}"
+    cluster.ray("job", "submit", "--address", cluster.dashboard, "--working-dir", ".", "--submission-id",
+                submission, "--no-wait", "--", "python", "-m", "jobs.finetune", "--config",
+                "configs/finetune/vqa_easyvqa.yaml", *overrides, timeout=120)
+    [head] = [r["node_id"] for r in cluster.nodes() if r["is_head_node"]]
+    deadline = time.monotonic() + 400
+    killed = None
+    while killed is None:
+        status = cluster.api(f"/api/jobs/{submission}")["status"]
+        assert status in ("PENDING", "RUNNING"), f"the job ended before the node was lost: {status}\n" + \
+            cluster.ray("job", "logs", "--address", cluster.dashboard, submission).stdout[-6000:]
+        assert time.monotonic() < deadline, "no mid-run checkpoint in storage in 400 s"
+        summary = latest_state_summary(storage, name)
+        if summary is not None and 2 <= summary["step"] < 8:
+            killed = summary["step"]
+            lost, killed_at = cluster.lose_worker_node()
+        else:
+            time.sleep(0.2)
+    while (status := cluster.api(f"/api/jobs/{submission}")["status"]) in ("PENDING", "RUNNING"):
+        assert time.monotonic() < deadline + 300, "the job had not ended 300 s after the node was lost"
+        time.sleep(0.5)
+    ended = time.time()
+    logs = cluster.ray("job", "logs", "--address", cluster.dashboard, submission).stdout
+    (logs_dir / f"{name}-job.log").write_text(logs)
+    return LostNodeRun(status, logs, killed, lost, head, killed_at, ended)
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float, int]]:
+    """(step, value, timestamp in ms) of a metric, in logging order."""
+    return sorted(((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, key)),
+                  key=lambda m: (m[2], m[0]))
+
+
+@pytest.mark.timeout(900)
+def test_a_run_allowed_one_worker_goes_on_from_its_last_checkpoint_on_the_node_left(
+        corpus, s3_server, slotted_cluster, mlflow_server, record_property, tmp_path):
+    """scaling.min_workers=1: the worker node is SIGKILLed after a mid-run checkpoint; the run restarts on the
+    head node alone, world size 1, from that checkpoint (not from scratch), and trains exactly the steps and rows
+    it had left: each world-2 step trained 8 rows, each world-1 step 4."""
+    run = _run_and_lose_the_worker_node(slotted_cluster, s3_server, mlflow_server, corpus, "elastic",
+                                        tmp_path, "scaling.min_workers=1", "run.max_failures=1")
+    assert run.status == "SUCCEEDED", run.logs[-8000:]
+    out = _printed_json(run.logs, "epochs_done")
+    assert (out["epochs_done"], out["step"]) == (2, 8)
+    assert "world size changed from 2 to 1 worker(s)" in run.logs
+    assert run.lost_node not in slotted_cluster.alive_nodes()
+
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    rid = out["mlflow_run_id"]
+    r = client.get_run(rid)
+    assert r.info.status == "FINISHED"
+    [(resumed, _, resumed_ms)] = [(int(v), s, t) for s, v, t in _history(client, rid, "train/resumed_from_step")]
+    assert run.killed_at_step <= resumed < 8 and resumed % 2 == 0, (run.killed_at_step, resumed)
+    # the world size, as logged: 2 from the start, 1 from the restart on
+    sizes = _history(client, rid, "train/world_size")
+    assert sizes[0][:2] == (0, 2.0)
+    assert (resumed, 1.0) in [m[:2] for m in sizes]
+    assert all(v == 1.0 for s, v, t in sizes if t >= resumed_ms) and sizes[-1][:2] == (8, 1.0)
+    assert r.data.tags["train.world_size"] == "1" and r.data.tags["train.nodes"] == run.head_node
+    # every step once: the losses after the restart are steps resumed+1..8, logged by the one worker
+    after = sorted(s for s, _, t in _history(client, rid, "train/loss") if t >= resumed_ms)
+    assert after == list(range(resumed + 1, 9))
+    # the rows of each epoch: 8 a step before the restart, 4 after (the last value logged at each epoch's end)
+    rows = {s: v for s, v, _ in _history(client, rid, "data/rows_ok")}
+    want = {end: sum(8 if step <= resumed else 4 for step in range(end - 3, end + 1)) for end in (4, 8)}
+    assert rows == want, (rows, want, resumed)
+    assert {s for s, _, _ in _history(client, rid, "val/vqa_score")} == {4, 8}
+
+    resumed_s = resumed_ms / 1000 - run.killed_at
+    first_step_s = min(t for s, _, t in _history(client, rid, "train/loss") if t >= resumed_ms) / 1000 - run.killed_at
+    record_property("node_lost_to_resumed_s", round(resumed_s, 1))
+    record_property("node_lost_to_first_step_s", round(first_step_s, 1))
+    print(f"node lost -> training resumed (world size 1, step {resumed}): {resumed_s:.1f} s; "
+          f"-> first step trained: {first_step_s:.1f} s")
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("restarts", [
+    pytest.param(("run.max_failures=0",), id="no-restart"),
+    pytest.param(("run.max_failures=1", "run.max_start_failures=0"), id="a-restart-that-cannot-start"),
+])
+def test_a_run_that_needs_both_workers_fails_naming_the_lost_node_and_how_to_go_on(
+        corpus, s3_server, slotted_cluster, mlflow_server, record_property, tmp_path, restarts):
+    """scaling.min_workers left at num_workers (2): the same loss makes the run fail, with an error that names the
+    lost node and says how to let the run go on with fewer workers. Without restarts the fit fails at once (the
+    driver waits for Ray to declare the node dead); with one, the restart cannot place two workers, and
+    run.max_start_failures=0 ends it after one wait (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s)."""
+    run = _run_and_lose_the_worker_node(slotted_cluster, s3_server, mlflow_server, corpus, "fixed",
+                                        tmp_path, *restarts)
+    assert run.status == "FAILED", run.logs[-8000:]
+    assert f"run fixed: lost node(s) {run.lost_node} (" in run.logs, run.logs[-8000:]
+    assert "set scaling.min_workers below scaling.num_workers=2 (e.g. scaling.min_workers=1)" in run.logs
+    assert run.head_node not in run.logs.split("lost node(s)")[1].split("during training")[0]
+    failed_s = run.ended_at - run.killed_at
+    record_property("node_lost_to_failed_s", round(failed_s, 1))
+    print(f"node lost -> job FAILED: {failed_s:.1f} s")
+    assert failed_s < 240
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    [r] = client.search_runs(client.get_experiment_by_name("test-lost-node").experiment_id,
+                             "attributes.run_name = 'fixed'")
+    assert r.info.status == "FAILED"
 
 
 # =============================================================================================================

@@ -14,6 +14,19 @@ at every epoch boundary). Measured on the 2-core machine, a 2-worker x 1-CPU eas
 busy machine: 28-46 s from one epoch's last step to the next one's first with a fit per epoch (six epoch
 boundaries, two runs), 6.7-8.2 s in one fit; the 16 steps took 161-224 s of `train()` against 68 s.
 
+A lost worker or node: `run.max_failures` restarts the worker group from the latest checkpoint, with
+`scaling.num_workers` workers, or, when `scaling.min_workers` is lower, with as many as the cluster has room for
+(Ray Train's elastic `num_workers=(min, max)`; the workers go on at another world size, `pipelines.train.worker`).
+A fixed-size restart that cannot place its workers waits for them (`run.max_start_failures`). When the fit fails
+and a node that was alive at its start is gone (Ray counts it dead, or its raylet takes no connection: Ray's
+verdict comes seconds after a fit without restarts has failed), the error names the node and says how to let
+the run go on with fewer workers (`_lost_nodes_error`). Measured with a two-node cluster on the 2-core machine,
+its worker node SIGKILLed (`tests/test_train_cluster.py`, three runs): an elastic run trained again on the node
+left 79-95 s later, 60 s of it Ray's wait for a first restart of two workers, which Ray sized before it had
+noticed the loss (its view of the nodes lags a loss by up to 20 s; `RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`
+bounds that wait); a fixed run failed 9 s after the loss without restarts, 70-75 s with one restart allowed
+and `run.max_start_failures=0`.
+
 The driver finds where a run stands from the newest `train_state.json` among the run's checkpoint directories
 (`pipelines.train.checkpointing`); a run whose epochs are all done is not fitted again, only finished. Inside the
 fit, a restarted worker group finds the latest checkpoint itself, mid-epoch included. A fit the object store ends
@@ -38,6 +51,7 @@ import json
 import logging
 import math
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Sequence
@@ -136,10 +150,11 @@ def train(cfg: TrainConfig, *, output_dir: str | Path | None = None,
             trainer = _trainer(cfg, metric, mode, callbacks,
                                {"mlflow_run_id": run_id, "data_fingerprint": fingerprint, "negative_pools": pools,
                                 "deadline": deadline})
+            nodes = _alive_nodes()
             try:
                 result = trainer.fit()
-            except TrainingFailedError as exc:
-                failure = _storage_failure(cfg, exc)
+            except TrainingFailedError as exc:  # what Ray's FailureConfig could not restart
+                failure = _storage_failure(cfg, exc) or _lost_nodes_error(cfg, exc, nodes)
                 if failure is None:
                     raise
                 raise failure from exc
@@ -180,22 +195,65 @@ def _trainer(cfg: TrainConfig, metric: str, mode: str, callbacks: Sequence[Any],
     return TorchTrainer(
         train_loop,
         train_loop_config={"cfg": to_dict(cfg), **run_info},
-        scaling_config=_scaling(cfg),
+        scaling_config=scaling_of(cfg),
         run_config=RunConfig(
             name=cfg.run.name, storage_path=cfg.run.storage_path, callbacks=list(callbacks),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures,
+                                         controller_failure_limit=cfg.run.max_start_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
                                                checkpoint_score_attribute=f"val/{metric}",
                                                checkpoint_score_order=mode)),
     )
 
 
-def _scaling(cfg: TrainConfig) -> ScalingConfig:
-    res = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        res["GPU"] = cfg.scaling.gpus_per_worker
-    return ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                         resources_per_worker=res, placement_strategy=cfg.scaling.placement_strategy)
+def scaling_of(cfg: TrainConfig) -> ScalingConfig:
+    """Ray Train's scaling: a fixed world of num_workers, or elastic (min_workers, num_workers)."""
+    sc = cfg.scaling
+    res = {"CPU": sc.cpus_per_worker, **sc.resources_per_worker}
+    if sc.use_gpu:
+        res["GPU"] = sc.gpus_per_worker
+    workers = sc.num_workers if sc.least_workers == sc.num_workers else (sc.least_workers, sc.num_workers)
+    return ScalingConfig(num_workers=workers, use_gpu=sc.use_gpu, resources_per_worker=res,
+                         placement_strategy=sc.placement_strategy)
+
+
+def _alive_nodes() -> dict[str, tuple[str, int]]:
+    """node id -> (address, raylet port) of the nodes Ray counts alive."""
+    return {n["NodeID"]: (n["NodeManagerAddress"], int(n["NodeManagerPort"])) for n in ray.nodes() if n["Alive"]}
+
+
+def _answers(address: str, port: int, timeout_s: float = 2.0) -> bool:
+    """Whether a node's raylet takes a TCP connection."""
+    try:
+        with socket.create_connection((address, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _lost_nodes_error(cfg: TrainConfig, error: BaseException,
+                      before: dict[str, tuple[str, int]]) -> RuntimeError | None:
+    """The error that says which of the nodes alive when the fit started (`before`) are lost now, and how to let
+    the run go on without them; None when none is. Lost: Ray counts it dead, or its raylet takes no connection
+    (Ray declares a node dead only after some seconds of failed health checks, and a fit without restarts
+    fails as soon as a collective breaks)."""
+    now = _alive_nodes()
+    lost = sorted(node for node, where in before.items() if node not in now or not _answers(*where))
+    if not lost:
+        return None
+    sc = cfg.scaling
+    nodes = ", ".join(f"{node} ({before[node][0]})" for node in lost)
+    how = (f"set scaling.min_workers below scaling.num_workers={sc.num_workers} (e.g. scaling.min_workers="
+           f"{max(1, sc.num_workers - len(lost))}) with run.max_failures >= 1, and the run goes on with the "
+           "workers left, from its last checkpoint"
+           if sc.least_workers == sc.num_workers else
+           f"it may go on with no fewer than scaling.min_workers={sc.least_workers}: lower it, or bring nodes "
+           "back")
+    said = " ".join(str(error).split())[:400] or type(error).__name__
+    return RuntimeError(
+        f"run {cfg.run.name}: lost node(s) {nodes} during training; the run needs {sc.least_workers} of its "
+        f"{sc.num_workers} workers and could not go on: {how}. "
+        f"Rerunning run.name={cfg.run.name} resumes it from its last checkpoint. Ray Train: {said}")
 
 
 def _best_checkpoint(cfg: TrainConfig, result, metric: str, mode: str, summary: dict | None):

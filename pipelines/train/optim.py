@@ -62,6 +62,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimSection, total_u
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def move_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, position: int) -> None:
+    """Put `scheduler` at `position` updates done, its optimizer's rates those of that position (a resumed run
+    whose updates per epoch changed with its world size)."""
+    scheduler.last_epoch = position
+    rates = [base * factor(position) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = rates
+
+
 class Ema:
     """Exponential moving average of a model's floating-point state (parameters and buffers), kept in fp32.
 

@@ -67,7 +67,7 @@ from pipelines.tracking.runs import (
     system_metrics,
 )
 from pipelines.train.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
-from pipelines.train.driver import _scaling
+from pipelines.train.driver import scaling_of
 from pipelines.train.optim import build_optimizer, build_scheduler
 from pipelines.train.tokenizer_config import TokenizerTrainConfig
 from pipelines.train.worker import metrics_delivered
@@ -128,7 +128,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> TokenizerOutcome:
             tokenizer_loop,
             train_loop_config={"cfg": to_dict(cfg), "steps": steps, "mlflow_run_id": run_id,
                                "data_fingerprint": manifest.fingerprint, "output": out},
-            scaling_config=_scaling(cfg),
+            scaling_config=scaling_of(cfg),
             run_config=RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path,
                                  failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
             datasets={"train": ds},

@@ -111,17 +111,44 @@ class OptimSection:
 class ScalingSection:
     """Ray Train workers: how many, the resources of each (GPUs only when use_gpu), and how they are placed:
     PACK fills nodes first, SPREAD spreads them, STRICT_SPREAD puts each on its own node.
+    min_workers: the fewest workers the run may go on with (null: num_workers, a fixed world size). Below
+    num_workers the run is elastic (Ray Train's num_workers=(min, max)): it starts with as many workers as the
+    cluster has room for, between the two, and when a worker or its node is lost (with run.max_failures >= 1)
+    it restarts from its last checkpoint with as many as are left, and grows again when room comes back (Ray
+    looks every minute). The rows of the interrupted epoch not yet trained are shared out among the new world
+    (`pipelines.data.source.plan_part`), so each row is still trained once an epoch. resources_per_worker:
+    custom Ray resources each worker reserves besides its CPUs and GPUs, e.g. {train_slot: 1} on nodes started
+    with `ray start --resources='{"train_slot": 1}'`: one worker a node. Ray counts the workers a cluster has
+    room for from the per-worker resources, so an elastic run on CPU nodes needs such a resource to keep one
+    worker a node (fractional CPUs alone fit every worker on one node).
     threads_per_worker: PyTorch's intra-op threads in each worker; null: the CPUs it reserves
     (cpus_per_worker, rounded down, at least 1), as Ray gives its tasks. PyTorch's own default, every core of
     the node, oversubscribes a node shared with other workers or the data pipeline: on 2 cores, a worker of
     0.5 CPU beside its data actors trained faster with 1 thread than with 2 (`bench/learning_curve.py`)."""
 
     num_workers: Annotated[int, Field(ge=1, le=4096)] = 1
+    min_workers: Annotated[int, Field(ge=1, le=4096)] | None = None
     use_gpu: bool = False
     cpus_per_worker: Annotated[float, Field(ge=0.0, le=1024.0)] = 1.0
     gpus_per_worker: Annotated[float, Field(ge=0.0, le=64.0)] = 1.0
+    resources_per_worker: dict[Annotated[str, Field(min_length=1, max_length=200)],
+                               Annotated[float, Field(gt=0.0, le=1e6)]] = field(default_factory=dict)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     threads_per_worker: Annotated[int, Field(ge=1, le=1024)] | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"scaling.min_workers ({self.min_workers}) must not exceed scaling.num_workers "
+                             f"({self.num_workers})")
+        own = sorted(set(self.resources_per_worker) & {"CPU", "GPU", "memory", "object_store_memory"})
+        if own:
+            raise ValueError(f"scaling.resources_per_worker.{own[0]}: CPUs and GPUs are cpus_per_worker and "
+                             "gpus_per_worker; this map is for custom resources")
+
+    @property
+    def least_workers(self) -> int:
+        """The fewest workers the run may go on with: min_workers, else num_workers."""
+        return self.num_workers if self.min_workers is None else self.min_workers
 
     @property
     def threads(self) -> int:
@@ -134,6 +161,10 @@ class RunSection:
     """name: identifies the run: rerunning with the same name (and storage_path) continues it from its latest
     checkpoint. storage_path: local directory or s3:// prefix for checkpoints. max_failures: worker-group
     restarts after a failure, per fit (one fit trains all the epochs a call has left; pipelines.train.driver).
+    max_start_failures: worker groups that could not start (Ray Train waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S
+    for their resources, 60 s by default) before the run fails; -1: it waits for its resources without end, as
+    on an autoscaling cluster that brings a lost node back. A run that lost a node and may not go on with fewer
+    workers (scaling.min_workers) fails after max_start_failures + 1 such waits, naming the node.
     keep_checkpoints: the best N by the validation metric (the latest is kept too).
     checkpoint_every_steps: also checkpoint mid-epoch (0: at epoch ends only). precision (training and the
     validation through the predictor alike; `ofa_model.precision`): "auto" is bf16 autocast where the hardware runs
@@ -148,6 +179,7 @@ class RunSection:
     name: Name = "ofa-run"
     storage_path: str = "./ray_results"
     max_failures: Annotated[int, Field(ge=-1)] = 0  # -1: unlimited
+    max_start_failures: Annotated[int, Field(ge=-1)] = -1  # -1: unlimited
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2
     checkpoint_every_steps: Annotated[int, Field(ge=0)] = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

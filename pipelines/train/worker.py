@@ -67,7 +67,7 @@ from pipelines.train.checkpointing import (
     set_rng_state,
     worker_resume,
 )
-from pipelines.train.optim import Ema, build_optimizer, build_scheduler, freeze
+from pipelines.train.optim import Ema, build_optimizer, build_scheduler, freeze, move_schedule
 from pipelines.train.setup import Setup, build_setup
 from pipelines.train.step import Learner, forward_loss, optimizer_step, scst_setup
 from pipelines.train.train_config import TrainConfig
@@ -133,8 +133,11 @@ def train_loop(loop_config: dict) -> None:
         setup = build_setup(cfg)
         manifests = read_manifests(cfg.data, cfg.mixture)  # once per fit: every epoch plans from them
         plans = _plans(cfg, start, manifests)
-        per_epoch = steps_per_epoch(cfg, {n: p.info.total_rows for n, p in plans.items()}, worker.world)
-        learner, frozen = _learner(cfg, setup, worker, state, per_epoch * cfg.epochs)
+        rows = {n: p.info.total_rows for n, p in plans.items()}
+        per_epoch = steps_per_epoch(cfg, rows, worker.world)
+        saved_world = state["world_size"] if state is not None else worker.world
+        learner, frozen = _learner(cfg, setup, worker, state, per_epoch * cfg.epochs,
+                                   steps_per_epoch(cfg, rows, saved_world) * cfg.epochs)
         run = Run(cfg, setup, worker, per_epoch, loop_config["data_fingerprint"],
                   loop_config["negative_pools"], scst_setup(cfg) if cfg.scst.enabled else None,
                   loop_config.get("deadline"), _validation_split_rows(cfg, manifests))
@@ -142,6 +145,12 @@ def train_loop(loop_config: dict) -> None:
             logger.info("%d worker(s), %s: ~%d updates/epoch, %d in all; %s frozen; init %s; starting at step %d",
                         worker.world, worker.execution.describe(), per_epoch, per_epoch * cfg.epochs,
                         frozen or "nothing", setup.init, learner.step)
+            if saved_world != worker.world:
+                logger.warning("world size changed from %d to %d worker(s) at step %d (scaling.min_workers=%d, "
+                               "num_workers=%d): the rows left of epoch %d are shared out among %d, the schedule "
+                               "goes on from the same share of the run", saved_world, worker.world, learner.step,
+                               cfg.scaling.least_workers, cfg.scaling.num_workers, start + 1, worker.world)
+            worker.mlflow.log({"train/world_size": worker.world}, learner.step)
         for epoch in range(start, end):
             if _train_epoch(run, learner, epoch, plans if epoch == start else _plans(cfg, epoch, manifests), state):
                 break
@@ -184,11 +193,17 @@ def metrics_delivered(mlflow: MetricLogger | None) -> Iterator[None]:
         mlflow.close()
 
 
-def _learner(cfg: TrainConfig, setup: Setup, worker: Worker, state: dict | None,
-             total_updates: int) -> tuple[Learner, int]:
+def _learner(cfg: TrainConfig, setup: Setup, worker: Worker, state: dict | None, total_updates: int,
+             saved_total: int) -> tuple[Learner, int]:
     """The model prepared for this worker (frozen parts, checkpoint weights, precision, DDP) with its optimizer,
     schedule over `total_updates`, EMA and grad scaler, from `state` when resuming; and how many parameters
-    are frozen."""
+    are frozen.
+
+    A checkpoint written by another world size (`saved_total`: the updates its world planned) goes on as
+    follows: the optimizer, EMA and weights as saved (the same on every rank); the schedule at the same share of
+    the run, so the rate goes on where it was (an update of another world trains on another number of rows);
+    rank r takes the RNG state of saved rank r mod the saved world (rank 0 its own; a fresh run seeds every
+    rank alike too)."""
     model = setup.model
     frozen = len(freeze(model, cfg.optim))
     if state is not None:
@@ -202,8 +217,9 @@ def _learner(cfg: TrainConfig, setup: Setup, worker: Worker, state: dict | None,
                       torch.amp.GradScaler(worker.device.type, enabled=worker.execution.precision == "fp16"))
     if state is not None:
         learner.load_state_dict(state)
-        if len(state["rng"]) == worker.world:
-            set_rng_state(state["rng"][worker.rank])
+        if saved_total != total_updates:
+            move_schedule(learner.scheduler, round(learner.scheduler.last_epoch * total_updates / saved_total))
+        set_rng_state(state["rng"][worker.rank % len(state["rng"])])
         if worker.mlflow is not None:  # a restart shows in the run, not only in logs
             worker.mlflow.log({"train/resumed_from_step": learner.step}, learner.step)
     return learner, frozen
@@ -317,7 +333,8 @@ def _end_epoch(run: Run, learner: Learner, batches: BatchIterator, epoch: int, f
     cfg, worker, step = run.cfg, run.worker, learner.step
     stats = _merged_stats(batches.stats, worker.world)
     _bad_row_rule(cfg).check(stats, None, finished=True)
-    metrics = {"epoch": epoch, "step": step, "data/rows_ok": stats.ok, "data/rows_bad": stats.bad}
+    metrics = {"epoch": epoch, "step": step, "data/rows_ok": stats.ok, "data/rows_bad": stats.bad,
+               "train/world_size": worker.world}
     validated = _validate(run, learner, last_epoch=last)  # every rank: its share of the rows
     if worker.rank == 0:
         metrics.update(validated)
