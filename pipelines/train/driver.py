@@ -24,7 +24,7 @@ the run go on with fewer workers (`_lost_nodes_error`). Measured with a two-node
 its worker node SIGKILLed (`tests/test_train_cluster.py`, three runs): an elastic run trained again on the node
 left 79-95 s later, 60 s of it Ray's wait for a first restart of two workers, which Ray sized before it had
 noticed the loss (its view of the nodes lags a loss by up to 20 s; `RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`
-bounds that wait); a fixed run failed 9 s after the loss without restarts, 70-75 s with one restart allowed
+bounds that wait: at 15 s the run trained again after 45 s, two waits); a fixed run failed 9 s after the loss without restarts, 70-75 s with one restart allowed
 and `run.max_start_failures=0`.
 
 The driver finds where a run stands from the newest `train_state.json` among the run's checkpoint directories
