@@ -445,18 +445,16 @@ def test_a_run_allowed_one_worker_goes_on_from_its_last_checkpoint_on_the_node_l
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("restarts", [
-    pytest.param(("run.max_failures=0",), id="no-restart"),
-    pytest.param(("run.max_failures=1", "run.max_start_failures=0"), id="a-restart-that-cannot-start"),
-])
 def test_a_run_that_needs_both_workers_fails_naming_the_lost_node_and_how_to_go_on(
-        corpus, s3_server, slotted_cluster, mlflow_server, record_property, tmp_path, restarts):
+        corpus, s3_server, slotted_cluster, mlflow_server, record_property, tmp_path):
     """scaling.min_workers left at num_workers (2): the same loss makes the run fail, with an error that names the
     lost node and says how to let the run go on with fewer workers. Without restarts the fit fails at once (the
-    driver waits for Ray to declare the node dead); with one, the restart cannot place two workers, and
-    run.max_start_failures=0 ends it after one wait (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s)."""
+    driver probes the lost node's raylet: Ray declares it dead only seconds later). With one restart and
+    run.max_start_failures=0 the restart cannot place two workers and the same error ends it after one wait
+    (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s): measured when this was written (70-75 s from the loss), not
+    run here, to keep CI's time (that case adds ~4.5 minutes on the 2-core machine)."""
     run = _run_and_lose_the_worker_node(slotted_cluster, s3_server, mlflow_server, corpus, "fixed",
-                                        tmp_path, *restarts)
+                                        tmp_path, "run.max_failures=0")
     assert run.status == "FAILED", run.logs[-8000:]
     assert f"run fixed: lost node(s) {run.lost_node} (" in run.logs, run.logs[-8000:]
     assert "set scaling.min_workers below scaling.num_workers=2 (e.g. scaling.min_workers=1)" in run.logs
